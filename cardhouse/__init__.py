@@ -1,0 +1,6 @@
+"""cardhouse: find, explain, attack and protect the massive activations and massive weights of transformers."""
+
+__version__ = "0.1.0"
+
+from .analysis import Criterion, ScanResult, load_prompts, scan
+from .models import ADAPTERS, LoadedModel, available_models, from_pretrained_objects, load_model

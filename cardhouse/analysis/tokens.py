@@ -1,0 +1,43 @@
+"""Which role a token plays for massive activations: first token, first delimiter, or other."""
+
+from __future__ import annotations
+
+import torch
+
+BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER = "bos", "first token", "first delimiter", "other"
+ROLES = (BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER)
+DELIMITERS = {".", ",", "\n", ";", ":", "!", "?", "\n\n", "-"}
+
+
+def is_delimiter(text: str) -> bool:
+    return text.strip(" ") in DELIMITERS or (text != "" and text.strip() == "" and "\n" in text)
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def roles(tokenizer, ids: list[int], bos_id: int | None) -> list[str]:
+    """The role of each position of one prompt.
+
+    Position 0 is set apart (BOS or first token): under causal attention it sees only
+    itself, so its state is the same for every prompt by construction. The first
+    delimiter after it is the token that shows input-independence for real.
+    """
+    out, seen_delimiter = [], False
+    for pos, text in enumerate(token_strings(tokenizer, ids)):
+        if pos == 0:
+            out.append(BOS if bos_id is not None and ids[0] == bos_id else FIRST_TOKEN)
+        elif not seen_delimiter and is_delimiter(text):
+            out.append(FIRST_DELIMITER)
+            seen_delimiter = True
+        else:
+            out.append(OTHER)
+    return out
+
+
+def role_codes(role_lists: list[list[str]], width: int) -> torch.Tensor:
+    codes = torch.full((len(role_lists), width), ROLES.index(OTHER), dtype=torch.long)
+    for row, rs in enumerate(role_lists):
+        codes[row, :len(rs)] = torch.tensor([ROLES.index(r) for r in rs])
+    return codes

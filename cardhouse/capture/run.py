@@ -1,0 +1,48 @@
+"""Running prompts through a model with hooks attached, batch by batch."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.loading import LoadedModel
+from .batches import PromptBatch, batches
+from .hooks import HookFn, hooks
+
+
+def max_context(lm: LoadedModel) -> int | None:
+    config = lm.model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def tokenize_prompts(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt (BOS first when the model uses one), checked for length."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    limit = max_context(lm)
+    token_lists = []
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ValueError(f"prompt {i} is empty")
+        ids = lm.encode(prompt)
+        if limit and len(ids) > limit:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {limit}")
+        token_lists.append(ids)
+    return token_lists
+
+
+def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
+                hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, batch_size: int = 8,
+                progress: bool = True, desc: str = "forward",
+                after_batch: Callable[[PromptBatch], None] | None = None) -> None:
+    """Forward every batch through the model body (no LM head: the analyses need none)."""
+    body = lm.model.base_model
+    n_batches = -(-len(token_lists) // batch_size)
+    for batch in tqdm(batches(token_lists, batch_size), total=n_batches, desc=desc, disable=not progress,
+                      unit="batch", leave=False):
+        with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
+            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        if after_batch is not None:
+            after_batch(batch)

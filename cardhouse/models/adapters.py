@@ -1,0 +1,184 @@
+"""Where each architecture keeps its parts: the one table of architecture differences.
+
+Every entry names, relative to the model and to one decoder block, the modules the
+rest of cardhouse touches. Adding a family is adding one entry to ``ADAPTERS``.
+
+The FFN neurons are addressed by ``mlp_layout``:
+- ``"gated"``: separate ``gate`` and ``up`` ``nn.Linear`` (rows = neurons);
+- ``"fused"``: one ``nn.Linear`` whose rows are ``[gate; up]`` (Phi-3);
+- ``"conv1d"``: GPT-2 ``Conv1D`` whose *columns* are neurons, no gate;
+- ``"linear"``: a plain ``nn.Linear`` fc_in, no gate (ViT/DINOv2);
+- ``"experts"``: a Mixture of Experts with 3-D ``[expert, 2*inter, d]`` gate_up tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    layers: str  # model -> ModuleList of blocks
+    attn: str  # block -> attention module
+    mlp: str  # block -> FFN (or MoE block)
+    resid_mid_norm: str  # block -> norm whose *input* is the residual stream after attention
+    final_norm: str  # model -> last norm before the head
+    up: str  # mlp -> fc_in / up projection (or fused gate_up)
+    down: str  # mlp -> down projection / fc_out
+    gate: str | None = None  # mlp -> gate projection, if separate
+    mlp_layout: str = "gated"
+    act: str = "act_fn"  # mlp -> activation module
+    router: str | None = None  # mlp -> MoE router (weight [experts, d])
+    sandwich_norm: bool = False  # post-attention and post-FFN norms before the residual add
+
+
+_LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", resid_mid_norm="post_attention_layernorm",
+              final_norm="model.norm", gate="gate_proj", up="up_proj", down="down_proj")
+_SANDWICH = dict(_LLAMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True)
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", **_LLAMA),
+    "mistral": Adapter("mistral", **_LLAMA),
+    "qwen2": Adapter("qwen2", **_LLAMA),
+    "qwen3": Adapter("qwen3", **_LLAMA),
+    "gemma": Adapter("gemma", **_LLAMA),
+    "gemma2": Adapter("gemma2", **_SANDWICH),
+    "gemma3_text": Adapter("gemma3_text", **_SANDWICH),
+    "phi3": Adapter("phi3", **dict(_LLAMA, gate=None, up="gate_up_proj", mlp_layout="fused", act="activation_fn")),
+    "gpt2": Adapter("gpt2", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
+                    final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="conv1d", act="act"),
+    "mixtral": Adapter("mixtral", **dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj",
+                                         mlp_layout="experts", act="experts.act_fn", router="gate")),
+    "qwen2_moe": Adapter("qwen2_moe", **dict(_LLAMA, gate=None, up="experts.gate_up_proj",
+                                             down="experts.down_proj", mlp_layout="experts",
+                                             act="experts.act_fn", router="gate")),
+    "dinov2": Adapter("dinov2", layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2",
+                      final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation"),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    family = getattr(model.config, "model_type", None)
+    if family in ADAPTERS:
+        return ADAPTERS[family]
+    raise UnsupportedModelError(
+        f"model family {family!r} is not in cardhouse's adapter table (known: {', '.join(sorted(ADAPTERS))}). "
+        "Add one `Adapter(...)` entry to cardhouse/models/adapters.py naming its decoder layers, "
+        "norms, attention and MLP projections."
+    )
+
+
+def get(root: nn.Module, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+@dataclass
+class Blocks:
+    """An adapted model: its blocks and their parts, by layer index."""
+
+    model: nn.Module
+    adapter: Adapter
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Blocks":
+        return cls(model, adapter_for(model))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return get(self.model, self.adapter.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < len(self):
+            raise IndexError(f"layer {layer} is out of range: the model has layers 0..{len(self) - 1}")
+        return layer
+
+    def part(self, layer: int, name: str) -> nn.Module:
+        block = self.layers[self.check_layer(layer)]
+        return get(block, getattr(self.adapter, name))
+
+    def mlp_part(self, layer: int, name: str):
+        return get(self.part(layer, "mlp"), getattr(self.adapter, name))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.adapter.mlp_layout == "experts"
+
+    @property
+    def is_gated(self) -> bool:
+        return self.adapter.mlp_layout in ("gated", "fused", "experts")
+
+    def intermediate_size(self, layer: int) -> int:
+        return self.down_weight(layer).shape[-1] if self.adapter.mlp_layout != "conv1d" \
+            else self.down_weight(layer).shape[0]
+
+    def down_weight(self, layer: int, expert: int | None = None) -> torch.Tensor:
+        """W_down as ``[d_model, d_intermediate]`` (a view, whatever the storage layout)."""
+        down = self.mlp_part(layer, "down")
+        if self.adapter.mlp_layout == "experts":
+            return down[self._expert(expert)]
+        if self.adapter.mlp_layout == "conv1d":
+            return down.weight.T
+        return down.weight
+
+    def neuron_slices(self, layer: int, expert: int | None = None) -> list[tuple[torch.Tensor, int, int]]:
+        """The tensors that hold the FFN's input-side neuron rows of one layer.
+
+        Each item is ``(tensor, axis, offset)``: neuron ``i`` is ``tensor.select(axis, offset + i)``.
+        These are the 'massive weight' rows of W_up and W_gate (and fc_in's bias where present).
+        """
+        layout, n = self.adapter.mlp_layout, self.intermediate_size(layer)
+        up = self.mlp_part(layer, "up")
+        if layout == "gated":
+            gate = self.mlp_part(layer, "gate")
+            slices = [(gate.weight, 0, 0), (up.weight, 0, 0)]
+            slices += [(m.bias, 0, 0) for m in (gate, up) if m.bias is not None]
+            return slices
+        if layout == "fused":
+            slices = [(up.weight, 0, 0), (up.weight, 0, n)]
+            return slices + ([(up.bias, 0, 0), (up.bias, 0, n)] if up.bias is not None else [])
+        if layout == "conv1d":
+            return [(up.weight, 1, 0), (up.bias, 0, 0)]
+        if layout == "linear":
+            return [(up.weight, 0, 0)] + ([(up.bias, 0, 0)] if up.bias is not None else [])
+        if layout == "experts":
+            fused = up[self._expert(expert)]
+            return [(fused, 0, 0), (fused, 0, n)]
+        raise ValueError(f"unknown mlp layout {layout!r}")
+
+    def _expert(self, expert: int | None) -> int:
+        if expert is None:
+            raise ValueError("this is a Mixture-of-Experts model: name the expert")
+        return expert
+
+    def intermediate(self, layer: int, mlp_input: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """act(W_gate x) * (W_up x) (or act(W_in x)): the input of W_down, computed from the MLP input.
+
+        Used where no module boundary exposes that state (MoE experts stored as 3-D tensors).
+        """
+        act = self.mlp_part(layer, "act")
+        slices = self.neuron_slices(layer, expert)
+        n = self.intermediate_size(layer)
+        rows = [w.narrow(axis, off, n) for w, axis, off in slices]
+        weights = [r if axis == 0 else r.T for r, (_, axis, _) in zip(rows, slices)]
+        if self.is_gated:
+            return act(mlp_input @ weights[0].T) * (mlp_input @ weights[1].T)
+        bias = self.mlp_part(layer, "up").bias
+        return act(mlp_input @ weights[0].T + (bias if bias is not None else 0))
+
+    def router_choice(self, layer: int, mlp_input: torch.Tensor) -> torch.Tensor:
+        """Top-1 expert per token of an MoE layer: ``[..., ]`` long tensor."""
+        router = self.mlp_part(layer, "router")
+        return (mlp_input @ router.weight.T).argmax(-1)

