@@ -1,2 +1,3 @@
 from .massive_activations import Criterion, ScanResult, scan
 from .prompts import builtin_prompts, load_prompts
+from .massive_weights import MassiveWeights, find_massive_weights

@@ -1,0 +1,3 @@
+from .activations import massive_means, set_activations
+from .weights import (check_indices, overwrite_slices, random_indices, retain_rows, touched_tensors,
+                      weights_digest, zero_rows, zero_super_weight)

@@ -1,0 +1,51 @@
+"""Activation interventions (Sun et al. Sec. 4.1): set the massive activations to zero or to their mean.
+
+A hook on the residual stream leaving a layer replaces, on the tokens that carry them
+(|a| above a threshold in a massive dimension), the massive values by a fixed value.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from ..analysis.massive_activations import ScanResult
+from ..capture import hook_name, hooks
+from ..models.loading import LoadedModel
+
+
+@contextmanager
+def set_activations(lm: LoadedModel, layers: Sequence[int], values: Mapping[int, float], threshold: float
+                    ) -> Iterator[dict]:
+    """Within ``layers``, set hidden dim ``d`` to ``values[d]`` wherever |a[d]| > ``threshold``.
+
+    Yields a dict counting how many entries were replaced (to check that it did something).
+    """
+    for layer in layers:
+        lm.blocks.check_layer(layer)
+    dims = torch.tensor(list(values), dtype=torch.long)
+    new = torch.tensor(list(values.values()))
+    counts = {"replaced": 0}
+
+    def replace(name, acts):
+        sel = acts[..., dims]  # [batch, pos, n_dims]
+        carriers = sel.abs() > threshold
+        counts["replaced"] += int(carriers.sum())
+        acts = acts.clone()
+        acts[..., dims] = torch.where(carriers, new.to(acts.dtype), sel)
+        return acts
+
+    with hooks(lm.model, {hook_name(layer, "hook_resid_post"): replace for layer in layers}):
+        yield counts
+
+
+def massive_means(scan: ScanResult, layer: int) -> dict[int, float]:
+    """Mean value of each massive dimension at ``layer`` over the scan's prompts and carrier tokens."""
+    sums: dict[int, list[float]] = {}
+    for v in scan.values_at(layer):
+        total = sums.setdefault(v["dim"], [0.0, 0])
+        total[0] += v["mean"] * v["count"]
+        total[1] += v["count"]
+    return {dim: s / n for dim, (s, n) in sums.items() if n}

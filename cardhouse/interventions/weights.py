@@ -1,0 +1,103 @@
+"""Weight attacks (House of Cards) as context managers that restore bit-identical weights.
+
+Every edit saves exactly the entries it will overwrite and writes them back in a
+``finally`` clause, so the weights are restored on normal exit, on an exception, and on
+Ctrl-C. ``weights_digest`` hashes tensors to check it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from ..models.loading import LoadedModel
+
+
+def check_indices(indices: Sequence[int], size: int, what: str = "index") -> list[int]:
+    indices = [int(i) for i in indices]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"the {what} list has duplicates: {sorted(indices)}")
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise ValueError(f"{what} values out of range 0..{size - 1}: {bad}")
+    return indices
+
+
+def weights_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 over the raw bytes of the tensors: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextmanager
+def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, float]]) -> Iterator[None]:
+    """Set ``tensor.index_select(axis, index)`` to ``value`` for each edit, restoring them on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for tensor, axis, index, value in edits:
+                saved.append((tensor, axis, index, tensor.index_select(axis, index).clone()))
+                tensor.index_fill_(axis, index, value)
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, axis, index, original in reversed(saved):
+                tensor.index_copy_(axis, index, original)
+
+
+def _neuron_edits(lm: LoadedModel, layer: int, neurons: Sequence[int], expert: int | None):
+    edits = []
+    for tensor, axis, offset in lm.blocks.neuron_slices(layer, expert):
+        index = torch.tensor([offset + i for i in neurons], dtype=torch.long)
+        edits.append((tensor, axis, index, 0.0))
+    return edits
+
+
+def touched_tensors(lm: LoadedModel, layer: int, expert: int | None = None) -> list[torch.Tensor]:
+    """The tensors an FFN-row attack on ``layer`` may change (for digests)."""
+    unique = {id(t): t for t, _, _ in lm.blocks.neuron_slices(layer, expert)}
+    return list(unique.values()) + [lm.blocks.down_weight(layer, expert)]
+
+
+@contextmanager
+def zero_rows(lm: LoadedModel, layer: int, indices: Sequence[int], *, expert: int | None = None) -> Iterator[None]:
+    """Top-k zeroing: zero the W_up and W_gate rows (fc_in rows and bias) at ``indices`` of ``layer``."""
+    indices = check_indices(indices, lm.blocks.intermediate_size(layer), "intermediate index")
+    with overwrite_slices(_neuron_edits(lm, layer, indices, expert)):
+        yield
+
+
+@contextmanager
+def retain_rows(lm: LoadedModel, layer: int, indices: Sequence[int], *, expert: int | None = None) -> Iterator[None]:
+    """Top-k retaining: keep only the rows at ``indices`` and zero every other W_up/W_gate row of ``layer``."""
+    size = lm.blocks.intermediate_size(layer)
+    keep = set(check_indices(indices, size, "intermediate index"))
+    others = [i for i in range(size) if i not in keep]
+    with overwrite_slices(_neuron_edits(lm, layer, others, expert)):
+        yield
+
+
+def random_indices(size: int, k: int, *, exclude: Sequence[int] = (), seed: int = 0) -> list[int]:
+    """The random-k control: k distinct indices drawn (seeded) from those not in ``exclude``."""
+    pool = sorted(set(range(size)) - set(exclude))
+    if not 0 <= k <= len(pool):
+        raise ValueError(f"k={k} is out of range: {len(pool)} indices are available")
+    return sorted(random.Random(seed).sample(pool, k))
+
+
+@contextmanager
+def zero_super_weight(lm: LoadedModel, layer: int, row: int, column: int, *,
+                      expert: int | None = None) -> Iterator[None]:
+    """Zero one entry of W_down (the "super weight" of Yu et al.)."""
+    down = lm.blocks.down_weight(layer, expert)  # [d_model, d_intermediate] view
+    check_indices([row], down.shape[0], "W_down row")
+    check_indices([column], down.shape[1], "W_down column")
+    flat_row = down[row]  # a view: writing to it writes the parameter
+    with overwrite_slices([(flat_row, 0, torch.tensor([column]), 0.0)]):
+        yield
