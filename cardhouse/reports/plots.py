@@ -1,0 +1,53 @@
+"""PNG figures (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..analysis.massive_activations import ScanResult  # noqa: E402
+
+
+def plot_top_magnitudes(scan: ScanResult, path: str | Path, title: str | None = None) -> Path:
+    """Sun et al. Fig. 1 style: top-1/2/3 and median |activation| per layer, log scale."""
+    layers = [row["layer"] for row in scan.layers]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    for key, style in (("top-1", "o-"), ("top-2", "s-"), ("top-3", "^-"), ("median", "x--")):
+        ax.plot(layers, [row[key] for row in scan.layers], style, markersize=3, label=key)
+    for layer in scan.massive_layers:
+        ax.axvspan(layer - 0.5, layer + 0.5, color="tab:red", alpha=0.08, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("|activation| (mean over prompts)")
+    ax.set_title(title or f"{scan.model['name']}: largest residual-stream magnitudes (shaded: massive)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bos_trace(trace: list[dict], dim: int, layer: int, path: str | Path, name: str = "") -> Path:
+    """The BOS token's value in the massive dimension, and the attention and FFN contributions per layer."""
+    layers = [t["layer"] for t in trace]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    ax.plot(layers, [t["resid_post"] for t in trace], "o-", markersize=3, label=f"h[{dim}] after the layer")
+    ax.bar([l - 0.2 for l in layers], [t["ffn"] for t in trace], width=0.4, label="FFN contribution")
+    ax.bar([l + 0.2 for l in layers], [t["attention"] for t in trace], width=0.4, label="attention contribution")
+    ax.axvline(layer, color="tab:red", ls=":", label=f"layer {layer} (massive weights)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("layer")
+    ax.set_title(f"{name} BOS token, dimension {dim}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
