@@ -64,10 +64,12 @@ class StreamingStats:
         Returns each prompt's top-k flat indices into ``pos * d`` and their |a|, for callers
         that look closer at the largest values: ``(values [batch, k], flat_index [batch, k])``.
         """
-        mag = acts.detach().abs().float() * mask[..., None]
-        real = mag[mask.bool()]  # [tokens, d]
-        logs = real.clamp_min(10 ** LOG10_MIN).log10()
-        self.hist[layer] += torch.histc(logs, BINS, LOG10_MIN, LOG10_MAX).double()
+        pad = ~mask.bool()
+        mag = acts.detach().abs().float().masked_fill_(pad[..., None], 0.0)  # [batch, pos, d]
+        logs = mag.clamp_min(10 ** LOG10_MIN).log10_()
+        counts = torch.histc(logs, BINS, LOG10_MIN, LOG10_MAX).double()
+        counts[0] -= float(pad.sum()) * mag.shape[-1]  # padding fell into the lowest bin
+        self.hist[layer] += counts
         flat = mag.flatten(1)
         k = min(self.top_k, flat.shape[1])
         values, index = flat.topk(k, dim=1)
@@ -141,9 +143,9 @@ class OutlierCounter:
         self.tokens = torch.zeros(self.n_layers, dtype=torch.long)
 
     def update(self, layer: int, acts: torch.Tensor, mask: torch.Tensor) -> None:
-        real = acts.detach().abs()[mask.bool()]  # [tokens, d]
-        self.over[layer] += (real >= self.threshold).sum(0)
-        self.tokens[layer] += real.shape[0]
+        over = (acts.detach().abs() >= self.threshold) & mask.bool()[..., None]  # [batch, pos, d]
+        self.over[layer] += over.sum((0, 1))
+        self.tokens[layer] += int(mask.sum())
 
     def outlier_features(self, min_layer_share: float = 0.25, min_token_share: float = 0.06) -> dict:
         """Dimensions with |a| >= threshold on >= min_token_share of tokens in >= min_layer_share of layers."""

@@ -57,7 +57,7 @@ ADAPTERS: dict[str, Adapter] = {
                                              down="experts.down_proj", mlp_layout="experts",
                                              act="experts.act_fn", router="gate")),
     "dinov2": Adapter("dinov2", layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2",
-                      final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation"),
+                      final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn"),
 }
 
 
@@ -121,8 +121,10 @@ class Blocks:
         return self.adapter.mlp_layout in ("gated", "fused", "experts")
 
     def intermediate_size(self, layer: int) -> int:
-        return self.down_weight(layer).shape[-1] if self.adapter.mlp_layout != "conv1d" \
-            else self.down_weight(layer).shape[0]
+        """Number of FFN neurons (per expert for MoE): the last axis of W_down as ``[d_model, d_intermediate]``."""
+        if self.is_moe:  # [expert, d_model, d_intermediate]: the same for every expert
+            return self.mlp_part(layer, "down").shape[-1]
+        return self.down_weight(layer).shape[-1]
 
     def down_weight(self, layer: int, expert: int | None = None) -> torch.Tensor:
         """W_down as ``[d_model, d_intermediate]`` (a view, whatever the storage layout)."""
@@ -164,19 +166,26 @@ class Blocks:
         return expert
 
     def intermediate(self, layer: int, mlp_input: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """act(W_gate x) * (W_up x) (or act(W_in x)): the input of W_down, computed from the MLP input.
+        """act(W_gate x + b) * (W_up x + b) (or act(W_in x + b)): the input of W_down, from the MLP input.
 
         Used where no module boundary exposes that state (MoE experts stored as 3-D tensors).
+        Computed the way the model's own forward computes it (biases included).
         """
+        layout = self.adapter.mlp_layout
         act = self.mlp_part(layer, "act")
-        slices = self.neuron_slices(layer, expert)
-        n = self.intermediate_size(layer)
-        rows = [w.narrow(axis, off, n) for w, axis, off in slices]
-        weights = [r if axis == 0 else r.T for r, (_, axis, _) in zip(rows, slices)]
-        if self.is_gated:
-            return act(mlp_input @ weights[0].T) * (mlp_input @ weights[1].T)
-        bias = self.mlp_part(layer, "up").bias
-        return act(mlp_input @ weights[0].T + (bias if bias is not None else 0))
+        up = self.mlp_part(layer, "up")
+        if layout == "gated":
+            return act(self.mlp_part(layer, "gate")(mlp_input)) * up(mlp_input)
+        if layout == "fused":
+            gate, up_states = up(mlp_input).chunk(2, dim=-1)
+            return act(gate) * up_states
+        if layout in ("conv1d", "linear"):
+            return act(up(mlp_input))
+        if layout == "experts":
+            fused = up[self._expert(expert)]  # [2 * d_intermediate, d_model]: rows [gate; up]
+            gate, up_states = nn.functional.linear(mlp_input, fused).chunk(2, dim=-1)
+            return act(gate) * up_states
+        raise ValueError(f"unknown mlp layout {layout!r}")
 
     def router_choice(self, layer: int, mlp_input: torch.Tensor) -> torch.Tensor:
         """Top-1 expert per token of an MoE layer: ``[..., ]`` long tensor."""

@@ -1,0 +1,172 @@
+"""Shared fixtures: tiny random models of every family in the adapter table, built offline.
+
+Every model is created from a config (no download), seeded, with hidden size 32, two
+layers and a vocabulary of 300, so a whole test session stays within seconds on a CPU.
+Text models share one character-level tokenizer (a ``tokenizers`` BPE without merges,
+wrapped as a fast Hugging Face tokenizer with a BOS token) whose ~100 ids fit the vocab.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from cardhouse.models.loading import LoadedModel, from_pretrained_objects
+
+D_MODEL = 32
+D_MLP = 48  # != d_model (and != 2 * d_model) so that transposition mistakes show up as shape errors
+MOE_D_MLP = 24  # Qwen2-MoE expert size (moe_intermediate_size)
+N_LAYERS = 2
+VOCAB = 300
+CONTEXT = 128  # the built-in prompts are at most ~90 characters
+N_EXPERTS = 4
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0..3
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+                 "mixtral", "qwen2_moe"]
+VISION_FAMILIES = ["dinov2"]
+ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
+MOE_FAMILIES = ["mixtral", "qwen2_moe"]
+SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
+
+# the FFN width each family's tiny model is built with (per expert for MoE)
+EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP}
+
+
+def text_config(family: str):
+    from transformers import AutoConfig
+
+    ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if family == "gpt2":
+        kwargs = dict(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_MLP, n_layer=N_LAYERS, n_head=4,
+                      n_positions=CONTEXT, **ids)
+    else:
+        kwargs = dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)
+        if family in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+            kwargs["head_dim"] = 8  # their defaults (128, 256) would dwarf the model
+        if family == "mixtral":
+            kwargs.update(num_local_experts=N_EXPERTS, num_experts_per_tok=2)
+        if family == "qwen2_moe":
+            kwargs.update(num_experts=N_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=MOE_D_MLP,
+                          shared_expert_intermediate_size=D_MLP)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def build_text_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(text_config(family))
+    assert model.config.model_type == family
+    return model.eval()
+
+
+def build_vision_model(seed: int = 0):
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                          mlp_ratio=D_MLP / D_MODEL, image_size=28, patch_size=14,
+                          layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
+    torch.manual_seed(seed)
+    return Dinov2Model(config).eval()
+
+
+def build_tokenizer():
+    """Character-level fast tokenizer: 4 special tokens then printable ASCII and newline (~100 ids)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    assert len(vocab) < VOCAB
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))  # no merges: one token per character
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK)
+
+
+def build(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
+    """A fresh tiny LoadedModel of ``family`` (dinov2: no tokenizer, feed it ``pixel_values``)."""
+    if family in VISION_FAMILIES:
+        return from_pretrained_objects(build_vision_model(seed), None, name=f"tiny-{family}", bos=False)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    return from_pretrained_objects(build_text_model(family, seed), tokenizer, name=f"tiny-{family}", bos=True)
+
+
+def sample_inputs(lm: LoadedModel, seed: int = 0) -> dict:
+    """Model inputs for a forward pass of the model *body*: two right-padded prompts or two images."""
+    if lm.family in VISION_FAMILIES:
+        g = torch.Generator().manual_seed(seed)
+        return {"pixel_values": torch.randn(2, 3, 28, 28, generator=g)}
+    texts = ["The quick brown fox jumps over the lazy dog.", "Summer is warm."]
+    lists = [lm.encode(t) for t in texts]
+    width = max(map(len, lists))
+    ids = torch.full((len(lists), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(lists):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+
+
+def forward(lm: LoadedModel, inputs: dict) -> torch.Tensor:
+    """The body's last hidden state (what the analyses run: no LM head)."""
+    with torch.inference_mode():
+        return lm.model.base_model(**inputs).last_hidden_state
+
+
+def all_params_digest(lm: LoadedModel) -> str:
+    from cardhouse.interventions import weights_digest
+
+    return weights_digest([p for _, p in sorted(lm.model.named_parameters())])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny(tokenizer):
+    """Factory ``tiny(family)``: one shared tiny model per family for the session.
+
+    Tests must leave it as they found it (the interventions restore weights; the digest
+    tests check that). Tests that edit weights for good use ``build(family)`` instead.
+    """
+    cache: dict[str, LoadedModel] = {}
+
+    def get(family: str) -> LoadedModel:
+        if family not in cache:
+            cache[family] = build(family, tokenizer)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=TEXT_FAMILIES)
+def text_family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def lm(tiny, family) -> LoadedModel:
+    return tiny(family)
+
+
+@pytest.fixture
+def text_lm(tiny, text_family) -> LoadedModel:
+    return tiny(text_family)
