@@ -38,7 +38,9 @@ MOE_FAMILIES = ["mixtral", "qwen2_moe"]
 SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
 
 # the FFN width each family's tiny model is built with (per expert for MoE)
-EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP}
+VISION_MLP_RATIO = 3  # DINOv2 takes an integer ratio: d_mlp = 96
+EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP,
+                                                                "dinov2": VISION_MLP_RATIO * D_MODEL}
 
 
 def text_config(family: str):
@@ -74,7 +76,7 @@ def build_vision_model(seed: int = 0):
     from transformers import Dinov2Config, Dinov2Model
 
     config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                          mlp_ratio=D_MLP / D_MODEL, image_size=28, patch_size=14,
+                          mlp_ratio=VISION_MLP_RATIO, image_size=28, patch_size=14,
                           layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
     torch.manual_seed(seed)
     return Dinov2Model(config).eval()
@@ -170,3 +172,46 @@ def lm(tiny, family) -> LoadedModel:
 @pytest.fixture
 def text_lm(tiny, text_family) -> LoadedModel:
     return tiny(text_family)
+
+
+# ---- planting known massive activations and weights ------------------------------------------------
+
+
+def plant_bos_embedding(lm: LoadedModel, dim: int = 11, value: float = 1e4) -> int:
+    """Make the BOS token's embedding huge in one dimension: a massive activation on BOS in every layer."""
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[BOS_ID, dim] = value
+    return dim
+
+
+def bos_mlp_input(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """The MLP input of ``layer`` at position 0 (BOS): the same in every prompt under causal attention."""
+    from cardhouse.capture import hook_name, record
+
+    name = hook_name(layer, "mlp.hook_in")
+    with record(lm.model, [name]) as store:
+        forward(lm, {"input_ids": torch.tensor([[BOS_ID]]), "use_cache": False})
+    return store[name][0, 0].clone()  # cloned outside inference mode: a normal tensor
+
+
+def plant_massive_weight(lm: LoadedModel, layer: int = 0, neuron: int = 5, dim: int = 7, scale: float = 6.0,
+                         down: float = 100.0) -> dict:
+    """Make FFN neuron ``neuron`` of ``layer`` fire hugely on BOS and write it into hidden ``dim``.
+
+    Its W_gate and W_up rows (fc_in row for non-gated MLPs, in every expert for MoE) become
+    ``scale`` x the unit direction of BOS's MLP input, its bias 0, and W_down[dim, neuron] = ``down``.
+    Sandwich-norm models renormalize the FFN output, so their post-FFN norm is scaled up at ``dim``.
+    """
+    blocks = lm.blocks
+    x0 = bos_mlp_input(lm, layer)
+    direction = x0 / x0.norm()
+    with torch.no_grad():
+        for expert in range(N_EXPERTS) if blocks.is_moe else [None]:
+            for tensor, axis, offset in blocks.neuron_slices(layer, expert):
+                row = tensor.select(axis, offset + neuron)
+                row.copy_(scale * direction if row.dim() == 1 else torch.zeros(()))
+            blocks.down_weight(layer, expert)[dim, neuron] = down
+        if lm.family in SANDWICH_FAMILIES:  # Gemma norms multiply by (1 + weight)
+            blocks.layers[layer].post_feedforward_layernorm.weight[dim] = 999.0
+    expert = int(blocks.router_choice(layer, x0)) if blocks.is_moe else None
+    return {"down": down, "bos_expert": expert, "direction": direction}

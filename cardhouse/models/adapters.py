@@ -190,4 +190,5 @@ class Blocks:
     def router_choice(self, layer: int, mlp_input: torch.Tensor) -> torch.Tensor:
         """Top-1 expert per token of an MoE layer: ``[..., ]`` long tensor."""
         router = self.mlp_part(layer, "router")
-        return (mlp_input @ router.weight.T).argmax(-1)
+        with torch.no_grad():  # an index, never differentiated (and mlp_input may be an inference tensor)
+            return (mlp_input @ router.weight.T).argmax(-1)

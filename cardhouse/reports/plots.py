@@ -51,3 +51,28 @@ def plot_bos_trace(trace: list[dict], dim: int, layer: int, path: str | Path, na
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_sweep(curves_by_metric: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path,
+               title: str = "") -> Path:
+    """House of Cards Fig. 4 style: one panel per metric, a curve per attack and its random control."""
+    fig, axes = plt.subplots(1, len(curves_by_metric), figsize=(6 * len(curves_by_metric), 3.8), dpi=120,
+                             squeeze=False)
+    styles = {"topk-zero": "o-", "random-zero": "o:", "topk-retain": "s-", "random-retain": "s:"}
+    for ax, (metric, curves) in zip(axes[0], curves_by_metric.items()):
+        for kind, points in curves.items():
+            if points:
+                ax.plot([k + 1 for k, _ in points], [v for _, v in points], styles[kind], markersize=3, label=kind)
+        ax.set_xscale("log")
+        ax.set_xlabel("k + 1 (rows of W_up and W_gate)")
+        ax.set_ylabel(metric)
+        if metric.startswith("ppl"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,56 @@
+"""One measurement function for every variant: perplexities and, optionally, zero-shot accuracy.
+
+The corpora are tokenized once, so each variant is evaluated on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..models.loading import LoadedModel
+from .corpora import available_corpora, tokenize_corpus
+from .perplexity import perplexity
+
+
+@dataclass
+class Budget:
+    corpora: list[str] = field(default_factory=lambda: ["wikipedia"])
+    max_tokens: int = 4096  # corpus tokens per corpus (BOS not counted)
+    context: int = 512
+    batch_size: int = 4
+    tasks: list[str] = field(default_factory=list)  # zero-shot tasks (lm-eval)
+    limit: int | None = None  # zero-shot examples per task
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable[[LoadedModel], dict]:
+    unknown = [c for c in budget.corpora if c not in available_corpora()]
+    if unknown:
+        raise ValueError(f"unknown corpus {unknown}; known: {', '.join(available_corpora())}")
+    if budget.tasks:
+        from .zeroshot import ZERO_SHOT_TASKS
+
+        bad = [t for t in budget.tasks if t not in ZERO_SHOT_TASKS]
+        if bad:
+            raise ValueError(f"unknown zero-shot task {bad}; known: {', '.join(ZERO_SHOT_TASKS)}")
+    tokens = {name: tokenize_corpus(lm.tokenizer, name, budget.max_tokens) for name in budget.corpora}
+
+    def measure(lm: LoadedModel) -> dict:
+        out = {}
+        for name, ids in tokens.items():
+            result = perplexity(lm.model, ids, context=budget.context, bos_id=lm.bos_id,
+                                batch_size=budget.batch_size, progress=progress)
+            out[f"ppl_{name}"] = result.ppl
+            out[f"tokens_{name}"] = result.n_predicted_tokens
+        if budget.tasks:
+            from .zeroshot import zero_shot
+
+            scores = zero_shot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit)
+            out.update({f"acc_{t}": scores[t]["acc"] for t in budget.tasks})
+            out["acc_mean"] = scores["mean_acc"]
+        return out
+
+    return measure
