@@ -18,6 +18,10 @@ import torch
 
 from cardhouse.models.loading import LoadedModel, from_pretrained_objects
 
+# Tiny matrices: thread start-up and contention cost far more than they save (a tiny forward pass
+# takes ~3 ms on one thread, ~300 ms with two threads on a busy 2-core machine).
+torch.set_num_threads(int(os.environ.get("CARDHOUSE_TEST_THREADS", "1")))
+
 D_MODEL = 32
 D_MLP = 48  # != d_model (and != 2 * d_model) so that transposition mistakes show up as shape errors
 MOE_D_MLP = 24  # Qwen2-MoE expert size (moe_intermediate_size)
@@ -33,7 +37,9 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
                  "mixtral", "qwen2_moe"]
 VISION_FAMILIES = ["dinov2"]
-ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
+ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES  # the adapter table's keys
+VARIANTS = ["dinov2_swiglu"]  # same model_type, another FFN layout (DINOv2-giant's SwiGLU)
+ALL_MODELS = ALL_FAMILIES + VARIANTS
 MOE_FAMILIES = ["mixtral", "qwen2_moe"]
 SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
 
@@ -41,6 +47,13 @@ SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
 VISION_MLP_RATIO = 3  # DINOv2 takes an integer ratio: d_mlp = 96
 EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP,
                                                                 "dinov2": VISION_MLP_RATIO * D_MODEL}
+
+
+def d_mlp(lm: LoadedModel) -> int:
+    """The FFN width the tiny model was built with (per expert for MoE)."""
+    if getattr(lm.model.config, "use_swiglu_ffn", False):  # DINOv2 keeps 2/3 of it, rounded up to 8
+        return (int(VISION_MLP_RATIO * D_MODEL * 2 / 3) + 7) // 8 * 8
+    return EXPECTED_D_MLP[lm.family]
 
 
 def text_config(family: str):
@@ -72,11 +85,11 @@ def build_text_model(family: str, seed: int = 0):
     return model.eval()
 
 
-def build_vision_model(seed: int = 0):
+def build_vision_model(seed: int = 0, swiglu: bool = False):
     from transformers import Dinov2Config, Dinov2Model
 
     config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                          mlp_ratio=VISION_MLP_RATIO, image_size=28, patch_size=14,
+                          mlp_ratio=VISION_MLP_RATIO, image_size=28, patch_size=14, use_swiglu_ffn=swiglu,
                           layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
     torch.manual_seed(seed)
     return Dinov2Model(config).eval()
@@ -97,9 +110,10 @@ def build_tokenizer():
 
 
 def build(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
-    """A fresh tiny LoadedModel of ``family`` (dinov2: no tokenizer, feed it ``pixel_values``)."""
-    if family in VISION_FAMILIES:
-        return from_pretrained_objects(build_vision_model(seed), None, name=f"tiny-{family}", bos=False)
+    """A fresh tiny LoadedModel of ``family`` or of a variant (dinov2: no tokenizer, feed it ``pixel_values``)."""
+    if family in VISION_FAMILIES + VARIANTS:
+        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu")
+        return from_pretrained_objects(model, None, name=f"tiny-{family}", bos=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     return from_pretrained_objects(build_text_model(family, seed), tokenizer, name=f"tiny-{family}", bos=True)
 
@@ -154,7 +168,7 @@ def tiny(tokenizer):
     return get
 
 
-@pytest.fixture(params=ALL_FAMILIES)
+@pytest.fixture(params=ALL_MODELS)
 def family(request) -> str:
     return request.param
 

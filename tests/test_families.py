@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from conftest import (ALL_FAMILIES, BOS_ID, D_MODEL, EXPECTED_D_MLP, MOE_FAMILIES, N_EXPERTS, N_LAYERS,
-                      SANDWICH_FAMILIES, TEXT_FAMILIES, VISION_FAMILIES, build, forward, plant_bos_embedding,
-                      plant_massive_weight, sample_inputs)
+                      SANDWICH_FAMILIES, TEXT_FAMILIES, build, forward, plant_bos_embedding,
+                      plant_massive_weight, sample_inputs, text_config, d_mlp)
 from cardhouse.analysis import Criterion, MassiveWeights, ScanResult, find_massive_weights, scan
 from cardhouse.analysis.prompts import builtin_prompts
 from cardhouse.analysis.tokens import ROLES
@@ -51,14 +51,31 @@ def test_adapter_parts_resolve(lm):
             if getattr(adapter, part) is not None:
                 assert isinstance(blocks.mlp_part(layer, part), (nn.Module, torch.Tensor)), part
         assert callable(blocks.mlp_part(layer, "act"))
-        assert blocks.intermediate_size(layer) == EXPECTED_D_MLP[lm.family]
+        assert blocks.intermediate_size(layer) == d_mlp(lm)
         for expert in range(N_EXPERTS) if blocks.is_moe else [None]:
             down = blocks.down_weight(layer, expert)
-            assert down.shape == (D_MODEL, EXPECTED_D_MLP[lm.family])
+            assert down.shape == (D_MODEL, d_mlp(lm))
             # a view of the stored parameter, not a copy: the attacks write through it
             stored = blocks.mlp_part(layer, "down")
             stored = stored if isinstance(stored, torch.Tensor) else stored.weight
             assert down.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+
+
+def test_dinov2_layout_follows_its_config(tiny):
+    assert tiny("dinov2").blocks.adapter.mlp_layout == "linear"
+    swiglu = tiny("dinov2_swiglu").blocks
+    assert swiglu.adapter.family == "dinov2" and swiglu.adapter.mlp_layout == "gated" and swiglu.is_gated
+    assert len(swiglu.neuron_slices(0)) == 4  # gate and up rows, and their biases
+
+
+def test_qwen2_moe_with_dense_layers_is_refused_clearly():
+    from transformers import AutoModelForCausalLM
+
+    config = text_config("qwen2_moe")
+    config.mlp_only_layers = [0]
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="mixes dense and Mixture-of-Experts layers"):
+        Blocks.of(model)
 
 
 def test_moe_needs_an_expert(tiny):
@@ -87,7 +104,7 @@ def test_hook_points_exist_with_documented_shapes(lm):
         for point in RESID_POINTS:
             assert store[hook_name(layer, point)].shape == (batch, pos, D_MODEL), point
         if not lm.blocks.is_moe:
-            assert store[hook_name(layer, "mlp.hook_post")].shape == (batch, pos, EXPECTED_D_MLP[lm.family])
+            assert store[hook_name(layer, "mlp.hook_post")].shape == (batch, pos, d_mlp(lm))
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -189,7 +206,7 @@ def _experts(lm):
 
 def test_neuron_slices_are_rows_of_d_model(lm):
     blocks = lm.blocks
-    n = EXPECTED_D_MLP[lm.family]
+    n = d_mlp(lm)
     for layer in range(N_LAYERS):
         for expert in _experts(lm):
             slices = blocks.neuron_slices(layer, expert)
@@ -371,7 +388,7 @@ def test_scan_finds_a_planted_massive_activation(family, tokenizer):
 def test_find_massive_weights_is_well_formed(text_lm):
     mw = find_massive_weights(text_lm, k=4)
     assert isinstance(mw, MassiveWeights)
-    size = EXPECTED_D_MLP[text_lm.family]
+    size = d_mlp(text_lm)
     assert 0 <= mw.layer < N_LAYERS and 0 <= mw.dim < D_MODEL and mw.intermediate_size == size
     assert mw.k == 4 and len(mw.indices) == 4 == len(set(mw.indices)) == len(mw.activations) == len(mw.rows)
     assert all(0 <= i < size for i in mw.indices)

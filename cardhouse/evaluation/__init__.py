@@ -1,4 +1,18 @@
 """Evaluation: perplexity on real text and zero-shot accuracy through lm-evaluation-harness."""
 
-from .corpora import CORPORA, Corpus, available_corpora, load_text, tokenize_corpus
+from .corpora import CORPORA, Corpus, available_corpora, get_corpus, load_text, prepare_corpora, tokenize_corpus
 from .perplexity import PerplexityResult, build_windows, evaluate_perplexities, perplexity
+from .zeroshot import PAPER_TASKS, ZERO_SHOT_TASKS, prepare_zero_shot_data, zero_shot
+
+__all__ = [
+    "CORPORA", "Corpus", "available_corpora", "get_corpus", "load_text", "prepare_corpora", "tokenize_corpus",
+    "PerplexityResult", "build_windows", "evaluate_perplexities", "perplexity",
+    "PAPER_TASKS", "ZERO_SHOT_TASKS", "prepare_zero_shot_data", "zero_shot",
+    "prepare_all",
+]
+
+
+def prepare_all() -> None:
+    """Fetch and cache every corpus and the zero-shot data, so that evaluation later runs offline."""
+    prepare_corpora()
+    prepare_zero_shot_data()

@@ -254,7 +254,7 @@ def get_corpus(name: str) -> Corpus:
     return CORPORA[name]
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -270,7 +270,7 @@ def load_text(name: str) -> str:
     if cached.exists():
         return cached.read_text(encoding="utf-8")
     text = corpus.build_text()
-    _write_atomically(cached, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomically(cached, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return text
 
 
@@ -281,15 +281,16 @@ def vocabulary_hash(tokenizer) -> str:
 
 
 def token_cache_path(name: str, vocab_hash: str) -> Path:
-    get_corpus(name)
     key = f"{name}-{vocab_hash[:20]}-t{TEXT_FORMAT_VERSION}-k{TOKENS_FORMAT_VERSION}"
     return cache_dir("tokens") / f"{key}.safetensors"
 
 
-def _cache_metadata(name: str, vocab_hash: str) -> dict[str, str]:
+def _cache_metadata(name: str, vocab_hash: str, text: str) -> dict[str, str]:
     return {
         "corpus": name,
         "vocabulary_hash": vocab_hash,
+        # A cache made from another version of the text (a changed extraction) is stale.
+        "text_hash": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "text_format_version": str(TEXT_FORMAT_VERSION),
         "tokens_format_version": str(TOKENS_FORMAT_VERSION),
     }
@@ -304,7 +305,7 @@ def _read_token_cache(path: Path, expected_metadata: dict[str, str]) -> torch.Te
     try:
         with safe_open(str(path), framework="pt") as cache:
             if cache.metadata() != expected_metadata:
-                raise ValueError(f"metadata {cache.metadata()} != {expected_metadata}")
+                raise ValueError("it was made from another text, vocabulary or cache format")
             token_ids = cache.get_tensor("token_ids")
         if token_ids.ndim != 1:
             raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}")
@@ -324,13 +325,21 @@ def tokenize_corpus(tokenizer, name: str, max_tokens: int | None = None) -> torc
     """Token ids of the whole corpus (1-D, no special tokens), the first ``max_tokens`` if given."""
     from safetensors.torch import save_file
 
+    get_corpus(name)
     vocab_hash = vocabulary_hash(tokenizer)
     path = token_cache_path(name, vocab_hash)
-    metadata = _cache_metadata(name, vocab_hash)
+    text = load_text(name)
+    metadata = _cache_metadata(name, vocab_hash, text)
     token_ids = _read_token_cache(path, metadata)
     if token_ids is None:
-        token_ids = _tokenize_text(tokenizer, load_text(name))
-        _write_atomically(path, lambda tmp: save_file({"token_ids": token_ids}, str(tmp), metadata=metadata))
+        token_ids = _tokenize_text(tokenizer, text)
+        write_atomically(path, lambda tmp: save_file({"token_ids": token_ids}, str(tmp), metadata=metadata))
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]
     return token_ids.long()
+
+
+def prepare_corpora() -> None:
+    """Install what the corpora come from and cache their texts (for offline use later)."""
+    for name in CORPORA:
+        load_text(name)

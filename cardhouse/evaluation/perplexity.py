@@ -72,7 +72,7 @@ def _batch_nll_sum(model, windows_batch: torch.LongTensor) -> float:
     targets = windows_batch[:, 1:]
     nll_sum = torch.zeros((), dtype=torch.float64, device=windows_batch.device)
     # One window at a time keeps the float32 copy of the logits that cross_entropy makes small.
-    for window_logits, window_targets in zip(logits[:, :-1], targets):
+    for window_logits, window_targets in zip(logits[:, :-1], targets, strict=True):
         token_nll = F.cross_entropy(window_logits.float(), window_targets, reduction="none")
         nll_sum += token_nll.double().sum()
     return nll_sum.item()

@@ -9,11 +9,15 @@ The FFN neurons are addressed by ``mlp_layout``:
 - ``"conv1d"``: GPT-2 ``Conv1D`` whose *columns* are neurons, no gate;
 - ``"linear"``: a plain ``nn.Linear`` fc_in, no gate (ViT/DINOv2);
 - ``"experts"``: a Mixture of Experts with 3-D ``[expert, 2*inter, d]`` gate_up tensors.
+
+A family whose FFN layout depends on its config is resolved in ``adapter_for`` (DINOv2 with
+``use_swiglu_ffn`` is gated). Qwen2-MoE's always-on shared expert is not addressed: the
+neuron slices are the routed experts'.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -60,13 +64,28 @@ ADAPTERS: dict[str, Adapter] = {
                       final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn"),
 }
 
+# Config-dependent layouts of a family (same model_type, different FFN modules).
+# DINOv2 with ``use_swiglu_ffn`` (the giant checkpoints) has a gated FFN with biases.
+_DINOV2_SWIGLU = replace(ADAPTERS["dinov2"], gate="gate_proj", up="up_proj", down="down_proj", mlp_layout="gated",
+                         act="act_fn")
+
 
 class UnsupportedModelError(ValueError):
     pass
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    family = getattr(model.config, "model_type", None)
+    config = model.config
+    family = getattr(config, "model_type", None)
+    if family == "dinov2" and getattr(config, "use_swiglu_ffn", False):
+        return _DINOV2_SWIGLU
+    if family == "qwen2_moe" and (getattr(config, "mlp_only_layers", None)
+                                  or getattr(config, "decoder_sparse_step", 1) != 1):
+        raise UnsupportedModelError(
+            "this qwen2_moe model mixes dense and Mixture-of-Experts layers (mlp_only_layers="
+            f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step={getattr(config, 'decoder_sparse_step', 1)}); "
+            "cardhouse's adapter table assumes one FFN layout for all layers of a family "
+            "(see cardhouse/models/adapters.py)")
     if family in ADAPTERS:
         return ADAPTERS[family]
     raise UnsupportedModelError(

