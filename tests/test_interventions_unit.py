@@ -247,6 +247,14 @@ def test_set_activations_rejects_a_bad_layer(tiny):
             pytest.fail("the body must not run")
 
 
+@pytest.mark.parametrize("dim", [-1, D_MODEL])
+def test_set_activations_rejects_a_bad_dim(tiny, dim):  # regression: used to fail inside the forward pass
+    lm = tiny("llama")
+    with pytest.raises(ValueError, match="hidden dim"):
+        with set_activations(lm, [0], {dim: 0.0}, 1.0):
+            pytest.fail("the body must not run")
+
+
 # ---- the house of cards, end to end -------------------------------------------------------------------
 
 

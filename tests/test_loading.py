@@ -19,3 +19,12 @@ def test_not_a_gguf_file(tmp_path):
 def test_folder_without_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="could not load the model folder"):
         load_model(str(tmp_path))
+
+
+def test_cached_sdist_is_only_reused_for_its_own_requirement(tmp_path):  # regression: any tar.gz was returned
+    from cardhouse._install import pip_download_sdist
+
+    for name in ["other-1.0.tar.gz", "llamafactory-0.9.4.tar.gz", "llamafactory-0.9.5.tar.gz"]:
+        (tmp_path / name).write_text("")
+    assert pip_download_sdist("llamafactory==0.9.5", tmp_path).name == "llamafactory-0.9.5.tar.gz"
+    assert pip_download_sdist("other", tmp_path).name == "other-1.0.tar.gz"

@@ -143,10 +143,7 @@ def test_padding_is_ignored():
     assert padded.top_ranks[0] <= 1e4
 
 
-@pytest.mark.xfail(strict=True, reason="bug in cardhouse/capture/stats.py StreamingStats._keep_largest: while the "
-                   "kept list is not full (floor = -1) padded positions (|a| masked to 0) are kept, with their raw "
-                   "unmasked value; see the test report")
-def test_padding_never_enters_the_kept_entries_when_few_values_are_real():
+def test_padding_never_enters_the_kept_entries_when_few_values_are_real():  # regression
     """Few real values (d=2, prompts of 1 and 2 tokens) and room for 16 entries: only the 6 real ones."""
     acts = torch.tensor([[[1.0, -2.0], [0.0, 0.0], [0.0, 0.0]], [[3.0, 4.0], [-5.0, 6.0], [9.0, 9.0]]])
     mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
@@ -207,3 +204,11 @@ def test_outlier_features_apply_both_shares():
     assert counter.outlier_features(min_layer_share=0.25, min_token_share=0.3)["dims"] == [0, 1]
     assert counter.outlier_features(min_layer_share=0.25, min_token_share=0.6)["dims"] == []
     assert found["threshold"] == 6.0
+
+
+def test_values_beyond_the_histogram_range_are_counted():  # regression: histc dropped them
+    acts = torch.tensor([[[1e9, 1e-12, 1.0]]])
+    stats = StreamingStats(1, 3, top_k=3, keep_entries=3)
+    stats.update(0, acts, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    assert stats.count(0) == 3
+    assert stats.quantile(0, 1.0) > 1e7

@@ -66,7 +66,8 @@ class StreamingStats:
         """
         pad = ~mask.bool()
         mag = acts.detach().abs().float().masked_fill_(pad[..., None], 0.0)  # [batch, pos, d]
-        logs = mag.clamp_min(10 ** LOG10_MIN).log10_()
+        # values beyond the histogram's range count in its end bins instead of being dropped by histc
+        logs = mag.clamp(10 ** LOG10_MIN, 10 ** LOG10_MAX).log10_()
         counts = torch.histc(logs, BINS, LOG10_MIN, LOG10_MAX).double()
         counts[0] -= float(pad.sum()) * mag.shape[-1]  # padding fell into the lowest bin
         self.hist[layer] += counts
@@ -75,10 +76,10 @@ class StreamingStats:
         values, index = flat.topk(k, dim=1)
         self.rank_sum[layer, :k] += values.double().sum(0)
         self.prompts[layer] += acts.shape[0]
-        self._keep_largest(layer, acts, values, index, token_ids, prompt_index)
+        self._keep_largest(layer, acts, mask, values, index, token_ids, prompt_index)
         return values, index
 
-    def _keep_largest(self, layer, acts, values, index, token_ids, prompt_index):
+    def _keep_largest(self, layer, acts, mask, values, index, token_ids, prompt_index):
         kept = self.entries[layer]
         floor = abs(kept[-1].value) if len(kept) >= self.keep_entries else -1.0
         top = values[:, :self.keep_entries]
@@ -91,6 +92,8 @@ class StreamingStats:
                 break  # sorted: nothing further can enter the kept list
             row, col = divmod(i, k)
             pos, dim = divmod(int(index[row, col]), d)
+            if not mask[row, pos]:
+                continue  # a padded position (its |a| was masked to 0) while the kept list is not yet full
             new.append(TopEntry(float(acts[row, pos, dim]), int(prompt_index[row]), pos,
                                 int(token_ids[row, pos]), dim))
         if new:

@@ -14,6 +14,7 @@ import torch
 from ..analysis.massive_activations import ScanResult
 from ..capture import hook_name, hooks
 from ..models.loading import LoadedModel
+from .weights import check_indices
 
 
 @contextmanager
@@ -25,6 +26,7 @@ def set_activations(lm: LoadedModel, layers: Sequence[int], values: Mapping[int,
     """
     for layer in layers:
         lm.blocks.check_layer(layer)
+    check_indices(list(values), lm.model.config.hidden_size, "hidden dim")
     dims = torch.tensor(list(values), dtype=torch.long)
     new = torch.tensor(list(values.values()))
     counts = {"replaced": 0}
