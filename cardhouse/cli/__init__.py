@@ -1,6 +1,6 @@
 """The ``cardhouse`` command line: a thin layer over the Python API, one module per group of commands."""
 
-from . import attacks, scan  # noqa: F401  (each module registers its commands on the app)
+from . import attacks, report, scan  # noqa: F401  (each module registers its commands on the app)
 from .common import app
 
 __all__ = ["app"]

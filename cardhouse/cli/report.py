@@ -1,0 +1,69 @@
+"""The report command: one self-contained HTML page (and its JSON and PNGs) for one or more models."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..models.loading import DEFAULT_MODEL
+from .common import BosOpt, PromptsOpt, app, clear_errors, console, err
+
+
+@app.command("report")
+def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
+                                               help="a model (repeat for a side-by-side page): bundled name, "
+                                                    "local HF folder, GGUF file or hub id"),
+               quick: bool = typer.Option(False, "--quick/--full", help="--quick: about a minute per model on a "
+                                          "laptop CPU (one corpus, 510 tokens, k in 1, 2, 5); --full (default): the "
+                                          "papers' sets (wikipedia and c4, 2048 tokens each, k from 0 to the whole "
+                                          "layer), about 20 minutes for SmolLM2-135M on 2 cores"),
+               out: Path = typer.Option(Path("cardhouse-report"), "--out", "-o", help="output folder"),
+               overwrite: bool = typer.Option(False, help="write into an existing folder, replacing only the "
+                                              "report's own files"),
+               seed: int = typer.Option(0, help="seed of the random controls"),
+               prompts: str = PromptsOpt,
+               k: Optional[int] = typer.Option(None, help="massive-weight indices listed (default 5)"),
+               attack_k: Optional[int] = typer.Option(None, help="rows zeroed or retained in the attack table "
+                                                      "(default 2)"),
+               ks: Optional[str] = typer.Option(None, help="comma-separated sweep k values (default: the mode's)"),
+               layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
+               corpus: list[str] = typer.Option([], "--corpus", "-c", help="perplexity corpora (default: the mode's)"),
+               max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="corpus tokens per corpus and "
+                                                        "variant (default: the mode's)"),
+               context: Optional[int] = typer.Option(None, help="perplexity window length (default: the mode's)"),
+               task: list[str] = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval, for "
+                                              "every variant (repeatable; slow)"),
+               limit: Optional[int] = typer.Option(None, help="zero-shot examples per task"),
+               relative: bool = typer.Option(False, help="ratio-only criterion for massive activations"),
+               with_: list[str] = typer.Option([], "--with", help="an extra section by name (repeatable); "
+                                               "see docs/report.md"),
+               bos: Optional[bool] = BosOpt):
+    """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots."""
+    from ..reports.report import Settings, build_report
+
+    with clear_errors():
+        overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "layer": layer,
+                     "tasks": tuple(task), "limit": limit, "extras": tuple(with_)}
+        for name, value in (("k", k), ("attack_k", attack_k), ("max_tokens", max_tokens), ("context", context)):
+            if value is not None:
+                overrides[name] = value
+        if corpus:
+            overrides["corpora"] = tuple(corpus)
+        if ks:
+            try:
+                overrides["ks"] = tuple(int(x) for x in ks.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"--ks must be comma-separated integers, got {ks!r}") from None
+        settings = (Settings.quick if quick else Settings.full)(**overrides)
+        command = shlex.join(["cardhouse", *sys.argv[1:]])
+        results = build_report(model, out, settings, overwrite=overwrite, command=command)
+        console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and the PNG plots")
+        if results["failures"]:
+            for f in results["failures"]:
+                err.print(f"[bold red]error:[/bold red] {f['model']}: step {f['step']!r} failed: {f['error']}")
+            err.print("the other sections are in the report")
+            raise typer.Exit(1)

@@ -1,0 +1,450 @@
+"""The report pipeline: a list of steps, each of which computes one section of the page.
+
+``build_report(models, out)`` runs every step for every model under one progress display,
+then writes ``report.html``, ``results.json`` and the PNG figures into ``out``. A step is a
+function ``run(ctx) -> Section``; it reads what earlier steps computed with ``ctx.need(key)``
+and leaves its own results for later steps with ``ctx.keep(key, value)``. A step that raises
+becomes a section that says why it failed; the other steps still run.
+
+Adding a section (for instance one for another analysis) is one function and one entry in
+``STEPS`` (always run) or in ``OPTIONAL_STEPS`` (run when asked for by name: ``--with NAME``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..models.loading import LoadedModel
+from .html import Figure, Section, Table, facts, layer_ranges, render_page
+
+REPORT_FILES = ("report.html", "results.json")  # plus the PNGs the steps name
+
+
+class StepError(RuntimeError):
+    """A step cannot run (for instance because a step it needs failed)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the report measures. ``Settings.quick()`` is minute-scale; ``Settings.full()`` the papers' sets."""
+
+    mode: str = "full"
+    prompts: str = "builtin"  # builtin, a text file or corpus:NAME (see analysis.load_prompts)
+    prompt_limit: int | None = None
+    relative: bool = False  # ratio-only criterion for massive activations
+    k: int = 5  # massive-weight indices listed
+    layer: int | None = None  # massive-weight layer (None: detected)
+    attack_k: int = 2  # rows zeroed / retained in the attack table
+    ks: tuple[int, ...] | None = None  # sweep; None: 0, 1, 2, 3, 5, 10, 20, 50, ... up to the whole layer
+    corpora: tuple[str, ...] = ("wikipedia", "c4")
+    max_tokens: int = 2048  # corpus tokens per corpus and variant
+    context: int = 512
+    tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-eval), measured for every variant
+    limit: int | None = None  # zero-shot examples per task
+    seed: int = 0
+    bos: bool | None = None
+    extras: tuple[str, ...] = ()  # names of OPTIONAL_STEPS to run
+
+    @classmethod
+    def quick(cls, **overrides) -> "Settings":
+        return replace(cls(mode="quick", ks=(1, 2, 5), corpora=("wikipedia",), max_tokens=510, context=256),
+                       **overrides)
+
+    @classmethod
+    def full(cls, **overrides) -> "Settings":
+        return replace(cls(mode="full"), **overrides)
+
+    def budget(self):
+        from ..evaluation.measure import Budget
+
+        return Budget(corpora=list(self.corpora), max_tokens=self.max_tokens, context=self.context,
+                      tasks=list(self.tasks), limit=self.limit)
+
+    def check(self) -> None:
+        """Bad settings fail here, before any model time is spent or any file is written."""
+        from ..evaluation.corpora import available_corpora
+
+        unknown = [c for c in self.corpora if c not in available_corpora()]
+        if unknown:
+            raise ValueError(f"unknown corpus {', '.join(unknown)}; known: {', '.join(available_corpora())}")
+        if not self.corpora:
+            raise ValueError("at least one corpus is needed for the attacks")
+        if self.tasks:
+            from ..evaluation.zeroshot import ZERO_SHOT_TASKS
+
+            bad = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
+            if bad:
+                raise ValueError(f"unknown zero-shot task {', '.join(bad)}; known: {', '.join(ZERO_SHOT_TASKS)}")
+        if self.context < 2 or self.max_tokens < self.context:
+            raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
+                             f"--context ({self.context}) tokens")
+        for name, value in (("--k", self.k), ("--attack-k", self.attack_k)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.ks is not None and any(k < 0 for k in self.ks):
+            raise ValueError(f"sweep k values must be >= 0, got {list(self.ks)}")
+        unknown = [e for e in self.extras if e not in OPTIONAL_STEPS]
+        if unknown:
+            raise ValueError(f"unknown extra section {', '.join(unknown)}; available: "
+                             f"{', '.join(OPTIONAL_STEPS) or 'none yet'}")
+
+
+@dataclass
+class Context:
+    """What a step sees: the model being reported on, the settings, and what earlier steps computed."""
+
+    source: str | LoadedModel
+    settings: Settings
+    prompts: list[str]
+    folder: Path
+    prefix: str  # of this model's figure files
+    tick: Callable[[str], None] = lambda detail: None  # progress detail of the running step
+    done: dict[str, object] = field(default_factory=dict)
+
+    def need(self, key: str):
+        if key not in self.done:
+            raise StepError(f"it needs the {key!r} step, which failed")
+        return self.done[key]
+
+    def keep(self, key: str, value) -> None:
+        self.done[key] = value
+
+    @property
+    def lm(self) -> LoadedModel:
+        return self.need("model")
+
+    def figure(self, name: str) -> Path:
+        return self.folder / f"{self.prefix}{name}.png"
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str
+    title: str
+    run: Callable[[Context], Section]
+
+
+# ---- the steps ---------------------------------------------------------------------------------
+
+
+def model_step(ctx: Context) -> Section:
+    from ..models import load_model
+
+    if isinstance(ctx.source, LoadedModel):
+        lm = ctx.source
+    else:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the report shows one progress display, its own
+        try:
+            lm = load_model(ctx.source, bos=ctx.settings.bos)
+        finally:
+            hf_logging.enable_progress_bar()
+    ctx.keep("model", lm)
+    d = lm.describe()
+    table = facts("The model", {"name": d["name"], "family": d["family"], "parameters": d["parameters"],
+                                "layers": d["layers"], "hidden size": d["d_model"],
+                                "FFN size": lm.blocks.intermediate_size(0), "dtype": d["dtype"],
+                                "BOS token first": d["bos_token"] or "no", "source": d["source"]})
+    return Section("model", "Model", tables=[table], data={"model": d})
+
+
+def inputs_step(ctx: Context) -> Section:
+    from ..capture import tokenize_prompts
+    from ..evaluation.corpora import get_corpus, tokenize_corpus
+    from ..evaluation.perplexity import build_windows
+
+    lm, s = ctx.lm, ctx.settings
+    token_lists = tokenize_prompts(lm, ctx.prompts)
+    prompts = facts("Prompts of the scan and the massive-weight search",
+                    {"source": s.prompts, "prompts": len(ctx.prompts), "tokens": sum(map(len, token_lists)),
+                     "shortest prompt (tokens)": min(map(len, token_lists)),
+                     "longest prompt (tokens)": max(map(len, token_lists))})
+    rows, data = [], {}
+    for name in s.corpora:
+        ids = tokenize_corpus(lm.tokenizer, name, s.max_tokens)
+        windows = build_windows(ids, context=s.context, bos_id=lm.bos_id)
+        predicted = windows.shape[0] * (s.context - 1)
+        rows.append([name, get_corpus(name).source, ids.numel(), windows.shape[0], s.context, predicted])
+        data[name] = {"tokens": ids.numel(), "windows": windows.shape[0], "predicted_tokens": predicted}
+    corpora = Table("Corpora of the perplexity measurements (the same tokens for every variant)",
+                    ["corpus", "source", "tokens", "windows", "window length", "predicted tokens"], rows)
+    return Section("inputs", "Prompts and corpora", tables=[prompts, corpora],
+                   text=["Each prompt starts with the BOS token when the model has one; each perplexity window "
+                         "does too, and all variants of a model are scored on the same windows."],
+                   data={"prompts": ctx.prompts, "corpora": data})
+
+
+def scan_step(ctx: Context) -> Section:
+    from ..analysis import Criterion, scan
+    from ..reports.plots import plot_top_magnitudes
+    from ..reports.tables import TABLE1_COLUMNS
+
+    s = ctx.settings
+    criterion = Criterion.relative() if s.relative else Criterion()
+    result = scan(ctx.lm, ctx.prompts, criterion=criterion, progress=False)
+    ctx.keep("scan", result)
+    columns = ["layer", *TABLE1_COLUMNS, "top-1 / median", "massive dims"]
+    rows = [[r["layer"], *(r[c] for c in TABLE1_COLUMNS), r["ratio_top1_median"], r["massive_dims"]]
+            for r in result.layers]
+    png = plot_top_magnitudes(result, ctx.figure("top_magnitudes"))
+    return Section(
+        "scan", "Magnitudes per layer (Sun et al. Table 1)",
+        text=[f"Hidden states at {result.point}: the k-th largest |activation| of each prompt, averaged over "
+              "the prompts, and the median |activation| of the layer."],
+        tables=[Table("|activation| per layer", columns, rows)],
+        figures=[Figure(png.name, "The three largest and the median |activation| in each layer, on a log scale; "
+                                  "shaded layers hold massive activations.")],
+        data={"scan": result.to_dict()})
+
+
+def activations_step(ctx: Context) -> Section:
+    result = ctx.need("scan")
+    c = result.criterion
+    where = facts("Where they are", {
+        "criterion: |a| above": c["min_abs"], "criterion: times the layer median": c["min_ratio"],
+        "massive dims": result.dims, "layers": layer_ranges(result.massive_layers),
+        "first layer": result.first_layer, "gone from layer": result.vanish_layer})
+    dims = Table("Massive dimensions", ["dim", "layers", "number of layers"],
+                 [[d["dim"], layer_ranges(d["layers"]), len(d["layers"])] for d in result.massive_dims])
+    roles = Table("Which tokens carry them", ["token role", "prompts where it carries one", "prompts with it"],
+                  [[role, r["prompts_with_massive"], r["prompts_with_role"]] for role, r in result.roles.items()])
+    tables = [where, dims, roles]
+    text = []
+    if result.found:
+        layer = result.massive_layers[len(result.massive_layers) // 2]
+        tables.append(Table("Their values across prompts in a middle massive layer (Sun et al. Table 2)",
+                            ["layer", "dim", "token role", "count", "mean", "std", "max |a|"],
+                            [[v["layer"], v["dim"], v["role"], v["count"], v["mean"], v["std"], v["max_abs"]]
+                             for v in result.values_at(layer)]))
+        tables.append(Table("Tokens that carry them", ["token", "token id", "occurrences"],
+                            [[repr(t["token"]), t["token_id"], t["count"]] for t in result.token_strings]))
+    else:
+        text.append("No activation meets the criterion in any layer; a relative criterion (--relative) suits "
+                    "models whose magnitudes are smaller.")
+    of = result.outlier_features
+    tables.append(facts("Classic outlier features at the FFN input (Dettmers et al.), for contrast",
+                        {"|a| at least": of["threshold"], "share of tokens": of["min_token_share"],
+                         "share of layers": of["min_layer_share"], "dims": of["dims"] or "none"}))
+    return Section("activations", "Massive activations: dims, layers, tokens", text=text, tables=tables)
+
+
+def weights_step(ctx: Context) -> Section:
+    from ..analysis import find_massive_weights
+    from ..reports.plots import plot_bos_trace
+
+    lm, s = ctx.lm, ctx.settings
+    mw = find_massive_weights(lm, ctx.prompts, k=s.k, layer=s.layer)
+    ctx.keep("weights", mw)
+    sw = mw.super_weight
+    summary = facts("The FFN that writes the massive activation", {
+        "layer l": mw.layer, "hidden dim": mw.dim, "top-k indices": mw.indices, "intermediate size":
+        mw.intermediate_size, "expert": mw.expert, "gated FFN": mw.gated, "weights in the top-k rows": mw.n_weights,
+        "super weight": f"W_down[{sw['row']}, {sw['column']}]", "super weight value": sw["value"],
+        "same top-k in every prompt": mw.stable_across_prompts})
+    norm_keys = [k for k in mw.rows[0] if k.endswith("_norm")]
+    rows = Table("The top-k intermediate indices of the position-0 token in layer l, and their weights",
+                 ["index", "activation", *(k.replace("_norm", " norm") for k in norm_keys), "W_down[dim, index]"],
+                 [[r["index"], a, *(r[k] for k in norm_keys), r["down_at_dim"]]
+                  for r, a in zip(mw.rows, mw.activations)])
+    trace = Table("The position-0 token's value in the massive dim, layer by layer",
+                  ["layer", "before", "attention adds", "FFN adds", "after"],
+                  [[t["layer"], t["resid_pre"], t["attention"], t["ffn"], t["resid_post"]] for t in mw.trace])
+    png = plot_bos_trace(mw.trace, mw.dim, mw.layer, ctx.figure("bos_trace"), lm.name)
+    return Section(
+        "weights", "Massive weights (House of Cards)", text=list(mw.notes), tables=[summary, rows, trace],
+        figures=[Figure(png.name, "The position-0 token's value in the massive dim after each layer, with what "
+                                  "attention and the FFN add to it; the dotted line marks layer l.")],
+        data={"massive_weights": mw.to_dict()})
+
+
+def attacks_step(ctx: Context) -> Section:
+    from ..evaluation.measure import measurer
+    from ..interventions import attack, original, run_variants
+    from ..interventions.sweep import KINDS, sweep, sweep_table
+    from ..reports.plots import plot_sweep
+
+    lm, s, mw = ctx.lm, ctx.settings, ctx.need("weights")
+    torch.manual_seed(s.seed)
+    ks = None if s.ks is None else sorted({*s.ks, s.attack_k})
+    measure = measurer(lm, s.budget(), progress=False)
+    count = itertools.count(1)
+
+    def measured(model):
+        ctx.tick(f"variant {next(count)}")
+        return measure(model)
+
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh sweep, never one resumed from an earlier run
+        rows = sweep(lm, measured, Path(tmp) / "sweep.jsonl", ks=ks, layer=mw.layer, seed=s.seed, progress=False)
+    rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind in ("super-weight", "random-weight")],
+                         measured)
+    metrics = [m for m in rows[0] if m.startswith("ppl_") or m.startswith("acc_")]
+    by_name = {r["variant"]: r for r in rows}
+    base = by_name["original"]
+    chosen = ["original", *(f"{kind} k={s.attack_k}" for kind in KINDS), "super-weight", "random-weight"]
+    first = metrics[0]
+    table = Table("Attacks on layer l and their random controls (k = number of rows)",
+                  ["variant", "what is changed", *metrics, f"{first} / original"],
+                  [[n, by_name[n]["description"], *(by_name[n][m] for m in metrics), by_name[n][first] / base[first]]
+                   for n in chosen])
+    curves = {m: sweep_table([r for r in rows if "weight" not in r["variant"]], m) for m in metrics}
+    sweep_rows = Table(f"The sweep: {first} as k grows", ["k", *KINDS],
+                       [[k, *(dict(curves[first][kind]).get(k) for kind in KINDS)]
+                        for k in sorted({k for points in curves[first].values() for k, _ in points})])
+    png = plot_sweep(curves, ctx.figure("sweep"), f"{lm.name}: top-k zeroing and retaining, layer {mw.layer}")
+    return Section(
+        "attacks", "Attacks on the massive weights (House of Cards Fig. 4)",
+        text=["Top-k zeroing sets the W_up and W_gate rows of the k largest intermediate indices of layer l to zero; "
+              "top-k retaining keeps only those rows. Each has a control that does the same to k random rows, and "
+              "every edit is undone bit-identically before the next variant is measured."],
+        tables=[table, sweep_rows],
+        figures=[Figure(png.name, "Perplexity as more rows are zeroed or retained, for the top-k rows and for "
+                                  "random rows, on log scales.")],
+        data={"budget": s.budget().to_dict(), "results": rows})
+
+
+STEPS: list[Step] = [
+    Step("model", "Model", model_step),
+    Step("inputs", "Prompts and corpora", inputs_step),
+    Step("scan", "Magnitudes per layer (Sun et al. Table 1)", scan_step),
+    Step("activations", "Massive activations: dims, layers, tokens", activations_step),
+    Step("weights", "Massive weights (House of Cards)", weights_step),
+    Step("attacks", "Attacks on the massive weights (House of Cards Fig. 4)", attacks_step),
+]
+
+# Sections run only when asked for by name (``Settings.extras``, ``cardhouse report --with NAME``).
+OPTIONAL_STEPS: dict[str, Step] = {}
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+def prepare_folder(out: str | Path, overwrite: bool = False) -> Path:
+    """The output folder: refused if it holds anything unless ``overwrite``; nothing in it is ever deleted."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"the output folder {out} exists and is not empty; pass --overwrite to replace "
+                              "the report's files in it (other files are kept)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the output folder {out}: {e.strerror}") from e
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", Path(text).name or text).strip("-").lower() or "model"
+
+
+def _versions() -> dict:
+    import matplotlib
+    import transformers
+
+    from .. import __version__
+
+    return {"cardhouse": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "matplotlib": matplotlib.__version__,
+            "platform": platform.platform()}
+
+
+def _run_section(settings: Settings, versions: dict) -> Section:
+    def shown(value):
+        if value is None:
+            return "default"
+        if isinstance(value, tuple):  # k values stay numbers; names become one string
+            return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
+        return value
+
+    return Section("run", "Run: settings, versions, command",
+                   tables=[facts("Settings", {k: shown(v) for k, v in asdict(settings).items()}),
+                           facts("Versions", versions)])
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_report(models: list[str | LoadedModel], out: str | Path, settings: Settings | None = None, *,
+                 overwrite: bool = False, progress: bool = True, command: str | None = None,
+                 steps: list[Step] | None = None) -> dict:
+    """Run every step for every model and write the report folder; returns what results.json holds."""
+    from ..analysis import load_prompts
+
+    settings = settings or Settings.quick()
+    if not models:
+        raise ValueError("no model given")
+    settings.check()
+    prompts = load_prompts(settings.prompts, limit=settings.prompt_limit)
+    steps = steps if steps is not None else STEPS + [OPTIONAL_STEPS[name] for name in settings.extras]
+    folder = prepare_folder(out, overwrite)
+
+    names = [m.name if isinstance(m, LoadedModel) else str(m) for m in models]
+    prefixes = [_slug(n) + "_" for n in names]
+    if len(set(prefixes)) < len(prefixes):
+        prefixes = [f"{i + 1}-{p}" for i, p in enumerate(prefixes)]
+    reports, failures = [], []
+    with _progress(progress, len(models) * len(steps)) as advance:
+        for source, name, prefix in zip(models, names, prefixes):
+            ctx = Context(source, settings, prompts, folder, prefix)
+            sections = []
+            for step in steps:
+                ctx.tick = lambda detail, step=step, name=name: advance(f"{name}: {step.title} ({detail})", 0)
+                advance(f"{name}: {step.title}", 0)
+                try:
+                    section = step.run(ctx)
+                except Exception as e:  # the page says which step failed and why; the others go on
+                    section = Section(step.key, step.title, error=f"{type(e).__name__}: {e}")
+                    failures.append({"model": name, "step": step.key, "title": step.title, "error": section.error})
+                sections.append(section.to_dict())
+                advance(f"{name}: {step.title}", 1)
+            reports.append({"name": name, "sections": sections})
+
+    results = {
+        "title": f"cardhouse report: {' and '.join(names)}",
+        "summary": "Massive activations (Sun et al., 2024) and massive weights (Oh et al., 2024, House of Cards): "
+                   "where they are, which weights write them, and what happens to the model when those weights "
+                   "are attacked, next to random controls.",
+        "command": command or f"python -c 'from cardhouse.reports.report import build_report; ...'  "
+                              f"# models {names}, settings {asdict(settings)}",
+        "run": _run_section(settings, _versions()).to_dict(),
+        "models": reports, "failures": failures,
+    }
+    _write_text(folder / "results.json", json.dumps(results, indent=2))
+    _write_text(folder / "report.html", render_page(results, folder))
+    return results
+
+
+class _progress:
+    """One progress bar over every (model, step); ``advance(description, steps_done)``."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda description, n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True))
+        self.bar.__enter__()
+        task = self.bar.add_task("report", total=self.total)
+        return lambda description, n: self.bar.update(task, description=description, advance=n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
