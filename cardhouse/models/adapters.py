@@ -38,10 +38,18 @@ class Adapter:
     act: str = "act_fn"  # mlp -> activation module
     router: str | None = None  # mlp -> MoE router (weight [experts, d])
     sandwich_norm: bool = False  # post-attention and post-FFN norms before the residual add
+    # attention: separate q/k/v/o nn.Linear projections (None where q/k/v are fused, e.g. GPT-2's c_attn)
+    q_proj: str | None = None  # attn -> query projection
+    k_proj: str | None = None  # attn -> key projection
+    v_proj: str | None = None  # attn -> value projection
+    o_proj: str | None = None  # attn -> output projection (heads concatenated -> d_model)
+    n_heads: str = "num_attention_heads"  # config attribute: number of query heads
+    n_kv_heads: str | None = "num_key_value_heads"  # config attribute: key/value heads (GQA); None: one per query head
 
 
 _LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", resid_mid_norm="post_attention_layernorm",
-              final_norm="model.norm", gate="gate_proj", up="up_proj", down="down_proj")
+              final_norm="model.norm", gate="gate_proj", up="up_proj", down="down_proj",
+              q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="o_proj")
 _SANDWICH = dict(_LLAMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True)
 
 ADAPTERS: dict[str, Adapter] = {
@@ -52,14 +60,19 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma": Adapter("gemma", **_LLAMA),
     "gemma2": Adapter("gemma2", **_SANDWICH),
     "gemma3_text": Adapter("gemma3_text", **_SANDWICH),
-    "phi3": Adapter("phi3", **dict(_LLAMA, gate=None, up="gate_up_proj", mlp_layout="fused", act="activation_fn")),
+    "phi3": Adapter("phi3", **dict(_LLAMA, gate=None, up="gate_up_proj", mlp_layout="fused", act="activation_fn",
+                                   q_proj=None, k_proj=None, v_proj=None)),  # fused qkv_proj
     "gpt2": Adapter("gpt2", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
-                    final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="conv1d", act="act"),
+                    final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="conv1d", act="act",
+                    n_heads="n_head", n_kv_heads=None),
     "mixtral": Adapter("mixtral", **dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj",
                                          mlp_layout="experts", act="experts.act_fn", router="gate")),
     "qwen2_moe": Adapter("qwen2_moe", **dict(_LLAMA, gate=None, up="experts.gate_up_proj",
                                              down="experts.down_proj", mlp_layout="experts",
                                              act="experts.act_fn", router="gate")),
+    # cardhouse's own from-scratch decoder (cardhouse/emergence/model.py): GPT-2 names, nn.Linear FFN
+    "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
+                       final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act"),
     "dinov2": Adapter("dinov2", layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2",
                       final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn"),
 }
@@ -130,6 +143,21 @@ class Blocks:
 
     def mlp_part(self, layer: int, name: str):
         return get(self.part(layer, "mlp"), getattr(self.adapter, name))
+
+    def attn_part(self, layer: int, name: str) -> nn.Module:
+        """``q_proj``, ``k_proj``, ``v_proj`` or ``o_proj`` of a layer's attention."""
+        path = getattr(self.adapter, name)
+        if path is None:
+            raise UnsupportedModelError(f"the {self.adapter.family} adapter names no separate attention {name} "
+                                        "(its projections are fused); see cardhouse/models/adapters.py")
+        return get(self.part(layer, "attn"), path)
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """(query heads, key/value heads): query head h reads key/value head h // (query heads / kv heads)."""
+        config = self.model.config
+        n_heads = getattr(config, self.adapter.n_heads)
+        return n_heads, getattr(config, self.adapter.n_kv_heads) if self.adapter.n_kv_heads else n_heads
 
     @property
     def is_moe(self) -> bool:
