@@ -1,6 +1,7 @@
 """Named hook points on any adapted model, TransformerLens style.
 
 ``blocks.{l}.hook_resid_pre``   residual stream entering block l     [batch, pos, d_model]
+``blocks.{l}.attn.hook_in``     attention input (normed residual)    [batch, pos, d_model]
 ``blocks.{l}.hook_attn_out``    attention output (before any post-norm) [batch, pos, d_model]
 ``blocks.{l}.hook_resid_mid``   residual stream after attention      [batch, pos, d_model]
 ``blocks.{l}.mlp.hook_in``      MLP input (normed residual)          [batch, pos, d_model]
@@ -27,6 +28,7 @@ HookFn = Callable[[str, torch.Tensor], torch.Tensor | None]
 # point -> (part of the block, whether the hooked tensor is that module's input or output)
 POINTS: dict[str, tuple[str, str]] = {
     "hook_resid_pre": ("block", "input"),
+    "attn.hook_in": ("attn", "input"),
     "hook_attn_out": ("attn", "output"),
     "hook_resid_mid": ("resid_mid_norm", "input"),
     "mlp.hook_in": ("mlp", "input"),
