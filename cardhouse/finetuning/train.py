@@ -1,0 +1,216 @@
+"""LoRA / DoRA fine-tuning with transformers.Trainer and PEFT, with or without MacDrop, and its evaluation.
+
+Defaults mirror House of Cards Table 6 (batch 8, gradient accumulation 4, lr 1e-4, 3 epochs,
+warmup 5%, LoRA r=16, alpha=16 on every linear layer but the embeddings and lm_head). On a
+laptop CPU use the overrides: ``max_length``, ``limit`` (records), ``max_steps``.
+
+Outputs in ``out``: ``adapter/`` (PEFT format: adapter_config.json, adapter_model.safetensors),
+``finetune.json`` (configs, massive rows, losses, log history) and ``checkpoints/`` (Trainer
+checkpoints, for ``resume=True``). The base weights are never changed: PEFT freezes them and
+MacDrop writes the original rows back after every step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..evaluation.measure import Budget, measurer
+from ..interventions import Variant, original, run_variants, zero_rows
+from ..models.loading import LoadedModel
+from .data import DEFAULT_DATA, collator, load_records, split_records, tokenize_records
+from .macdrop import MacDrop, MacDropConfig, detect_massive_rows
+
+METHODS = ("lora", "dora")
+ATTACK_K = 3  # House of Cards Table 4: top-3 zeroing
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "lora"  # lora or dora
+    rank: int = 16
+    lora_alpha: int = 16
+    batch_size: int = 8
+    grad_accum: int = 4
+    lr: float = 1e-4
+    epochs: float = 3
+    warmup: float = 0.05  # fraction of the steps
+    max_length: int = 512  # tokens per example (prompt + response)
+    max_steps: int = -1  # > 0 overrides epochs
+    limit: int | None = None  # use this many records (before the split)
+    val_fraction: float = 0.05
+    template: str = "alpaca"
+    data: str = DEFAULT_DATA  # "alpaca" or a .json / .jsonl file
+    eval_steps: int | None = None  # validation loss every n steps (None: before and after training only)
+    save_steps: int = 50  # checkpoint every n steps
+    logging_steps: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        for name in ("rank", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise ValueError(f"lr and epochs must be positive, got {self.lr} and {self.epochs}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    config: FinetuneConfig
+    macdrop: dict | None  # MacDrop.describe()
+    val_loss_before: float | None
+    val_loss: float
+    steps: int
+    seconds: float
+    n_train: int
+    n_val: int
+    log_history: list[dict] = field(default_factory=list)
+    trainer: object = None  # the transformers.Trainer (its model carries the adapter)
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "config": self.config.to_dict(), "macdrop": self.macdrop,
+                "val_loss_before": self.val_loss_before, "val_loss": self.val_loss, "steps": self.steps,
+                "seconds": self.seconds, "n_train": self.n_train, "n_val": self.n_val,
+                "log_history": self.log_history}
+
+
+def lora_config(config: FinetuneConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules="all-linear",
+                      use_dora=config.method == "dora", task_type="CAUSAL_LM")
+
+
+def training_arguments(config: FinetuneConfig, folder: Path, progress: bool = True):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(folder), per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        warmup_steps=config.warmup, logging_steps=config.logging_steps,
+        eval_strategy="steps" if config.eval_steps else "no", eval_steps=config.eval_steps,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
+        seed=config.seed, report_to="none", disable_tqdm=not progress, use_cpu=not torch.cuda.is_available())
+
+
+def finetune(lm: LoadedModel, config: FinetuneConfig | None = None, macdrop: MacDropConfig | None = None, *,
+             out: str | Path = "cardhouse-out/finetune", resume: bool = False, progress: bool = True,
+             evaluate_before: bool = True, callbacks: list | None = None) -> FinetuneResult:
+    """Fine-tune ``lm`` with a LoRA or DoRA adapter (in place: ``lm.model`` then carries it), MacDrop if given.
+
+    ``resume`` continues from the last checkpoint in ``out/checkpoints`` (the same MacDrop masks
+    are drawn as in an uninterrupted run). An error or Ctrl-C during training leaves the base
+    weights restored and the checkpoints usable. ``callbacks``: more TrainerCallbacks (after MacDrop's).
+    """
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    config = config or FinetuneConfig()
+    out = Path(out)
+    records = load_records(config.data)
+    train_records, val_records = split_records(records, config.val_fraction, seed=config.seed, limit=config.limit)
+    train = tokenize_records(lm, train_records, template=config.template, max_length=config.max_length)
+    val = tokenize_records(lm, val_records, template=config.template, max_length=config.max_length)
+    checkpoints = out / "checkpoints"
+    if resume and not any(checkpoints.glob("checkpoint-*")):
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {checkpoints}")
+    dropper = MacDrop.for_model(lm, macdrop) if macdrop is not None else None  # before PEFT wraps the layers
+
+    model = get_peft_model(lm.model, lora_config(config))
+    trainer = Trainer(model=model, args=training_arguments(config, checkpoints, progress), train_dataset=train,
+                      eval_dataset=val, data_collator=collator(lm.tokenizer),
+                      callbacks=([dropper] if dropper is not None else []) + list(callbacks or []))
+    before = trainer.evaluate()["eval_loss"] if evaluate_before and not resume else None
+    start = time.perf_counter()
+    with dropper if dropper is not None else nullcontext():  # rows restored on error and Ctrl-C too
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - start
+    after = trainer.evaluate()["eval_loss"]
+    lm.model.eval()
+
+    trainer.save_model(str(out / "adapter"))  # PEFT format: the adapter only
+    result = FinetuneResult(out=out, config=config, macdrop=dropper.describe() if dropper else None,
+                            val_loss_before=before, val_loss=after, steps=trainer.state.global_step,
+                            seconds=seconds, n_train=len(train), n_val=len(val),
+                            log_history=trainer.state.log_history, trainer=trainer)
+    (out / "finetune.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
+    return result
+
+
+def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expert: int | None = None,
+               budget: Budget | None = None, k: int = ATTACK_K, progress: bool = False) -> list[dict]:
+    """House of Cards Table 4: validation loss and perplexity of the fine-tuned model, original vs top-k zeroed.
+
+    The attack zeroes the base model's top-``k`` massive rows of W_up and W_gate in ``layer``
+    (what MacDrop drops during training); the adapter stays on.
+    """
+    rows = list(massive[:k])
+    ppl = measurer(lm, budget, progress=progress) if budget is not None else (lambda lm: {})
+
+    def measure(lm: LoadedModel) -> dict:
+        return {"val_loss": trainer.evaluate()["eval_loss"], **ppl(lm)}
+
+    attacked = Variant(f"topk-zero k={len(rows)}", f"zero W_up/W_gate rows {rows} of layer {layer}",
+                       lambda: zero_rows(lm, layer, rows, expert=expert))
+    return run_variants(lm, [original(), attacked], measure)
+
+
+def run_name(method: str, schedule: str | None) -> str:
+    return method if schedule is None else f"{method}+macdrop-{schedule}"
+
+
+def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: MacDropConfig | None = None, *,
+            methods: tuple[str, ...] = METHODS, schedules: tuple[str, ...] = ("step",), out: str | Path,
+            budget: Budget | None = None, progress: bool = True) -> list[dict]:
+    """Each method with and without MacDrop (one run per schedule), each evaluated original vs top-3 zeroed.
+
+    ``load`` gives a fresh base model for every run (PEFT wraps it in place). A run whose
+    ``result.json`` exists is read back, so an interrupted comparison resumes.
+    """
+    out = Path(out)
+    macdrop = macdrop or MacDropConfig()
+    first = load()
+    if macdrop.rows is None:  # find the massive rows once, on the untouched base model
+        layer, rows, expert = detect_massive_rows(first, macdrop.k, macdrop.layer)
+        macdrop = replace(macdrop, layer=layer, rows=rows)
+    else:
+        layer, rows, expert = macdrop.layer, list(macdrop.rows), None
+    results = []
+    plan = [(m, s) for m in methods for s in (None, *schedules)]
+    for method, schedule in plan:
+        name = run_name(method, schedule)
+        folder = out / name
+        done = folder / "result.json"
+        if done.exists():
+            results.append(json.loads(done.read_text()))
+            continue
+        lm = first if first is not None else load()
+        first = None
+        run_config = replace(macdrop, schedule=schedule) if schedule else None
+        result = finetune(lm, replace(config, method=method), run_config, out=folder, progress=progress)
+        table = robustness(lm, result.trainer, layer, rows, expert=expert, budget=budget)
+        row = {"run": name, "method": method, "macdrop": schedule is not None, "schedule": schedule,
+               "steps": result.steps, "train_seconds": round(result.seconds, 1),
+               "val_loss_before": result.val_loss_before}
+        for variant, suffix in zip(table, ("", "_attacked")):
+            row.update({f"{key}{suffix}": value for key, value in variant.items()
+                        if key not in ("variant", "description") and not key.startswith("tokens_")})
+        row["attacked_rows"] = rows[:ATTACK_K]
+        done.write_text(json.dumps(row, indent=2, default=float))
+        results.append(row)
+    return results
