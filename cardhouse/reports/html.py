@@ -51,7 +51,7 @@ def format_cell(value) -> str:
         decimals = 0 if value == 0 else max(0, SIG - 1 - math.floor(math.log10(abs(value))))
         return f"{value:,.{decimals}f}"
     if isinstance(value, list):
-        return ", ".join(str(v) if isinstance(v, int) else format_cell(v) for v in value)
+        return "none" if not value else ", ".join(str(v) if isinstance(v, int) else format_cell(v) for v in value)
     return str(value)
 
 

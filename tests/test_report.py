@@ -1,0 +1,240 @@
+"""The report on tiny random models: files, the page against results.json (also in headless Chromium),
+determinism, the output folder rules, failed steps, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cardhouse.cli import app
+from cardhouse.reports.browser import parse_page, problems
+from cardhouse.reports.html import SIG, Table, cell, format_cell, layer_ranges
+from cardhouse.reports.report import STEPS, Settings, Step, build_report
+
+# tiny models have 128 positions and 48 FFN rows: two 64-token windows, k in 1, 2, 5
+TINY = Settings.quick(max_tokens=126, context=64)
+FAMILIES = ["llama", "gemma3_text"]  # a plain and a sandwich-norm model, side by side
+ARTIFACTS = Path(os.environ.get("CARDHOUSE_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "cardhouse-test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def report(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report") / "out"
+    results = build_report([tiny(f) for f in FAMILIES], folder, TINY, progress=False)
+    return folder, results
+
+
+def read(folder: Path) -> tuple[dict, str]:
+    return json.loads((folder / "results.json").read_text()), (folder / "report.html").read_text()
+
+
+# ---- the numbers and their formatting ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, text", [(24812.31, "24,810"), (24.0312, "24.03"), (0.0012345, "0.001234"),
+                                         (3065.2, "3,065"), (9999.7, "10,000"), (-10.8234, "-10.82"), (0.0, "0"),
+                                         (134515008, "134,515,008"), (1487, "1487"), (True, "yes"),
+                                         ([1229, 1487], "1229, 1487"), ([], "none"), (None, "–")])
+def test_cells_round_to_sig_digits_and_read_back(value, text):
+    stored = cell(value)
+    assert format_cell(stored) == text
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool):
+        assert float(text.replace(",", "")) == stored
+        assert math.isclose(stored, value, rel_tol=10 ** (1 - SIG))
+
+
+def test_non_finite_numbers_are_stored_as_text_json_can_hold():
+    table = Table("t", ["a", "b"], [[float("inf"), float("nan")]])
+    assert table.rows == [["inf", "nan"]]
+    json.dumps(table.rows, allow_nan=False)
+
+
+def test_layer_ranges():
+    assert layer_ranges([11, 12, 13, 27]) == "11–13, 27"
+    assert layer_ranges([]) == "none"
+
+
+# ---- one report of two tiny models ------------------------------------------------------------------
+
+
+def test_report_folder_holds_the_page_the_json_and_every_figure(report):
+    folder, results = report
+    assert json.loads((folder / "results.json").read_text()) == results
+    assert results["failures"] == []
+    assert [m["name"] for m in results["models"]] == [f"tiny-{f}" for f in FAMILIES]
+    for model in results["models"]:
+        assert [s["key"] for s in model["sections"]] == [step.key for step in STEPS]
+        assert all(s["status"] == "ok" for s in model["sections"])
+        figures = [f["file"] for s in model["sections"] for f in s["figures"]]
+        assert len(figures) == 3 and all((folder / f).read_bytes().startswith(b"\x89PNG") for f in figures)
+
+
+def test_every_number_on_the_page_equals_results_json(report):
+    folder, _ = report
+    results, page_text = read(folder)
+    page = parse_page(page_text)
+    assert problems(page, results) == []
+    shown = sum(1 for t in page.tables.values() for row in t for _ in row)
+    assert shown > 300  # the check above compared many cells, not none
+
+
+def test_page_shows_the_model_facts_and_the_attack_rows(report):
+    folder, results = report
+    page = parse_page(read(folder)[1])
+    for i, model in enumerate(results["models"]):
+        facts = dict(page.tables[f"m{i}-model-t0"])
+        assert facts["name"] == model["name"] and facts["layers"] == "2" and facts["hidden size"] == "32"
+        attack_rows = [row[0] for row in page.tables[f"m{i}-attacks-t0"]]
+        assert attack_rows == ["original", "topk-zero k=2", "random-zero k=2", "topk-retain k=2",
+                               "random-retain k=2", "super-weight", "random-weight"]
+
+
+def test_page_is_self_contained_and_needs_no_javascript(report):
+    folder, _ = report
+    text = read(folder)[1]
+    page = parse_page(text)
+    assert page.scripts == 0 and page.external == []
+    assert len(page.images) == 6 and all(i["src"].startswith("data:image/png;base64,") for i in page.images)
+    assert "http://" not in text and "https://" not in text
+
+
+def test_same_seed_same_numbers(report, tiny, tmp_path):
+    _, first = report
+    again = build_report([tiny(f) for f in FAMILIES], tmp_path / "again", TINY, progress=False)
+    assert again["models"] == first["models"]
+
+
+def test_another_seed_changes_only_the_random_controls(tiny, tmp_path):
+    steps = [s for s in STEPS if s.key in ("model", "weights", "attacks")]
+    a = build_report([tiny("llama")], tmp_path / "a", TINY, progress=False, steps=steps)
+    b = build_report([tiny("llama")], tmp_path / "b", Settings.quick(max_tokens=126, context=64, seed=1),
+                     progress=False, steps=steps)
+    rows = lambda r: {row[0]: row for row in r["models"][0]["sections"][2]["tables"][0]["rows"]}  # noqa: E731
+    ra, rb = rows(a), rows(b)
+    assert ra["topk-zero k=2"] == rb["topk-zero k=2"] and ra["original"] == rb["original"]
+    assert ra["random-zero k=2"][1] != rb["random-zero k=2"][1]  # other random rows
+
+
+# ---- the output folder -------------------------------------------------------------------------------
+
+
+def test_existing_folder_is_refused_and_left_alone(tiny, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_report([tiny("llama")], tmp_path, TINY, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_replaces_only_the_reports_files(tiny, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "report.html").write_text("old")
+    steps = [s for s in STEPS if s.key in ("model", "scan")]
+    build_report([tiny("llama")], tmp_path, TINY, progress=False, overwrite=True, steps=steps)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "report.html", "results.json",
+                                                          "tiny-llama_top_magnitudes.png"]
+
+
+def test_bad_settings_fail_before_anything_is_written(tiny, tmp_path):
+    for settings, message in ((Settings.quick(corpora=("nosuch",)), "unknown corpus"),
+                              (Settings.quick(max_tokens=10, context=64), "at least one window"),
+                              (Settings.quick(extras=("nosuch",)), "unknown extra section"),
+                              (Settings.quick(prompts=str(tmp_path / "missing.txt")), "prompt file not found")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            build_report([tiny("llama")], tmp_path / "out", settings, progress=False)
+        assert not (tmp_path / "out").exists()
+
+
+# ---- a step that fails -----------------------------------------------------------------------------
+
+
+def test_a_failed_step_is_on_the_page_and_the_other_sections_are_written(tiny, tmp_path):
+    def broken(ctx):
+        raise RuntimeError("the search broke")
+
+    steps = [Step(s.key, s.title, broken) if s.key == "weights" else s for s in STEPS]
+    results = build_report([tiny("llama")], tmp_path / "out", TINY, progress=False, steps=steps)
+    status = {s["key"]: s for s in results["models"][0]["sections"]}
+    assert status["weights"]["error"] == "RuntimeError: the search broke"
+    assert "needs the 'weights' step" in status["attacks"]["error"]  # it depends on it
+    assert all(status[k]["status"] == "ok" for k in ("model", "inputs", "scan", "activations"))
+    assert [f["step"] for f in results["failures"]] == ["weights", "attacks"]
+    page = parse_page((tmp_path / "out" / "report.html").read_text())
+    assert page.failed_steps == ["weights", "attacks"]
+    assert "the search broke" in (tmp_path / "out" / "report.html").read_text()
+    assert problems(page, results) == []  # the rest of the page is whole
+
+
+def test_a_model_that_does_not_load_fails_its_steps_only(tiny, tmp_path):
+    steps = [s for s in STEPS if s.key in ("model", "scan")]
+    results = build_report([tiny("llama"), str(tmp_path / "no-such-model.gguf")], tmp_path / "out", TINY,
+                           progress=False, steps=steps)
+    ok, bad = results["models"]
+    assert all(s["status"] == "ok" for s in ok["sections"])
+    assert "GGUF file not found" in bad["sections"][0]["error"]
+    assert "needs the 'model' step" in bad["sections"][1]["error"]
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+
+def test_cli_refuses_an_existing_folder_with_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["report", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "--overwrite" in result.output and "Traceback" not in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("args, message", [(["--corpus", "nosuch"], "unknown corpus"),
+                                           (["--ks", "1,x"], "--ks must be"),
+                                           (["--with", "nosuch"], "unknown extra section")])
+def test_cli_bad_input_is_one_clear_error(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["report", "--quick", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 1 and message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# ---- in a real browser ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    from cardhouse._install import InstallError
+    from cardhouse.reports.browser import ensure_chromium
+
+    try:
+        return ensure_chromium()
+    except InstallError as e:
+        pytest.skip(f"headless Chromium cannot be installed here: {e}")
+
+
+def check_in_browser(folder: Path, name: str) -> None:
+    """Render report.html in Chromium, compare the DOM with results.json, keep a screenshot."""
+    from cardhouse.reports.browser import render, screenshot
+
+    results = json.loads((folder / "results.json").read_text())
+    page = render(folder / "report.html")
+    assert problems(page, results) == []
+    assert page.sections == [s["key"] for s in results["models"][0]["sections"]] + ["run"]
+    n_figures = sum(len(s["figures"]) for m in results["models"] for s in m["sections"])
+    assert len(page.images) == n_figures > 0
+    assert all(int(img["data-natural-width"]) > 0 for img in page.images)  # every image decoded
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    png = screenshot(folder / "report.html", ARTIFACTS / f"{name}.png")
+    assert png.stat().st_size > 10_000
+    shutil.copy(folder / "report.html", ARTIFACTS / f"{name}.html")
+    print(f"\nscreenshot of the rendered report: {png}")
+
+
+def test_report_renders_in_chromium(report, chromium):
+    folder, _ = report
+    check_in_browser(folder, "report-tiny-side-by-side")
