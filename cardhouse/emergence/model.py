@@ -58,7 +58,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         n_slots = 1 if config.attn_bias else 0  # key slots before the sequence's own keys
         if config.attn_bias:
-            self.k_bias = nn.Parameter(torch.randn(config.n_head, 1, self.head_dim) * 0.02)  # k' [head, 1, hd]
+            self.k_bias = nn.Parameter(torch.zeros(config.n_head, 1, self.head_dim))  # k' [head, 1, hd], drawn in GPT
             self.v_bias = nn.Parameter(torch.zeros(config.n_head, 1, self.head_dim))  # v' [head, 1, hd]
         # additive mask [query, key slot]: query i sees the bias slot and keys 0..i
         T = config.block_size
@@ -154,6 +154,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+        # k' is drawn last, so that both variants start from the same weights everywhere else
+        for name, p in self.named_parameters():
+            if name.endswith("k_bias"):
+                nn.init.normal_(p, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

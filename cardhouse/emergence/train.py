@@ -38,16 +38,16 @@ class TrainConfig:
     block_size: int = 64
     # optimization: AdamW, linear warmup then cosine decay to min_lr
     batch_size: int = 8
-    steps: int = 300
+    steps: int = 200
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup: int = 30
+    warmup: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # data and measurements
     corpora: tuple[str, ...] = ("wikipedia", "c4", "austen")
     val_fraction: float = 0.05  # the end of each corpus is held out
-    every: int = 25  # measure, validate and checkpoint every N steps
+    every: int = 20  # measure, validate and checkpoint every N steps
     eval_windows: int = 32  # validation windows of block_size tokens
     scan_prompts: int = 16  # held-out windows of block_size // 2 tokens, scanned like LLM prompts
     seed: int = 0
@@ -272,6 +272,7 @@ def train_variant(config: TrainConfig, variant: str, data: TokenData, tokenizer,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     sampler = torch.Generator().manual_seed(config.seed)
     step, history, train_seconds = 0, [], 0.0
+    losses: list[float] = []  # training losses since the last measurement
     if resume and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)  # the sampler state lives on the CPU
         if _comparable(state["config"]) != _comparable(_config_dict(config)) or state["variant"] != variant:
@@ -282,6 +283,7 @@ def train_variant(config: TrainConfig, variant: str, data: TokenData, tokenizer,
         scheduler.load_state_dict(state["scheduler"])
         sampler.set_state(state["sampler"])
         step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+        losses = state["losses"]
     model.train()
     xv, yv = val_windows(data, config)
     prompts = scan_prompts(data, tokenizer, config)
@@ -297,12 +299,11 @@ def train_variant(config: TrainConfig, variant: str, data: TokenData, tokenizer,
         _save(path, {"config": _config_dict(config), "variant": variant, "model_config": model.config.to_dict(),
                      "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(), "history": history,
-                     "train_seconds": train_seconds})
+                     "losses": losses, "train_seconds": train_seconds})
 
     if not history:
         record(None)  # the untrained model, step 0
     last = min(config.steps, stop_at) if stop_at is not None else config.steps
-    losses = []
     bar = tqdm(total=config.steps, initial=step, desc=f"train {variant}", unit="step", disable=not progress)
     while step < last:
         x, y = get_batch(data.train, config.batch_size, config.block_size, sampler)
@@ -320,7 +321,7 @@ def train_variant(config: TrainConfig, variant: str, data: TokenData, tokenizer,
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % config.every == 0 or step == config.steps:
             record(sum(losses) / len(losses))
-            losses = []
+            losses.clear()
             save()
     bar.close()
     if step % config.every and step != config.steps:

@@ -1,0 +1,101 @@
+"""``cardhouse emergence``: train small decoders from scratch, with and without an explicit attention bias."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import app, clear_errors, console, err, writable_folder, write_json
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def final_table(results: dict) -> Table:
+    """Sun et al. Table 1 style, per layer, the variants side by side."""
+    summary = results["final"]["summary"]
+    variants = list(summary)
+    table = Table(title="final model, per layer: top |a|, median and ratio, attention on the first token / k'")
+    table.add_column("layer", justify="right")
+    for v in variants:
+        for name in ("top-1", "top-2", "median", "ratio", "where (dim@pos)", "attn 1st / k'"):
+            table.add_column(f"{v} {name}", justify="right")
+    for row in results["final"]["layers"]:
+        cells = [str(row["layer"])]
+        for v in variants:
+            r = row[v]
+            cells += [_fmt(r["top-1"]), _fmt(r["top-2"]), _fmt(r["median"]), f"{r['ratio']:.0f}x",
+                      f"{r['top_dim']}@{r['top_position']}",
+                      f"{r['attention_first_token']:.2f} / {r['attention_k_bias']:.2f}"]
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 cores) or gpu (the larger scale)"),
+              variants: str = typer.Option("standard,bias", help="comma-separated: standard, bias (k', v')"),
+              steps: Optional[int] = typer.Option(None, help="training steps (default: the config's)"),
+              every: Optional[int] = typer.Option(None, help="measure, validate and checkpoint every N steps"),
+              n_layer: Optional[int] = typer.Option(None, help="layers"),
+              n_head: Optional[int] = typer.Option(None, help="attention heads (must divide --n-embd)"),
+              n_embd: Optional[int] = typer.Option(None, help="width"),
+              block_size: Optional[int] = typer.Option(None, help="context length in tokens"),
+              batch_size: Optional[int] = typer.Option(None, help="windows per step"),
+              lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+              corpora: Optional[str] = typer.Option(None, help="comma-separated: wikipedia, c4, austen"),
+              seed: Optional[int] = typer.Option(None, help="seed of the weights and of the batches"),
+              device: Optional[str] = typer.Option(None, help="cpu or cuda (falls back to the CPU without CUDA)"),
+              stop_at: Optional[int] = typer.Option(None, help="stop after this step; run again to resume"),
+              fresh: bool = typer.Option(False, "--fresh", help="ignore and overwrite existing checkpoints"),
+              threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)"),
+              out: Path = typer.Option(Path("cardhouse-out/emergence"), "--out", "-o",
+                                       help="folder for checkpoints, emergence.json and PNG curves")):
+    """Train a small GPT-2-style decoder from scratch in two variants (standard attention, and an explicit
+    attention bias k', v' per head, Sun et al. Sec. 5) and follow the massive-activation statistics of the
+    project's scan and the attention on the first token and on k' over training.
+
+    An interrupted run resumes from its last checkpoint when the same command is run again.
+    """
+    import torch
+
+    from ..emergence import config_with, run
+
+    with clear_errors():
+        if threads:
+            torch.set_num_threads(threads)
+        names = tuple(v.strip() for v in variants.split(",") if v.strip())
+        cfg = config_with(config, steps=steps, every=every, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                          block_size=block_size, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                          corpora=tuple(c.strip() for c in corpora.split(",")) if corpora else None)
+        for name in names:
+            cfg.model_config(1, name)  # an unknown variant fails before anything is written
+        from ..evaluation.corpora import get_corpus
+
+        for name in cfg.corpora:
+            get_corpus(name)
+        writable_folder(out)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            err.print(f"[yellow]warning:[/yellow] {cfg.device} requested but CUDA is not available: training on the CPU")
+            warnings.filterwarnings("ignore", message=".*CUDA is not available")  # said once, above
+        try:
+            results = run(cfg, out, variants=names, resume=not fresh, stop_at=stop_at)
+        except KeyboardInterrupt:
+            err.print(f"[yellow]interrupted:[/yellow] run the same command again to resume from the last "
+                      f"checkpoint in {out}")
+            raise typer.Exit(130)
+        results["command"] = " ".join(["cardhouse"] + sys.argv[1:])
+        write_json(results, out / "emergence.json")
+        console.print(final_table(results))
+        for v, s in results["final"]["summary"].items():
+            r = results["runs"][v]
+            console.print(f"{v}: {r['parameters']:,} parameters, step {s['step']} ({r['tokens_seen']:,} tokens), "
+                          f"held-out loss {s['val_loss']:.3f} (best {s['best_val_loss']:.3f}), largest |a| "
+                          f"{s['max_top1']:.1f} = {s['max_ratio']:.0f}x the median, massive layers "
+                          f"{s['massive_layers'] or 'none'}, {r['tokens_per_second']:,.0f} tokens/s on {r['device']}")
+        console.print(f"wrote {out / 'emergence.json'}, {', '.join(results['plots'].values())}")

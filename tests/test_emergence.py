@@ -1,0 +1,192 @@
+"""The from-scratch decoder and its training: the explicit attention bias, training, resuming, and
+that its statistics are the project's scan (on a tiny model, char-level tokens of the built-in sentences)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cardhouse.emergence.train as train_module
+from cardhouse.analysis import massive_activations, scan
+from cardhouse.analysis.prompts import builtin_prompts
+from cardhouse.capture import POINTS, hook_name, record
+from cardhouse.cli import app
+from cardhouse.emergence import GPT, GPTConfig, TrainConfig, load_checkpoint, split_tokens, train_variant
+from cardhouse.emergence.train import build, get_batch, resolve_device, scan_model
+from cardhouse.models.adapters import Blocks
+from cardhouse.models.loading import from_pretrained_objects
+
+TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, lr=3e-3, min_lr=3e-4, warmup=3,
+            eval_windows=8, scan_prompts=6)
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    ids = tokenizer("\n".join(builtin_prompts()), add_special_tokens=False)["input_ids"]
+    return split_tokens({"builtin": torch.tensor(ids)}, 0.2)
+
+
+def tiny_pair(tokenizer, variant="bias"):
+    config = TrainConfig(**TINY)
+    return config, build(config, len(tokenizer), variant).eval()
+
+
+def test_models_differ_only_in_k_and_v_prime(tokenizer):
+    _, standard = tiny_pair(tokenizer, "standard")
+    _, biased = tiny_pair(tokenizer, "bias")
+    extra = set(biased.state_dict()) - set(standard.state_dict())
+    assert extra == {f"transformer.h.{l}.attn.{p}" for l in range(2) for p in ("k_bias", "v_bias")}
+    for name, tensor in standard.state_dict().items():
+        assert torch.equal(tensor, biased.state_dict()[name]), name
+
+
+def test_bias_attention_equals_standard_attention_when_k_prime_scores_minus_infinity(tokenizer):
+    _, standard = tiny_pair(tokenizer, "standard")
+    _, biased = tiny_pair(tokenizer, "bias")
+    with torch.no_grad():
+        for block in biased.transformer.h:
+            block.attn.v_bias.normal_()  # so that attending to k' would show
+    ids = torch.randint(4, len(tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(standard(ids)[0], biased(ids)[0], atol=1e-4)  # k' does take attention
+    for block in biased.transformer.h:
+        block.attn.mask[:, 0] = -math.inf  # the score of k' for every query
+    torch.testing.assert_close(biased(ids)[0], standard(ids)[0], rtol=1e-5, atol=1e-5)
+    shares = biased.attention_shares(ids)
+    assert shares["k_bias"] == [0.0, 0.0]
+
+
+def test_output_shapes_and_attention_weights(tokenizer):
+    _, model = tiny_pair(tokenizer, "bias")
+    ids = torch.randint(4, len(tokenizer), (3, 10))
+    logits, loss = model(ids, ids)
+    assert logits.shape == (3, 10, len(tokenizer)) and loss.shape == ()
+    assert model.base_model(ids).shape == (3, 10, 32)
+    block = model.transformer.h[0]
+    probs = block.attn.probs(block.ln_1(model.transformer.embed(ids)))  # [batch, head, query, k' + keys]
+    assert probs.shape == (3, 4, 10, 11)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 10))
+    assert float(probs[:, :, 2, 4:].detach().abs().max()) == 0.0  # causal: query 2 sees k' and keys 0..2
+    shares = model.attention_shares(ids)
+    assert len(shares["first_token"]) == len(shares["k_bias"]) == 2
+    assert all(0 < s < 1 for s in shares["first_token"] + shares["k_bias"])
+    with pytest.raises(ValueError, match="more than the context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_k_and_v_prime_get_gradients(tokenizer):
+    _, model = tiny_pair(tokenizer, "bias")
+    ids = torch.randint(4, len(tokenizer), (2, 12))
+    model(ids, ids)[1].backward()
+    for block in model.transformer.h:
+        assert float(block.attn.k_bias.grad.abs().sum()) > 0
+        assert float(block.attn.v_bias.grad.abs().sum()) > 0
+
+
+def test_the_model_is_scannable_through_the_adapter_table(tokenizer):
+    _, model = tiny_pair(tokenizer, "standard")
+    assert Blocks.of(model).adapter.family == "nanogpt"
+    lm = from_pretrained_objects(model, tokenizer, bos=False)
+    names = [hook_name(l, p) for l in range(2) for p in POINTS]
+    with record(model, names) as store, torch.inference_mode():
+        model.base_model(torch.tensor([lm.encode("Summer is warm.")]))
+    assert set(store) == set(names)
+    for l in range(2):
+        h = lambda p: store[hook_name(l, p)]  # noqa: E731
+        torch.testing.assert_close(h("hook_resid_mid"), h("hook_resid_pre") + h("hook_attn_out"))
+        torch.testing.assert_close(h("hook_resid_post"), h("hook_resid_mid") + h("mlp.hook_out"))
+        assert h("mlp.hook_post").shape[-1] == Blocks.of(model).intermediate_size(l) == 128
+
+
+def test_a_few_steps_reduce_the_loss(tokenizer, data, tmp_path):
+    config = TrainConfig(**TINY, steps=30, every=10)
+    run = train_variant(config, "standard", data, tokenizer, tmp_path, progress=False)
+    losses = [h["val_loss"] for h in run["history"]]
+    assert [h["step"] for h in run["history"]] == [0, 10, 20, 30]
+    assert losses[0] > math.log(len(tokenizer)) - 0.5  # untrained: about uniform
+    assert losses[-1] < losses[0] - 1.0
+    assert run["finished"] and run["tokens_seen"] == 30 * 8 * 16
+
+
+def test_statistics_of_a_trained_checkpoint_are_the_projects_scan(tokenizer, data, tmp_path):
+    assert train_module.scan is massive_activations.scan  # imported, not re-implemented
+    config = TrainConfig(**TINY, steps=8, every=4)
+    run = train_variant(config, "bias", data, tokenizer, tmp_path, progress=False)
+    model, state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 8
+    prompts = train_module.scan_prompts(data, tokenizer, config)
+    direct = scan(from_pretrained_objects(model, tokenizer, bos=False), prompts, progress=False)
+    recorded = run["history"][-1]["layers"]
+    for row, mine in zip(direct.layers, recorded, strict=True):
+        for key in ("top-1", "top-2", "top-3", "median"):
+            assert mine[key] == pytest.approx(row[key], rel=1e-6)
+        assert mine["ratio"] == pytest.approx(row["ratio_top1_median"], rel=1e-6)
+        assert (mine["top_dim"], mine["top_position"]) == (row["top_entries"][0]["dim"],
+                                                           row["top_entries"][0]["position"])
+    assert run["final_scan"]["layers"] == scan_model(model, tokenizer, prompts, name="nanogpt-bias").layers
+
+
+def test_resume_from_checkpoint_continues_identically(tokenizer, data, tmp_path, monkeypatch):
+    config = TrainConfig(**TINY, steps=9, every=3)
+    straight = train_variant(config, "bias", data, tokenizer, tmp_path / "straight", progress=False)
+
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5: the last checkpoint is step 3's
+            raise KeyboardInterrupt
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_variant(config, "bias", data, tokenizer, tmp_path / "split", progress=False)
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == 3
+    part = train_variant(config, "bias", data, tokenizer, tmp_path / "split", stop_at=7, progress=False)
+    assert part["step"] == 7 and not part["finished"]
+    resumed = train_variant(config, "bias", data, tokenizer, tmp_path / "split", progress=False)
+    a, _ = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b, _ = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    assert resumed["history"] == straight["history"]
+
+
+def test_a_resume_with_another_config_is_refused(tokenizer, data, tmp_path):
+    train_variant(TrainConfig(**TINY, steps=2, every=2), "standard", data, tokenizer, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        train_variant(TrainConfig(**{**TINY, "lr": 1e-2}, steps=2, every=2), "standard", data, tokenizer, tmp_path,
+                      progress=False)
+
+
+def test_bad_configs_and_data_are_refused(tokenizer, data):
+    with pytest.raises(ValueError, match="must divide the width"):
+        TrainConfig(n_head=3, n_embd=128)
+    with pytest.raises(ValueError, match="must divide the width"):
+        GPTConfig(n_head=5, n_embd=32)
+    small = split_tokens({"tiny": torch.arange(4, 104)}, 0.2)
+    with pytest.raises(ValueError, match="too few for a batch of 8 windows of 16 tokens"):
+        train_variant(TrainConfig(**TINY), "standard", small, tokenizer, None, progress=False)
+    with pytest.raises(ValueError, match="unknown variant"):
+        TrainConfig().model_config(10, "sink")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_cuda_requested_without_cuda_falls_back_to_the_cpu():
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        device, note = resolve_device("cuda")
+    assert device.type == "cpu" and "training on the CPU" in note
+
+
+def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
+    runner = CliRunner()
+    for args, message in ((["--n-head", "3"], "must divide the width"),
+                          (["--variants", "standard,sink"], "unknown variant"),
+                          (["--corpora", "nosuch"], "unknown corpus")):
+        result = runner.invoke(app, ["emergence", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1, result.output
+        assert "error:" in result.output and message in result.output
+        assert not (tmp_path / "out").exists()
