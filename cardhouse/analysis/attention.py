@@ -85,7 +85,7 @@ def _visible(mask: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
     return seen & valid[:, :, None]
 
 
-def _check_head(lm: LoadedModel, head: int) -> int:
+def check_head(lm: LoadedModel, head: int) -> int:
     n_heads = lm.blocks.heads[0]
     if not 0 <= head < n_heads:
         raise IndexError(f"head {head} is out of range: the model has heads 0..{n_heads - 1}")
@@ -223,7 +223,7 @@ def attention_map(lm: LoadedModel, prompt: str, layer: int, head: int, *,
     """Attention logits and probabilities of one head for one prompt (Sun et al. Figs. 5-6)."""
     blocks = lm.blocks
     attn = blocks.part(layer, "attn")  # checks the layer
-    _check_head(lm, head)
+    check_head(lm, head)
     ids = tokenize_prompts(lm, [prompt])[0]
     logits = _SoftmaxInputs()
     kept = {}
