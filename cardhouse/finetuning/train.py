@@ -180,7 +180,8 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
     """Each method with and without MacDrop (one run per schedule), each evaluated original vs top-3 zeroed.
 
     ``load`` gives a fresh base model for every run (PEFT wraps it in place). A run whose
-    ``result.json`` exists is read back, so an interrupted comparison resumes.
+    ``result.json`` exists is read back and an unfinished one resumes from its last checkpoint,
+    so an interrupted comparison goes on where it stopped.
     """
     out = Path(out)
     macdrop = macdrop or MacDropConfig()
@@ -202,7 +203,9 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         lm = first if first is not None else load()
         first = None
         run_config = replace(macdrop, schedule=schedule) if schedule else None
-        result = finetune(lm, replace(config, method=method), run_config, out=folder, progress=progress)
+        resume = any((folder / "checkpoints").glob("checkpoint-*"))  # an interrupted run goes on
+        result = finetune(lm, replace(config, method=method), run_config, out=folder, progress=progress,
+                          resume=resume)
         table = robustness(lm, result.trainer, layer, rows, expert=expert, budget=budget)
         row = {"run": name, "method": method, "macdrop": schedule is not None, "schedule": schedule,
                "steps": result.steps, "train_seconds": round(result.seconds, 1),

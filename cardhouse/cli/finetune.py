@@ -1,0 +1,170 @@
+"""Commands that fine-tune with LoRA / DoRA and MacDrop: finetune, finetune-compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BosOpt, ModelOpt, app, clear_errors, console, err, load, writable_folder, write_json
+
+DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
+                       "of instruction/input/output records")
+TemplateOpt = typer.Option("alpaca", "--template", help="prompt template: alpaca or chat (the tokenizer's)")
+# Paper defaults (House of Cards Table 6); the CPU-sized overrides are --max-length, --limit, --max-steps.
+BatchOpt = typer.Option(8, "--batch-size")
+AccumOpt = typer.Option(4, "--grad-accum", help="gradient accumulation steps")
+LrOpt = typer.Option(1e-4, "--lr")
+EpochsOpt = typer.Option(3.0, "--epochs")
+RankOpt = typer.Option(16, "--rank", help="LoRA rank r (alpha = --lora-alpha)")
+LoraAlphaOpt = typer.Option(16, "--lora-alpha")
+MaxLenOpt = typer.Option(512, "--max-length", help="tokens per example (CPU: 128)")
+LimitOpt = typer.Option(None, "--limit", help="use this many records (CPU: a few hundred)")
+StepsOpt = typer.Option(-1, "--max-steps", help="optimisation steps (> 0 overrides --epochs; CPU: a few dozen)")
+SaveOpt = typer.Option(50, "--save-steps", help="checkpoint every n steps (for --resume)")
+SeedOpt = typer.Option(0, "--seed")
+P0Opt = typer.Option(0.8, "--p0", help="MacDrop's initial drop rate, in [0, 1]")
+ScheduleOpt = typer.Option("step", "--schedule", help="constant, step, epoch-before, epoch-after, exponential")
+AlphaOpt = typer.Option(None, "--alpha", help="exponential schedule's decay per step (default 3 / total steps)")
+ScopeOpt = typer.Option("massive", "--scope", help="massive rows, non-massive (as many random rows) or all rows")
+KOpt = typer.Option(5, "--k", help="number of massive rows")
+LayerOpt = typer.Option(None, "--layer", help="layer l of the massive rows (default: detected)")
+RowsOpt = typer.Option(None, "--rows", help="comma-separated massive rows, given by hand (needs --layer)")
+CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen)")
+TokensOpt = typer.Option(2048, "--max-tokens", help="corpus tokens for perplexity (0: no perplexity)")
+ContextOpt = typer.Option(256, "--context", help="perplexity window length, BOS first")
+TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable; optional)")
+TaskLimitOpt = typer.Option(None, "--task-limit", help="zero-shot examples per task")
+
+
+def _rows(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--rows must be comma-separated integers, got {text!r}") from None
+
+
+def _budget(corpus, max_tokens, context, tasks, task_limit):
+    from ..evaluation.measure import Budget
+
+    if max_tokens == 0 and not tasks:
+        return None
+    if 0 < max_tokens < context:
+        raise ValueError(f"--max-tokens ({max_tokens}) must be at least one window (--context {context})")
+    return Budget(corpora=list(corpus) if max_tokens else [], max_tokens=max_tokens, context=context,
+                  tasks=list(tasks), limit=task_limit)
+
+
+def _interrupted(out: Path) -> None:
+    err.print(f"[bold yellow]interrupted:[/bold yellow] the base weights are restored; the checkpoints are in "
+              f"{out / 'checkpoints'}: run the same command with --resume to continue")
+    raise typer.Exit(130)
+
+
+@app.command("finetune")
+def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer.Option("lora", help="lora or dora"),
+                 macdrop: bool = typer.Option(True, "--macdrop/--no-macdrop", help="MacDrop on the massive rows"),
+                 p0: float = P0Opt, schedule: str = ScheduleOpt, alpha: Optional[float] = AlphaOpt,
+                 scope: str = ScopeOpt, k: int = KOpt, layer: Optional[int] = LayerOpt, rows: Optional[str] = RowsOpt,
+                 template: str = TemplateOpt, batch_size: int = BatchOpt, grad_accum: int = AccumOpt,
+                 lr: float = LrOpt, epochs: float = EpochsOpt, rank: int = RankOpt, lora_alpha: int = LoraAlphaOpt,
+                 max_length: int = MaxLenOpt, limit: Optional[int] = LimitOpt, max_steps: int = StepsOpt,
+                 save_steps: int = SaveOpt, seed: int = SeedOpt,
+                 resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+                 corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
+                 task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, bos: Optional[bool] = BosOpt,
+                 out: Path = typer.Option(Path("cardhouse-out/finetune"), "--out", "-o")):
+    """Fine-tune with a LoRA/DoRA adapter (MacDrop on by default), then measure it original vs top-3 zeroed."""
+    from ..finetuning import FinetuneConfig, MacDropConfig, finetune, load_records, robustness
+    from ..finetuning.macdrop import detect_massive_rows
+
+    with clear_errors():
+        config = FinetuneConfig(method=method, rank=rank, lora_alpha=lora_alpha, batch_size=batch_size,
+                                grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
+                                max_steps=max_steps, limit=limit, template=template, data=data,
+                                save_steps=save_steps, seed=seed)
+        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, rows=_rows(rows),
+                             seed=seed)
+        budget = _budget(corpus, max_tokens, context, task, task_limit)
+        writable_folder(out)
+        load_records(data)  # bad data fails before any model time is spent
+        lm = load(model, bos)
+        if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
+            found_layer, found_rows, _ = detect_massive_rows(lm, k, layer)
+            drop.layer, drop.rows = found_layer, found_rows
+        elif drop.layer is None:
+            raise ValueError("--rows needs --layer")
+        try:
+            result = finetune(lm, config, drop if macdrop else None, out=out, resume=resume)
+        except KeyboardInterrupt:
+            _interrupted(out)
+        table = robustness(lm, result.trainer, drop.layer, drop.rows, budget=budget, progress=True)
+        console.print(f"{lm.name}, {method}{' + MacDrop (' + schedule + ')' if macdrop else ''}: {result.steps} steps "
+                      f"in {result.seconds:.0f} s; validation loss {result.val_loss_before or float('nan'):.4f} -> "
+                      f"{result.val_loss:.4f}")
+        for row in table:
+            console.print(f"  {row['variant']:>14s}: " + ", ".join(
+                f"{m} {v:,.4g}" for m, v in row.items() if m == "val_loss" or m.startswith(("ppl_", "acc_"))))
+        write_json({"model": lm.describe(), "finetune": result.to_dict(), "layer": drop.layer,
+                    "massive_rows": drop.rows, "robustness": table}, out / "results.json")
+        console.print(f"wrote {out / 'adapter'} (PEFT format), {out / 'finetune.json'}, {out / 'results.json'}")
+
+
+@app.command("finetune-compare")
+def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
+                methods: str = typer.Option("lora,dora", help="comma-separated: lora, dora"),
+                schedules: str = typer.Option("constant,step,epoch-before,epoch-after,exponential",
+                                              help="comma-separated MacDrop schedules (one run each)"),
+                p0: float = P0Opt, alpha: Optional[float] = AlphaOpt, scope: str = ScopeOpt, k: int = KOpt,
+                layer: Optional[int] = LayerOpt, rows: Optional[str] = RowsOpt, template: str = TemplateOpt,
+                batch_size: int = BatchOpt, grad_accum: int = AccumOpt, lr: float = LrOpt, epochs: float = EpochsOpt,
+                rank: int = RankOpt, lora_alpha: int = LoraAlphaOpt, max_length: int = MaxLenOpt,
+                limit: Optional[int] = LimitOpt, max_steps: int = StepsOpt, save_steps: int = SaveOpt,
+                seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt,
+                context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+                bos: Optional[bool] = BosOpt, out: Path = typer.Option(Path("cardhouse-out/finetune-compare"),
+                                                                        "--out", "-o")):
+    """House of Cards Table 4: LoRA and DoRA, without and with MacDrop (each schedule), original vs top-3 zeroed.
+
+    Each run is saved in its own folder under --out; rerunning skips the finished runs.
+    """
+    import time
+
+    from ..finetuning import FinetuneConfig, MacDropConfig, compare, load_records
+    from ..finetuning.macdrop import SCHEDULES
+    from ..finetuning.report import comparison_table, plot_comparison
+    from ..finetuning.train import METHODS
+
+    with clear_errors():
+        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        schedule_list = [s.strip() for s in schedules.split(",") if s.strip()]
+        for name, given, known in (("method", method_list, METHODS), ("schedule", schedule_list, SCHEDULES)):
+            bad = [x for x in given if x not in known]
+            if bad or not given:
+                raise ValueError(f"unknown {name} {bad or given}; known: {', '.join(known)}")
+        config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
+                                lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=limit,
+                                template=template, data=data, save_steps=save_steps, seed=seed)
+        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=_rows(rows), seed=seed)
+        if drop.rows is not None and drop.layer is None:
+            raise ValueError("--rows needs --layer")
+        budget = _budget(corpus, max_tokens, context, task, task_limit)
+        folder = writable_folder(out)
+        load_records(data)
+        start = time.perf_counter()
+        try:
+            results = compare(lambda: load(model, bos), config, drop, methods=tuple(method_list),
+                              schedules=tuple(schedule_list), out=folder, budget=budget)
+        except KeyboardInterrupt:
+            _interrupted(folder)
+        seconds = time.perf_counter() - start
+        title = f"{model}: original vs top-3 zeroing of the massive rows {results[0]['attacked_rows']}"
+        console.print(comparison_table(results, title))
+        png = plot_comparison(results, folder / "compare.png", title)
+        write_json({"model": model, "config": config.to_dict(), "macdrop": drop.to_dict(),
+                    "budget": budget.to_dict() if budget else None, "seconds": seconds, "results": results},
+                   folder / "compare.json")
+        console.print(f"wrote {folder / 'compare.json'}, {png} ({seconds / 60:.1f} min)")
