@@ -190,3 +190,22 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
         assert result.exit_code == 1, result.output
         assert "error:" in result.output and message in result.output
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_training_on_the_real_corpora_with_smollm2s_tokenizer(tmp_path):
+    from cardhouse.emergence import config_with, load_data, run, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    config = config_with("cpu", steps=6, every=3, warmup=2, eval_windows=8, scan_prompts=4)
+    data = load_data(tokenizer, config)
+    assert set(data.corpora) == {"wikipedia", "c4", "austen"} and min(data.corpora.values()) > 100_000
+    assert sum(data.corpora.values()) == len(data.train) + len(data.val)
+    assert len(tokenizer) == 49152 and int(data.train.max()) < len(tokenizer)
+    results = run(config, tmp_path, tokenizer=tokenizer, data=data, progress=False)
+    for variant in ("standard", "bias"):
+        losses = [h["val_loss"] for h in results["runs"][variant]["history"]]
+        assert losses[0] > 10.0 and losses[-1] < losses[0] - 0.3  # from uniform over 49k tokens, learning
+    assert results["final"]["summary"]["standard"]["massive_layers"] == []  # 6 steps grow nothing massive
+    assert all(s > 0.01 for s in results["runs"]["bias"]["history"][-1]["attention"]["k_bias"])
+    assert (tmp_path / "emergence.png").stat().st_size > 10_000 and (tmp_path / "emergence.json").exists()
