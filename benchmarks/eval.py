@@ -1,6 +1,11 @@
-"""Perplexity throughput: cardhouse's ``perplexity()`` versus lm-eval's rolling loglikelihood.
+"""Evaluation speed, measured side by side in one run.
 
-Both score the same Wikipedia tokens with the same model (SmolLM2-135M, float32, CPU), in
+1. Perplexity throughput: cardhouse's ``perplexity()`` versus lm-eval's rolling loglikelihood.
+2. A k-sweep (one loaded model, one massive-weight search, the corpus tokenized once, and the
+   layers before the attacked one run once per window: ``evaluation.reuse``) versus running
+   each of its variants from scratch (load, search, tokenize, score the full model).
+
+For 1, both score the same Wikipedia tokens with the same model (SmolLM2-135M, float32, CPU), in
 forward passes of ``--context`` tokens, ``--batch-size`` windows at a time, BOS first.
 Throughput is predicted tokens per second. The two runs alternate ``--repeats`` times and
 the best time of each counts, so that a noisy shared CPU penalises neither side.
@@ -57,14 +62,54 @@ def timed(score: Callable[[], tuple[int, float]]) -> dict:
     return {"seconds": seconds, "tokens": n_tokens, "ppl": ppl, "tokens_per_s": n_tokens / seconds}
 
 
+def sweep_versus_scratch(args) -> None:
+    from cardhouse.analysis import find_massive_weights
+    from cardhouse.evaluation.measure import Budget, measurer
+    from cardhouse.interventions import attack, original, run_variants
+    from cardhouse.models import load_model
+
+    budget = Budget(max_tokens=args.tokens, context=args.context, batch_size=args.batch_size)
+    ks, kinds = (1, 2, 3), ("topk-zero", "random-zero", "topk-retain", "random-retain")
+
+    def variants(lm, mw):
+        return [original()] + [attack(lm, mw, kind, k=k) for k in ks for kind in kinds]
+
+    start = time.perf_counter()
+    lm = load_model("smollm2-135m")
+    mw = find_massive_weights(lm, k=max(ks))
+    swept = run_variants(lm, variants(lm, mw), measurer(lm, budget, progress=False))
+    sweep_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scratch = []
+    for i in range(len(swept)):
+        lm = load_model("smollm2-135m")
+        mw = find_massive_weights(lm, k=max(ks))
+        scratch += run_variants(lm, [variants(lm, mw)[i]], measurer(lm, budget, progress=False), reuse=False)
+    scratch_seconds = time.perf_counter() - start
+
+    same = all(a["ppl_wikipedia"] == b["ppl_wikipedia"] for a, b in zip(swept, scratch))
+    print(f"k-sweep of {len(swept)} variants (k in {ks}, {kinds}), {args.tokens} Wikipedia tokens each")
+    print(f"  sweep:        {sweep_seconds:7.1f} s")
+    print(f"  from scratch: {scratch_seconds:7.1f} s   (identical perplexities: {same})")
+    print(f"ratio (from scratch / sweep time): {scratch_seconds / sweep_seconds:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="Wikipedia tokens to score")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", choices=["perplexity", "sweep", "all"], default="all")
     args = parser.parse_args()
+    if args.part in ("perplexity", "all"):
+        perplexity_versus_lm_eval(args)
+    if args.part in ("sweep", "all"):
+        sweep_versus_scratch(args)
 
+
+def perplexity_versus_lm_eval(args) -> None:
     from cardhouse.evaluation import tokenize_corpus
     from cardhouse.models import load_model
 

@@ -17,6 +17,8 @@ from ..capture import hook_name, run_batches, tokenize_prompts
 from ..models.loading import LoadedModel
 from .prompts import load_prompts
 
+# Sun et al.'s rule of thumb, applied to the first token's residual vector in the middle layer
+MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0
 _TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in")
 
 
@@ -34,6 +36,7 @@ class MassiveWeights:
     super_weight: dict  # the largest |W_down[dim, i]| over the top-k indices (Yu et al.)
     trace: list[dict]  # per layer at position 0: |h| in `dim` and the attention and FFN contributions
     intermediate_size: int
+    massive: bool = True  # whether position 0 carries a massive activation at all (see MASSIVE_*)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -90,7 +93,14 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         trace.append({"layer": l, "resid_pre": float(pre[dim]), "resid_post": float(post[dim]),
                       "attention": float(mid[dim] - pre[dim]), "ffn": float(post[dim] - mid[dim]),
                       "max_abs_resid_post": float(post.abs().max()), "top_dim_resid_post": int(post.abs().argmax())})
-    sign = 1.0 if at(middle, "hook_resid_post")[0, dim] >= 0 else -1.0
+    middle_state = at(middle, "hook_resid_post")[0]
+    peak, median = float(middle_state[dim].abs()), float(middle_state.abs().median())
+    massive = peak > MASSIVE_ABS and peak > MASSIVE_RATIO * median
+    if not massive:
+        notes.append(f"no massive activation on the first token (layer {middle}: |a| = {peak:.3g} in dim {dim}, "
+                     f"{peak / max(median, 1e-30):.3g} x the median): the rows found are the largest, not massive "
+                     "weights; give the layer and indices yourself if you know them")
+    sign = 1.0 if middle_state[dim] >= 0 else -1.0
     if layer is None:
         layer = max(range(n_layers), key=lambda l: sign * trace[l]["ffn"])
         if abs(trace[layer]["attention"]) > abs(trace[layer]["ffn"]):
@@ -122,7 +132,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         expert=expert, gated=blocks.is_gated, stable_across_prompts=stable, rows=rows,
         super_weight={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
                       "matrix": "W_down"},
-        trace=trace, intermediate_size=size, notes=notes)
+        trace=trace, intermediate_size=size, massive=massive, notes=notes)
 
 
 def _describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:

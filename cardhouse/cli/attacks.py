@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, load, writable_folder,
-                     write_json)
+from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
+                     writable_folder, write_json)
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora: wikipedia, c4, austen")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
@@ -21,8 +21,6 @@ LimitOpt = typer.Option(None, "--limit", help="zero-shot examples per task")
 def _budget(corpus, max_tokens, context, tasks, limit):
     from ..evaluation.measure import Budget
 
-    if max_tokens < context:
-        raise ValueError(f"--max-tokens ({max_tokens}) must be at least one window (--context {context})")
     return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=limit)
 
 
@@ -71,6 +69,8 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
         lm = load(model, bos)
         chosen = _parse_indices(indices)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
+        if not mw.massive:
+            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
         kinds = ["topk-zero", "topk-retain", "random-zero", "super-weight"] if kind == "all" else [kind, CONTROL[kind]]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":

@@ -22,20 +22,26 @@ class Budget:
     tasks: list[str] = field(default_factory=list)  # zero-shot tasks (lm-eval)
     limit: int | None = None  # zero-shot examples per task
 
+    def __post_init__(self):  # a bad budget fails before any model time is spent
+        unknown = [c for c in self.corpora if c not in available_corpora()]
+        if unknown:
+            raise ValueError(f"unknown corpus {unknown}; known: {', '.join(available_corpora())}")
+        if self.tasks:
+            from .zeroshot import ZERO_SHOT_TASKS
+
+            bad = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
+            if bad:
+                raise ValueError(f"unknown zero-shot task {bad}; known: {', '.join(ZERO_SHOT_TASKS)}")
+        if self.max_tokens < self.context - 1:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must fill at least one window (context {self.context})")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable[[LoadedModel], dict]:
-    unknown = [c for c in budget.corpora if c not in available_corpora()]
-    if unknown:
-        raise ValueError(f"unknown corpus {unknown}; known: {', '.join(available_corpora())}")
-    if budget.tasks:
-        from .zeroshot import ZERO_SHOT_TASKS
-
-        bad = [t for t in budget.tasks if t not in ZERO_SHOT_TASKS]
-        if bad:
-            raise ValueError(f"unknown zero-shot task {bad}; known: {', '.join(ZERO_SHOT_TASKS)}")
     tokens = {name: tokenize_corpus(lm.tokenizer, name, budget.max_tokens) for name in budget.corpora}
 
     def measure(lm: LoadedModel) -> dict:

@@ -17,7 +17,7 @@ from ..analysis.massive_activations import ScanResult
 from ..analysis.massive_weights import MassiveWeights
 from ..models.loading import LoadedModel
 from .activations import massive_means, set_activations
-from .weights import random_indices, retain_rows, weights_digest, zero_rows, zero_super_weight
+from .weights import check_indices, random_indices, retain_rows, weights_digest, zero_rows, zero_super_weight
 
 ATTACKS = ("topk-zero", "topk-retain", "random-zero", "random-retain", "super-weight", "random-weight")
 INTERVENTIONS = ("set-zero", "set-mean")
@@ -28,6 +28,7 @@ class Variant:
     name: str
     description: str
     apply: Callable[[], ContextManager]
+    first_layer: int | None = None  # the first layer whose computation it changes (None: none)
 
 
 def original() -> Variant:
@@ -42,7 +43,9 @@ def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = No
     k = len(indices) if indices is not None else (k if k is not None else mw.k)
     if not 0 <= k <= size:
         raise ValueError(f"k={k} is out of range 0..{size} (layer {layer}'s intermediate size)")
-    if indices is None:
+    if indices is not None:
+        indices = check_indices(indices, size, f"layer {layer} intermediate index")
+    else:
         if k > len(mw.indices):
             raise ValueError(f"k={k} exceeds the {len(mw.indices)} massive indices found; "
                              f"run find_massive_weights with k >= {k}")
@@ -64,7 +67,7 @@ def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = No
     if kind not in table:
         raise ValueError(f"unknown attack {kind!r}; known: {', '.join(table)}")
     description, apply = table[kind]
-    return Variant(kind if kind.endswith("weight") else f"{kind} k={k}", description, apply)
+    return Variant(kind if kind.endswith("weight") else f"{kind} k={k}", description, apply, layer)
 
 
 CONTROL = {"topk-zero": "random-zero", "topk-retain": "random-retain", "super-weight": "random-weight"}
@@ -85,26 +88,32 @@ def intervention(lm: LoadedModel, scan: ScanResult, kind: str, *, every_layer: b
     threshold = scan.layers[first]["threshold"]
     where = "every massive layer" if every_layer else f"layer {first}"
     return Variant(kind, f"set dims {sorted(values)} to {kind.split('-')[1]} at {where} where |a| > {threshold:.0f}",
-                   lambda: set_activations(lm, layers, values, threshold))
+                   lambda: set_activations(lm, layers, values, threshold), min(layers))
 
 
 def run_variants(lm: LoadedModel, variants: Iterable[Variant], measure: Callable[[LoadedModel], dict],
-                 on_result: Callable[[dict], None] | None = None) -> list[dict]:
+                 on_result: Callable[[dict], None] | None = None, reuse: bool = True) -> list[dict]:
     """Measure each variant, then check that the weights are back to the original bits.
 
-    (Hashing every parameter costs seconds, so it is done once for the whole run; the
-    unit tests check each edit on its own.)
+    With ``reuse``, the layers before the first one any variant changes run once per input
+    (``evaluation.reuse.reuse_prefix``). Hashing every parameter costs seconds, so it is done
+    once for the whole run; the unit tests check each edit on its own.
     """
+    from ..evaluation.reuse import reuse_prefix
+
+    variants = list(variants)
     params = list(lm.model.parameters())
     before = weights_digest(params)
+    changed = [v.first_layer for v in variants if v.first_layer is not None]
     results = []
-    for variant in variants:
-        with variant.apply():
-            numbers = measure(lm)
-        row = {"variant": variant.name, "description": variant.description, **numbers}
-        results.append(row)
-        if on_result:
-            on_result(row)
+    with reuse_prefix(lm, min(changed)) if reuse and changed else nullcontext():
+        for variant in variants:
+            with variant.apply():
+                numbers = measure(lm)
+            row = {"variant": variant.name, "description": variant.description, **numbers}
+            results.append(row)
+            if on_result:
+                on_result(row)
     if weights_digest(params) != before:
         raise RuntimeError("the weights were not restored after the variants")
     return results

@@ -1,0 +1,113 @@
+"""Reuse what an edit does not change: the residual stream entering the first edited layer.
+
+A weight attack on layer l (or an activation intervention from layer l on) leaves the
+embeddings and layers 0..l-1 untouched, so their output for a given input is the same for
+every variant of a sweep. Inside ``reuse_prefix(lm, l)`` the first forward pass on an input
+records the hidden states entering layer l; every later pass on the same input skips layers
+0..l-1 (they pass their input through) and starts layer l from the recorded states.
+
+Inputs are recognised by their token ids and attention mask, so any caller works
+(our perplexity, lm-eval's batches). Stored states are capped by ``max_bytes``; past the cap
+new inputs simply run in full. Hooks on layers before l see pass-through values on reused
+inputs, so capture outside this context. The embeddings and the skipped layers are hashed
+on entry and exit: editing them inside the context is an error, not a silent wrong number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import torch
+
+from ..interventions.weights import weights_digest
+from ..models.loading import LoadedModel
+
+
+def _input_key(args: tuple, kwargs: dict) -> bytes | None:
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(input_ids, torch.Tensor):
+        return None  # inputs_embeds and other entry points run in full
+    h = hashlib.blake2b(digest_size=16)
+    for t in (input_ids, kwargs.get("attention_mask")):
+        if isinstance(t, torch.Tensor):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+class PrefixCache:
+    """Hidden states entering one layer, by input; ``hits`` and ``misses`` count the forward passes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.states: dict[bytes, torch.Tensor] = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self.key: bytes | None = None  # the input of the forward pass in progress
+        self.tuple_output = False  # older transformers layers return (hidden_states, ...)
+
+    def reusable(self) -> bool:
+        return self.key is not None and self.key in self.states
+
+    def store(self, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if self.key is not None and self.nbytes + size <= self.max_bytes:
+            self.states[self.key] = hidden.detach().clone()
+            self.nbytes += size
+
+
+def _prefix_tensors(lm: LoadedModel, layer: int) -> list[torch.Tensor]:
+    tensors = [p for block in lm.blocks.layers[:layer] for p in block.parameters()]
+    return tensors + list(lm.model.get_input_embeddings().parameters())
+
+
+@contextmanager
+def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> Iterator[PrefixCache]:
+    """Skip layers ``0..layer-1`` on inputs already seen in this context (see the module docstring)."""
+    lm.blocks.check_layer(layer)
+    cache = PrefixCache(max_bytes)
+    if layer == 0:  # nothing before the first layer is worth keeping
+        yield cache
+        return
+    prefix = _prefix_tensors(lm, layer)
+    before = weights_digest(prefix)
+    layers = lm.blocks.layers
+
+    def on_model(module, args, kwargs):
+        cache.key = _input_key(args, kwargs)
+        if cache.reusable():
+            cache.hits += 1
+        else:
+            cache.misses += 1
+
+    def on_first_kept_layer(module, args, kwargs):
+        if cache.reusable():
+            hidden = cache.states[cache.key]
+            return ((hidden,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        cache.store(args[0] if args else kwargs["hidden_states"])
+
+    def observe_output(module, args, output):
+        cache.tuple_output = isinstance(output, tuple)
+
+    def pass_through(inner):
+        def forward(*args, **kwargs):
+            if not cache.reusable():
+                return inner(*args, **kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) if cache.tuple_output else hidden
+        return forward
+
+    with ExitStack() as stack:
+        for handle in (lm.model.base_model.register_forward_pre_hook(on_model, with_kwargs=True),
+                       layers[layer].register_forward_pre_hook(on_first_kept_layer, with_kwargs=True),
+                       layers[0].register_forward_hook(observe_output)):
+            stack.callback(handle.remove)
+        for block in layers[:layer]:
+            block.forward = pass_through(block.forward)  # an instance attribute shadows the class method
+            stack.callback(delattr, block, "forward")
+        yield cache
+    if weights_digest(prefix) != before:
+        raise RuntimeError(f"the embeddings or layers 0..{layer - 1} changed inside reuse_prefix({layer}): "
+                           "results computed from reused states would be wrong")
