@@ -30,6 +30,9 @@ STATES = {
     "ffn out": "mlp.hook_out",
     "h_l": "hook_resid_post",
 }
+# what each sublayer adds to the residual stream, post-norms included (sandwich-norm models rescale
+# "attention out" and "ffn out" before adding them)
+UPDATES = {"attention update": ("h_mid", "h_{l-1}"), "ffn update": ("h_l", "h_mid")}
 
 
 @dataclass
@@ -38,7 +41,7 @@ class BosTrace:
     layer: int  # l: the layer whose FFN writes the massive activation
     dim: int  # the massive dimension
     indices: list[int]  # the BOS token's top-k intermediate indices in layer l
-    states: list[dict]  # per layer: per state, max |x|, norm, x[dim] and the top dimensions
+    states: list[dict]  # per layer: per state (STATES, UPDATES), max |x|, norm, x[dim] and the top dimensions
     intermediate: list[dict]  # per layer: top-k indices and values of the BOS intermediate state
     qkv: list[dict]  # per layer: mean norms of q, k, v on the massive tokens and on the others
     massive_weights: dict  # find_massive_weights(...).to_dict(), with the massive dimension's trace
@@ -115,8 +118,11 @@ def trace_bos(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int =
     ids = tokenize_prompts(lm, prompts)[0]
     with torch.inference_mode(), record(lm.model, points) as store:
         lm.model.base_model(input_ids=torch.tensor([ids]), use_cache=False)
-    states = [{"layer": l, **{label: _describe(store[hook_name(l, p)][0, 0].float(), mw.dim, top)
-                              for label, p in STATES.items()}} for l in range(n_layers)]
+    states = []
+    for l in range(n_layers):
+        x = {label: store[hook_name(l, p)][0, 0].float() for label, p in STATES.items()}  # position 0: [d]
+        x |= {label: x[after] - x[before] for label, (after, before) in UPDATES.items()}
+        states.append({"layer": l, **{label: _describe(v, mw.dim, top) for label, v in x.items()}})
     intermediate = []
     if blocks.is_moe:
         notes.append("Mixture of Experts: the intermediate states per layer are not traced (see massive_weights)")

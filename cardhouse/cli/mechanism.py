@@ -101,7 +101,7 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
           n_prompts: int = typer.Option(8, help="prompts used (position 0 is the same in all of them)"),
           bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """The BOS token's states through the layers (House of Cards Fig. 3) and the q/k/v of the massive tokens."""
-    from ..analysis.trace import STATES, trace_bos
+    from ..analysis.trace import STATES, UPDATES, trace_bos
     from ..reports.mechanism_plots import plot_trace
 
     with clear_errors():
@@ -114,12 +114,13 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
         l = result.layer
         t = Table(title=f"{lm.name}: BOS token, max |x| [top dims] per state (l = {l}, massive dim {result.dim})")
         t.add_column("layer", justify="right")
-        for label in STATES:
+        labels = [*STATES, *UPDATES]
+        for label in labels:
             t.add_column(label, justify="right")
         t.add_column("intermediate top-k")
         for row in result.states[max(0, l - 2):l + 3]:
             inter = next((r for r in result.intermediate if r["layer"] == row["layer"]), None)
-            t.add_row(str(row["layer"]), *(f"{row[s]['max_abs']:,.0f} [{row[s]['top_dims'][0]}]" for s in STATES),
+            t.add_row(str(row["layer"]), *(f"{row[s]['max_abs']:,.0f} [{row[s]['top_dims'][0]}]" for s in labels),
                       "" if inter is None else " ".join(f"{i}:{v:,.0f}" for i, v in
                                                         zip(inter["indices"][:2], inter["values"][:2])),
                       style="bold" if row["layer"] == l else None)

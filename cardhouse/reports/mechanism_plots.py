@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from ..analysis.attention import GROUPS, AttentionMap, AttentionResult  # noqa: E402
 from ..analysis.position import PositionStudy  # noqa: E402
-from ..analysis.trace import STATES, BosTrace  # noqa: E402
+from ..analysis.trace import STATES, UPDATES, BosTrace  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -90,8 +90,9 @@ def plot_trace(trace: BosTrace, path: str | Path, title: str = "") -> Path:
     top-k values, and the q/k/v norms of the massive tokens against the others."""
     layers = [r["layer"] for r in trace.states]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2), dpi=110)
-    for label in STATES:
-        axes[0].plot(layers, [r[label]["max_abs"] for r in trace.states], "o-", ms=3, label=label)
+    for label in [*STATES, *UPDATES]:
+        style = "x:" if label in UPDATES else "o-"
+        axes[0].plot(layers, [r[label]["max_abs"] for r in trace.states], style, ms=3, label=label)
     axes[0].set_yscale("log")
     axes[0].set_title(f"BOS token: max |x| of each state (massive dim {trace.dim})")
     if trace.intermediate:
