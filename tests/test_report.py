@@ -238,3 +238,21 @@ def check_in_browser(folder: Path, name: str) -> None:
 def test_report_renders_in_chromium(report, chromium):
     folder, _ = report
     check_in_browser(folder, "report-tiny-side-by-side")
+
+
+# ---- optional sections ------------------------------------------------------------------------------
+
+
+def test_attention_section_on_request(tiny, tmp_path):
+    from cardhouse.reports.report import OPTIONAL_STEPS
+
+    steps = [s for s in STEPS if s.key == "model"] + [OPTIONAL_STEPS["attention"]]
+    results = build_report([tiny("llama")], tmp_path / "out", Settings.quick(max_tokens=126, context=64,
+                           extras=("attention",)), progress=False, steps=steps)
+    section = results["models"][0]["sections"][1]
+    assert section["key"] == "attention" and section["status"] == "ok"
+    layers = section["tables"][1]["rows"]
+    assert [row[0] for row in layers] == [0, 1]  # one row per layer of the tiny model
+    assert all(0 <= row[1] <= 1 for row in layers)  # attention shares
+    assert (tmp_path / "out" / section["figures"][0]["file"]).is_file()
+    assert problems(parse_page((tmp_path / "out" / "report.html").read_text()), results) == []
