@@ -45,7 +45,10 @@ def sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *
     bad = [k for k in ks if not 0 <= k <= size]
     if bad:
         raise ValueError(f"k values out of range 0..{size}: {bad}")
-    done = {row["variant"] for row in read_rows(path)}
+    kept = read_rows(path)
+    if path.exists():  # drop a line cut by an interruption before appending to the file
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    done = {row["variant"] for row in kept}
     todo = [] if "original" in done else [original()]
     for k in ks:
         for kind in KINDS:

@@ -1,0 +1,90 @@
+"""The command line: help everywhere, clear one-line errors before any model time, and the
+attack / intervene / sweep commands end to end on the real SmolLM2 with a tiny token budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cardhouse.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_every_command_has_help():
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"scan", "attack", "intervene", "sweep", "download", "models"} <= set(names)
+    for name in names:
+        result = run(name, "--help")
+        assert result.exit_code == 0, (name, result.output)
+        assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["attack", "no-such-attack"], "unknown attack"),
+    (["attack", "topk-zero", "--corpus", "nope"], "unknown corpus"),
+    (["attack", "topk-zero", "--task", "nope"], "unknown zero-shot task"),
+    (["attack", "topk-zero", "--max-tokens", "10"], "must fill at least one window"),
+    (["attack", "topk-zero", "--limit", "0"], "limit must be at least 1"),
+    (["intervene", "set-half"], "unknown intervention"),
+    (["download", "no-such-model"], "unknown bundled model"),
+    (["scan", "--model", "no-such-model"], "no-such-model"),
+    (["attack", "topk-zero", "--json", "/proc/forbidden/out.json"], "output folder"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    result = run(*args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.real
+def test_attack_writes_the_attack_and_its_control(tmp_path):
+    out = tmp_path / "attack.json"
+    result = run("attack", "topk-zero", "--k", "2", "--max-tokens", "511", "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    ppl = {row["variant"]: row["ppl_wikipedia"] for row in data["results"]}
+    assert list(ppl) == ["original", "topk-zero k=2", "random-zero k=2"]
+    assert data["massive_weights"]["layer"] == 11 and data["massive_weights"]["indices"][:2] == [1229, 1487]
+    assert ppl["topk-zero k=2"] > 2 * ppl["original"]
+    assert abs(ppl["random-zero k=2"] / ppl["original"] - 1) < 0.05
+    assert all(row["tokens_wikipedia"] == 511 for row in data["results"])  # the same tokens for every row
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("indices, message", [("1229,1229", "duplicates"), ("1229,99999", "out of range")])
+def test_attack_rejects_bad_indices(tmp_path, indices, message):
+    out = tmp_path / "attack.json"
+    result = run("attack", "topk-zero", "--indices", indices, "--max-tokens", "511", "--json", out)
+    assert result.exit_code == 1 and message in result.output
+    assert not out.exists()
+
+
+@pytest.mark.real
+def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
+    args = ("sweep", "--ks", "2", "--max-tokens", "511", "--out", tmp_path)
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["original", "topk-zero k=2", "random-zero k=2",
+                                           "topk-retain k=2", "random-retain k=2"]
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 6
+    ppl = {r["variant"]: r["ppl_wikipedia"] for r in rows}
+    assert ppl["topk-zero k=2"] > 2 * ppl["original"] and ppl["random-retain k=2"] > ppl["topk-retain k=2"]
+
+    # an interrupted sweep: the last row was cut mid-line; the rerun redoes only that one
+    lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
+    (tmp_path / "sweep.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    second = run(*args)
+    assert second.exit_code == 0, second.output
+    again = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in again] == [r["variant"] for r in rows]
+    assert again[-1]["ppl_wikipedia"] == rows[-1]["ppl_wikipedia"]
