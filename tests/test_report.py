@@ -256,3 +256,44 @@ def test_attention_section_on_request(tiny, tmp_path):
     assert all(0 <= row[1] <= 1 for row in layers)  # attention shares
     assert (tmp_path / "out" / section["figures"][0]["file"]).is_file()
     assert problems(parse_page((tmp_path / "out" / "report.html").read_text()), results) == []
+
+
+def test_macdrop_section_reads_a_finished_comparison(tiny, tmp_path):
+    """A real (tiny) `finetune-compare` run through the fine-tuning API, saved as the CLI saves it."""
+    from conftest import build
+
+    from cardhouse.evaluation.measure import Budget
+    from cardhouse.finetuning import FinetuneConfig, MacDropConfig, compare
+    from cardhouse.reports.report import OPTIONAL_STEPS
+
+    words = ["red", "green", "blue", "cyan", "gold", "pink", "gray", "teal"]
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Name colour {i}.", "input": "",
+                                          "output": f"{words[i % 8]} {words[(i + 3) % 8]}"}) for i in range(48)))
+    config = FinetuneConfig(data=str(data), batch_size=4, grad_accum=2, max_steps=2, max_length=200, lr=1e-2,
+                            save_steps=2, logging_steps=1, rank=4, lora_alpha=8)
+    drop = MacDropConfig(layer=0, rows=[1, 2, 3])
+    rows = compare(lambda: build("llama"), config, drop, methods=("lora",), schedules=("step",),
+                   out=tmp_path / "cmp", budget=Budget(corpora=["wikipedia"], max_tokens=126, context=64),
+                   progress=False)
+    (tmp_path / "cmp" / "compare.json").write_text(json.dumps(
+        {"model": "tiny-llama", "config": config.to_dict(), "macdrop": drop.to_dict(), "results": rows}))
+
+    steps = [s for s in STEPS if s.key == "model"] + [OPTIONAL_STEPS["macdrop"]]
+    settings = Settings.quick(max_tokens=126, context=64, extras=("macdrop",), macdrop=str(tmp_path / "cmp"))
+    results = build_report([tiny("llama"), tiny("qwen2")], tmp_path / "out", settings, progress=False, steps=steps)
+    mine, other = (m["sections"][1] for m in results["models"])
+    assert mine["status"] == other["status"] == "ok"
+    table = mine["tables"][0]
+    assert [row[0] for row in table["rows"]] == ["lora", "lora+macdrop-step"]
+    assert table["rows"][0][4] == cell(rows[0]["val_loss"])  # the comparison's own numbers
+    assert other["tables"] == [] and "none was given for this model" in other["text"][0]
+    assert problems(parse_page((tmp_path / "out" / "report.html").read_text()), results) == []
+
+
+def test_macdrop_section_needs_a_comparison(tmp_path):
+    with pytest.raises(ValueError, match="--macdrop FOLDER"):
+        Settings.quick(extras=("macdrop",)).check()
+    result = CliRunner().invoke(app, ["report", "--quick", "--out", str(tmp_path / "out"),
+                                      "--macdrop", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "no MacDrop comparison" in result.output

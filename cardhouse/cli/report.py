@@ -39,15 +39,19 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                               "every variant (repeatable; slow)"),
                limit: Optional[int] = typer.Option(None, help="zero-shot examples per task"),
                relative: bool = typer.Option(False, help="ratio-only criterion for massive activations"),
-               with_: list[str] = typer.Option([], "--with", help="an extra section by name (repeatable); "
-                                               "see docs/report.md"),
+               with_: list[str] = typer.Option([], "--with", help="an extra section by name (repeatable): "
+                                               "attention; see docs/report.md"),
+               macdrop: Optional[Path] = typer.Option(None, "--macdrop", help="add the MacDrop section from a "
+                                                      "finished `cardhouse finetune-compare` output folder"),
                bos: Optional[bool] = BosOpt):
     """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots."""
     from ..reports.report import Settings, build_report
 
     with clear_errors():
         overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "layer": layer,
-                     "tasks": tuple(task), "limit": limit, "extras": tuple(with_)}
+                     "tasks": tuple(task), "limit": limit,
+                     "extras": tuple(with_) + (("macdrop",) if macdrop and "macdrop" not in with_ else ()),
+                     "macdrop": str(macdrop) if macdrop else None}
         for name, value in (("k", k), ("attack_k", attack_k), ("max_tokens", max_tokens), ("context", context)):
             if value is not None:
                 overrides[name] = value
