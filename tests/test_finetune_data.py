@@ -95,3 +95,26 @@ def test_bundled_alpaca_records():
     records = load_records("alpaca")  # LLaMA-Factory's sdist, cached by `cardhouse download --eval-data`
     assert len(records) == 999
     assert all(r["instruction"] and r["output"] for r in records)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--p0", "1.5"], "p0 must be in [0, 1]"),
+    (["--schedule", "cosine"], "unknown MacDrop schedule"),
+    (["--scope", "rows"], "unknown MacDrop scope"),
+    (["--method", "qlora"], "unknown method"),
+    (["--data", "{bad}"], "record 2 of bad.json has no 'output'"),
+    (["--data", "{csv}"], "unknown data format '.csv'"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from cardhouse.cli import app
+
+    bad = write(tmp_path, "bad.json", json.dumps([GOOD, {"instruction": "x"}]))
+    csv = write(tmp_path, "a.csv", "instruction,output\n")
+    args = [a.format(bad=bad, csv=csv) for a in args]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["finetune", "--model", "/nonexistent-model", "-o", str(out), *args])
+    assert result.exit_code == 1
+    assert "error:" in result.output and message in " ".join(result.output.split())
+    assert not out.exists() or not any(out.iterdir())  # nothing written; the model was never loaded
