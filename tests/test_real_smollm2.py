@@ -80,6 +80,7 @@ def test_massive_weights_of_layer_11(lm):
     assert mw.stable_across_prompts
     assert mw.super_weight["row"] == 507 and mw.super_weight["column"] == 1487
     assert mw.n_weights == 2 * 5 * 576
+    assert mw.massive and not mw.notes  # regression: the ratio once used the BOS vector's own median (~50)
 
 
 def test_trace_jumps_at_layer_11_through_the_ffn(lm):

@@ -48,22 +48,32 @@ class MassiveWeights:
         return {**asdict(self), "n_weights": self.n_weights}
 
 
-def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: int) -> dict[str, torch.Tensor]:
-    """Hidden states at position 0 for every prompt: name -> [prompt, width]."""
+def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: int, median_layer: int
+               ) -> tuple[dict[str, torch.Tensor], float]:
+    """Hidden states at position 0 for every prompt (name -> [prompt, width]), and the median
+    |a| over every token of ``median_layer``'s residual stream (the scale "massive" is measured against)."""
     token_lists = tokenize_prompts(lm, prompts)
     rows: dict[str, list[torch.Tensor]] = {}
     order: list[int] = []
+    magnitudes: list[torch.Tensor] = []
+    median_name = hook_name(median_layer, "hook_resid_post")
 
-    def keep(name, acts):
-        rows.setdefault(name, []).append(acts[:, 0].float().clone())
+    def hooks_for(batch):
+        order.extend(batch.prompt_index.tolist())
+
+        def keep(name, acts):
+            rows.setdefault(name, []).append(acts[:, 0].float().clone())
+            if name == median_name:
+                magnitudes.append(acts[batch.attention_mask.bool()].abs().float().flatten())
+
+        return {n: keep for n in names}
 
     names = [hook_name(l, p) for l in range(n_layers) for p in _TRACE_POINTS]
     if not lm.blocks.is_moe:
         names += [hook_name(l, "mlp.hook_post") for l in range(n_layers)]
-    run_batches(lm, token_lists, lambda batch: (order.extend(batch.prompt_index.tolist()), {n: keep for n in names})[1],
-                batch_size=batch_size, progress=False)
+    run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
     inverse = torch.argsort(torch.tensor(order))
-    return {name: torch.cat(parts)[inverse] for name, parts in rows.items()}
+    return {name: torch.cat(parts)[inverse] for name, parts in rows.items()}, float(torch.cat(magnitudes).median())
 
 
 def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int = 5,
@@ -80,12 +90,12 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     notes = []
     if lm.bos_id is None:
         notes.append("no BOS token is put first: position 0 holds each prompt's first token")
-    states = _position0(lm, prompts[:n_prompts], n_layers, batch_size)
+    middle = n_layers // 2
+    states, median = _position0(lm, prompts[:n_prompts], n_layers, batch_size, middle)
 
     def at(l, point):  # [prompt, width]
         return states[hook_name(l, point)]
 
-    middle = n_layers // 2
     dim = int(at(middle, "hook_resid_post")[0].abs().argmax())
     trace = []
     for l in range(n_layers):
@@ -94,7 +104,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
                       "attention": float(mid[dim] - pre[dim]), "ffn": float(post[dim] - mid[dim]),
                       "max_abs_resid_post": float(post.abs().max()), "top_dim_resid_post": int(post.abs().argmax())})
     middle_state = at(middle, "hook_resid_post")[0]
-    peak, median = float(middle_state[dim].abs()), float(middle_state.abs().median())
+    peak = float(middle_state[dim].abs())
     massive = peak > MASSIVE_ABS and peak > MASSIVE_RATIO * median
     if not massive:
         notes.append(f"no massive activation on the first token (layer {middle}: |a| = {peak:.3g} in dim {dim}, "
