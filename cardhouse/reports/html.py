@@ -90,8 +90,8 @@ class Figure:
 
 @dataclass
 class Section:
-    key: str
-    title: str
+    key: str = ""  # the pipeline sets key and title from its step
+    title: str = ""
     text: list[str] = field(default_factory=list)  # plain sentences; measured numbers go in tables
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)

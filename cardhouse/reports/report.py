@@ -26,9 +26,6 @@ import torch
 from ..models.loading import LoadedModel
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
 
-REPORT_FILES = ("report.html", "results.json")  # plus the PNGs the steps name
-
-
 class StepError(RuntimeError):
     """A step cannot run (for instance because a step it needs failed)."""
 
@@ -118,7 +115,7 @@ class Context:
 
     def need(self, key: str):
         if key not in self.done:
-            raise StepError(f"it needs the {key!r} step, which failed")
+            raise StepError(f"it needs the {key!r} step, which failed or did not run")
         return self.done[key]
 
     def keep(self, key: str, value) -> None:
@@ -161,7 +158,7 @@ def model_step(ctx: Context) -> Section:
                                 "layers": d["layers"], "hidden size": d["d_model"],
                                 "FFN size": lm.blocks.intermediate_size(0), "dtype": d["dtype"],
                                 "BOS token first": d["bos_token"] or "no", "source": d["source"]})
-    return Section("model", "Model", tables=[table], data={"model": d})
+    return Section(tables=[table], data={"model": d})
 
 
 def inputs_step(ctx: Context) -> Section:
@@ -184,7 +181,7 @@ def inputs_step(ctx: Context) -> Section:
         data[name] = {"tokens": ids.numel(), "windows": windows.shape[0], "predicted_tokens": predicted}
     corpora = Table("Corpora of the perplexity measurements (the same tokens for every variant)",
                     ["corpus", "source", "tokens", "windows", "window length", "predicted tokens"], rows)
-    return Section("inputs", "Prompts and corpora", tables=[prompts, corpora],
+    return Section(tables=[prompts, corpora],
                    text=["Each prompt starts with the BOS token when the model has one; each perplexity window "
                          "does too, and all variants of a model are scored on the same windows."],
                    data={"prompts": ctx.prompts, "corpora": data})
@@ -204,7 +201,6 @@ def scan_step(ctx: Context) -> Section:
             for r in result.layers]
     png = plot_top_magnitudes(result, ctx.figure("top_magnitudes"))
     return Section(
-        "scan", "Magnitudes per layer (Sun et al. Table 1)",
         text=[f"Hidden states at {result.point}: the k-th largest |activation| of each prompt, averaged over "
               "the prompts, and the median |activation| of the layer."],
         tables=[Table("|activation| per layer", columns, rows)],
@@ -241,7 +237,7 @@ def activations_step(ctx: Context) -> Section:
     tables.append(facts("Classic outlier features at the FFN input (Dettmers et al.), for contrast",
                         {"|a| at least": of["threshold"], "share of tokens": of["min_token_share"],
                          "share of layers": of["min_layer_share"], "dims": of["dims"] or "none"}))
-    return Section("activations", "Massive activations: dims, layers, tokens", text=text, tables=tables)
+    return Section(text=text, tables=tables)
 
 
 def weights_step(ctx: Context) -> Section:
@@ -267,7 +263,7 @@ def weights_step(ctx: Context) -> Section:
                   [[t["layer"], t["resid_pre"], t["attention"], t["ffn"], t["resid_post"]] for t in mw.trace])
     png = plot_bos_trace(mw.trace, mw.dim, mw.layer, ctx.figure("bos_trace"), lm.name)
     return Section(
-        "weights", "Massive weights (House of Cards)", text=list(mw.notes), tables=[summary, rows, trace],
+        text=list(mw.notes), tables=[summary, rows, trace],
         figures=[Figure(png.name, "The position-0 token's value in the massive dim after each layer, with what "
                                   "attention and the FFN add to it; the dotted line marks layer l.")],
         data={"massive_weights": mw.to_dict()})
@@ -275,7 +271,7 @@ def weights_step(ctx: Context) -> Section:
 
 def attacks_step(ctx: Context) -> Section:
     from ..evaluation.measure import measurer
-    from ..interventions import attack, original, run_variants
+    from ..interventions import attack, run_variants
     from ..interventions.sweep import KINDS, sweep, sweep_table
     from ..reports.plots import plot_sweep
 
@@ -308,7 +304,6 @@ def attacks_step(ctx: Context) -> Section:
                         for k in sorted({k for points in curves[first].values() for k, _ in points})])
     png = plot_sweep(curves, ctx.figure("sweep"), f"{lm.name}: top-k zeroing and retaining, layer {mw.layer}")
     return Section(
-        "attacks", "Attacks on the massive weights (House of Cards Fig. 4)",
         text=["Top-k zeroing sets the W_up and W_gate rows of the k largest intermediate indices of layer l to zero; "
               "top-k retaining keeps only those rows. Each has a control that does the same to k random rows, and "
               "every edit is undone bit-identically before the next variant is measured."],
@@ -343,7 +338,6 @@ def attention_step(ctx: Context) -> Section:
                      r["update"].get("cos_rest_all"), r["update"].get("norm_share_c")] for r in result.layers])
     png = plot_attention(result, ctx.figure("attention"))
     return Section(
-        "attention", "Attention sinks and the implicit bias (Sun et al. Sec. 4)",
         text=[f"Set C holds the tokens that carry massive activations; a head treats a token group as a sink when "
               f"the mean attention it receives exceeds {result.threshold}. Each attention output splits exactly "
               "into the part read from set C's values and the rest; cosines compare those parts across queries.",
@@ -372,10 +366,8 @@ def macdrop_step(ctx: Context) -> Section:
 
     path = compare_json(ctx.settings.macdrop)
     saved = json.loads(path.read_text())
-    title = "MacDrop: fine-tuning that protects the massive weights (House of Cards Table 4)"
     if saved["model"] != ctx.lm.name:
-        return Section("macdrop", title, text=[f"The comparison in {path} is of {saved['model']}; "
-                                               "none was given for this model."])
+        return Section(text=[f"The comparison in {path} is of {saved['model']}; none was given for this model."])
     rows = saved["results"]
     metrics = metrics_of(rows)
     columns = ["run", "method", "MacDrop schedule", "steps"]
@@ -390,11 +382,11 @@ def macdrop_step(ctx: Context) -> Section:
     setup = facts("How they were fine-tuned", {
         "data": c["data"], "records used": c["limit"], "max length": c["max_length"], "batch size": c["batch_size"],
         "gradient accumulation": c["grad_accum"], "learning rate": c["lr"], "epochs": c["epochs"],
-        "max steps": c["max_steps"], "adapter rank": c["rank"], "MacDrop p0": drop["p0"], "MacDrop scope": drop["scope"],
+        "max steps": c["max_steps"], "adapter rank": c["rank"], "MacDrop p0": drop["p0"],
+        "MacDrop scope": drop["scope"],
         "rows zeroed by the attack": rows[0]["attacked_rows"]})
     png = plot_comparison(rows, ctx.figure("macdrop"), f"{ctx.lm.name}: original vs top-3 zeroed")
     return Section(
-        "macdrop", title,
         text=["Each adapter is fine-tuned without and with MacDrop (the massive rows of the base model dropped "
               "with a decaying rate during training); then the top-3 massive rows are zeroed. A model that "
               f"learned not to lean on them loses less. Read from {path}."],
@@ -462,7 +454,7 @@ def _run_section(settings: Settings, versions: dict) -> Section:
             return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
         return value
 
-    return Section("run", "Run: settings, versions, command",
+    return Section(key="run", title="Run: settings, versions, command",
                    tables=[facts("Settings", {k: shown(v) for k, v in asdict(settings).items()}),
                            facts("Versions", versions)])
 
@@ -502,8 +494,9 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                 try:
                     section = step.run(ctx)
                 except Exception as e:  # the page says which step failed and why; the others go on
-                    section = Section(step.key, step.title, error=f"{type(e).__name__}: {e}")
+                    section = Section(error=f"{type(e).__name__}: {e}")
                     failures.append({"model": name, "step": step.key, "title": step.title, "error": section.error})
+                section.key, section.title = step.key, step.title
                 sections.append(section.to_dict())
                 advance(f"{name}: {step.title}", 1)
             reports.append({"name": name, "sections": sections})
