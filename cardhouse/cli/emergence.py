@@ -18,22 +18,18 @@ def _fmt(value: float) -> str:
 
 
 def final_table(results: dict) -> Table:
-    """Sun et al. Table 1 style, per layer, the variants side by side."""
-    summary = results["final"]["summary"]
-    variants = list(summary)
-    table = Table(title="final model, per layer: top |a|, median and ratio, attention on the first token / k'")
-    table.add_column("layer", justify="right")
-    for v in variants:
-        for name in ("top-1", "top-2", "median", "ratio", "where (dim@pos)", "attn 1st / k'"):
-            table.add_column(f"{v} {name}", justify="right")
+    """Sun et al. Table 1 style, per layer, one row per variant so that they sit side by side."""
+    table = Table(title="final models: |a| in the residual stream per layer, and attention shares")
+    for name in ("layer", "variant", "top-1", "top-2", "median", "top-1/median", "top at dim@pos", "attn first",
+                 "attn k'"):
+        table.add_column(name, justify="left" if name == "variant" else "right")
     for row in results["final"]["layers"]:
-        cells = [str(row["layer"])]
-        for v in variants:
+        for v in results["final"]["summary"]:
             r = row[v]
-            cells += [_fmt(r["top-1"]), _fmt(r["top-2"]), _fmt(r["median"]), f"{r['ratio']:.0f}x",
-                      f"{r['top_dim']}@{r['top_position']}",
-                      f"{r['attention_first_token']:.2f} / {r['attention_k_bias']:.2f}"]
-        table.add_row(*cells)
+            table.add_row(str(row["layer"]), v, _fmt(r["top-1"]), _fmt(r["top-2"]), _fmt(r["median"]),
+                          f"{r['ratio']:.1f}x", f"{r['top_dim']}@{r['top_position']}",
+                          f"{r['attention_first_token']:.3f}", f"{r['attention_k_bias']:.3f}")
+        table.add_section()
     return table
 
 

@@ -23,9 +23,9 @@ def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
         loss.plot([r["step"] for r in trained], [r["train_loss"] for r in trained], ":", color=c,
                   label=f"{variant} train")
         loss.plot(steps, [r["val_loss"] for r in h], "-", color=c, label=f"{variant} held-out")
-        mags.plot(steps, [r["max_top1"] for r in h], "-", color=c, label=f"{variant} top-1 (largest layer)")
-        mags.plot(steps, [r["layers"][r["max_ratio_layer"]]["median"] for r in h], "--", color=c,
-                  label=f"{variant} median (same layer)")
+        peak = [r["layers"][r["max_ratio_layer"]] for r in h]  # the layer where top-1 stands out most
+        mags.plot(steps, [p["top-1"] for p in peak], "-", color=c, label=f"{variant} top-1")
+        mags.plot(steps, [p["median"] for p in peak], "--", color=c, label=f"{variant} median")
         ratio.plot(steps, [r["max_ratio"] for r in h], "-", color=c, label=variant)
         attn.plot(steps, [_mean(r["attention"]["first_token"]) for r in h], "-", color=c,
                   label=f"{variant}: on the first token")
@@ -39,7 +39,7 @@ def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
         if variant == "bias":
             final_attn.plot(layers, last["attention"]["k_bias"], "s--", color=c, label="bias: k'")
     loss.set(title="cross-entropy", xlabel="step")
-    mags.set(title="largest |a| in the residual stream", xlabel="step", yscale="log")
+    mags.set(title="top-1 and median |a| (layer of the largest ratio)", xlabel="step", yscale="log")
     ratio.set(title="top-1 / median |a| (largest over layers)", xlabel="step", yscale="log")
     attn.set(title="attention share (mean over layers, heads, queries)", xlabel="step", ylim=(0, 1))
     final.set(title="final: top-1 and median |a| per layer", xlabel="layer", yscale="log")
