@@ -88,3 +88,30 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
     again = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
     assert [r["variant"] for r in again] == [r["variant"] for r in rows]
     assert again[-1]["ppl_wikipedia"] == rows[-1]["ppl_wikipedia"]
+
+
+def test_an_interrupted_attack_keeps_its_rows_and_restores_the_weights(tiny, tmp_path, monkeypatch):
+    from conftest import all_params_digest
+
+    from cardhouse.cli import attacks
+    from cardhouse.evaluation.measure import Budget
+    from cardhouse.interventions import Variant, original, zero_rows
+
+    lm = tiny("llama")
+    calls = []
+
+    def measure(lm):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second variant
+        return {"ppl_wikipedia": 1.0}
+
+    monkeypatch.setattr("cardhouse.evaluation.measure.measurer", lambda lm, budget: measure)
+    digest = all_params_digest(lm)
+    variants = [original(), Variant("zeroed", "rows 1, 2", lambda: zero_rows(lm, 1, [1, 2]), 1)]
+    out = tmp_path / "attack.json"
+    with pytest.raises(KeyboardInterrupt):
+        attacks._measure(lm, variants, Budget(), out, "title")
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [r["variant"] for r in data["results"]] == ["original"]
+    assert all_params_digest(lm) == digest

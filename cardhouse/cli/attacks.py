@@ -46,6 +46,26 @@ def _results_table(rows: list[dict], title: str) -> None:
     console.print(t)
 
 
+def _measure(lm, variants, budget, json_path: Path | None, title: str, **header) -> None:
+    """Measure the variants, print the table; the JSON is rewritten after every variant so that an
+    interrupted run keeps what it measured (``"complete": false``)."""
+    from ..evaluation.measure import measurer
+    from ..interventions import run_variants
+
+    done: list[dict] = []
+
+    def save(complete: bool) -> None:
+        if json_path:
+            write_json({"model": lm.describe(), "budget": budget.to_dict(), **header, "results": done,
+                        "complete": complete}, json_path)
+
+    rows = run_variants(lm, variants, measurer(lm, budget), on_result=lambda row: (done.append(row), save(False)))
+    save(True)
+    _results_table(rows, title)
+    if json_path:
+        console.print(f"wrote {json_path}")
+
+
 @app.command("attack")
 def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, super-weight, or 'all' for the papers' table"),
                model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
@@ -58,8 +78,7 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
     from ..analysis import find_massive_weights
     from ..analysis import scan as run_scan
-    from ..evaluation.measure import measurer
-    from ..interventions import CONTROL, attack, intervention, original, run_variants
+    from ..interventions import CONTROL, attack, intervention, original
 
     with clear_errors():
         check_writable_file(json_path)
@@ -76,12 +95,8 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
         if kind == "all":
             result = run_scan(lm, progress=False)
             variants += [intervention(lm, result, "set-zero"), intervention(lm, result, "set-mean")]
-        rows = run_variants(lm, variants, measurer(lm, budget))
-        _results_table(rows, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}")
-        if json_path:
-            write_json({"model": lm.describe(), "budget": budget.to_dict(), "massive_weights": mw.to_dict(),
-                        "results": rows}, json_path)
-            console.print(f"wrote {json_path}")
+        _measure(lm, variants, budget, json_path, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}",
+                 massive_weights=mw.to_dict())
 
 
 @app.command("intervene")
@@ -94,8 +109,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
     from ..analysis import load_prompts
     from ..analysis import scan as run_scan
-    from ..evaluation.measure import measurer
-    from ..interventions import INTERVENTIONS, intervention, original, run_variants
+    from ..interventions import INTERVENTIONS, intervention, original
 
     with clear_errors():
         check_writable_file(json_path)
@@ -106,11 +120,8 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
         result = run_scan(lm, load_prompts(prompts), progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
-        rows = run_variants(lm, variants, measurer(lm, budget))
-        _results_table(rows, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}")
-        if json_path:
-            write_json({"model": lm.describe(), "budget": budget.to_dict(), "results": rows}, json_path)
-            console.print(f"wrote {json_path}")
+        _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
+                 scan=result.to_dict())
 
 
 @app.command("sweep")
