@@ -130,6 +130,12 @@ def test_existing_folder_is_refused_and_left_alone(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         build_report([tiny("llama")], tmp_path, TINY, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileExistsError, match="exists"):  # an existing folder, even empty, is the user's
+        build_report([tiny("llama")], tmp_path / "empty", TINY, progress=False)
+    with pytest.raises(FileExistsError, match="not a folder"):
+        build_report([tiny("llama")], tmp_path / "notes.txt", TINY, progress=False, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "empty").iterdir())
 
 
 def test_overwrite_replaces_only_the_reports_files(tiny, tmp_path):

@@ -168,7 +168,7 @@ def render_page(results: dict, folder: str | Path) -> str:
             if s["key"] not in [k for k, _ in keys]:
                 keys.append((s["key"], s["title"]))
     names = [m["name"] for m in models]
-    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
            f"<title>{_esc(results['title'])}</title><style>{CSS}</style></head><body>",
            f"<header><h1>{_esc(results['title'])}</h1><p>{_esc(results['summary'])}</p>",
            "<nav>" + "".join(f'<a href="#{_esc(k)}">{_esc(t)}</a>' for k, t in keys + [("run", "Run")]) + "</nav>",

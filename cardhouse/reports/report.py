@@ -417,13 +417,13 @@ OPTIONAL_STEPS: dict[str, Step] = {
 
 
 def prepare_folder(out: str | Path, overwrite: bool = False) -> Path:
-    """The output folder: refused if it holds anything unless ``overwrite``; nothing in it is ever deleted."""
+    """The output folder: refused if it exists unless ``overwrite``; nothing in it is ever deleted."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"the output folder {out} exists and is not empty; pass --overwrite to replace "
-                              "the report's files in it (other files are kept)")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"the output folder {out} exists; pass --overwrite to replace the report's files "
+                              "in it (other files are kept)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -448,8 +448,6 @@ def _versions() -> dict:
 
 def _run_section(settings: Settings, versions: dict) -> Section:
     def shown(value):
-        if value is None:
-            return "default"
         if isinstance(value, tuple):  # k values stay numbers; names become one string
             return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
         return value
