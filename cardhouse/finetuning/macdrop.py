@@ -166,7 +166,7 @@ class MacDrop(TrainerCallback):
 
     def describe(self) -> dict:
         return {**self.config.to_dict(), "layer": self.layer, "massive_rows": self.massive, "masked_rows": self.rows,
-                "expert": self.expert}
+                "expert": self.expert, "rates": self.rates}
 
     @contextmanager
     def dropped(self, p: float, step: int = 0) -> Iterator[None]:
