@@ -44,6 +44,7 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
               block_size: Optional[int] = typer.Option(None, help="context length in tokens"),
               batch_size: Optional[int] = typer.Option(None, help="windows per step"),
               lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+              warmup: Optional[int] = typer.Option(None, help="warmup steps (then cosine decay)"),
               corpora: Optional[str] = typer.Option(None, help="comma-separated: wikipedia, c4, austen"),
               seed: Optional[int] = typer.Option(None, help="seed of the weights and of the batches"),
               device: Optional[str] = typer.Option(None, help="cpu or cuda (falls back to the CPU without CUDA)"),
@@ -67,7 +68,7 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
             torch.set_num_threads(threads)
         names = tuple(v.strip() for v in variants.split(",") if v.strip())
         cfg = config_with(config, steps=steps, every=every, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                          block_size=block_size, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                          block_size=block_size, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, device=device,
                           corpora=tuple(c.strip() for c in corpora.split(",")) if corpora else None)
         for name in names:
             cfg.model_config(1, name)  # an unknown variant fails before anything is written
