@@ -267,3 +267,33 @@ def test_interrupted_run_restores_rows_and_resumes(tmp_path, data_file):
 def test_resume_without_checkpoint_is_refused(tmp_path, data_file):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         finetune(build("llama"), tiny_config(data_file), out=tmp_path, resume=True, progress=False)
+
+
+def test_compare_command_end_to_end_and_resumable(tmp_path, data_file):
+    from typer.testing import CliRunner
+
+    from cardhouse.cli import app
+
+    folder = tmp_path / "model"
+    lm = build("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "compare"
+    args = ["finetune-compare", "--model", str(folder), "--data", data_file, "--methods", "lora",
+            "--schedules", "step,epoch-after", "--layer", str(LAYER), "--rows", ",".join(map(str, ROWS)),
+            "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--max-length", "200", "--lr", "1e-2",
+            "--max-tokens", "0", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "compare.json").read_text())
+    runs = [row["run"] for row in saved["results"]]
+    assert runs == ["lora", "lora+macdrop-step", "lora+macdrop-epoch-after"]
+    for row in saved["results"]:
+        assert row["steps"] == 2 and row["attacked_rows"] == ROWS
+        assert math.isfinite(row["val_loss"]) and math.isfinite(row["val_loss_attacked"])
+    assert (out / "compare.png").stat().st_size > 0
+    assert (out / "lora+macdrop-step" / "adapter" / "adapter_config.json").exists()
+    # a second run reads the finished runs back instead of training again
+    stamp = (out / "lora" / "result.json").stat().st_mtime_ns
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert (out / "lora" / "result.json").stat().st_mtime_ns == stamp
