@@ -303,3 +303,14 @@ def test_macdrop_section_needs_a_comparison(tmp_path):
     result = CliRunner().invoke(app, ["report", "--quick", "--out", str(tmp_path / "out"),
                                       "--macdrop", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "no MacDrop comparison" in result.output
+
+
+def test_full_mode_sweeps_k_up_to_the_whole_layer(tiny, tmp_path):
+    from cardhouse.interventions.sweep import default_ks
+
+    steps = [s for s in STEPS if s.key in ("model", "weights", "attacks")]
+    settings = Settings.full(corpora=("wikipedia",), max_tokens=126, context=64, attack_k=4)
+    results = build_report([tiny("llama")], tmp_path / "out", settings, progress=False, steps=steps)
+    attacks = results["models"][0]["sections"][2]
+    assert [row[0] for row in attacks["tables"][1]["rows"]] == sorted({*default_ks(48), 4})  # 0 .. 48
+    assert attacks["tables"][0]["rows"][1][0] == "topk-zero k=4"

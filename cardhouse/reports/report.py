@@ -272,12 +272,11 @@ def weights_step(ctx: Context) -> Section:
 def attacks_step(ctx: Context) -> Section:
     from ..evaluation.measure import measurer
     from ..interventions import attack, run_variants
-    from ..interventions.sweep import KINDS, sweep, sweep_table
+    from ..interventions.sweep import KINDS, default_ks, sweep, sweep_table
     from ..reports.plots import plot_sweep
 
     lm, s, mw = ctx.lm, ctx.settings, ctx.need("weights")
-    torch.manual_seed(s.seed)
-    ks = None if s.ks is None else sorted({*s.ks, s.attack_k})
+    ks = sorted({*(s.ks if s.ks is not None else default_ks(mw.intermediate_size)), s.attack_k})
     measure = measurer(lm, s.budget(), progress=False)
     count = itertools.count(1)
 
