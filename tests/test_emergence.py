@@ -220,4 +220,6 @@ def test_cli_trains_both_variants_on_the_real_corpora(tmp_path):
     assert results["final"]["summary"]["standard"]["massive_layers"] == []  # 8 steps grow nothing massive
     assert all(s > 0.01 for s in results["runs"]["bias"]["history"][-1]["attention"]["k_bias"])
     assert (tmp_path / "emergence.png").stat().st_size > 10_000
+    carried = smollm2_tokenizer(tmp_path / "tokenizer")  # the run folder's own copy
+    assert carried("Summer is warm.")["input_ids"] == tokenizer("Summer is warm.")["input_ids"]
     assert results["command"].startswith("cardhouse")

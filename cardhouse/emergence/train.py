@@ -89,18 +89,29 @@ class TokenData:
     corpora: dict[str, int]  # corpus -> tokens (train + val)
 
 
-def smollm2_tokenizer():
-    """SmolLM2's tokenizer without its weights: from the bundled model's cache, else from its GGUF file."""
+def smollm2_tokenizer(folder: Path | None = None):
+    """SmolLM2's tokenizer without its weights.
+
+    From ``folder`` when it holds one (a run folder keeps its own copy, so that it can be
+    carried to a machine without package registries), else from the bundled model's cache,
+    else from its GGUF file; then saved to ``folder``.
+    """
     from transformers import AutoTokenizer
 
     from .._install import cache_dir
     from ..models.loading import BUNDLED, _cache_key
 
+    if folder is not None and (Path(folder) / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
     gguf = BUNDLED["smollm2-135m"].locate_gguf()
     cached = cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"  # where load_model keeps it
     if (cached / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cached)
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # parses the GGUF: a few seconds
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # parses the GGUF: seconds
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def split_tokens(per_corpus: dict[str, torch.Tensor], val_fraction: float) -> TokenData:
@@ -369,7 +380,7 @@ def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = VAR
     out.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         config.model_config(1, variant)  # unknown variants fail before any training
-    tokenizer = tokenizer if tokenizer is not None else smollm2_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else smollm2_tokenizer(out / "tokenizer")
     data = data if data is not None else load_data(tokenizer, config)
     check_data(data, config)
     runs = {v: train_variant(config, v, data, tokenizer, out / v, resume=resume, stop_at=stop_at,
