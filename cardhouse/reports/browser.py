@@ -43,6 +43,7 @@ def ensure_chromium() -> str:
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     # A throwaway profile: no state leaks between runs, and concurrent runs do not lock each other out.
+    # --no-sandbox: Chromium will not start as root with its sandbox (CI runs as root); it opens only our file.
     with tempfile.TemporaryDirectory(prefix="cardhouse-chromium-") as profile:
         cmd = [ensure_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
