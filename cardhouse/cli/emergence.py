@@ -91,8 +91,9 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
         console.print(final_table(results))
         for v, s in results["final"]["summary"].items():
             r = results["runs"][v]
+            speed = f"{r['tokens_per_second']:,.0f} tokens/s" if r["tokens_per_second"] else "no step trained"
             console.print(f"{v}: {r['parameters']:,} parameters, step {s['step']} ({r['tokens_seen']:,} tokens), "
                           f"held-out loss {s['val_loss']:.3f} (best {s['best_val_loss']:.3f}), largest |a| "
                           f"{s['max_top1']:.1f} = {s['max_ratio']:.0f}x the median, massive layers "
-                          f"{s['massive_layers'] or 'none'}, {r['tokens_per_second']:,.0f} tokens/s on {r['device']}")
+                          f"{s['massive_layers'] or 'none'}, {speed} on {r['device']}")
         console.print(f"wrote {out / 'emergence.json'}, {', '.join(results['plots'].values())}")
