@@ -14,7 +14,7 @@ def comparison_table(rows: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     table.add_column("steps", justify="right")
     for metric in metrics_of(rows):
         table.add_column(metric, justify="right")
@@ -41,9 +41,9 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_title(metric)
         if metric.startswith("ppl"):
             ax.set_yscale("log")
-    axes[0][0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", ncol=2, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
