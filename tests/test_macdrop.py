@@ -159,6 +159,17 @@ def test_phi3_fused_rows_are_both_halves(tiny):
     assert torch.equal(fused, before)
 
 
+def test_moe_rows_are_in_the_chosen_expert_only(tiny):
+    lm = tiny("mixtral")
+    n = lm.blocks.intermediate_size(0)
+    experts = lm.blocks.mlp_part(0, "up")  # [expert, 2 * d_mlp, d]: rows [gate; up]
+    before = experts.detach().clone()
+    with MacDrop(lm.model, 0, [2], MacDropConfig(), expert=1).dropped(1.0):
+        changed = {tuple(map(int, i)) for i in (experts != before).any(dim=2).nonzero()}
+    assert changed == {(1, 2), (1, n + 2)}
+    assert torch.equal(experts, before)
+
+
 # ---- massive rows: detected, or given ----------------------------------------------------------------
 
 

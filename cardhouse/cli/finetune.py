@@ -88,20 +88,20 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                                 save_steps=save_steps, seed=seed)
         drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, rows=_rows(rows),
                              seed=seed)
+        if drop.rows is not None and drop.layer is None:
+            raise ValueError("--rows needs --layer")
         budget = _budget(corpus, max_tokens, context, task, task_limit)
         writable_folder(out)
         load_records(data)  # bad data fails before any model time is spent
         lm = load(model, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
-            found_layer, found_rows, _ = detect_massive_rows(lm, k, layer)
-            drop.layer, drop.rows = found_layer, found_rows
-        elif drop.layer is None:
-            raise ValueError("--rows needs --layer")
+            drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer)
         try:
             result = finetune(lm, config, drop if macdrop else None, out=out, resume=resume)
         except KeyboardInterrupt:
             _interrupted(out)
-        table = robustness(lm, result.trainer, drop.layer, drop.rows, budget=budget, progress=True)
+        table = robustness(lm, result.trainer, drop.layer, drop.rows, expert=drop.expert, budget=budget,
+                           progress=True)
         console.print(f"{lm.name}, {method}{' + MacDrop (' + schedule + ')' if macdrop else ''}: {result.steps} steps "
                       f"in {result.seconds:.0f} s; validation loss {result.val_loss_before or float('nan'):.4f} -> "
                       f"{result.val_loss:.4f}")

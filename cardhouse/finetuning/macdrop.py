@@ -57,6 +57,7 @@ class MacDropConfig:
     scope: str = "massive"  # massive rows, as many random non-massive rows, or all rows of layer l
     layer: int | None = None  # layer l (default: detected)
     rows: list[int] | None = None  # the massive rows, given by hand (default: detected, top-k)
+    expert: int | None = None  # the Mixture-of-Experts expert that holds them (with ``rows``)
     seed: int = 0
 
     def __post_init__(self):
@@ -159,7 +160,7 @@ class MacDrop(TrainerCallback):
             layer = config.layer
             if layer is None:
                 raise ValueError("give the layer of the massive rows too (MacDropConfig(layer=...), --layer)")
-            massive, expert = config.rows, None
+            massive, expert = config.rows, config.expert
         else:
             layer, massive, expert = detect_massive_rows(lm, config.k, config.layer)
         return cls(model if model is not None else lm.model, layer, massive, config, expert=expert)

@@ -188,9 +188,9 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
     first = load()
     if macdrop.rows is None:  # find the massive rows once, on the untouched base model
         layer, rows, expert = detect_massive_rows(first, macdrop.k, macdrop.layer)
-        macdrop = replace(macdrop, layer=layer, rows=rows)
+        macdrop = replace(macdrop, layer=layer, rows=rows, expert=expert)
     else:
-        layer, rows, expert = macdrop.layer, list(macdrop.rows), None
+        layer, rows, expert = macdrop.layer, list(macdrop.rows), macdrop.expert
     results = []
     plan = [(m, s) for m in methods for s in (None, *schedules)]
     for method, schedule in plan:
