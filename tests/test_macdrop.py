@@ -301,7 +301,7 @@ def test_compare_command_end_to_end_and_resumable(tmp_path, data_file):
     assert runs == ["lora", "lora+macdrop-step", "lora+macdrop-epoch-after"]
     for row in saved["results"]:
         assert row["steps"] == 2 and row["attacked_rows"] == ROWS
-        assert math.isfinite(row["val_loss"]) and math.isfinite(row["val_loss_attacked"])
+        assert all(math.isfinite(row[key]) for key in ("val_loss", "val_loss_attacked", "val_loss_attacked_merged"))
     assert (out / "compare.png").stat().st_size > 0
     assert (out / "lora+macdrop-step" / "adapter" / "adapter_config.json").exists()
     # a second run reads the finished runs back instead of training again

@@ -1,13 +1,24 @@
-"""The comparison's table and plot: each run's metrics, original vs top-3 zeroed (House of Cards Table 4)."""
+"""The comparison's table and plot: each run's metrics, original vs top-3 zeroed (House of Cards Table 4).
+
+"attacked": the base model's massive rows zeroed, adapter on; "merged": the rows of the merged
+fine-tuned weights zeroed (see ``train.robustness``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
+VARIANTS = {"": "original", "_attacked": "top-3 zeroed", "_attacked_merged": "top-3 zeroed (merged)"}
+
+
 def metrics_of(rows: list[dict]) -> list[str]:
-    """Metrics measured both ways: val_loss, ppl_<corpus>, acc_<task>."""
+    """Metrics measured original and attacked: val_loss, ppl_<corpus>, acc_<task>."""
     return [key for key in rows[0] if f"{key}_attacked" in rows[0]]
+
+
+def variants_of(rows: list[dict], metric: str) -> list[str]:
+    return [suffix for suffix in VARIANTS if all(f"{metric}{suffix}" in row for row in rows)]
 
 
 def comparison_table(rows: list[dict], title: str):
@@ -17,12 +28,12 @@ def comparison_table(rows: list[dict], title: str):
     table.add_column("run", no_wrap=True)
     table.add_column("steps", justify="right")
     for metric in metrics_of(rows):
-        table.add_column(metric, justify="right")
-        table.add_column(f"{metric} attacked", justify="right")
+        for suffix in variants_of(rows, metric):
+            table.add_column(f"{metric}{suffix.replace('_', ' ')}", justify="right")
     for row in rows:
         cells = []
         for metric in metrics_of(rows):
-            cells += [f"{row[metric]:,.3f}", f"{row[f'{metric}_attacked']:,.3f}"]
+            cells += [f"{row[metric + suffix]:,.3f}" for suffix in variants_of(rows, metric)]
         table.add_row(row["run"], str(row["steps"]), *cells)
     return table
 
@@ -35,8 +46,11 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 + 1.2 * len(rows) * len(metrics), 4), squeeze=False)
     x = np.arange(len(rows))
     for ax, metric in zip(axes[0], metrics):
-        ax.bar(x - 0.2, [r[metric] for r in rows], 0.4, label="original")
-        ax.bar(x + 0.2, [r[f"{metric}_attacked"] for r in rows], 0.4, label="top-3 zeroed")
+        suffixes = variants_of(rows, metric)
+        width = 0.8 / len(suffixes)
+        for i, suffix in enumerate(suffixes):
+            ax.bar(x + (i - (len(suffixes) - 1) / 2) * width, [r[metric + suffix] for r in rows], width,
+                   label=VARIANTS[suffix])
         ax.set_xticks(x, [r["run"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(metric)
         if metric.startswith("ppl"):

@@ -12,6 +12,7 @@ MacDrop writes the original rows back after every step.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from contextlib import nullcontext
@@ -156,18 +157,35 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
                budget: Budget | None = None, k: int = ATTACK_K, progress: bool = False) -> list[dict]:
     """House of Cards Table 4: validation loss and perplexity of the fine-tuned model, original vs top-k zeroed.
 
-    The attack zeroes the base model's top-``k`` massive rows of W_up and W_gate in ``layer``
-    (what MacDrop drops during training); the adapter stays on.
+    Two attacks on the top-``k`` massive rows of W_up and W_gate in ``layer``:
+
+    - ``topk-zero``: the base model's rows (what MacDrop drops during training), adapter on;
+    - ``topk-zero merged``: the rows of a merged copy of the fine-tuned model (W + BA, and DoRA's
+      magnitude folded in), i.e. the fine-tuned model's own weights. DoRA rescales every row of
+      W + BA to its learned magnitude, so zeroing only the base rows leaves a DoRA row
+      restored along the adapter's direction: the two attacks differ for DoRA.
     """
+    from transformers import Trainer
+
+    from ..models.loading import from_pretrained_objects
+
     rows = list(massive[:k])
     ppl = measurer(lm, budget, progress=progress) if budget is not None else (lambda lm: {})
 
-    def measure(lm: LoadedModel) -> dict:
-        return {"val_loss": trainer.evaluate()["eval_loss"], **ppl(lm)}
+    def measure_with(evaluator):
+        return lambda lm: {"val_loss": evaluator.evaluate()["eval_loss"], **ppl(lm)}
 
-    attacked = Variant(f"topk-zero k={len(rows)}", f"zero W_up/W_gate rows {rows} of layer {layer}",
-                       lambda: zero_rows(lm, layer, rows, expert=expert))
-    return run_variants(lm, [original(), attacked], measure)
+    def zeroed(target: LoadedModel, name: str) -> Variant:
+        return Variant(name, f"zero W_up/W_gate rows {rows} of layer {layer}",
+                       lambda: zero_rows(target, layer, rows, expert=expert))
+
+    table = run_variants(lm, [original(), zeroed(lm, f"topk-zero k={len(rows)}")], measure_with(trainer))
+    merged = copy.deepcopy(trainer.model).merge_and_unload()  # the adapter's copy; lm keeps its own
+    merged_lm = from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} merged", bos=lm.bos)
+    evaluator = Trainer(model=merged, args=trainer.args, eval_dataset=trainer.eval_dataset,
+                        data_collator=trainer.data_collator)
+    table += run_variants(merged_lm, [zeroed(merged_lm, f"topk-zero k={len(rows)} merged")], measure_with(evaluator))
+    return table
 
 
 def run_name(method: str, schedule: str | None) -> str:
@@ -210,7 +228,7 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         row = {"run": name, "method": method, "macdrop": schedule is not None, "schedule": schedule,
                "steps": result.steps, "train_seconds": round(result.seconds, 1),
                "val_loss_before": result.val_loss_before}
-        for variant, suffix in zip(table, ("", "_attacked")):
+        for variant, suffix in zip(table, ("", "_attacked", "_attacked_merged")):
             row.update({f"{key}{suffix}": value for key, value in variant.items()
                         if key not in ("variant", "description") and not key.startswith("tokens_")})
         row["attacked_rows"] = rows[:ATTACK_K]
