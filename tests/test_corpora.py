@@ -35,8 +35,9 @@ def cache_files(tmp_path) -> list:
     return sorted((tmp_path / "tokens").iterdir())
 
 
-def test_registry_lists_the_three_corpora():
-    assert available_corpora() == ["wikipedia", "c4", "austen"]
+def test_registry_lists_the_corpora():
+    # the three perplexity corpora first, then the extra training text of cardhouse emergence
+    assert available_corpora() == ["wikipedia", "c4", "austen", "kjv", "wiki-demo", "botchan"]
     assert all(CORPORA[name].name == name and CORPORA[name].source for name in available_corpora())
 
 
@@ -49,6 +50,8 @@ def test_unknown_corpus_names_the_known_ones(call):
 # Measured on 2026-11-23 with gensim 4.4.0, mwparserfromhell 0.7.2, llamafactory 0.9.5 and Debian
 # r-cran-janeaustenr 1.0.0-1: len(text), len(text.split()) and text.count("\n\n") + 1 of load_text(name).
 # Wikipedia depends on mwparserfromhell's markup stripping, hence the 1% tolerance there.
+# kjv (Debian bible-kjv 4.38), wiki-demo (llamafactory 0.9.5) and botchan (sentencepiece 0.2.3): measured
+# on 2026-11-23 the same way.
 REAL_TEXT = {
     "wikipedia": dict(chars=2_581_881, words=407_753, blocks=5_201, tolerance=0.01,
                       start="Anarchism is a political philosophy that advocates self-governed societies"),
@@ -56,6 +59,12 @@ REAL_TEXT = {
                start="Don’t think you need all the bells and whistles? No problem."),
     "austen": dict(chars=4_022_320, words=717_537, blocks=10_298, tolerance=0.0,
                    start="SENSE AND SENSIBILITY\n\nby Jane Austen\n\n(1811)\n\nCHAPTER 1\n\nThe family of Dashwood"),
+    "kjv": dict(chars=4_139_036, words=789_634, blocks=1_189, tolerance=0.0,
+                start="In the beginning God created the heaven and the earth. And the earth was without form"),
+    "wiki-demo": dict(chars=1_026_482, words=157_730, blocks=30, tolerance=0.0,
+                      start="Anarchism is a political philosophy and movement that is sceptical of authority"),
+    "botchan": dict(chars=255_546, words=47_665, blocks=785, tolerance=0.0,
+                    start="BOTCHAN (MASTER DARLING)\n\nBy The Late Mr. Kin-nosuke Natsume\n\nTRANSLATED By"),
 }
 
 
@@ -77,6 +86,26 @@ def test_austen_books_come_in_publication_order():
               "Persuasion"]  # each book's first line, as janeaustenr has it
     positions = [paragraphs.index(title) for title in titles]
     assert positions[0] == 0 and positions == sorted(positions)
+
+
+def test_kjv_chapters_run_from_genesis_to_revelation_without_verse_numbers():
+    chapters = load_text("kjv").split("\n\n")
+    assert chapters[0].endswith("And the evening and the morning were the sixth day.")  # Genesis 1:31
+    assert chapters[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")  # Revelation 22:21
+    assert not any(ch.isdigit() for ch in chapters[0])
+
+
+def test_botchan_is_the_book_unwrapped_into_paragraphs():
+    paragraphs = load_text("botchan").split("\n\n")
+    assert paragraphs[-2:] == ["So Kiyo's grave is in the Yogen temple at Kobinata.", "--(THE END)--"]
+    assert "CHAPTER XI." in paragraphs and "Gutenberg" not in load_text("botchan")  # no header, notes or license
+    # hard-wrapped lines are joined: paragraphs are longer than the 72 columns of the file
+    assert sum(len(p) > 72 for p in paragraphs) > 0.5 * len(paragraphs)
+
+
+def test_greedy_unwrap_ends_a_paragraph_where_the_next_word_would_have_fit():
+    lines = ["aaa bbb ccc", "ddd.", "eee fff ggg", "hhh"]  # wrapped at 11 columns
+    assert corpora_module._unwrap_greedy(lines, 11) == ["aaa bbb ccc ddd.", "eee fff ggg hhh"]
 
 
 def test_token_cache_round_trip(tiny_corpus, tokenizer, tmp_path):
@@ -155,7 +184,8 @@ def test_smollm2_token_counts():
 
     tokenizer = load_model("smollm2-135m").tokenizer
     # measured on 2026-11-23: len(tokenize_corpus(SmolLM2 tokenizer, name)), same text versions as REAL_TEXT
-    counts = {"wikipedia": 566_443, "c4": 167_036, "austen": 927_382}
+    counts = {"wikipedia": 566_443, "c4": 167_036, "austen": 927_382, "kjv": 993_042, "wiki-demo": 230_272,
+              "botchan": 62_271}
     for name, count in counts.items():
         token_ids = tokenize_corpus(tokenizer, name)
         assert abs(len(token_ids) - count) <= REAL_TEXT[name]["tolerance"] * count, name

@@ -45,7 +45,8 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
               batch_size: Optional[int] = typer.Option(None, help="windows per step"),
               lr: Optional[float] = typer.Option(None, help="peak learning rate"),
               warmup: Optional[int] = typer.Option(None, help="warmup steps (then cosine decay)"),
-              corpora: Optional[str] = typer.Option(None, help="comma-separated: wikipedia, c4, austen"),
+              corpora: Optional[str] = typer.Option(None, help="comma-separated training text: wikipedia, c4, austen, "
+                                                    "kjv, wiki-demo, botchan (default: the config's)"),
               seed: Optional[int] = typer.Option(None, help="seed of the weights and of the batches"),
               device: Optional[str] = typer.Option(None, help="cpu or cuda (falls back to the CPU without CUDA)"),
               stop_at: Optional[int] = typer.Option(None, help="stop after this step; run again to resume"),

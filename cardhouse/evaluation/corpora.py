@@ -222,6 +222,84 @@ def _austen_text() -> str:
     )
 
 
+# --- More real text for training (cardhouse emergence) --------------------------------
+
+# The King James Bible: the bible-kjv program decodes the compressed text that
+# bible-kjv-text ships (/usr/lib/bible.data, its own format), one verse per line.
+KJV_DEBIAN_PACKAGE = "bible-kjv"  # depends on bible-kjv-text
+KJV_WHOLE_TEXT = "gen1:1-rev22:21"
+_KJV_VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")  # "1Sa3:10 And the LORD came, ..."
+
+
+def _kjv_verses() -> str:
+    if shutil.which("bible") is None:
+        apt_install(KJV_DEBIAN_PACKAGE)
+    # -f turns pretty-printing off: one "Book1:1 text" line per verse; stdin closed, or it waits for commands
+    result = subprocess.run(["bible", "-f", KJV_WHOLE_TEXT], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise InstallError(f"`bible -f {KJV_WHOLE_TEXT}` gave no text: {result.stderr[-500:]}")
+    return result.stdout
+
+
+def _kjv_text() -> str:
+    """One paragraph per chapter (1,189), verse numbers dropped."""
+    chapters: dict[tuple[str, str], list[str]] = {}
+    for line in _kjv_verses().splitlines():
+        match = _KJV_VERSE.match(line)
+        if match is None:
+            raise ValueError(f"not a verse line of the bible program: {line[:80]!r}")
+        book, chapter, _, verse = match.groups()
+        chapters.setdefault((book, chapter), []).append(verse.strip())
+    return PARAGRAPH_SEPARATOR.join(" ".join(verses) for verses in chapters.values())
+
+
+# 30 English Wikipedia articles, one per line, next to the C4 file. Many of them are the
+# same articles as in gensim's dump (another revision): about 40% of its 8-word sequences
+# are also in the "wikipedia" corpus, so do not train on one and validate on the other.
+WIKI_DEMO_MEMBER_SUFFIX = "/data/wiki_demo.txt"
+
+
+def _wiki_demo_text() -> str:
+    lines = _read_sdist_member(LLAMAFACTORY_REQUIREMENT, WIKI_DEMO_MEMBER_SUFFIX).decode("utf-8").splitlines()
+    return PARAGRAPH_SEPARATOR.join(line.strip() for line in lines if line.strip())
+
+
+# Natsume Soseki's "Botchan" (English translation, Project Gutenberg #8868), which
+# sentencepiece's sdist ships as test data: hard-wrapped at 72 columns, no blank lines.
+SENTENCEPIECE_REQUIREMENT = "sentencepiece==0.2.3"
+BOTCHAN_MEMBER_SUFFIX = "/test/botchan.txt"
+BOTCHAN_WRAP_WIDTH = 72
+# The book runs from its title page to its last line: before are Gutenberg's header and
+# credits, after are the transcriber's notes on typos and Gutenberg's license.
+BOTCHAN_FIRST_LINE, BOTCHAN_LAST_LINE = "BOTCHAN (MASTER DARLING)", "--(THE END)--"
+
+
+def _unwrap_greedy(lines: list[str], width: int) -> list[str]:
+    """Paragraphs of text wrapped greedily at ``width`` columns without blank lines between them.
+
+    A line ends its paragraph when the next line's first word would have fit on it.
+    """
+    paragraphs, current = [], []
+    for line, following in zip(lines, lines[1:] + [""]):
+        current.append(line.strip())
+        next_word = following.split()[0] if following.split() else ""
+        if not next_word or len(line.rstrip()) + 1 + len(next_word) <= width:
+            paragraphs.append(" ".join(current))
+            current = []
+    return [p for p in paragraphs if p]
+
+
+def _botchan_text() -> str:
+    raw = _read_sdist_member(SENTENCEPIECE_REQUIREMENT, BOTCHAN_MEMBER_SUFFIX).decode("utf-8-sig")
+    lines = [line.rstrip() for line in raw.splitlines() if line.strip()]
+    try:
+        lines = lines[lines.index(BOTCHAN_FIRST_LINE):lines.index(BOTCHAN_LAST_LINE) + 1]
+    except ValueError:
+        raise ValueError(f"botchan.txt has no line {BOTCHAN_FIRST_LINE!r} or {BOTCHAN_LAST_LINE!r}") from None
+    return PARAGRAPH_SEPARATOR.join(_unwrap_greedy(lines, BOTCHAN_WRAP_WIDTH))
+
+
 CORPORA: dict[str, Corpus] = {
     "wikipedia": Corpus(
         name="wikipedia",
@@ -240,6 +318,25 @@ CORPORA: dict[str, Corpus] = {
         description="Jane Austen's six novels, book-length prose (a PG-19 stand-in)",
         source=f"Debian {AUSTEN_DEBIAN_PACKAGE}: R data files read with PyPI rdata",
         build_text=_austen_text,
+    ),
+    # more text for training from scratch (cardhouse emergence); see docs/emergence.md
+    "kjv": Corpus(
+        name="kjv",
+        description="The King James Bible (1,189 chapters, one paragraph each)",
+        source=f"Debian {KJV_DEBIAN_PACKAGE} and bible-kjv-text: the bible program's output",
+        build_text=_kjv_text,
+    ),
+    "wiki-demo": Corpus(
+        name="wiki-demo",
+        description="30 English Wikipedia articles (another revision of articles in 'wikipedia': do not mix them)",
+        source=f"PyPI {LLAMAFACTORY_REQUIREMENT} sdist: data/wiki_demo.txt",
+        build_text=_wiki_demo_text,
+    ),
+    "botchan": Corpus(
+        name="botchan",
+        description="Natsume Soseki's novel Botchan in English (Project Gutenberg #8868, the book only)",
+        source=f"PyPI {SENTENCEPIECE_REQUIREMENT} sdist: test/botchan.txt",
+        build_text=_botchan_text,
     ),
 }
 
