@@ -22,7 +22,8 @@ pytestmark = pytest.mark.real
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     folder = tmp_path_factory.mktemp("real-report") / "smollm2"
-    result = CliRunner().invoke(app, ["report", "--quick", "--out", str(folder)])
+    # the README's main command, `cardhouse report` (quick by default), only with another output folder
+    result = CliRunner().invoke(app, ["report", "--out", str(folder)])
     assert result.exit_code == 0, result.output
     return folder, json.loads((folder / "results.json").read_text())
 

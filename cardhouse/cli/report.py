@@ -17,8 +17,8 @@ from .common import BosOpt, PromptsOpt, app, clear_errors, console, err
 def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                                help="a model (repeat for a side-by-side page): bundled name, "
                                                     "local HF folder, GGUF file or hub id"),
-               quick: bool = typer.Option(False, "--quick/--full", help="--quick: about a minute per model on a "
-                                          "laptop CPU (one corpus, 510 tokens, k in 1, 2, 5); --full (default): the "
+               quick: bool = typer.Option(True, "--quick/--full", help="--quick (default): about a minute per model "
+                                          "on a laptop CPU (one corpus, 510 tokens, k in 1, 2, 5); --full: the "
                                           "papers' sets (wikipedia and c4, 2048 tokens each, k from 0 to the whole "
                                           "layer), an estimated 15-20 minutes for SmolLM2-135M on 2 cores "
                                           "(55 variants x 4,096 tokens)"),
