@@ -1,8 +1,9 @@
 """A short LoRA + MacDrop fine-tuning run of the real SmolLM2-135M on the bundled Alpaca records.
 
 CPU-sized: 10 steps of 2 examples of at most 64 tokens, lr 1e-3, 100 records (5 held out, 4 fit
-in 64 tokens). Measured on a busy 2-core CPU (one thread, load average 6): about 70 s in all,
-validation loss 1.452 -> 1.285; top-3 zeroing of the massive rows then raises it to 2.247.
+in 64 tokens). Measured on the shared 2-core CPU (one thread): 30 s idle, 70 s under load 6;
+validation loss 1.452 -> 1.29; top-3 zeroing of the massive rows then raises it to 2.25 (the same
+whether the base rows or the rows of the merged weights are zeroed).
 The margins below (a drop of 0.03, a rise of 0.3) are far from those numbers.
 """
 
@@ -29,7 +30,7 @@ def run(tmp_path_factory):
     macdrop = next(c for c in result.trainer.callback_handler.callbacks if isinstance(c, MacDrop))
     table = robustness(lm, result.trainer, macdrop.layer, macdrop.massive)
     print(f"validation loss {result.val_loss_before:.4f} -> {result.val_loss:.4f}; attacked "
-          f"{table[1]['val_loss']:.4f}; {result.seconds:.0f} s of training")
+          f"{table[1]['val_loss']:.4f}, merged {table[2]['val_loss']:.4f}; {result.seconds:.0f} s of training")
     return {"result": result, "macdrop": macdrop, "table": table, "out": out,
             "base_unchanged": weights_digest(base) == digest}
 
@@ -52,5 +53,7 @@ def test_base_weights_unchanged(run):
 
 
 def test_top3_zeroing_hurts_the_finetuned_model(run):
-    original, attacked = (row["val_loss"] for row in run["table"])
+    original, attacked, merged = (row["val_loss"] for row in run["table"])
     assert attacked > original + 0.3, (original, attacked)
+    # LoRA's B A adds little to the massive rows: zeroing them in the merged weights is the same attack
+    assert abs(merged - attacked) < 0.05, (attacked, merged)

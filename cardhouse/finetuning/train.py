@@ -180,6 +180,8 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
                        lambda: zero_rows(target, layer, rows, expert=expert))
 
     table = run_variants(lm, [original(), zeroed(lm, f"topk-zero k={len(rows)}")], measure_with(trainer))
+    if not hasattr(trainer.model, "merge_and_unload"):  # no adapter: the rows zeroed were the model's own
+        return table
     merged = copy.deepcopy(trainer.model).merge_and_unload()  # the adapter's copy; lm keeps its own
     merged_lm = from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} merged", bos=lm.bos)
     evaluator = Trainer(model=merged, args=trainer.args, eval_dataset=trainer.eval_dataset,
