@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
-                     writable_folder, write_json)
+                     parse_int_list, writable_folder, write_json)
 
-CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora: wikipedia, c4, austen")
+CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
 ContextOpt = typer.Option(512, "--context", help="perplexity window length, BOS first")
 TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable)")
@@ -22,15 +22,6 @@ def _budget(corpus, max_tokens, context, tasks, limit):
     from ..evaluation.measure import Budget
 
     return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=limit)
-
-
-def _parse_indices(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--indices must be comma-separated integers, got {text!r}") from None
 
 
 def _results_table(rows: list[dict], title: str) -> None:
@@ -86,7 +77,7 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
             raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all")
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
-        chosen = _parse_indices(indices)
+        chosen = parse_int_list(indices, "--indices")
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
@@ -141,7 +132,7 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
         folder = writable_folder(out)
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
-        rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=_parse_indices(ks),
+        rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=parse_int_list(ks, "--ks"),
                      layer=layer, seed=seed)
         metrics = [m for m in rows[0] if m.startswith("ppl_") or m == "acc_mean"]
         curves = {m: sweep_table(rows, m) for m in metrics}

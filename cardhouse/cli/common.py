@@ -58,6 +58,16 @@ def check_writable_file(path: Path | None) -> None:
         raise PermissionError(f"{path} is not writable")
 
 
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    """``"1229,1487"`` -> ``[1229, 1487]`` (range and duplicate checks belong to the caller, who knows the sizes)."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
 def write_json(data: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))

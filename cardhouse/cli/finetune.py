@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import BosOpt, ModelOpt, app, clear_errors, console, err, load, writable_folder, write_json
+from .common import (BosOpt, ModelOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder,
+                     write_json)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
@@ -36,15 +37,6 @@ TokensOpt = typer.Option(2048, "--max-tokens", help="corpus tokens for perplexit
 ContextOpt = typer.Option(256, "--context", help="perplexity window length, BOS first")
 TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable; optional)")
 TaskLimitOpt = typer.Option(None, "--task-limit", help="zero-shot examples per task")
-
-
-def _rows(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--rows must be comma-separated integers, got {text!r}") from None
 
 
 def _budget(corpus, max_tokens, context, tasks, task_limit):
@@ -86,7 +78,7 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
                                 max_steps=max_steps, limit=limit, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, rows=_rows(rows),
+        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"),
                              seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
@@ -148,7 +140,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
                                 lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=limit,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=_rows(rows), seed=seed)
+        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"), seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
         budget = _budget(corpus, max_tokens, context, task, task_limit)

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..reports.plots import save_figure  # noqa: E402
+
 COLORS = {"standard": "tab:blue", "bias": "tab:orange"}
 
 
@@ -47,11 +49,7 @@ def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
     for ax in axes.flat:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _mean(values: list[float]) -> float:

@@ -13,14 +13,9 @@ import numpy as np  # noqa: E402
 from ..analysis.attention import GROUPS, AttentionMap, AttentionResult  # noqa: E402
 from ..analysis.position import PositionStudy  # noqa: E402
 from ..analysis.trace import STATES, UPDATES, BosTrace  # noqa: E402
+from .plots import save_figure  # noqa: E402
 
 
-def _save(fig, path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _mark(ax, layer: int | None, label: str = "l") -> None:
@@ -60,7 +55,7 @@ def plot_attention(result: AttentionResult, path: str | Path, title: str = "") -
     for ax in axes[1:]:
         ax.grid(alpha=0.3)
     fig.suptitle(title or f"{result.model['name']}: attention and massive activations ({result.prompts} prompts)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention_map(amap: AttentionMap, path: str | Path, title: str = "") -> Path:
@@ -82,7 +77,7 @@ def plot_attention_map(amap: AttentionMap, path: str | Path, title: str = "") ->
         ax.set_xlabel("key")
         ax.set_ylabel("query")
     fig.suptitle(title or f"layer {amap.layer}, head {amap.head}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trace(trace: BosTrace, path: str | Path, title: str = "") -> Path:
@@ -115,7 +110,7 @@ def plot_trace(trace: BosTrace, path: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(title or f"{trace.model['name']}: where the BOS token's massive activation comes from")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_position(study: PositionStudy, path: str | Path, title: str = "") -> Path:
@@ -139,4 +134,4 @@ def plot_position(study: PositionStudy, path: str | Path, title: str = "") -> Pa
     carriers = ", ".join(f"{p}: {s['role']} {s['token']!r}" for p, s in study.summary.items())
     fig.suptitle(title or f"{study.model['name']}: BOS placement; carrier at layer {study.reference_layer}: {carriers}",
                  fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

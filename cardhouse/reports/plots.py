@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..analysis.massive_activations import ScanResult  # noqa: E402
 
 
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 def plot_top_magnitudes(scan: ScanResult, path: str | Path, title: str | None = None) -> Path:
     """Sun et al. Fig. 1 style: top-1/2/3 and median |activation| per layer, log scale."""
     layers = [row["layer"] for row in scan.layers]
@@ -26,11 +35,7 @@ def plot_top_magnitudes(scan: ScanResult, path: str | Path, title: str | None = 
     ax.set_title(title or f"{scan.model['name']}: largest residual-stream magnitudes (shaded: massive)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bos_trace(trace: list[dict], dim: int, layer: int, path: str | Path, name: str = "") -> Path:
@@ -46,11 +51,7 @@ def plot_bos_trace(trace: list[dict], dim: int, layer: int, path: str | Path, na
     ax.set_title(f"{name} BOS token, dimension {dim}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sweep(curves_by_metric: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path,
@@ -71,8 +72,4 @@ def plot_sweep(curves_by_metric: dict[str, dict[str, list[tuple[int, float]]]], 
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
