@@ -32,7 +32,7 @@ class Budget:
             bad = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
             if bad:
                 raise ValueError(f"unknown zero-shot task {bad}; known: {', '.join(ZERO_SHOT_TASKS)}")
-        if self.max_tokens < self.context - 1:
+        if self.corpora and self.max_tokens < self.context - 1:
             raise ValueError(f"max_tokens ({self.max_tokens}) must fill at least one window (context {self.context})")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
