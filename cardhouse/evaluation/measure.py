@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..models.loading import LoadedModel
-from .corpora import available_corpora, tokenize_corpus
+from .corpora import get_corpus, tokenize_corpus
 from .perplexity import perplexity
 
 
@@ -23,15 +23,12 @@ class Budget:
     limit: int | None = None  # zero-shot examples per task
 
     def __post_init__(self):  # a bad budget fails before any model time is spent
-        unknown = [c for c in self.corpora if c not in available_corpora()]
-        if unknown:
-            raise ValueError(f"unknown corpus {unknown}; known: {', '.join(available_corpora())}")
+        for name in self.corpora:
+            get_corpus(name)  # an unknown name raises, listing the known ones
         if self.tasks:
-            from .zeroshot import ZERO_SHOT_TASKS
+            from .zeroshot import check_tasks
 
-            bad = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
-            if bad:
-                raise ValueError(f"unknown zero-shot task {bad}; known: {', '.join(ZERO_SHOT_TASKS)}")
+            check_tasks(self.tasks)
         if self.corpora and self.max_tokens < self.context - 1:
             raise ValueError(f"max_tokens ({self.max_tokens}) must fill at least one window (context {self.context})")
         if self.limit is not None and self.limit < 1:

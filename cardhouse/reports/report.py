@@ -69,22 +69,12 @@ class Settings:
 
     def check(self) -> None:
         """Bad settings fail here, before any model time is spent or any file is written."""
-        from ..evaluation.corpora import available_corpora
-
-        unknown = [c for c in self.corpora if c not in available_corpora()]
-        if unknown:
-            raise ValueError(f"unknown corpus {', '.join(unknown)}; known: {', '.join(available_corpora())}")
         if not self.corpora:
             raise ValueError("at least one corpus is needed for the attacks")
-        if self.tasks:
-            from ..evaluation.zeroshot import ZERO_SHOT_TASKS
-
-            bad = [t for t in self.tasks if t not in ZERO_SHOT_TASKS]
-            if bad:
-                raise ValueError(f"unknown zero-shot task {', '.join(bad)}; known: {', '.join(ZERO_SHOT_TASKS)}")
         if self.context < 2 or self.max_tokens < self.context:
             raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
                              f"--context ({self.context}) tokens")
+        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks, the task limit
         for name, value in (("--k", self.k), ("--attack-k", self.attack_k)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
