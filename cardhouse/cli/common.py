@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
+from .._files import write_atomically
 from .._install import InstallError
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError
@@ -69,9 +68,7 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
 
 
 def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=float)))
 
 
 def load(model: str, bos: bool | None):

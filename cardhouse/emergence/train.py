@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._files import write_atomically
 from ..analysis.massive_activations import Criterion, ScanResult, scan
 from ..models.loading import from_pretrained_objects
 from .model import GPT, GPTConfig
@@ -276,9 +276,7 @@ def _comparable(config: dict) -> dict:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # an interruption never leaves a half-written checkpoint
+    write_atomically(path, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
 
 def train_variant(config: TrainConfig, variant: str, data: TokenData, tokenizer, folder: Path, *,

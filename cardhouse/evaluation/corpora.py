@@ -12,7 +12,6 @@ import bz2
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import struct
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cardhouse._files import write_atomically
 from cardhouse._install import InstallError, apt_install, cache_dir, ensure_module, pip_download_sdist
 
 log = logging.getLogger(__name__)
@@ -349,15 +349,6 @@ def get_corpus(name: str) -> Corpus:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
     return CORPORA[name]
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_text(name: str) -> str:

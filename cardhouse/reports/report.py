@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from .._files import write_atomically
 from ..models.loading import LoadedModel
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
 
@@ -447,9 +448,7 @@ def _run_section(settings: Settings, versions: dict) -> Section:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def build_report(models: list[str | LoadedModel], out: str | Path, settings: Settings | None = None, *,
