@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from ..analysis.massive_activations import Criterion
 from ..analysis.massive_weights import find_massive_weights
-from ..interventions.weights import check_indices, random_indices
+from ..interventions.weights import check_indices, overwrite_slices, random_indices
 from ..models.adapters import Blocks
 from ..models.loading import LoadedModel
 
@@ -173,19 +173,13 @@ class MacDrop(TrainerCallback):
     def dropped(self, p: float, step: int = 0) -> Iterator[None]:
         """The rows multiplied by a Bernoulli(1 - p) keep-mask inside, the original bits back on exit."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-        saved = []
-        try:
-            with torch.no_grad():
-                for tensor, axis, index in self.slices:
-                    rows = tensor.index_select(axis, index)  # a copy
-                    saved.append((tensor, axis, index, rows))
-                    keep = torch.rand(rows.shape, generator=generator) >= p
-                    tensor.index_copy_(axis, index, rows * keep.to(rows.device, rows.dtype))
+
+        def masked(rows: torch.Tensor) -> torch.Tensor:
+            keep = torch.rand(rows.shape, generator=generator) >= p
+            return rows * keep.to(rows.device, rows.dtype)
+
+        with overwrite_slices([(tensor, axis, index, masked) for tensor, axis, index in self.slices]):
             yield
-        finally:
-            with torch.no_grad():
-                for tensor, axis, index, rows in reversed(saved):
-                    tensor.index_copy_(axis, index, rows)
 
     def rate(self, state) -> float:
         """p_t for the Trainer's next optimisation step."""

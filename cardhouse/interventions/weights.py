@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -36,14 +36,20 @@ def weights_digest(tensors: Sequence[torch.Tensor]) -> str:
 
 
 @contextmanager
-def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, float]]) -> Iterator[None]:
-    """Set ``tensor.index_select(axis, index)`` to ``value`` for each edit, restoring them on exit."""
+def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, float | Callable[[torch.Tensor], torch.Tensor]]]
+                     ) -> Iterator[None]:
+    """Set ``tensor.index_select(axis, index)`` to ``value`` (a number, or a function of the original
+    slice) for each edit, restoring the original bits on exit."""
     saved = []
     try:
         with torch.no_grad():
             for tensor, axis, index, value in edits:
-                saved.append((tensor, axis, index, tensor.index_select(axis, index).clone()))
-                tensor.index_fill_(axis, index, value)
+                original = tensor.index_select(axis, index)  # a copy
+                saved.append((tensor, axis, index, original))
+                if callable(value):
+                    tensor.index_copy_(axis, index, value(original))
+                else:
+                    tensor.index_fill_(axis, index, value)
         yield
     finally:
         with torch.no_grad():
