@@ -35,9 +35,11 @@ def weights_digest(tensors: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+SliceValue = float | Callable[[torch.Tensor], torch.Tensor]  # a number, or new values from the original slice
+
+
 @contextmanager
-def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, float | Callable[[torch.Tensor], torch.Tensor]]]
-                     ) -> Iterator[None]:
+def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, SliceValue]]) -> Iterator[None]:
     """Set ``tensor.index_select(axis, index)`` to ``value`` (a number, or a function of the original
     slice) for each edit, restoring the original bits on exit."""
     saved = []
