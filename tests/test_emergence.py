@@ -34,13 +34,16 @@ def tiny_pair(tokenizer, variant="bias"):
     return config, build(config, len(tokenizer), variant).eval()
 
 
-def test_models_differ_only_in_k_and_v_prime(tokenizer):
+@pytest.mark.parametrize("variant", ["bias", "sink"])
+def test_models_differ_only_in_k_and_v_prime(tokenizer, variant):
     _, standard = tiny_pair(tokenizer, "standard")
-    _, biased = tiny_pair(tokenizer, "bias")
+    _, biased = tiny_pair(tokenizer, variant)
     extra = set(biased.state_dict()) - set(standard.state_dict())
     assert extra == {f"transformer.h.{l}.attn.{p}" for l in range(2) for p in ("k_bias", "v_bias")}
     for name, tensor in standard.state_dict().items():
         assert torch.equal(tensor, biased.state_dict()[name]), name
+    assert torch.equal(biased.state_dict()["transformer.h.0.attn.k_bias"],
+                       tiny_pair(tokenizer, "bias")[1].state_dict()["transformer.h.0.attn.k_bias"])
 
 
 def test_bias_attention_equals_standard_attention_when_k_prime_scores_minus_infinity(tokenizer):
@@ -83,6 +86,35 @@ def test_k_and_v_prime_get_gradients(tokenizer):
     for block in model.transformer.h:
         assert float(block.attn.k_bias.grad.abs().sum()) > 0
         assert float(block.attn.v_bias.grad.abs().sum()) > 0
+
+
+def test_the_sink_slot_takes_attention_and_adds_nothing(tokenizer):
+    _, standard = tiny_pair(tokenizer, "standard")
+    _, sink = tiny_pair(tokenizer, "sink")
+    plain, slot = standard.transformer.h[0].attn, sink.transformer.h[0].attn
+    assert "v_bias" not in dict(sink.named_parameters()) and float(slot.v_bias.abs().sum()) == 0.0
+    with torch.no_grad():
+        slot.k_bias.normal_(std=1.0)  # so that k' takes a visible share
+    x = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p_plain, p_sink = plain.probs(x), slot.probs(x)  # [batch, head, query, slot + key]
+        left = 1 - p_sink[..., :1]  # what the tokens still get
+        assert float(p_sink[..., 0].min()) > 0.01
+        torch.testing.assert_close(p_sink[..., 1:], p_plain * left)  # k' takes a share from every token alike
+        _, _, v = plain.qkv(x)
+        heads = (p_plain @ v) * left  # v' = 0: the standard heads' output, scaled down
+        torch.testing.assert_close(slot(x), plain.c_proj(heads.transpose(1, 2).reshape(3, 10, 32)))
+
+
+def test_the_sink_slot_learns_its_key_and_keeps_a_zero_value(tokenizer, data, tmp_path):
+    config = TrainConfig(**TINY, steps=4, every=4)
+    train_variant(config, "sink", data, tokenizer, tmp_path, progress=False)
+    model, state = load_checkpoint(tmp_path / "checkpoint.pt")
+    start = build(config, len(tokenizer), "sink")
+    for trained, initial in zip(model.transformer.h, start.transformer.h):
+        assert not torch.equal(trained.attn.k_bias, initial.attn.k_bias)
+        assert float(trained.attn.v_bias.abs().sum()) == 0.0
+    assert state["model_config"]["zero_value"] and state["variant"] == "sink"
 
 
 def test_the_model_is_scannable_through_the_adapter_table(tokenizer):
@@ -171,7 +203,9 @@ def test_bad_configs_and_data_are_refused(tokenizer, data):
     with pytest.raises(ValueError, match="too few for a batch of 8 windows of 16 tokens"):
         train_variant(TrainConfig(**TINY), "standard", small, tokenizer, None, progress=False)
     with pytest.raises(ValueError, match="unknown variant"):
-        TrainConfig().model_config(10, "sink")
+        TrainConfig().model_config(10, "nosuch")
+    with pytest.raises(ValueError, match="zero_value needs attn_bias"):
+        GPTConfig(zero_value=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
@@ -184,7 +218,7 @@ def test_cuda_requested_without_cuda_falls_back_to_the_cpu():
 def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
     runner = CliRunner()
     for args, message in ((["--n-head", "3"], "must divide the width"),
-                          (["--variants", "standard,sink"], "unknown variant"),
+                          (["--variants", "standard,nosuch"], "unknown variant"),
                           (["--corpora", "nosuch"], "unknown corpus")):
         result = runner.invoke(app, ["emergence", *args, "--out", str(tmp_path / "out")])
         assert result.exit_code == 1, result.output
@@ -193,7 +227,7 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.real
-def test_cli_trains_both_variants_on_the_real_corpora(tmp_path):
+def test_cli_trains_the_variants_on_the_real_corpora(tmp_path):
     import json
 
     from cardhouse.emergence import config_with, load_data, smollm2_tokenizer
@@ -204,11 +238,12 @@ def test_cli_trains_both_variants_on_the_real_corpora(tmp_path):
     assert sum(data.corpora.values()) == len(data.train) + len(data.val)
     assert len(tokenizer) == 49152 and int(data.train.max()) < len(tokenizer)
     args = ["emergence", "--steps", "8", "--every", "4", "--warmup", "2", "--lr", "5e-3", "--n-layer", "2", "--n-embd", "64",
-            "--block-size", "32", "--device", "cuda", "--threads", "1", "--out", str(tmp_path)]
+            "--block-size", "32", "--device", "cuda", "--threads", "1", "--variants", "standard,bias,sink",
+            "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "emergence.json").read_text())
-    for variant in ("standard", "bias"):
+    for variant in ("standard", "bias", "sink"):
         run = results["runs"][variant]
         losses = [h["val_loss"] for h in run["history"]]
         assert [h["step"] for h in run["history"]] == [0, 4, 8]
@@ -218,7 +253,8 @@ def test_cli_trains_both_variants_on_the_real_corpora(tmp_path):
     if not torch.cuda.is_available():
         assert "CUDA is not available: training on the CPU" in result.output
     assert results["final"]["summary"]["standard"]["massive_layers"] == []  # 8 steps grow nothing massive
-    assert all(s > 0.01 for s in results["runs"]["bias"]["history"][-1]["attention"]["k_bias"])
+    for variant in ("bias", "sink"):
+        assert all(s > 0.01 for s in results["runs"][variant]["history"][-1]["attention"]["k_bias"])
     assert (tmp_path / "emergence.png").stat().st_size > 10_000
     carried = smollm2_tokenizer(tmp_path / "tokenizer")  # the run folder's own copy
     assert carried("Summer is warm.")["input_ids"] == tokenizer("Summer is warm.")["input_ids"]

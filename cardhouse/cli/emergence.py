@@ -35,7 +35,8 @@ def final_table(results: dict) -> Table:
 
 @app.command()
 def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 cores) or gpu (the larger scale)"),
-              variants: str = typer.Option("standard,bias", help="comma-separated: standard, bias (k', v')"),
+              variants: str = typer.Option("standard,bias", help="comma-separated: standard, bias (learned k', v'), "
+                                           "sink (learned k', v' fixed at zero)"),
               steps: Optional[int] = typer.Option(None, help="training steps (default: the config's)"),
               every: Optional[int] = typer.Option(None, help="measure, validate and checkpoint every N steps"),
               n_layer: Optional[int] = typer.Option(None, help="layers"),
@@ -55,7 +56,7 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
               out: Path = typer.Option(Path("cardhouse-out/emergence"), "--out", "-o",
                                        help="folder for checkpoints, emergence.json and PNG curves")):
     """Train a small GPT-2-style decoder from scratch in two variants (standard attention, and an explicit
-    attention bias k', v' per head, Sun et al. Sec. 5) and follow the massive-activation statistics of the
+    attention bias k', v' per head, Sun et al. Sec. 5; optionally a third, a sink slot: k' with v' = 0) and follow the massive-activation statistics of the
     project's scan and the attention on the first token and on k' over training.
 
     An interrupted run resumes from its last checkpoint when the same command is run again.

@@ -1,9 +1,11 @@
-"""A small GPT-2-style decoder (pre-norm, learned positions), nanoGPT style, in two variants.
+"""A small GPT-2-style decoder (pre-norm, learned positions), nanoGPT style, in three variants.
 
 The variants differ only in attention. With ``attn_bias=True`` every head has a learnable
 key k' and value v' prepended to the keys and values of every sequence (Sun et al. 2024,
 Sec. 5): a query can put weight on k' and receive v' instead of parking attention on the
-first token, which is what massive activations are thought to provide implicitly.
+first token, which is what massive activations are thought to provide implicitly. With
+``zero_value=True`` as well, v' is fixed at zero: a sink slot that can absorb attention but
+adds nothing, so the model may attend "nowhere" without a bias to add.
 
 The module names follow nanoGPT (``transformer.h[l].attn``, ``mlp.c_fc``, ``ln_2``, ...),
 and ``config.model_type`` is ``"nanogpt"``: the adapter table entry of that name makes the
@@ -28,6 +30,7 @@ class GPTConfig:
     n_embd: int = 128
     block_size: int = 128  # context length
     attn_bias: bool = False  # the explicit attention bias k', v' per head
+    zero_value: bool = False  # with attn_bias: v' fixed at zero (a sink slot), only k' is learned
     model_type: str = "nanogpt"  # the adapter table key
 
     def __post_init__(self):
@@ -36,6 +39,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"the head count ({self.n_head}) must divide the width n_embd ({self.n_embd})")
+        if self.zero_value and not self.attn_bias:
+            raise ValueError("zero_value needs attn_bias: it fixes the value of the bias slot")
 
     # the names the analyses read from Hugging Face configs
     @property
@@ -59,7 +64,11 @@ class CausalSelfAttention(nn.Module):
         n_slots = 1 if config.attn_bias else 0  # key slots before the sequence's own keys
         if config.attn_bias:
             self.k_bias = nn.Parameter(torch.zeros(config.n_head, 1, self.head_dim))  # k' [head, 1, hd], drawn in GPT
-            self.v_bias = nn.Parameter(torch.zeros(config.n_head, 1, self.head_dim))  # v' [head, 1, hd]
+            v_bias = torch.zeros(config.n_head, 1, self.head_dim)  # v' [head, 1, hd]
+            if config.zero_value:  # a buffer: no gradient, no optimizer state, zero forever
+                self.register_buffer("v_bias", v_bias)
+            else:
+                self.v_bias = nn.Parameter(v_bias)
         # additive mask [query, key slot]: query i sees the bias slot and keys 0..i
         T = config.block_size
         causal = torch.full((T, T), -math.inf).triu(1)

@@ -1,4 +1,4 @@
-"""Curves over training for both variants (Sun et al. Figs. 9-10 style) and the final side-by-side table."""
+"""Curves over training for the variants (Sun et al. Figs. 9-10 style) and the final side-by-side table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..reports.plots import save_figure  # noqa: E402
 
-COLORS = {"standard": "tab:blue", "bias": "tab:orange"}
+COLORS = {"standard": "tab:blue", "bias": "tab:orange", "sink": "tab:green"}
 
 
 def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
@@ -31,15 +31,16 @@ def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
         ratio.plot(steps, [r["max_ratio"] for r in h], "-", color=c, label=variant)
         attn.plot(steps, [_mean(r["attention"]["first_token"]) for r in h], "-", color=c,
                   label=f"{variant}: on the first token")
-        if variant == "bias":
-            attn.plot(steps, [_mean(r["attention"]["k_bias"]) for r in h], "--", color=c, label="bias: on k'")
+        has_slot = run["model"]["attn_bias"]
+        if has_slot:
+            attn.plot(steps, [_mean(r["attention"]["k_bias"]) for r in h], "--", color=c, label=f"{variant}: on k'")
         last = h[-1]
         layers = [r["layer"] for r in last["layers"]]
         final.plot(layers, [r["top-1"] for r in last["layers"]], "o-", color=c, label=f"{variant} top-1")
         final.plot(layers, [r["median"] for r in last["layers"]], "x--", color=c, label=f"{variant} median")
         final_attn.plot(layers, last["attention"]["first_token"], "o-", color=c, label=f"{variant}: first token")
-        if variant == "bias":
-            final_attn.plot(layers, last["attention"]["k_bias"], "s--", color=c, label="bias: k'")
+        if has_slot:
+            final_attn.plot(layers, last["attention"]["k_bias"], "s--", color=c, label=f"{variant}: k'")
     loss.set(title="cross-entropy", xlabel="step")
     mags.set(title="top-1 and median |a| (layer of the largest ratio)", xlabel="step", yscale="log")
     ratio.set(title="top-1 / median |a| (largest over layers)", xlabel="step", yscale="log")

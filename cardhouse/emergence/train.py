@@ -25,7 +25,13 @@ from ..analysis.massive_activations import Criterion, ScanResult, scan
 from ..models.loading import from_pretrained_objects
 from .model import GPT, GPTConfig
 
-VARIANTS = ("standard", "bias")  # bias: the explicit attention bias k', v'
+# variant -> what its attention has before the sequence's keys (GPTConfig fields)
+VARIANTS: dict[str, dict[str, bool]] = {
+    "standard": {},
+    "bias": {"attn_bias": True},  # the explicit attention bias: learned k' and v' per head
+    "sink": {"attn_bias": True, "zero_value": True},  # a learned k' whose value v' is zero
+}
+DEFAULT_VARIANTS = ("standard", "bias")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -67,7 +73,7 @@ class TrainConfig:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
         return GPTConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                         block_size=self.block_size, attn_bias=variant == "bias")
+                         block_size=self.block_size, **VARIANTS[variant])
 
 
 CONFIGS: dict[str, TrainConfig] = {
@@ -243,7 +249,7 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 
 
 def build(config: TrainConfig, vocab_size: int, variant: str) -> GPT:
-    """The seeded model: both variants get the same weights except k' and v' (drawn last)."""
+    """The seeded model: all variants get the same weights except k' and v' (drawn last, v' is zero)."""
     torch.manual_seed(config.seed)
     return GPT(config.model_config(vocab_size, variant))
 
@@ -375,10 +381,10 @@ def config_with(name: str = "cpu", **overrides) -> TrainConfig:
     return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = VARIANTS, tokenizer=None,
+def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = DEFAULT_VARIANTS, tokenizer=None,
         data: TokenData | None = None, resume: bool = True, stop_at: int | None = None,
         progress: bool = True) -> dict:
-    """Train every variant on the same data, seed and batches; write ``emergence.json`` and ``emergence.png``.
+    """Train each variant on the same data, seed and batches; write ``emergence.json`` and ``emergence.png``.
 
     One folder per variant under ``out`` holds its checkpoint.
     """
