@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -15,3 +16,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(data, path: Path) -> None:
+    """``data`` as indented JSON (numpy and torch scalars as floats), written atomically."""
+    write_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=float)))

@@ -14,7 +14,7 @@ from cardhouse.analysis import massive_activations, scan
 from cardhouse.analysis.prompts import builtin_prompts
 from cardhouse.capture import POINTS, hook_name, record
 from cardhouse.cli import app
-from cardhouse.emergence import GPT, GPTConfig, TrainConfig, load_checkpoint, split_tokens, train_variant
+from cardhouse.emergence import GPTConfig, TrainConfig, load_checkpoint, split_tokens, train_variant
 from cardhouse.emergence.train import build, get_batch, resolve_device, scan_model
 from cardhouse.models.adapters import Blocks
 from cardhouse.models.loading import from_pretrained_objects

@@ -7,7 +7,6 @@ set-to-mean 24.0. The margins below are far from those values.
 """
 
 import pytest
-import torch
 
 from cardhouse import find_massive_weights, load_model, scan
 from cardhouse.evaluation.measure import Budget, measurer

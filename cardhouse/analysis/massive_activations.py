@@ -10,14 +10,12 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from ..capture import StreamingStats, all_hook_names, hook_name, run_batches, tokenize_prompts
 from ..capture.stats import OutlierCounter
 from ..capture.hooks import parse_hook_name
 from ..models.loading import LoadedModel
 from .prompts import load_prompts
-from .tokens import FIRST_DELIMITER, ROLES, role_codes, roles
+from .tokens import ROLES, role_codes, roles
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .._files import write_atomically
+from .._files import write_json  # noqa: F401  (the commands import it from here)
 from .._install import InstallError
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError
@@ -65,10 +64,6 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
-
-
-def write_json(data: dict, path: Path) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=float)))
 
 
 def load(model: str, bos: bool | None):

@@ -10,7 +10,6 @@ as if it had not stopped (the batch sampler's state is in the checkpoint too).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._files import write_atomically
+from .._files import write_atomically, write_json
 from ..analysis.massive_activations import Criterion, ScanResult, scan
 from ..models.loading import from_pretrained_objects
 from .model import GPT, GPTConfig
@@ -409,5 +408,5 @@ def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = DEF
                                                         "corpora": data.corpora,
                                                         "epochs": max(r["tokens_seen"] for r in runs.values()) / len(data.train)},
                "runs": runs, "final": side_by_side(runs), "plots": plots}
-    (out / "emergence.json").write_text(json.dumps(results, indent=2, default=float))
+    write_json(results, out / "emergence.json")
     return results

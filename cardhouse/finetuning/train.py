@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .._files import write_json
 from ..evaluation.measure import Budget, measurer
 from ..interventions import Variant, original, run_variants, zero_rows
 from ..models.loading import LoadedModel
@@ -149,7 +150,7 @@ def finetune(lm: LoadedModel, config: FinetuneConfig | None = None, macdrop: Mac
                             val_loss_before=before, val_loss=after, steps=trainer.state.global_step,
                             seconds=seconds, n_train=len(train), n_val=len(val),
                             log_history=trainer.state.log_history, trainer=trainer)
-    (out / "finetune.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
+    write_json(result.to_dict(), out / "finetune.json")
     return result
 
 
@@ -234,6 +235,6 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
             row.update({f"{key}{suffix}": value for key, value in variant.items()
                         if key not in ("variant", "description") and not key.startswith("tokens_")})
         row["attacked_rows"] = rows[:ATTACK_K]
-        done.write_text(json.dumps(row, indent=2, default=float))
+        write_json(row, done)
         results.append(row)
     return results

@@ -11,7 +11,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable
 
-import torch
 
 from ..analysis.massive_activations import ScanResult
 from ..analysis.massive_weights import MassiveWeights
