@@ -187,6 +187,17 @@ def test_resume_from_checkpoint_continues_identically(tokenizer, data, tmp_path,
     assert resumed["history"] == straight["history"]
 
 
+def test_held_out_windows_come_from_every_corpus():
+    # regression: the windows were the first ones of the held-out text, i.e. only the first corpus's
+    data = split_tokens({"a": torch.arange(4, 1004), "b": torch.arange(2000, 3000)}, 0.1)  # every id once
+    x, y = train_module.val_windows(data, TrainConfig(**{**TINY, "eval_windows": 4}))
+    assert x.shape == y.shape == (4, 16)
+    assert int(x[0].max()) < 1004 and int(x[-1].min()) >= 2000  # both corpora's held-out ends
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    starts = [int((data.val == row[0]).nonzero()) for row in x]
+    assert starts[0] == 0 and all(b - a >= 16 for a, b in zip(starts, starts[1:]))  # no overlap
+
+
 def test_a_resume_with_another_config_is_refused(tokenizer, data, tmp_path):
     train_variant(TrainConfig(**TINY, steps=2, every=2), "standard", data, tokenizer, tmp_path, progress=False)
     with pytest.raises(ValueError, match="another config"):

@@ -157,11 +157,16 @@ def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int,
 
 
 def val_windows(data: TokenData, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-overlapping held-out windows: the same ones at every measurement."""
+    """Non-overlapping held-out windows ``x, y [n, T]``, spread evenly over the whole held-out text.
+
+    Spread, because the held-out text is every corpus's end one after the other: the first
+    windows alone would be the first corpus's. The same windows at every measurement.
+    """
     T = config.block_size
     n = min(config.eval_windows, (len(data.val) - 1) // T)
-    x = data.val[:n * T].view(n, T)
-    y = data.val[1:n * T + 1].view(n, T)
+    starts = torch.linspace(0, len(data.val) - T - 1, n).long().tolist()  # spaced >= T apart: n * T <= len - 1
+    x = torch.stack([data.val[s:s + T] for s in starts])
+    y = torch.stack([data.val[s + 1:s + T + 1] for s in starts])
     return x, y
 
 
@@ -317,7 +322,7 @@ def train_variant(config: TrainConfig, variant: str, data: TokenData, tokenizer,
     model.train()
     xv, yv = val_windows(data, config)
     prompts = scan_prompts(data, tokenizer, config)
-    attn_ids = xv[:config.batch_size]
+    attn_ids = xv[torch.linspace(0, len(xv) - 1, min(config.batch_size, len(xv))).long()]  # every corpus too
     tokens_per_step = config.batch_size * config.block_size
 
     def record(train_loss: float | None) -> None:
