@@ -198,6 +198,17 @@ def test_held_out_windows_come_from_every_corpus():
     assert starts[0] == 0 and all(b - a >= 16 for a, b in zip(starts, starts[1:]))  # no overlap
 
 
+def test_ngram_baselines_of_a_periodic_text():
+    text = torch.tensor([5, 6, 7] * 400)  # every token fixes the next one
+    data = split_tokens({"abc": text}, 0.1)
+    x, y = train_module.val_windows(data, TrainConfig(**TINY))
+    lines = train_module.ngram_baselines(data, x, y, vocab_size=50)
+    assert lines["unigram"] == pytest.approx(math.log(3), abs=0.05)  # three tokens, equally often
+    assert lines["bigram"] < 0.01  # the previous token says it all
+    unseen = train_module.ngram_baselines(data, torch.full_like(x, 9), y, vocab_size=50)  # contexts never seen
+    assert unseen["bigram"] == pytest.approx(unseen["unigram"])  # fall back to the unigram model
+
+
 def test_a_resume_with_another_config_is_refused(tokenizer, data, tmp_path):
     train_variant(TrainConfig(**TINY, steps=2, every=2), "standard", data, tokenizer, tmp_path, progress=False)
     with pytest.raises(ValueError, match="another config"):
@@ -267,6 +278,8 @@ def test_cli_trains_the_variants_on_the_real_corpora(tmp_path):
     for variant in ("bias", "sink"):
         assert all(s > 0.01 for s in results["runs"][variant]["history"][-1]["attention"]["k_bias"])
     assert (tmp_path / "emergence.png").stat().st_size > 10_000
+    lines = results["data"]["baselines"]
+    assert 5.0 < lines["bigram"] < lines["unigram"] < 8.0  # real text: the previous token helps
     carried = smollm2_tokenizer(tmp_path / "tokenizer")  # the run folder's own copy
     assert carried("Summer is warm.")["input_ids"] == tokenizer("Summer is warm.")["input_ids"]
     assert results["command"].startswith("cardhouse")

@@ -14,8 +14,11 @@ from ..reports.plots import save_figure  # noqa: E402
 COLORS = {"standard": "tab:blue", "bias": "tab:orange", "sink": "tab:green"}
 
 
-def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
-    """Loss, largest |a| and median, top-1/median ratio and attention shares over training; final per layer."""
+def plot_curves(runs: dict[str, dict], path: str | Path, baselines: dict[str, float] | None = None) -> Path:
+    """Loss, largest |a| and median, top-1/median ratio and attention shares over training; final per layer.
+
+    ``baselines``: held-out losses of counting models (``ngram_baselines``), drawn as lines.
+    """
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), dpi=110)
     (loss, mags, ratio), (attn, final, final_attn) = axes
     for variant, run in runs.items():
@@ -41,6 +44,8 @@ def plot_curves(runs: dict[str, dict], path: str | Path) -> Path:
         final_attn.plot(layers, last["attention"]["first_token"], "o-", color=c, label=f"{variant}: first token")
         if has_slot:
             final_attn.plot(layers, last["attention"]["k_bias"], "s--", color=c, label=f"{variant}: k'")
+    for (name, value), style in zip((baselines or {}).items(), (":", "--")):
+        loss.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} model, held-out")
     loss.set(title="cross-entropy", xlabel="step")
     mags.set(title="top-1 and median |a| (layer of the largest ratio)", xlabel="step", yscale="log")
     ratio.set(title="top-1 / median |a| (largest over layers)", xlabel="step", yscale="log")

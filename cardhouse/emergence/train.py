@@ -170,6 +170,27 @@ def val_windows(data: TokenData, config: TrainConfig) -> tuple[torch.Tensor, tor
     return x, y
 
 
+def ngram_baselines(data: TokenData, x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """Cross-entropy of counting models of the training text on the held-out windows ``x -> y``.
+
+    Where the loss curves stand against counting: a unigram model (add-one) and a bigram
+    model (Witten-Bell interpolation with the unigram: no parameter tuned on held-out text).
+    A transformer below the bigram line uses more context than the previous token.
+    """
+    train, V = data.train, vocab_size
+    unigram = (torch.bincount(train, minlength=V).double() + 1) / (len(train) + V)
+    pairs, counts = torch.unique(train[:-1] * V + train[1:], return_counts=True)  # sorted (previous, next) codes
+    context = torch.bincount(train[:-1], minlength=V).double()  # c(h)
+    followers = torch.bincount(pairs // V, minlength=V).double()  # distinct next tokens after h
+    h, w = x.flatten(), y.flatten()
+    query = h * V + w
+    i = torch.searchsorted(pairs, query).clamp(max=len(pairs) - 1)
+    seen = torch.where(pairs[i] == query, counts[i].double(), torch.zeros((), dtype=torch.float64))
+    bigram = torch.where(context[h] > 0, (seen + followers[h] * unigram[w]) / (context[h] + followers[h]).clamp(min=1),
+                         unigram[w])
+    return {"unigram": float(-unigram[w].log().mean()), "bigram": float(-bigram.log().mean())}
+
+
 def scan_prompts(data: TokenData, tokenizer, config: TrainConfig) -> list[str]:
     """Held-out text cut into windows of half the context (re-tokenizing them stays within it)."""
     length = config.block_size // 2 or 1
@@ -404,12 +425,14 @@ def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = DEF
     check_data(data, config)
     runs = {v: train_variant(config, v, data, tokenizer, out / v, resume=resume, stop_at=stop_at,
                              progress=progress) for v in variants}
-    plots = {"curves": str(plot_curves(runs, out / "emergence.png"))}
+    baselines = ngram_baselines(data, *val_windows(data, config), len(tokenizer))
+    plots = {"curves": str(plot_curves(runs, out / "emergence.png", baselines))}
     for v, r in runs.items():
         final = ScanResult(**r["final_scan"])
         plots[f"final_{v}"] = str(plot_top_magnitudes(final, out / f"final_{v}.png",
                                                       f"{v} variant after {r['step']} steps: top |a| per layer"))
     results = {"config": _config_dict(config), "data": {"train_tokens": len(data.train), "val_tokens": len(data.val),
+                                                        "baselines": baselines,
                                                         "corpora": data.corpora,
                                                         "epochs": max(r["tokens_seen"] for r in runs.values()) / len(data.train)},
                "runs": runs, "final": side_by_side(runs), "plots": plots}
