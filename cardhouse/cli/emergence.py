@@ -56,8 +56,9 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
               out: Path = typer.Option(Path("cardhouse-out/emergence"), "--out", "-o",
                                        help="folder for checkpoints, emergence.json and PNG curves")):
     """Train a small GPT-2-style decoder from scratch in two variants (standard attention, and an explicit
-    attention bias k', v' per head, Sun et al. Sec. 5; optionally a third, a sink slot: k' with v' = 0) and follow the massive-activation statistics of the
-    project's scan and the attention on the first token and on k' over training.
+    attention bias k', v' per head, Sun et al. Sec. 5; optionally a third, a sink slot: k' with v' = 0) and
+    follow the massive-activation statistics of the project's scan and the attention on the first token and
+    on k' over training.
 
     An interrupted run resumes from its last checkpoint when the same command is run again.
     """

@@ -78,8 +78,8 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
                                 max_steps=max_steps, limit=limit, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"),
-                             seed=seed)
+        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer,
+                             rows=parse_int_list(rows, "--rows"), seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
         budget = _budget(corpus, max_tokens, context, task, task_limit)
@@ -140,7 +140,8 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
                                 lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=limit,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"), seed=seed)
+        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"),
+                             seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
         budget = _budget(corpus, max_tokens, context, task, task_limit)

@@ -431,10 +431,10 @@ def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = DEF
         final = ScanResult(**r["final_scan"])
         plots[f"final_{v}"] = str(plot_top_magnitudes(final, out / f"final_{v}.png",
                                                       f"{v} variant after {r['step']} steps: top |a| per layer"))
-    results = {"config": _config_dict(config), "data": {"train_tokens": len(data.train), "val_tokens": len(data.val),
-                                                        "baselines": baselines,
-                                                        "corpora": data.corpora,
-                                                        "epochs": max(r["tokens_seen"] for r in runs.values()) / len(data.train)},
+    epochs = max(r["tokens_seen"] for r in runs.values()) / len(data.train)
+    results = {"config": _config_dict(config),
+               "data": {"train_tokens": len(data.train), "val_tokens": len(data.val), "baselines": baselines,
+                        "corpora": data.corpora, "epochs": epochs},
                "runs": runs, "final": side_by_side(runs), "plots": plots}
     write_json(results, out / "emergence.json")
     return results
