@@ -45,36 +45,54 @@ class Adapter:
     o_proj: str | None = None  # attn -> output projection (heads concatenated -> d_model)
     n_heads: str = "num_attention_heads"  # config attribute: number of query heads
     n_kv_heads: str | None = "num_key_value_heads"  # config attribute: key/value heads (GQA); None: one per query head
+    # the residual stream, for the function-preserving rescale (cardhouse/precision/rescale.py); None: not described
+    embeddings: tuple[str, ...] | None = None  # model -> tensors whose values enter the residual stream
+    writers: tuple[str, ...] | None = None  # block -> what is added to it: a tensor, or a module (weight and bias)
+    writer_norms: tuple[str, ...] = ()  # block -> norms whose output is added to it (sandwich norms)
+    readers: tuple[str, ...] | None = None  # block -> the norms that read it (their input's scale must not matter)
+    norm_offset: float = 0.0  # norms compute x_hat * (norm_offset + weight): Gemma's (1 + weight)
 
 
 _LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", resid_mid_norm="post_attention_layernorm",
               final_norm="model.norm", gate="gate_proj", up="up_proj", down="down_proj",
-              q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="o_proj")
-_SANDWICH = dict(_LLAMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True)
+              q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="o_proj",
+              embeddings=("model.embed_tokens.weight",), writers=("self_attn.o_proj", "mlp.down_proj"),
+              readers=("input_layernorm", "post_attention_layernorm"))
+_GEMMA = dict(_LLAMA, norm_offset=1.0)
+_SANDWICH = dict(_GEMMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True, writers=(),
+                 writer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                 readers=("input_layernorm", "pre_feedforward_layernorm"))
+_MOE = dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj", mlp_layout="experts",
+            act="experts.act_fn", router="gate")
 
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", **_LLAMA),
     "mistral": Adapter("mistral", **_LLAMA),
     "qwen2": Adapter("qwen2", **_LLAMA),
     "qwen3": Adapter("qwen3", **_LLAMA),
-    "gemma": Adapter("gemma", **_LLAMA),
+    "gemma": Adapter("gemma", **_GEMMA),
     "gemma2": Adapter("gemma2", **_SANDWICH),
     "gemma3_text": Adapter("gemma3_text", **_SANDWICH),
     "phi3": Adapter("phi3", **dict(_LLAMA, gate=None, up="gate_up_proj", mlp_layout="fused", act="activation_fn",
                                    q_proj=None, k_proj=None, v_proj=None)),  # fused qkv_proj
     "gpt2": Adapter("gpt2", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                     final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="conv1d", act="act",
-                    n_heads="n_head", n_kv_heads=None),
-    "mixtral": Adapter("mixtral", **dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj",
-                                         mlp_layout="experts", act="experts.act_fn", router="gate")),
-    "qwen2_moe": Adapter("qwen2_moe", **dict(_LLAMA, gate=None, up="experts.gate_up_proj",
-                                             down="experts.down_proj", mlp_layout="experts",
-                                             act="experts.act_fn", router="gate")),
+                    n_heads="n_head", n_kv_heads=None, embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
+                    writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2")),
+    "mixtral": Adapter("mixtral", **dict(_MOE, writers=("self_attn.o_proj", "mlp.experts.down_proj"))),
+    "qwen2_moe": Adapter("qwen2_moe", **dict(_MOE, writers=("self_attn.o_proj", "mlp.experts.down_proj",
+                                                             "mlp.shared_expert.down_proj"))),
     # cardhouse's own from-scratch decoder (cardhouse/emergence/model.py): GPT-2 names, nn.Linear FFN
     "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
-                       final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act"),
+                       final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act",
+                       embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
+                       writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2")),
+    # the layer scales (lambda1) multiply what each branch adds to the residual stream
     "dinov2": Adapter("dinov2", layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2",
-                      final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn"),
+                      final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn",
+                      embeddings=("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings",
+                                  "embeddings.patch_embeddings.projection"),
+                      writers=("layer_scale1.lambda1", "layer_scale2.lambda1"), readers=("norm1", "norm2")),
 }
 
 # Config-dependent layouts of a family (same model_type, different FFN modules).

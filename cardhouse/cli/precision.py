@@ -1,0 +1,197 @@
+"""Commands for deployment precision: precision (headroom, float16 run, rescale), quantize, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, err, load,
+                     writable_folder)
+
+
+def _headroom_table(title: str, room: dict, run: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("layer", "worst point", "max |a|", "float16 margin", "fp8 e4m3 margin", "token"):
+        t.add_column(col, justify="right" if col != "worst point" else "left")
+    by_layer: dict[int, dict] = {}
+    for p in room["points"]:
+        if p["max_abs"] > by_layer.get(p["layer"], {"max_abs": -1})["max_abs"]:
+            by_layer[p["layer"]] = p
+    for layer, p in sorted(by_layer.items()):
+        m16 = p["margins"]["float16"]
+        style = "bold red" if m16 < 0 else ""
+        t.add_row(str(layer), p["point"], f"{p['max_abs']:,.1f}", f"[{style}]{m16:+.2f}[/{style}]" if style else f"{m16:+.2f}",
+                  f"{p['margins']['fp8_e4m3']:+.2f}", f"pos {p['position']}")
+    console.print(t)
+    if run["unsupported"]:
+        console.print(f"[yellow]{run['dtype']} run impossible here:[/yellow] {run['unsupported']}")
+    elif run["finite"]:
+        console.print(f"{run['dtype']} run: no inf/NaN in any module")
+    else:
+        console.print(f"[bold red]{run['dtype']} run: first {run['first_kind']} in {run['first_module']}[/bold red] "
+                      f"({run['first_module_type']}, layer {run['first_layer']}; largest finite input "
+                      f"{run['input_max_abs'] or 0:,.0f}); {run['modules_nonfinite']} module outputs non-finite")
+
+
+@app.command("precision")
+def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
+                  limit: Optional[int] = typer.Option(16, help="calibration: the first N prompts"),
+                  dtype: str = typer.Option("float16", help="the format to really run the model in (float16, bfloat16)"),
+                  rescale: bool = typer.Option(False, "--rescale", help="divide the residual stream by a power of "
+                                               "two (function-preserving) so that every activation fits, and verify"),
+                  power: Optional[int] = typer.Option(None, help="the power of two (default: chosen from the headroom)"),
+                  margin: float = typer.Option(2.0, help="doublings kept free below the format's largest value"),
+                  corpus: str = typer.Option("wikipedia", help="corpus for --max-tokens"),
+                  max_tokens: int = typer.Option(0, "--max-tokens", help="perplexity in DTYPE vs float32 on this many "
+                                                 "corpus tokens (0: skip; slow on a CPU)"),
+                  context: int = typer.Option(256, help="perplexity window"),
+                  export: Optional[Path] = typer.Option(None, "--export", help="with --rescale: write the rescaled "
+                                                        "model here as a Hugging Face folder"),
+                  force: bool = typer.Option(False, "--force", help="let --export write into a non-empty folder"),
+                  batch_size: int = typer.Option(8), bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+    """Headroom of every activation against float16 / bfloat16 / FP8, the first module that overflows when the
+    model really runs in float16, and (--rescale) a function-preserving fix."""
+    from ..analysis import load_prompts
+    from ..capture import tokenize_prompts
+    from ..export import check_export_folder, export_model
+    from ..precision.check import PrecisionSettings, check_precision
+    from ..precision.rescale import rescaled
+    from ..reports.precision_plots import plot_headroom
+    from ..results import write_result
+
+    with clear_errors():
+        settings = PrecisionSettings(dtype=dtype, rescale=rescale, power=power, margin=margin, batch_size=batch_size,
+                                     corpus=corpus, max_tokens=max_tokens, context=context)
+        if export is not None and not rescale:
+            raise ValueError("--export writes the rescaled model: give --rescale too (or use `cardhouse export`)")
+        if export is not None:
+            check_export_folder(export, force)
+        folder = writable_folder(out)
+        check_writable_file(folder / "precision.json")
+        texts = load_prompts(prompts, limit=limit)
+        lm = load(model, bos)
+        token_lists = tokenize_prompts(lm, texts)
+        with err.status(f"headroom and a real {dtype} run of {lm.name}"):
+            result = check_precision(lm, token_lists, settings, progress=False)
+        _headroom_table(f"{lm.name}: largest |activation| per layer ({result['headroom']['tokens']} tokens)",
+                        result["headroom"], result["run"])
+        rs = result.get("rescale")
+        if rs:
+            change = rs["logits_change_float32"]
+            console.print(f"rescale: residual stream / 2^{rs['plan']['power']} (margin {margin:g} doublings); "
+                          f"float32 logits change at most {change['max_abs_logit_diff']:.3g} "
+                          f"({change['relative']:.2e} of the largest), same top-1 on {change['same_top1']:.1%} of tokens")
+            if rs["unfixed"]:
+                err.print(f"[yellow]warning:[/yellow] points the rescale does not scale still exceed the margin: "
+                          f"{', '.join(rs['unfixed'][:5])}")
+            _headroom_table(f"{lm.name} after / 2^{rs['plan']['power']}", rs["after"]["headroom"], rs["after"]["run"])
+        for key, part in (("before", result), ("after", (rs or {}).get("after", {}))):
+            if "perplexity" in part:
+                p = part["perplexity"]
+                console.print(f"perplexity {key}: float32 {p['float32']:.3f}, {dtype} {p[dtype]:.3f} "
+                              f"(x{p['ratio']:.4f}, {p['tokens']} tokens of {p['corpus']})")
+        png = plot_headroom(result["headroom"], folder / "precision.png", f"{lm.name}: headroom per layer",
+                            after=rs["after"]["headroom"] if rs else None, power=rs["plan"]["power"] if rs else None)
+        write_result(folder / "precision.json", result, model=lm.describe(), settings=settings.to_dict(),
+                     plots={"headroom": str(png)})
+        console.print(f"wrote {folder / 'precision.json'}, {png}")
+        if export is not None:
+            p = rs["plan"]["power"]
+            with rescaled(lm, p) as plan:
+                export_model(lm, export, edit={"kind": "rescale", "power": p, "plan": plan.to_dict(),
+                                               "logits_change_float32": rs["logits_change_float32"]}, force=force)
+            console.print(f"wrote the rescaled model to {export}")
+
+
+FOLD_REFUSED = {"set-zero": "sets the massive activations to zero on the carrier tokens only",
+                "set-mean": "sets the massive activations to their mean on the carrier tokens only"}
+
+
+@app.command("export")
+def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging Face format)"), model: str = ModelOpt,
+               attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: topk-zero, "
+                                                         "topk-retain, super-weight, random-zero, random-retain, "
+                                                         "random-weight"),
+               k: int = typer.Option(5, help="rows for --attack"),
+               layer: Optional[int] = typer.Option(None, help="layer for --attack (default: detected)"),
+               indices: Optional[str] = typer.Option(None, help="comma-separated rows for --attack"),
+               seed: int = typer.Option(0, help="seed of a random control attack"),
+               rescale: bool = typer.Option(False, "--rescale", help="the function-preserving float16 rescale"),
+               power: Optional[int] = typer.Option(None, help="its power of two (default: from the headroom)"),
+               margin: float = typer.Option(2.0, help="doublings kept free below float16's largest value"),
+               prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(16, help="calibration prompts for --rescale"),
+               adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter folder (e.g. "
+                                                      "`cardhouse finetune`'s OUT/adapter, MacDrop or not) merged "
+                                                      "into the weights first"),
+               intervention: Optional[str] = typer.Option(None, "--intervention", help="set-zero or set-mean: refused "
+                                                          "(they act on activations of single tokens)"),
+               gguf: bool = typer.Option(False, "--gguf", help="also write the tensors as model.gguf"),
+               force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
+               bos: Optional[bool] = BosOpt):
+    """Write a model with its edits folded into the weights as a standard Hugging Face folder (safetensors, config,
+    tokenizer) plus cardhouse-edit.json; `transformers` loads it without cardhouse."""
+    from ..analysis import find_massive_weights, load_prompts
+    from ..export import check_export_folder, export_variants
+    from ..interventions import CONTROL, attack
+    from ..interventions.variants import ATTACKS
+
+    with clear_errors():
+        if intervention is not None:
+            reason = FOLD_REFUSED.get(intervention)
+            if reason is None:
+                raise ValueError(f"unknown intervention {intervention!r}; known: {', '.join(FOLD_REFUSED)}")
+            raise ValueError(f"--intervention {intervention} {reason}: a per-token edit of activations has no exact "
+                             "form as weights, so it cannot be exported (nothing was written)")
+        if attack_kind is not None and attack_kind not in ATTACKS:
+            raise ValueError(f"unknown attack {attack_kind!r}; known: {', '.join(ATTACKS)}")
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        if power is not None and not rescale:
+            raise ValueError("--power belongs to --rescale")
+        from .common import parse_int_list
+
+        chosen = parse_int_list(indices, "--indices")
+        check_export_folder(folder, force)
+        texts = load_prompts(prompts, limit=limit) if rescale else None
+        lm = load(model, bos)
+        extra = []
+        if adapter is not None:
+            lm = _merge_adapter(lm, adapter)
+            extra.append({"kind": "adapter", "path": str(adapter), "merged": True})
+        variants = []
+        if attack_kind is not None:
+            mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
+            variants.append(attack(lm, mw, attack_kind, k=k, indices=chosen, seed=seed))
+        if rescale:
+            variants.append(_rescale_variant(lm, texts, power, margin))
+        record = export_variants(lm, variants, folder, force=force, gguf=gguf, extra=extra)
+        done = ", ".join(e.get("name", e["kind"]) for e in record["edit"]) or "no edit"
+        console.print(f"wrote {folder} ({done}): {', '.join(record['files'])}")
+
+
+def _merge_adapter(lm, adapter: Path):
+    from peft import PeftModel
+
+    from ..models.loading import from_pretrained_objects
+
+    with err.status(f"merging the adapter {adapter}"):
+        merged = PeftModel.from_pretrained(lm.model, str(adapter)).merge_and_unload()
+    return from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name}+{adapter.name}", source=lm.source, bos=lm.bos)
+
+
+def _rescale_variant(lm, texts, power, margin):
+    from ..capture import tokenize_prompts
+    from ..interventions.variants import Variant
+    from ..precision import choose_power, headroom, rescaled
+
+    if power is None:
+        room = headroom(lm, tokenize_prompts(lm, texts), progress=False)
+        power, unfixed = choose_power(room, margin=margin)
+        if unfixed:
+            err.print(f"[yellow]warning:[/yellow] not scaled by the rescale and above the margin: {', '.join(unfixed[:5])}")
+    return Variant(f"rescale 2^-{power}", f"residual stream divided by 2^{power} (function-preserving; float16 "
+                   f"margin {margin:g} doublings)", lambda: rescaled(lm, power))
