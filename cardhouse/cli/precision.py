@@ -195,3 +195,79 @@ def _rescale_variant(lm, texts, power, margin):
             err.print(f"[yellow]warning:[/yellow] not scaled by the rescale and above the margin: {', '.join(unfixed[:5])}")
     return Variant(f"rescale 2^-{power}", f"residual stream divided by 2^{power} (function-preserving; float16 "
                    f"margin {margin:g} doublings)", lambda: rescaled(lm, power))
+
+
+@app.command("quantize")
+def quantize_cmd(model: str = ModelOpt,
+                 weights: str = typer.Option("8,4,4g64", help="weight schemes: BITS (per channel) or BITSgGROUP, "
+                                             "comma-separated; '' for none"),
+                 acts: str = typer.Option("8:tensor,8:token", help="activation schemes BITS:tensor or BITS:token; "
+                                          "'' for none"),
+                 protect: bool = typer.Option(True, "--protect/--no-protect", help="each scheme with every "
+                                              "protection and its random control"),
+                 k: int = typer.Option(2, help="massive-weight rows to protect"),
+                 seed: int = typer.Option(0, help="seed of the random controls"),
+                 prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(16, help="calibration prompts (the "
+                                                                                "massive activation channels)"),
+                 corpus: str = typer.Option("wikipedia", help="perplexity corpus"),
+                 max_tokens: int = typer.Option(1022, "--max-tokens", help="corpus tokens (the same for every row)"),
+                 context: int = typer.Option(512, help="perplexity window"),
+                 bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+    """Simulated round-to-nearest quantization (weights int8/int4 per channel or group, activations and keys/values
+    int8 per tensor or token) by perplexity, with and without protecting the massive weights, the super weight, the
+    BOS token's keys/values and the massive activation channels, each against a random protection of equal size."""
+    from ..analysis import load_prompts
+    from ..capture import tokenize_prompts
+    from ..evaluation.measure import Budget
+    from ..precision.quantize import find_targets
+    from ..precision.study import quantization_study, study_schemes
+    from ..reports.precision_plots import plot_quantization
+    from ..results import write_result
+
+    with clear_errors():
+        specs_w = [s for s in weights.split(",") if s.strip()]
+        specs_a = [s for s in acts.split(",") if s.strip()]
+        schemes = study_schemes(specs_w, specs_a, protect=protect)
+        if not schemes:
+            raise ValueError("no scheme: give --weights and/or --acts")
+        budget = Budget(corpora=[corpus], max_tokens=max_tokens, context=context)
+        folder = writable_folder(out)
+        check_writable_file(folder / "quantize.json")
+        texts = load_prompts(prompts, limit=limit)
+        lm = load(model, bos)
+        from ..precision.quantize import check_scheme
+
+        for scheme in schemes:  # a group size that does not divide a width: before any measurement
+            check_scheme(lm, scheme)
+        with err.status("finding the massive weights, the super weight and the massive channels"):
+            targets = find_targets(lm, tokenize_prompts(lm, texts), k=k, seed=seed)
+        settings = {"weights": specs_w, "acts": specs_a, "protect": protect, "k": k, "seed": seed,
+                    "budget": budget.to_dict()}
+        done: list[dict] = []
+
+        def save(complete: bool):
+            write_result(folder / "quantize.json", {"targets": targets.to_dict(), "rows": done}, model=lm.describe(),
+                         settings=settings, complete=complete)
+
+        result = quantization_study(lm, schemes, budget, targets, on_result=lambda row: (done.append(row), save(False)),
+                                    progress=True)
+        save(True)
+        base = result.rows[0][f"ppl_{corpus}"]
+        table = result.table(corpus)
+        _quant_table(lm.name, table, base, corpus)
+        png = plot_quantization(table, base, folder / "quantize.png", f"{lm.name}: RTN fake quantization, "
+                                f"{result.rows[0][f'tokens_{corpus}']} tokens of {corpus}")
+        console.print(f"wrote {folder / 'quantize.json'}, {png}")
+
+
+def _quant_table(name: str, table: dict, base: float, corpus: str) -> None:
+    from rich.table import Table
+
+    protections = list(dict.fromkeys(p for row in table.values() for p in row))
+    t = Table(title=f"{name}: perplexity on {corpus} (float32 {base:.3f})")
+    t.add_column("scheme")
+    for p in protections:
+        t.add_column(p, justify="right")
+    for scheme, row in table.items():
+        t.add_row(scheme, *(f"{row[p]:,.3f}" if p in row else "" for p in protections))
+    console.print(t)

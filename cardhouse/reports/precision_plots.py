@@ -33,3 +33,33 @@ def plot_headroom(headroom: dict, path: str | Path, title: str, after: dict | No
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
+
+
+_PROTECT_COLORS = {"none": "0.55", "massive-rows": "tab:red", "random-rows": "mistyrose", "super-weight": "tab:purple",
+                   "random-weight": "thistle", "bos-kv": "tab:blue", "random-kv": "lightsteelblue",
+                   "massive-dims": "tab:green", "random-dims": "honeydew"}
+
+
+def plot_quantization(table: dict[str, dict[str, float]], baseline: float, path: str | Path, title: str) -> Path:
+    """Perplexity per scheme (groups) and protection (bars; pale: the random control), log scale."""
+    import math
+
+    import numpy as np
+
+    schemes = list(table)
+    protections = list(dict.fromkeys(p for row in table.values() for p in row))
+    width = 0.8 / max(len(protections), 1)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(schemes)), 4.5))
+    x = np.arange(len(schemes))
+    for i, protect in enumerate(protections):
+        values = [table[s].get(protect, math.nan) for s in schemes]
+        shown = [v if math.isfinite(v) else math.nan for v in values]
+        ax.bar(x + (i - (len(protections) - 1) / 2) * width, shown, width, label=protect,
+               color=_PROTECT_COLORS.get(protect, None), edgecolor="0.3", linewidth=0.4)
+    ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label=f"float32 {baseline:.2f}")
+    ax.set_xticks(x, schemes, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=3)
+    return save_figure(fig, path)

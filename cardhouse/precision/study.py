@@ -1,0 +1,91 @@
+"""The quantization study: perplexity under each RTN scheme, with and without each protection and its
+random control, on the same tokens (``run_variants``: the weights are checked to be restored)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ..evaluation.measure import Budget, measurer
+from ..interventions.variants import Variant, original, run_variants
+from ..models.loading import LoadedModel
+from .quantize import Scheme, Targets, check_scheme, quantized
+
+WEIGHT_STUDY = ("none", "massive-rows", "random-rows", "super-weight", "random-weight")
+ACT_STUDY = ("none", "bos-kv", "random-kv", "massive-dims", "random-dims")
+
+
+def parse_weight_spec(spec: str) -> tuple[int, int | None]:
+    """``"4"`` -> 4 bits per channel; ``"4g64"`` -> 4 bits in groups of 64."""
+    bits, _, group = spec.strip().lower().lstrip("w").partition("g")
+    try:
+        return int(bits), int(group) if group else None
+    except ValueError:
+        raise ValueError(f"weight scheme {spec!r}: write BITS or BITSgGROUP, e.g. 8, 4, 4g64") from None
+
+
+def parse_act_spec(spec: str) -> tuple[int, str]:
+    """``"8:tensor"`` or ``"8:token"``."""
+    bits, _, gran = spec.strip().lower().lstrip("a").partition(":")
+    try:
+        return int(bits), gran or "token"
+    except ValueError:
+        raise ValueError(f"activation scheme {spec!r}: write BITS:tensor or BITS:token, e.g. 8:tensor") from None
+
+
+def study_schemes(weights: Sequence[str] = ("8", "4", "4g64"), acts: Sequence[str] = ("8:tensor", "8:token"),
+                  protect: bool = True) -> list[Scheme]:
+    """Each weight scheme with every weight protection and its control, each activation scheme with every
+    activation protection and its control (``protect=False``: the bare schemes)."""
+    schemes = []
+    for spec in weights:
+        bits, group = parse_weight_spec(spec)
+        schemes += [Scheme(weight_bits=bits, group=group, protect=p) for p in (WEIGHT_STUDY if protect else ["none"])]
+    for spec in acts:
+        bits, gran = parse_act_spec(spec)
+        schemes += [Scheme(act_bits=bits, act_granularity=gran, protect=p) for p in (ACT_STUDY if protect else ["none"])]
+    return schemes
+
+
+@dataclass
+class StudyResult:
+    rows: list[dict]
+    targets: dict
+
+    def table(self, corpus: str) -> dict[str, dict[str, float]]:
+        """base scheme -> protection -> perplexity."""
+        out: dict[str, dict[str, float]] = {}
+        for row in self.rows:
+            if row["variant"] == "original":
+                continue
+            out.setdefault(row["base"], {})[row["protect"]] = row[f"ppl_{corpus}"]
+        return out
+
+
+def quantization_study(lm: LoadedModel, schemes: Sequence[Scheme], budget: Budget, targets: Targets,
+                       on_result: Callable[[dict], None] | None = None, progress: bool = False) -> StudyResult:
+    for scheme in schemes:
+        check_scheme(lm, scheme)
+    infos: dict[str, dict] = {}
+
+    @contextmanager
+    def apply(scheme: Scheme):
+        with quantized(lm, scheme, targets) as info:
+            infos[scheme.name] = info  # what it protected (entries, channels), for the row
+            yield
+
+    def variant(scheme: Scheme) -> Variant:
+        return Variant(scheme.name, str(scheme.to_dict()), lambda: apply(scheme))
+
+    def annotate(row: dict) -> None:
+        scheme = next((s for s in schemes if s.name == row["variant"]), None)
+        if scheme is not None:
+            base = Scheme(scheme.weight_bits, scheme.group, scheme.act_bits, scheme.act_granularity, "none")
+            row.update(base=base.name, protect=scheme.protect, info=infos.get(scheme.name, {}))
+        if on_result:
+            on_result(row)
+
+    rows = run_variants(lm, [original()] + [variant(s) for s in schemes], measurer(lm, budget, progress=progress),
+                        on_result=annotate, reuse=False)
+    return StudyResult(rows, targets.to_dict())
