@@ -69,8 +69,7 @@ def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: i
         return {n: keep for n in names}
 
     names = [hook_name(l, p) for l in range(n_layers) for p in _TRACE_POINTS]
-    if not lm.blocks.is_moe:
-        names += [hook_name(l, "mlp.hook_post") for l in range(n_layers)]
+    names += [hook_name(l, "mlp.hook_post") for l in range(n_layers) if not lm.blocks.is_moe_layer(l)]
     run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
     inverse = torch.argsort(torch.tensor(order))
     return {name: torch.cat(parts)[inverse] for name, parts in rows.items()}, float(torch.cat(magnitudes).median())
