@@ -56,7 +56,7 @@ def d_mlp(lm: LoadedModel) -> int:
     return EXPECTED_D_MLP[lm.family]
 
 
-def text_config(family: str):
+def text_config(family: str, **overrides):
     from transformers import AutoConfig
 
     ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
@@ -78,7 +78,7 @@ def text_config(family: str):
                           norm_topk_prob=True)
         if family == "olmoe":
             kwargs.update(num_experts=N_EXPERTS, num_experts_per_tok=2)
-    return AutoConfig.for_model(family, **kwargs)
+    return AutoConfig.for_model(family, **kwargs | overrides)
 
 
 def build_text_model(family: str, seed: int = 0):

@@ -437,7 +437,7 @@ def test_scan_finds_a_planted_massive_activation(family, tokenizer):
 def test_find_massive_weights_is_well_formed(text_lm):
     mw = find_massive_weights(text_lm, k=4)
     assert isinstance(mw, MassiveWeights)
-    size = d_mlp(text_lm)
+    size = d_mlp(text_lm) if mw.expert != "shared" else D_MLP  # qwen2_moe's shared expert is wider
     assert 0 <= mw.layer < N_LAYERS and 0 <= mw.dim < D_MODEL and mw.intermediate_size == size
     assert mw.k == 4 and len(mw.indices) == 4 == len(set(mw.indices)) == len(mw.activations) == len(mw.rows)
     assert all(0 <= i < size for i in mw.indices)
@@ -449,7 +449,7 @@ def test_find_massive_weights_is_well_formed(text_lm):
     assert mw.super_weight["row"] == mw.dim and mw.super_weight["column"] in mw.indices
     assert [t["layer"] for t in mw.trace] == list(range(N_LAYERS))
     if text_lm.blocks.is_moe:
-        assert 0 <= mw.expert < N_EXPERTS
+        assert mw.expert in [*range(N_EXPERTS), "shared"] and mw.experts[0]["expert"] == mw.expert
     else:
         assert mw.expert is None
     assert mw.to_dict()["n_weights"] == mw.n_weights
@@ -458,7 +458,8 @@ def test_find_massive_weights_is_well_formed(text_lm):
 
 def test_find_massive_weights_k_out_of_range_names_the_size(tiny):
     for family in ("llama", "gpt2", "qwen2_moe"):
-        size = EXPECTED_D_MLP[family]
+        size = find_massive_weights(tiny(family), k=1, n_prompts=2).intermediate_size  # the chosen expert's
+        assert size in {EXPECTED_D_MLP[family], D_MLP}  # qwen2_moe: a routed expert's, or the shared expert's
         for k in (size + 1, 0):
             with pytest.raises(ValueError, match=rf"k={k}.*{size} intermediate"):
                 find_massive_weights(tiny(family), k=k, n_prompts=2)
