@@ -129,8 +129,10 @@ class _Max:
 
     value: float = 0.0
     where: dict = field(default_factory=dict)
+    tokens: int = 0  # tokens routed to it
 
     def add(self, out: torch.Tensor, rows: torch.Tensor, batch, width: int) -> None:
+        self.tokens += out.shape[0]
         flat = out.abs().float()
         value = float(flat.max()) if flat.numel() else 0.0
         if value > self.value:
@@ -245,13 +247,15 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     collapsed = [r["layer"] for r in router if r["carrier"]["top1"] >= collapse]
     values = {key: m.value for key, m in maxima.items()}
     flagged, cut = super_expert_rule(values, percentile=percentile, fraction=fraction) if values else ([], 0.0)
-    table = [{"layer": l, "expert": e, "max_abs": m.value, **m.where} for (l, e), m in maxima.items()]
+    table = [{"layer": l, "expert": e, "max_abs": m.value, "tokens": m.tokens, **m.where} for (l, e), m in maxima.items()]
     super_experts = {
         "percentile": percentile, "fraction": fraction, "threshold": cut,
         "layer_max": {str(l): max(values[(l, e)] for e in range(n_experts[l])) for l in layers},
-        "flagged": [{"layer": l, "expert": e, "max_abs": values[(l, e)], **maxima[(l, e)].where} for l, e in flagged],
+        "flagged": [{"layer": l, "expert": e, "max_abs": values[(l, e)], "tokens": maxima[(l, e)].tokens,
+                     **maxima[(l, e)].where} for l, e in flagged],
         "experts": table,
-        "shared": [{"layer": l, "expert": SHARED, "max_abs": m.value, **m.where} for l, m in shared_max.items()],
+        "shared": [{"layer": l, "expert": SHARED, "max_abs": m.value, "tokens": m.tokens, **m.where}
+                   for l, m in shared_max.items()],
     }
     notes = []
     dense = [l for l in range(len(blocks)) if l not in layers]

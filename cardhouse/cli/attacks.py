@@ -58,10 +58,16 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, **header)
 
 
 @app.command("attack")
-def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, super-weight, or 'all' for the papers' table"),
+def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, super-weight, or 'all' for the papers' "
+                                          "table; Mixture of Experts: expert-topk-zero, expert-topk-retain, "
+                                          "expert-ablate, super-experts, or 'moe' for all four"),
                model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
                layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
+               expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
+                                                    "default: the carrier's)"),
+               percentile: Optional[float] = typer.Option(None, help="MoE super experts: percentile rule (99.5)"),
+               fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max (0.1)"),
                seed: int = typer.Option(0, help="seed of the random control"),
                corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
                task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
@@ -70,14 +76,36 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
     from ..analysis import find_massive_weights
     from ..analysis import scan as run_scan
     from ..interventions import CONTROL, attack, intervention, original
+    from ..interventions.experts import MOE_ATTACKS
 
     with clear_errors():
         check_writable_file(json_path)
-        if kind != "all" and kind not in CONTROL:
-            raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all")
+        if kind not in ("all", "moe", *CONTROL, *MOE_ATTACKS):
+            raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all; "
+                             f"Mixture of Experts: {', '.join(MOE_ATTACKS)}, moe")
+        is_moe = kind in ("moe", *MOE_ATTACKS)
+        if is_moe:
+            from .moe import check_moe_options
+
+            check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
+            which = None if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
+        elif expert is not None or percentile is not None or fraction is not None:
+            raise ValueError("--expert, --percentile and --fraction are for the Mixture-of-Experts attacks")
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = load(model, bos)
         chosen = parse_int_list(indices, "--indices")
+        lm = load(model, bos)
+        if is_moe:
+            from ..interventions.experts import moe_variants
+
+            which = "shared" if expert == "shared" else which
+            variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
+                                                percentile=percentile, fraction=fraction)
+            if not mw.massive:
+                err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
+                     f"rows {target.indices}; super experts {target.super_experts}",
+                     massive_weights=mw.to_dict(), target=target.__dict__)
+            return
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")

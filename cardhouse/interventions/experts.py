@@ -171,3 +171,39 @@ def expert_attack(lm: LoadedModel, target: ExpertTarget, kind: str, *, k: int | 
     first = min([layer] + [l for l, _ in target.super_experts]) if kind.endswith("experts") else layer
     name = f"{kind} k={k}" if "zero" in kind or "retain" in kind else kind
     return Variant(name, description, apply, first)
+
+
+def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = None, expert: int | str | None = None,
+                 indices: list[int] | None = None, seed: int = 0, prompts: list[str] | str = "builtin",
+                 percentile: float | None = None, fraction: float | None = None):
+    """The unedited model, then each MoE attack of ``kind`` (one of ``MOE_ATTACKS``, or ``"moe"`` for all)
+    followed by its controls, as ``Variant`` s; and what they aim at (``ExpertTarget``, the massive weights).
+
+    ``layer``/``expert``/``indices`` override the detected massive-weight layer, the carrier's expert and
+    its top-k rows; the super experts are found on ``prompts`` with Su et al.'s rule.
+    """
+    from ..analysis.massive_weights import find_massive_weights
+    from ..analysis.moe import FRACTION, PERCENTILE, analyze_moe
+    from .variants import original
+
+    if kind != "moe" and kind not in MOE_ATTACKS:
+        raise ValueError(f"unknown MoE attack {kind!r}; known: {', '.join(MOE_ATTACKS)}, moe")
+    routing_of(lm.blocks.adapter)  # a dense model or an undescribed router: a clear error before any forward pass
+    kinds = list(MOE_ATTACKS) if kind == "moe" else [kind]
+    if layer is not None:
+        lm.blocks.check_layer(layer)
+    mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer)
+    target = ExpertTarget.of(mw)
+    if expert is not None:
+        target.expert = lm.blocks.check_expert(target.layer, expert)
+    target.indices = check_indices(indices, lm.blocks.intermediate_size(target.layer, target.expert),
+                                   f"expert {target.expert} intermediate index") if indices else mw.indices[:k]
+    if "super-experts" in kinds:
+        analysis = analyze_moe(lm, prompts, percentile=PERCENTILE if percentile is None else percentile,
+                               fraction=FRACTION if fraction is None else fraction, progress=False,
+                               massive_weights=False)
+        target.super_experts = analysis.flagged
+        if kind == "moe" and not analysis.flagged:
+            kinds.remove("super-experts")  # nothing to prune; asked for alone, it is an error (expert_attack)
+    variants = [original()] + [expert_attack(lm, target, kd, seed=seed) for a in kinds for kd in (a, *MOE_ATTACKS[a])]
+    return variants, target, mw
