@@ -106,7 +106,8 @@ def test_bad_moe_input_is_one_clear_line_before_loading(args, message):
 
 
 def test_moe_errors_that_need_the_model(folder, dense_folder, tmp_path):
-    cases = [(["attack", "expert-ablate", "--model", folder, "--expert", N_EXPERTS, "--max-tokens", 254, "--context", 128],
+    budget = ["--max-tokens", 254, "--context", 128]
+    cases = [(["attack", "expert-ablate", "--model", folder, "--expert", N_EXPERTS, *budget],
               f"expert {N_EXPERTS} is out of range: layer {CARRIER_LAYER} has experts 0..{N_EXPERTS - 1}"),
              (["attack", "expert-ablate", "--model", dense_folder, "--max-tokens", 254, "--context", 128],
               "dense (no Mixture-of-Experts layers)"),

@@ -67,7 +67,8 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
                expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
                                                     "default: the carrier's)"),
                percentile: Optional[float] = typer.Option(None, help="MoE super experts: percentile rule (99.5)"),
-               fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max (0.1)"),
+               fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max "
+                                                        "(0.1)"),
                seed: int = typer.Option(0, help="seed of the random control"),
                corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
                task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,

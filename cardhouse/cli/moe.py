@@ -11,7 +11,8 @@ from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
 from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, load, \
     writable_folder
 
-CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability reaches this")
+CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
+                                          "reaches this")
 PercentileOpt = typer.Option(PERCENTILE, help="super experts: max |output| above this percentile of all experts' ...")
 FractionOpt = typer.Option(FRACTION, help="... and above this fraction of the largest in their layer")
 

@@ -32,7 +32,8 @@ def _check_experts(lm: LoadedModel, layer: int, experts: Sequence[int]) -> list[
         raise ValueError(f"layer {layer} is a dense FFN layer: it has no experts (MoE layers: {blocks.moe_layers})")
     if SHARED in experts:
         raise ValueError("the shared expert is not routed: it cannot be routed around or pruned as an expert")
-    return check_indices([blocks.check_expert(layer, e) for e in experts], blocks.n_experts(layer), f"layer {layer} expert")
+    experts = [blocks.check_expert(layer, e) for e in experts]
+    return check_indices(experts, blocks.n_experts(layer), f"layer {layer} expert")
 
 
 @contextmanager
@@ -139,7 +140,8 @@ def expert_attack(lm: LoadedModel, target: ExpertTarget, kind: str, *, k: int | 
         check_indices(indices, lm.blocks.intermediate_size(layer, other), f"expert {other} intermediate index")
         at = f"layer {layer}"
         table = {
-            "expert-topk-zero": (f"zero rows {indices} of expert {expert}, {at}", lambda: zero_rows(lm, layer, indices, expert=expert)),
+            "expert-topk-zero": (f"zero rows {indices} of expert {expert}, {at}",
+                                 lambda: zero_rows(lm, layer, indices, expert=expert)),
             "expert-random-zero": (f"control: zero random rows {rows} of expert {expert}, {at}",
                                    lambda: zero_rows(lm, layer, rows, expert=expert)),
             "expert-other-zero": (f"control: zero rows {indices} of expert {other}, {at}",
@@ -154,7 +156,8 @@ def expert_attack(lm: LoadedModel, target: ExpertTarget, kind: str, *, k: int | 
     elif kind in ("expert-ablate", "random-expert-ablate"):
         other = other_expert(lm, layer, expert, seed)
         table = {
-            "expert-ablate": (f"route around expert {expert} of layer {layer}", lambda: route_around(lm, layer, [expert])),
+            "expert-ablate": (f"route around expert {expert} of layer {layer}",
+                              lambda: route_around(lm, layer, [expert])),
             "random-expert-ablate": (f"control: route around expert {other} of layer {layer}",
                                      lambda: route_around(lm, layer, [other])),
         }

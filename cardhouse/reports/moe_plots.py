@@ -26,7 +26,8 @@ def plot_router(analysis: MoEAnalysis, path: str | Path, title: str | None = Non
     beside the mean over ordinary tokens (right), on one colour scale; the collapse layer marked."""
     layers = [r["layer"] for r in analysis.router]
     fig, axes = plt.subplots(1, 2, figsize=(10, 1.5 + 0.22 * len(layers)), dpi=120, sharey=True)
-    for ax, group, label in zip(axes, ("carrier", "ordinary"), ("carrier token (position 0)", "ordinary tokens (mean)")):
+    labels = ("carrier token (position 0)", "ordinary tokens (mean)")
+    for ax, group, label in zip(axes, ("carrier", "ordinary"), labels):
         image = ax.imshow(_matrix(analysis, group), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                           interpolation="nearest")
         ax.set_title(label, fontsize=9)
