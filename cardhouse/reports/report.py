@@ -261,9 +261,11 @@ def weights_step(ctx: Context) -> Section:
 
 
 def attacks_step(ctx: Context) -> Section:
+    from ..analysis import find_massive_weights
     from ..evaluation.measure import measurer
-    from ..interventions import attack, run_variants
-    from ..interventions.sweep import KINDS, default_ks, sweep, sweep_table
+    from ..evaluation.metrics import metric_keys
+    from ..interventions import ATTACKS, attack, run_variants, sweep_attacks
+    from ..interventions.sweep import default_ks, sweep, sweep_table
     from ..reports.plots import plot_sweep
 
     lm, s, mw = ctx.lm, ctx.settings, ctx.need("weights")
@@ -275,22 +277,21 @@ def attacks_step(ctx: Context) -> Section:
         ctx.tick(f"variant {next(count)}")
         return measure(model)
 
-    with tempfile.TemporaryDirectory() as tmp:  # a fresh sweep, never one resumed from an earlier run
-        rows = sweep(lm, measured, Path(tmp) / "sweep.jsonl", ks=ks, layer=mw.layer, seed=s.seed, progress=False)
-    rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind in ("super-weight", "random-weight")],
+    ranked = find_massive_weights(lm, layer=mw.layer, k=mw.intermediate_size)  # every index, for the sweep
+    rows = sweep(lm, ranked, measured, ks, seed=s.seed, progress=False)  # a fresh sweep, never a resumed one
+    rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind, spec in ATTACKS.items() if not spec.takes_k],
                          measured)
-    metrics = [m for m in rows[0] if m.startswith("ppl_") or m.startswith("acc_")]
-    by_name = {r["variant"]: r for r in rows}
-    base = by_name["original"]
-    chosen = ["original", *(f"{kind} k={s.attack_k}" for kind in KINDS), "super-weight", "random-weight"]
+    metrics = metric_keys(rows[0])
+    base = next(r for r in rows if r["kind"] == "original")
+    chosen = [r for r in rows if r["kind"] == "original" or r["k"] in (None, s.attack_k)]
     first = metrics[0]
     table = Table("Attacks on layer l and their random controls (k = number of rows)",
                   ["variant", "what is changed", *metrics, f"{first} / original"],
-                  [[n, by_name[n]["description"], *(by_name[n][m] for m in metrics), by_name[n][first] / base[first]]
-                   for n in chosen])
-    curves = {m: sweep_table([r for r in rows if "weight" not in r["variant"]], m) for m in metrics}
-    sweep_rows = Table(f"The sweep: {first} as k grows", ["k", *KINDS],
-                       [[k, *(dict(curves[first][kind]).get(k) for kind in KINDS)]
+                  [[r["variant"], r["description"], *(r[m] for m in metrics), r[first] / base[first]] for r in chosen])
+    curves = {m: sweep_table(rows, m) for m in metrics}
+    kinds = sweep_attacks()
+    sweep_rows = Table(f"The sweep: {first} as k grows", ["k", *kinds],
+                       [[k, *(dict(curves[first][kind]).get(k) for kind in kinds)]
                         for k in sorted({k for points in curves[first].values() for k, _ in points})])
     png = plot_sweep(curves, ctx.figure("sweep"), f"{lm.name}: top-k zeroing and retaining, layer {mw.layer}")
     return Section(
