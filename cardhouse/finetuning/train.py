@@ -13,7 +13,6 @@ MacDrop writes the original rows back after every step.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .._files import write_json
+from ..results import read_result, write_result
 from ..evaluation.measure import Budget, measurer
 from ..evaluation.metrics import metric_keys
 from ..interventions import Variant, original, run_variants, zero_rows
@@ -152,7 +151,10 @@ def finetune(lm: LoadedModel, config: FinetuneConfig | None = None, macdrop: Mac
                             val_loss_before=before, val_loss=after, steps=trainer.state.global_step,
                             seconds=seconds, n_train=len(train), n_val=len(val),
                             log_history=trainer.state.log_history, trainer=trainer)
-    write_json(result.to_dict(), out / "finetune.json")
+    saved = result.to_dict()
+    write_result(out / "finetune.json", saved, model=lm.describe(),
+                 settings={"config": saved.pop("config"), "macdrop": macdrop.to_dict() if macdrop else None,
+                           "resume": resume})
     return result
 
 
@@ -222,7 +224,7 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         folder = out / name
         done = folder / "result.json"
         if done.exists():
-            results.append(json.loads(done.read_text()))
+            results.append(read_result(done)["results"])
             continue
         lm = first if first is not None else load()
         first = None
@@ -237,6 +239,8 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         for variant in table:
             row.update({f"{key}{suffix_of(variant)}": variant[key] for key in metric_keys(variant)})
         row["attacked_rows"] = rows[:ATTACK_K]
-        write_json(row, done)
+        write_result(done, row, model=lm.describe(), settings={"config": replace(config, method=method).to_dict(),
+                                                               "macdrop": run_config.to_dict() if run_config else None,
+                                                               "budget": budget.to_dict() if budget else None})
         results.append(row)
     return results

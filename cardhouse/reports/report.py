@@ -13,7 +13,6 @@ Adding a section (for instance one for another analysis) is one function and one
 from __future__ import annotations
 
 import itertools
-import json
 import platform
 import re
 import tempfile
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 
 from .._files import write_atomically
+from ..results import read_result, write_result
 from ..models.loading import LoadedModel
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
 
@@ -356,9 +356,10 @@ def macdrop_step(ctx: Context) -> Section:
     from ..finetuning.report import metrics_of, plot_comparison
 
     path = compare_json(ctx.settings.macdrop)
-    saved = json.loads(path.read_text())
-    if saved["model"] != ctx.lm.name:
-        return Section(text=[f"The comparison in {path} is of {saved['model']}; none was given for this model."])
+    saved = read_result(path)
+    if saved["model"]["name"] != ctx.lm.name:
+        return Section(text=[f"The comparison in {path} is of {saved['model']['name']}; none was given for this "
+                             "model."])
     rows = saved["results"]
     metrics = metrics_of(rows)
     columns = ["run", "method", "MacDrop schedule", "steps"]
@@ -369,7 +370,7 @@ def macdrop_step(ctx: Context) -> Section:
         cells.append([r["run"], r["method"], r["schedule"] or "no MacDrop", r["steps"]])
         for m in metrics:
             cells[-1] += [r[m], r[f"{m}_attacked"], r[f"{m}_attacked"] / r[m] if r[m] else None]
-    c, drop = saved["config"], saved["macdrop"]
+    c, drop = saved["settings"]["config"], saved["settings"]["macdrop"]
     setup = facts("How they were fine-tuned", {
         "data": c["data"], "records used": c["limit"], "max length": c["max_length"], "batch size": c["batch_size"],
         "gradient accumulation": c["grad_accum"], "learning rate": c["lr"], "epochs": c["epochs"],
@@ -455,7 +456,8 @@ def _write_text(path: Path, text: str) -> None:
 def build_report(models: list[str | LoadedModel], out: str | Path, settings: Settings | None = None, *,
                  overwrite: bool = False, progress: bool = True, command: str | None = None,
                  steps: list[Step] | None = None) -> dict:
-    """Run every step for every model and write the report folder; returns what results.json holds."""
+    """Run every step for every model and write the report folder; returns what results.json holds under
+    ``results`` (the file is the result envelope: model descriptions and settings beside it)."""
     from ..analysis import load_prompts
 
     settings = settings or Settings.quick()
@@ -498,7 +500,9 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
         "run": _run_section(settings, _versions()).to_dict(),
         "models": reports, "failures": failures,
     }
-    _write_text(folder / "results.json", json.dumps(results, indent=2))
+    described = [next((s["data"]["model"] for s in r["sections"] if s["key"] == "model" and s["status"] == "ok"),
+                      {"name": r["name"]}) for r in reports]
+    write_result(folder / "results.json", results, model=described, settings=asdict(settings), command=command)
     _write_text(folder / "report.html", render_page(results, folder))
     return results
 
