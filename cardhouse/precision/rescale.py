@@ -105,7 +105,8 @@ def _plan(lm: LoadedModel, power: int):
     for layer, block in enumerate(blocks.layers):
         for path in adapter.readers:
             _check_scale_invariant(get(block, path), f"layer {layer} {path}", power, *width)
-        tensors += [(f"{adapter.layers}.{layer}.{n}", t) for path in adapter.writers
+        writers = blocks.ffn(layer).writers  # a mixed MoE model's dense layers have their own FFN layout
+        tensors += [(f"{adapter.layers}.{layer}.{n}", t) for path in writers
                     for n, t in _resolve(block, path, "the residual writer")]
         for path in adapter.writer_norms:
             norm = get(block, path)
