@@ -15,6 +15,7 @@ from cardhouse.models.adapters import get
 from cardhouse.precision import (FORMATS, RescaleError, cast_copy, choose_power, first_nonfinite, headroom,
                                  logits_change, margin_bits, plan_rescale, rescaled)
 from cardhouse.precision.headroom import default_points
+from cardhouse.precision.rescale import scaled_points
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Summer is warm."]
 RESCALABLE = TEXT_FAMILIES + ["dinov2", "dinov2_swiglu"]
@@ -153,7 +154,7 @@ def test_planted_overflow_fixed_by_the_chosen_power():
     plant_bos(lm, 1e5)
     toks = tokens(lm)
     assert not first_nonfinite(lm, toks).finite
-    power, unfixed = choose_power(headroom(lm, toks, progress=False), margin=2)
+    power, unfixed = choose_power(headroom(lm, toks, progress=False), scaled_points(lm), margin=2)
     assert power >= 3 and not unfixed
     with rescaled(lm, power):
         assert first_nonfinite(lm, toks).finite

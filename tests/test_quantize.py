@@ -66,7 +66,7 @@ def test_quantized_values_are_on_the_grid():
     q = quantize_weight(w, 4)
     scale = w.abs().amax(1, keepdim=True) / 7
     levels = q / scale
-    assert torch.allclose(levels, levels.round(), atol=1e-9) and levels.abs().max() <= 7
+    assert torch.allclose(levels, levels.round(), atol=1e-9) and levels.abs().max() <= 7 + 1e-9
     assert len(torch.unique(q[0])) <= 15
 
 
@@ -223,12 +223,12 @@ def test_bos_kv_kept_and_massive_channel_kept():
 
 def test_study_on_a_tiny_model(tiny, monkeypatch):
     """The study runs end to end on the same tokens, rows in order, weights restored (run_variants checks)."""
-    import cardhouse.evaluation.measure as measure
+    import cardhouse.evaluation.corpora as corpora
 
     lm = build("llama")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    monkeypatch.setattr(measure, "tokenize_corpus", lambda tok, name, max_tokens=None: ids[:max_tokens])
+    monkeypatch.setattr(corpora, "tokenize_corpus", lambda tok, name, max_tokens=None: ids[:max_tokens])
     targets = Targets(layer=0, rows=[5], super_weight=(7, 5), massive_channels={"0.mlp.down_proj": [5]})
     schemes = study_schemes(["8", "4g16"], ["8:tensor"])
     result = quantization_study(lm, schemes, Budget(corpora=["wikipedia"], max_tokens=127, context=64), targets)

@@ -136,7 +136,7 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
     tokenizer) plus cardhouse-edit.json; `transformers` loads it without cardhouse."""
     from ..analysis import find_massive_weights, load_prompts
     from ..export import check_export_folder, export_variants
-    from ..interventions import CONTROL, attack
+    from ..interventions import attack
     from ..interventions.variants import ATTACKS
 
     with clear_errors():
@@ -187,10 +187,11 @@ def _rescale_variant(lm, texts, power, margin):
     from ..capture import tokenize_prompts
     from ..interventions.variants import Variant
     from ..precision import choose_power, headroom, rescaled
+    from ..precision.rescale import scaled_points
 
     if power is None:
         room = headroom(lm, tokenize_prompts(lm, texts), progress=False)
-        power, unfixed = choose_power(room, margin=margin)
+        power, unfixed = choose_power(room, scaled_points(lm), margin=margin)
         if unfixed:
             err.print(f"[yellow]warning:[/yellow] not scaled by the rescale and above the margin: {', '.join(unfixed[:5])}")
     return Variant(f"rescale 2^-{power}", f"residual stream divided by 2^{power} (function-preserving; float16 "

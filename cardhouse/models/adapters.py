@@ -72,12 +72,10 @@ _LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", resid_mid_norm
               embeddings=("model.embed_tokens.weight",), writers=("self_attn.o_proj", "mlp.down_proj"),
               readers=("input_layernorm", "post_attention_layernorm"))
 _GEMMA = dict(_LLAMA, norm_offset=1.0)
-# sandwich norms: the post-norms write into the stream; o_proj and down_proj write into the post-norms (whose input
-# scale does not matter) and are divided too, so that every branch output shrinks with the stream
-_SANDWICH = dict(_GEMMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True,
+# sandwich norms: the post-norms write into the stream (o_proj and down_proj only into the post-norms)
+_SANDWICH = dict(_GEMMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True, writers=(),
                  writer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-                 readers=("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm",
-                          "post_feedforward_layernorm"))
+                 readers=("input_layernorm", "pre_feedforward_layernorm"))
 # transformers 5 MoE blocks: router `gate` -> (logits, weights, experts), experts as 3-D tensors
 _MOE = dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj", mlp_layout="experts",
             act="experts.act_fn", router="gate", experts="experts", routing="softmax-topk",

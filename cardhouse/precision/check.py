@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 
 from ..models.loading import LoadedModel
-from .headroom import DTYPES, FORMATS, cast_copy, first_nonfinite, headroom
-from .rescale import choose_power, logits_change, plan_rescale, rescaled
+from .headroom import DTYPES, cast_copy, first_nonfinite, headroom
+from .rescale import choose_power, logits_change, plan_rescale, rescaled, scaled_points
 
 
 @dataclass
@@ -66,8 +66,7 @@ def check_precision(lm: LoadedModel, token_lists: Sequence[Sequence[int]], setti
         out["perplexity"] = _perplexities(lm, settings)
     if not settings.rescale:
         return out
-    power, unfixed = choose_power(room, fmt=settings.dtype if settings.dtype in FORMATS else "float16",
-                                  margin=settings.margin)
+    power, unfixed = choose_power(room, scaled_points(lm), fmt=settings.dtype, margin=settings.margin)
     if settings.power is not None:
         power = settings.power
     plan = plan_rescale(lm, power)  # refuses (RescaleError) where it would change the function

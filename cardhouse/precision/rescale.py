@@ -32,8 +32,14 @@ from ..models.adapters import get
 from ..models.loading import LoadedModel
 from .headroom import FORMATS, Headroom
 
-# the hook points whose values are divided by 2^p (the stream and what the branches add to it)
-SCALED_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_out", "hook_resid_post")
+# the hook points whose values are divided by 2^p: the stream, and the branch outputs where their own projections
+# write into it (with sandwich norms they write into the post-norms and keep their scale)
+STREAM_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+BRANCH_POINTS = ("hook_attn_out", "mlp.hook_out")
+
+
+def scaled_points(lm: LoadedModel) -> tuple[str, ...]:
+    return STREAM_POINTS + (BRANCH_POINTS if lm.blocks.adapter.writers else ())
 
 
 class RescaleError(ValueError):
@@ -178,14 +184,16 @@ def rescaled(lm: LoadedModel, power: int) -> Iterator[RescalePlan]:
         yield plan
 
 
-def choose_power(room: Headroom, *, fmt: str = "float16", margin: float = 2.0) -> tuple[int, list[str]]:
-    """The smallest power p such that every scaled point's max |a| / 2^p keeps ``margin`` doublings below
-    the format's largest value; and the points the rescale does not touch that still do not fit."""
+def choose_power(room: Headroom, points: tuple[str, ...] = STREAM_POINTS, *, fmt: str = "float16",
+                 margin: float = 2.0) -> tuple[int, list[str]]:
+    """The smallest power p such that the max |a| / 2^p of every point the rescale divides (``points``:
+    ``scaled_points(lm)``) keeps ``margin`` doublings below the format's largest value; and the points
+    it does not divide that still do not fit."""
     limit = FORMATS[fmt] * 2.0 ** -margin
-    biggest = room.max_at(SCALED_POINTS)
+    biggest = room.max_at(points)
     power = max(0, math.ceil(math.log2(biggest / limit))) if biggest > 0 else 0
     unfixed = [f"blocks.{p.layer}.{p.point} ({p.max_abs:,.0f})" for p in room.points
-               if p.point not in SCALED_POINTS and p.max_abs > limit]
+               if p.point not in points and p.max_abs > limit]
     return power, unfixed
 
 
