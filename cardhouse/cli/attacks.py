@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
+from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load, load_options,
                      parse_int_list, writable_folder, write_json)
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
@@ -58,6 +58,7 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, **header)
 
 
 @app.command("attack")
+@load_options
 def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, super-weight, or 'all' for the papers' table"),
                model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
                layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
@@ -91,6 +92,7 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
 
 
 @app.command("intervene")
+@load_options
 def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), model: str = ModelOpt,
                   every_layer: bool = typer.Option(False, help="at every layer that has massive activations"),
                   prompts: str = typer.Option("builtin", help="calibration prompts for the scan (and the mean)"),
@@ -116,6 +118,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
 
 
 @app.command("sweep")
+@load_options
 def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help="comma-separated k values "
               "(default 0,1,2,3,5,10,20,50,... up to the whole layer)"),
               layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder, write_json
+from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, load_options,
+                     writable_folder, write_json)
 
 
 def _command() -> str:
@@ -26,6 +27,7 @@ def _notes(notes: list[str]) -> None:
 
 
 @app.command()
+@load_options
 def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
               limit: Optional[int] = typer.Option(16, help="use only the first N prompts"),
               layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
@@ -94,6 +96,7 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
 
 
 @app.command()
+@load_options
 def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
           k: int = typer.Option(5, help="top-k intermediate indices"),
           layer: Optional[int] = typer.Option(None, help="layer l (default: detected)"),
@@ -132,6 +135,7 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
 
 
 @app.command()
+@load_options
 def position(model: str = ModelOpt,
              prompt: Optional[str] = typer.Option(None, help="the prompt (default: the first built-in sentence)"),
              out: Path = OutOpt):

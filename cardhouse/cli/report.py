@@ -10,10 +10,11 @@ from typing import Optional
 import typer
 
 from ..models.loading import DEFAULT_MODEL
-from .common import BosOpt, PromptsOpt, app, clear_errors, console, err
+from .common import BosOpt, PromptsOpt, app, clear_errors, console, err, load_options, placement_options
 
 
 @app.command("report")
+@load_options
 def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                                help="a model (repeat for a side-by-side page): bundled name, "
                                                     "local HF folder, GGUF file or hub id"),
@@ -52,7 +53,7 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
         overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "layer": layer,
                      "tasks": tuple(task), "limit": limit,
                      "extras": tuple(with_) + (("macdrop",) if macdrop and "macdrop" not in with_ else ()),
-                     "macdrop": str(macdrop) if macdrop else None}
+                     "macdrop": str(macdrop) if macdrop else None, "load": placement_options()}
         for name, value in (("k", k), ("attack_k", attack_k), ("max_tokens", max_tokens), ("context", context)):
             if value is not None:
                 overrides[name] = value

@@ -10,10 +10,12 @@ import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, err, load,
+                     load_options,
                      writable_folder, write_json)
 
 
 @app.command()
+@load_options
 def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
          k: int = typer.Option(5, help="top-k intermediate indices for the massive weights"),
          layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .offload import home
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -109,9 +111,11 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 def get(root: nn.Module, path: str):
-    for name in path.split("."):
+    """The module or tensor at ``path``; a tensor accelerate offloaded is returned from where it keeps it."""
+    parent, _, last = path.rpartition(".")
+    for name in filter(None, parent.split(".")):
         root = getattr(root, name)
-    return root
+    return home(root, last)
 
 
 @dataclass
@@ -179,8 +183,8 @@ class Blocks:
         if self.adapter.mlp_layout == "experts":
             return down[self._expert(expert)]
         if self.adapter.mlp_layout == "conv1d":
-            return down.weight.T
-        return down.weight
+            return home(down, "weight").T
+        return home(down, "weight")
 
     def neuron_slices(self, layer: int, expert: int | None = None) -> list[tuple[torch.Tensor, int, int]]:
         """The tensors that hold the FFN's input-side neuron rows of one layer.
@@ -192,16 +196,16 @@ class Blocks:
         up = self.mlp_part(layer, "up")
         if layout == "gated":
             gate = self.mlp_part(layer, "gate")
-            slices = [(gate.weight, 0, 0), (up.weight, 0, 0)]
-            slices += [(m.bias, 0, 0) for m in (gate, up) if m.bias is not None]
+            slices = [(home(gate, "weight"), 0, 0), (home(up, "weight"), 0, 0)]
+            slices += [(home(m, "bias"), 0, 0) for m in (gate, up) if m.bias is not None]
             return slices
         if layout == "fused":
-            slices = [(up.weight, 0, 0), (up.weight, 0, n)]
-            return slices + ([(up.bias, 0, 0), (up.bias, 0, n)] if up.bias is not None else [])
+            slices = [(home(up, "weight"), 0, 0), (home(up, "weight"), 0, n)]
+            return slices + ([(home(up, "bias"), 0, 0), (home(up, "bias"), 0, n)] if up.bias is not None else [])
         if layout == "conv1d":
-            return [(up.weight, 1, 0), (up.bias, 0, 0)]
+            return [(home(up, "weight"), 1, 0), (home(up, "bias"), 0, 0)]
         if layout == "linear":
-            return [(up.weight, 0, 0)] + ([(up.bias, 0, 0)] if up.bias is not None else [])
+            return [(home(up, "weight"), 0, 0)] + ([(home(up, "bias"), 0, 0)] if up.bias is not None else [])
         if layout == "experts":
             fused = up[self._expert(expert)]
             return [(fused, 0, 0), (fused, 0, n)]
@@ -230,7 +234,7 @@ class Blocks:
             return act(up(mlp_input))
         if layout == "experts":
             fused = up[self._expert(expert)]  # [2 * d_intermediate, d_model]: rows [gate; up]
-            gate, up_states = nn.functional.linear(mlp_input, fused).chunk(2, dim=-1)
+            gate, up_states = nn.functional.linear(mlp_input, fused.to(mlp_input.device, mlp_input.dtype)).chunk(2, dim=-1)
             return act(gate) * up_states
         raise ValueError(f"unknown mlp layout {layout!r}")
 
@@ -238,4 +242,5 @@ class Blocks:
         """Top-1 expert per token of an MoE layer: ``[..., ]`` long tensor."""
         router = self.mlp_part(layer, "router")
         with torch.no_grad():  # an index, never differentiated (and mlp_input may be an inference tensor)
-            return (mlp_input @ router.weight.T).argmax(-1)
+            weight = home(router, "weight")
+            return (mlp_input.to(weight.device, weight.dtype) @ weight.T).argmax(-1)

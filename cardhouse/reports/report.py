@@ -52,6 +52,7 @@ class Settings:
     bos: bool | None = None
     extras: tuple[str, ...] = ()  # names of OPTIONAL_STEPS to run
     macdrop: str | None = None  # a `cardhouse finetune-compare` folder (or its compare.json), for "macdrop"
+    load: dict = field(default_factory=dict)  # load_model placement keywords (dtype, device, device_map, ...)
 
     @classmethod
     def quick(cls, **overrides) -> "Settings":
@@ -140,7 +141,7 @@ def model_step(ctx: Context) -> Section:
 
         hf_logging.disable_progress_bar()  # the report shows one progress display, its own
         try:
-            lm = load_model(ctx.source, bos=ctx.settings.bos)
+            lm = load_model(ctx.source, bos=ctx.settings.bos, **ctx.settings.load)
         finally:
             hf_logging.enable_progress_bar()
     ctx.keep("model", lm)
