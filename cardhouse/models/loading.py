@@ -219,12 +219,36 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     return lm
 
 
+def default_bos(tokenizer) -> bool:
+    """Whether the model saw a BOS token first in training, as its tokenizer tells: it adds BOS when
+    encoding (``add_bos_token``, or its post-processor: Gemma), or its chat template opens with the
+    BOS token (SmolLM2's ``<|im_start|>``). A tokenizer without a BOS token (Qwen2.5), or with
+    ``add_bos_token=False`` and no such template, gets none."""
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos_id is None:
+        return False
+    add = getattr(tokenizer, "add_bos_token", None)
+    try:
+        if add is True or tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id]:
+            return True
+    except Exception:  # a tokenizer that cannot encode a bare string here: ask the template
+        pass
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+            return str(text).startswith(bos)
+        except Exception:  # a template that needs more than one user message: no evidence either way
+            pass
+    return add is None  # the tokenizer does not say: BOS first, as massive activations form on the first token
+
+
 def from_pretrained_objects(model: nn.Module, tokenizer, *, name: str = "custom", source: str = "in memory",
                             bos: bool | None = None) -> LoadedModel:
     """Wrap an already loaded model and tokenizer (e.g. a tiny random model in a test)."""
     has_bos = getattr(tokenizer, "bos_token_id", None) is not None
     if bos is None:
-        bos = has_bos
+        bos = default_bos(tokenizer) if tokenizer is not None else False
     if bos and not has_bos:
         warnings.warn(f"the tokenizer of {name} has no BOS token: position 0 holds the prompt's first token")
         bos = False

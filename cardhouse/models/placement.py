@@ -65,12 +65,12 @@ class Placement:
 
     dtype: str = "float32"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
-    device_map: str | None = None  # auto | balanced | sequential (accelerate), or None
+    device_map: str | dict | None = None  # auto | balanced | sequential, or accelerate's {module: device}
     max_memory: dict | None = None  # accelerate's max_memory: {0: bytes, "cpu": bytes}
     offload_folder: str | None = None  # where accelerate keeps the weights it offloads to disk
 
     @classmethod
-    def of(cls, dtype: str | torch.dtype = "float32", device: str = "cpu", device_map: str | None = None,
+    def of(cls, dtype: str | torch.dtype = "float32", device: str = "cpu", device_map: str | dict | None = None,
            max_memory: str | dict | None = None, offload_folder: str | Path | None = None) -> "Placement":
         if isinstance(dtype, torch.dtype):
             names = {v: k for k, v in DTYPES.items()}
@@ -97,7 +97,7 @@ class Placement:
             raise ValueError(f"--device {self.device}: there are {cuda_count()} CUDA devices")
         if base == "mps" and not mps_available():
             raise ValueError("--device mps: the Apple MPS backend is not available here; use --device cpu or auto")
-        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
             raise ValueError(f"unknown --device-map {self.device_map!r}; use {', '.join(DEVICE_MAPS)}")
         if self.device_map is None and (self.max_memory or self.offload_folder):
             raise ValueError("--max-memory and --offload-folder place the weights through accelerate: "
