@@ -21,6 +21,7 @@ from .tokens import roles
 
 # Sun et al.'s rule of thumb, applied to the first token's residual vector in the middle layer
 MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0
+CARRIER_SHARE = 0.5  # position 0 stays the carrier while its |a| is at least this share of the largest
 _TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in")
 
 
@@ -54,11 +55,12 @@ class MassiveWeights:
 
 
 def _locate_carriers(lm: LoadedModel, token_lists: list[list[int]], layer: int, batch_size: int
-                     ) -> tuple[list[int], list[float], float]:
-    """Per prompt, the position whose residual state in ``layer`` holds the largest |a| and that |a|;
-    and the median |a| over every token of the layer (the scale "massive" is measured against)."""
+                     ) -> tuple[list[int], list[float], list[float], float]:
+    """Per prompt, the position whose residual state in ``layer`` holds the largest |a|, that |a| and
+    the largest |a| at position 0; and the median |a| over every token of the layer (the scale
+    "massive" is measured against)."""
     name = hook_name(layer, "hook_resid_post")
-    found: dict[int, tuple[int, float]] = {}
+    found: dict[int, tuple[int, float, float]] = {}
     magnitudes: list[torch.Tensor] = []
 
     def hooks_for(batch):
@@ -67,14 +69,15 @@ def _locate_carriers(lm: LoadedModel, token_lists: list[list[int]], layer: int, 
             peak = acts.abs().float().amax(-1).masked_fill(~real, -1.0)  # [prompt, pos]
             best, where = peak.max(1)
             for row, index in enumerate(batch.prompt_index.tolist()):
-                found[index] = (int(where[row]), float(best[row]))
+                found[index] = (int(where[row]), float(best[row]), float(peak[row, 0]))
             magnitudes.append(acts[real].abs().float().flatten().cpu())
 
         return {name: keep}
 
     run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
     rows = [found[i] for i in range(len(token_lists))]
-    return [r[0] for r in rows], [r[1] for r in rows], float(torch.cat(magnitudes).median())
+    return ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            float(torch.cat(magnitudes).median()))
 
 
 def _states_at(lm: LoadedModel, token_lists: list[list[int]], positions: list[int], n_layers: int,
@@ -105,9 +108,9 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
                          layer: int | None = None, n_prompts: int = 8, batch_size: int = 8) -> MassiveWeights:
     """Locate layer l, the massive dimension and the carrier token's top-k intermediate indices.
 
-    The carrier is, per prompt, the token with the largest massive |a| in the middle layer: BOS
-    in most models, the first delimiter or first word in models trained without BOS (e.g.
-    Qwen2.5); position 0 in a prompt where nothing is massive.
+    The carrier is, per prompt, position 0 (BOS, or the first token) when it holds a massive |a| in
+    the middle layer of at least half the prompt's largest, else the token with the largest one
+    (the first delimiter or first word of models trained without BOS, e.g. Qwen2.5).
     ``layer`` overrides the detected layer. Uses the first ``n_prompts`` prompts.
     """
     blocks = lm.blocks
@@ -119,13 +122,16 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         notes.append("no BOS token is put first: position 0 holds each prompt's first token")
     middle = n_layers // 2
     token_lists = tokenize_prompts(lm, prompts[:n_prompts])
-    where, peaks, median = _locate_carriers(lm, token_lists, middle, batch_size)
+    where, peaks, first, median = _locate_carriers(lm, token_lists, middle, batch_size)
 
     def is_massive(value: float) -> bool:
         return value > MASSIVE_ABS and value > MASSIVE_RATIO * median
 
-    # per prompt, the token with the largest massive activation; position 0 where none is massive
-    positions = [p if is_massive(v) else 0 for p, v in zip(where, peaks)]
+    # per prompt: position 0 when it is massive and at least half the largest (BOS, as in most models,
+    # also when a delimiter carries one as large); else the token with the largest massive activation
+    # (models trained without BOS); else position 0, where nothing is massive
+    positions = [0 if is_massive(v0) and v0 >= CARRIER_SHARE * v or not is_massive(v) else p
+                 for p, v, v0 in zip(where, peaks, first)]
     carrier_roles = [roles(lm.tokenizer, ids, lm.bos_id)[p] for ids, p in zip(token_lists, positions)]
     carrier = {"positions": positions, "token": lm.tokenizer.decode([token_lists[0][positions[0]]]),
                "roles": dict(Counter(carrier_roles))}

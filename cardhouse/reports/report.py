@@ -441,6 +441,8 @@ def _run_section(settings: Settings, versions: dict) -> Section:
     def shown(value):
         if isinstance(value, tuple):  # k values stay numbers; names become one string
             return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
+        if isinstance(value, dict):  # the placement: dtype=bfloat16, device=cuda, ...
+            return ", ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "default"
         return value
 
     return Section(key="run", title="Run: settings, versions, command",
