@@ -90,16 +90,17 @@ def test_no_massive_activation_keeps_position_zero(tiny):
 
 
 def test_bos_default_follows_the_tokenizer():
-    tok = build_tokenizer()  # has a BOS token, add_bos_token False, no chat template: the Qwen2.5 case
-    assert getattr(tok, "add_bos_token", False) is False and not default_bos(tok)
+    tok = build_tokenizer()  # a BOS token, add_bos_token False, no chat template: nothing says no
+    assert default_bos(tok)
     tok.chat_template = "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{% endfor %}"
     assert default_bos(tok)  # the chat format it was trained on opens with BOS (SmolLM2's <|im_start|>)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert not default_bos(tok)
+    assert not default_bos(tok)  # its training format has no BOS first
+    tok.chat_template = None
     tok.add_bos_token = True  # Gemma's tokenizer adds it when encoding
     assert default_bos(tok)
     tok = build_tokenizer()
-    tok.bos_token = None
+    tok.bos_token = None  # Qwen2.5: no BOS token at all
     assert not default_bos(tok)
 
 
@@ -107,5 +108,8 @@ def test_bos_override_and_default_on_a_loaded_model(tokenizer):
     from conftest import build_text_model
 
     model = build_text_model("qwen2")
-    assert from_pretrained_objects(model, tokenizer).bos_id is None  # what the tokenizer says
-    assert from_pretrained_objects(model, tokenizer, bos=True).bos_id == tokenizer.bos_token_id  # --bos
+    assert from_pretrained_objects(model, tokenizer).bos_id == tokenizer.bos_token_id
+    qwen_like = build_tokenizer()
+    qwen_like.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
+    assert from_pretrained_objects(model, qwen_like).bos_id is None  # what the tokenizer says
+    assert from_pretrained_objects(model, qwen_like, bos=True).bos_id == qwen_like.bos_token_id  # --bos

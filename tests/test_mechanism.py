@@ -16,7 +16,7 @@ from cardhouse.analysis.tokens import roles
 from cardhouse.analysis.trace import STATES, trace_bos
 from cardhouse.capture import hook_name, record
 from cardhouse.cli import app
-from conftest import BOS_ID, N_LAYERS, build, build_tokenizer, plant_bos_embedding, plant_massive_weight
+from conftest import BOS_ID, N_LAYERS, build, plant_bos_embedding, plant_massive_weight
 
 PROMPTS = ["The quick brown fox. It jumps over the lazy dog.", "Summer is warm, winter is cold."]
 ATTENTION_FAMILIES = ["llama", "qwen3", "gemma3_text", "mixtral"]  # GQA (4 query heads, 2 kv heads); q/k norms; sandwich; MoE
@@ -242,9 +242,7 @@ def folder(tmp_path_factory, tokenizer):
     plant_bos_embedding(lm)
     path = tmp_path_factory.mktemp("tiny-llama")
     lm.model.save_pretrained(path)
-    with_bos = build_tokenizer()
-    with_bos.add_bos_token = True  # a model trained with BOS first (the default follows the tokenizer)
-    with_bos.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from cardhouse.analysis import ActivationOverflow, find_massive_weights, scan
-from cardhouse.evaluation.perplexity import evaluate_perplexities
+from cardhouse.evaluation.corpora import tokenize_corpus
+from cardhouse.evaluation.perplexity import perplexity
 from cardhouse.models import load_model
 
 pytestmark = pytest.mark.real
@@ -19,8 +20,8 @@ def measure(name: str, dtype: str) -> dict:
     lm = load_model(name, dtype=dtype)
     result = scan(lm, progress=False)
     mw = find_massive_weights(lm, k=5)
-    ppl = evaluate_perplexities(lm.model, lm.tokenizer, ["wikipedia"], max_tokens=1022, bos_id=lm.bos_id,
-                                progress=False)["wikipedia"].ppl
+    ids = tokenize_corpus(lm.tokenizer, "wikipedia", max_tokens=1022)
+    ppl = perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl
     return {"dims": set(result.dims), "layers": result.massive_layers, "mw": (mw.layer, mw.dim),
             "top2": set(mw.indices[:2]), "ppl": ppl, "dtype": lm.describe()["dtype"]}
 

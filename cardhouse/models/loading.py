@@ -221,9 +221,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
 
 def default_bos(tokenizer) -> bool:
     """Whether the model saw a BOS token first in training, as its tokenizer tells: it adds BOS when
-    encoding (``add_bos_token``, or its post-processor: Gemma), or its chat template opens with the
-    BOS token (SmolLM2's ``<|im_start|>``). A tokenizer without a BOS token (Qwen2.5), or with
-    ``add_bos_token=False`` and no such template, gets none."""
+    encoding (``add_bos_token``, or its post-processor: Gemma, Llama-3), or its chat template opens
+    with the BOS token (SmolLM2's ``<|im_start|>``). A tokenizer without a BOS token (Qwen2.5) gets
+    none, and so does one whose chat template shows a training format without BOS first; a
+    tokenizer that says nothing either way keeps BOS first (massive activations form there)."""
     bos = getattr(tokenizer, "bos_token", None)
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos is None or bos_id is None:
@@ -240,7 +241,7 @@ def default_bos(tokenizer) -> bool:
             return str(text).startswith(bos)
         except Exception:  # a template that needs more than one user message: no evidence either way
             pass
-    return add is None  # the tokenizer does not say: BOS first, as massive activations form on the first token
+    return True
 
 
 def from_pretrained_objects(model: nn.Module, tokenizer, *, name: str = "custom", source: str = "in memory",
