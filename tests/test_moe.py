@@ -19,7 +19,7 @@ from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, bui
 from cardhouse.analysis import find_massive_weights
 from cardhouse.capture import hook_name, record
 from cardhouse.analysis.moe import analyze_moe, super_expert_rule
-from cardhouse.interventions.experts import (MOE_ATTACKS, ON_OTHER_EXPERT, ExpertTarget, expert_attack,
+from cardhouse.interventions.experts import (EXPERT_ATTACKS, MOE_ATTACKS, ON_OTHER_EXPERT, ExpertTarget, expert_attack,
                                              prune_experts, random_experts, route_around)
 from cardhouse.interventions.weights import zero_rows
 from cardhouse.models.adapters import ADAPTERS, SHARED, UnsupportedModelError
@@ -279,3 +279,21 @@ def test_shared_expert_of_a_qwen2_moe_layer_is_a_massive_weight_candidate(tokeni
     with zero_rows(lm, mw.layer, mw.indices[:1], expert=SHARED):
         assert _change(lm, before) > 0.05
     assert all_params_digest(lm) == digest
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_bfloat16_model_gives_the_same_truth_and_restores_every_edit(family, tokenizer):
+    """Statistics accumulate in float32/float64 whatever the model's dtype; edits restore bfloat16 bits."""
+    lm = build_moe(family, tokenizer)
+    plant(lm)
+    lm.model.to(torch.bfloat16)
+    a = analyze_moe(lm, k=3, progress=False)
+    mw = a.massive_weights
+    assert (a.collapse_layer, a.flagged) == (CARRIER_LAYER, [(SUPER_LAYER, SUPER_EXPERT)])
+    assert (mw["layer"], mw["dim"], mw["expert"], mw["indices"][0]) == (CARRIER_LAYER, DIM, CARRIER_EXPERT, NEURON)
+    target = ExpertTarget.build(lm, find_massive_weights(lm, k=3), k=1, super_experts=a.flagged)
+    digest = all_params_digest(lm)
+    for kind in EXPERT_ATTACKS:
+        with expert_attack(target, kind).apply():
+            forward(lm, sample_inputs(lm))
+        assert all_params_digest(lm) == digest, kind

@@ -71,7 +71,8 @@ def prune_experts(lm: LoadedModel, experts: Sequence[tuple[int, int]]) -> Iterat
     edits = []
     for layer, chosen in by_layer.items():
         chosen = _check_experts(lm, layer, chosen)
-        edits.append((lm.blocks.mlp_part(layer, "down"), 0, torch.tensor(chosen), 0.0))
+        down = lm.blocks.mlp_part(layer, "down")
+        edits.append((down, 0, torch.tensor(chosen, device=down.device), 0.0))
     with overwrite_slices(edits):
         yield
 
