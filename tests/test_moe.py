@@ -34,7 +34,8 @@ SHARED_FAMILIES = {"qwen2_moe", "deepseek_v3"}
 
 def build_moe(family: str, tokenizer, seed: int = 0):
     overrides = dict(num_hidden_layers=N_LAYERS, num_experts_per_tok=2)
-    overrides[{"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}.get(family, "num_experts")] = N_EXPERTS
+    experts = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}.get(family, "num_experts")
+    overrides[experts] = N_EXPERTS
     if family in MIXED:
         overrides |= {"deepseek_v3": {"first_k_dense_replace": 1}}.get(family, {"mlp_only_layers": [0]})
     torch.manual_seed(seed)
