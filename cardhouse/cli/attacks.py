@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
-                     parse_int_list, writable_folder)
+from .common import (BosOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, app, check_writable_file,
+                     clear_errors, console, err, load, parse_int_list, writable_folder)
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
@@ -70,15 +70,17 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
                seed: int = typer.Option(0, help="seed of the random control"),
                corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-               task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
+               task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, min_abs: Optional[float] = MinAbsOpt,
+               min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
-    from ..analysis import find_massive_weights
+    from ..analysis import Criterion, find_massive_weights
     from ..analysis import scan as run_scan
     from ..interventions import ATTACKS, attack, get_attack, intervention, original
 
     with clear_errors():
         check_writable_file(json_path)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         if kind != "all":
             try:
                 get_attack(kind)
@@ -87,16 +89,17 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
         chosen = parse_int_list(indices, "--indices")
-        mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
+        mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
         kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
-            result = run_scan(lm, progress=False)
+            result = run_scan(lm, criterion=criterion, progress=False)
             variants += [intervention(lm, result, "set-zero"), intervention(lm, result, "set-mean")]
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}",
-                 settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed},
+                 settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed,
+                           "criterion": criterion.to_dict()},
                  massive_weights=mw.to_dict())
 
 
@@ -105,10 +108,12 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
                   every_layer: bool = typer.Option(False, help="at every layer that has massive activations"),
                   prompts: str = typer.Option("builtin", help="calibration prompts for the scan (and the mean)"),
                   corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-                  task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
+                  task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt,
+                  min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                  relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
-    from ..analysis import load_prompts
+    from ..analysis import Criterion, load_prompts
     from ..analysis import scan as run_scan
     from ..interventions import INTERVENTIONS, intervention, original
 
@@ -116,13 +121,15 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
         check_writable_file(json_path)
         if kind not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {kind!r}; known: {', '.join(INTERVENTIONS)}")
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
-        result = run_scan(lm, load_prompts(prompts), progress=False)
+        result = run_scan(lm, load_prompts(prompts), criterion=criterion, progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
         _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
-                 settings={"intervention": kind, "every_layer": every_layer, "prompts": prompts}, scan=result.to_dict())
+                 settings={"intervention": kind, "every_layer": every_layer, "prompts": prompts,
+                           "criterion": criterion.to_dict()}, scan=result.to_dict())
 
 
 @app.command("sweep")
@@ -132,7 +139,8 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
               seed: int = typer.Option(0), corpus: list[str] = CorpusOpt,
               max_tokens: int = typer.Option(2048, "--max-tokens", help="corpus tokens per corpus and variant"),
               context: int = ContextOpt, task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt,
-              bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+              min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+              relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
     from ..evaluation.measure import measurer
     from ..evaluation.metrics import curve_metrics
@@ -140,16 +148,20 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
     from ..reports import plot_sweep
     from ..results import write_result
 
+    from ..analysis import Criterion
+
     with clear_errors():
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         folder = writable_folder(out)
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
         rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",
-                               ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed)
+                               ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed, criterion=criterion)
         curves = {m: sweep_table(rows, m) for m in curve_metrics(rows[0])}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
         write_result(folder / "sweep.json", rows, model=lm.describe(),
-                     settings={"budget": budget.to_dict(), "ks": parse_int_list(ks, "--ks"), "layer": layer, "seed": seed},
+                     settings={"budget": budget.to_dict(), "ks": parse_int_list(ks, "--ks"), "layer": layer, "seed": seed,
+                               "criterion": criterion.to_dict()},
                      plots={"sweep": str(png)})
         with (folder / "sweep.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from .._install import InstallError
+from ..analysis.criterion import DEFAULT_MIN_ABS, DEFAULT_MIN_RATIO, RELATIVE_MIN_RATIO
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError
 
@@ -24,6 +25,12 @@ PromptsOpt = typer.Option("builtin", "--prompts", "-p",
                           help="'builtin' (real sentences), a text file (one prompt per line) or corpus:NAME")
 BosOpt = typer.Option(None, "--bos/--no-bos", help="put the BOS token first (default: if the tokenizer has one)")
 OutOpt = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNG outputs")
+# what "massive" means, the same three options on every command that decides it (Criterion.from_options)
+MinAbsOpt = typer.Option(None, "--min-abs", help=f"massive if |a| > this (default {DEFAULT_MIN_ABS:g}) ...")
+MinRatioOpt = typer.Option(None, "--min-ratio", help=f"... and > this times the layer median (default "
+                           f"{DEFAULT_MIN_RATIO:g}; {RELATIVE_MIN_RATIO:g} with --relative)")
+RelativeOpt = typer.Option(False, "--relative", help="ratio-only criterion (|a| > min-ratio x median), for models "
+                           "with smaller magnitudes")
 
 
 @contextmanager

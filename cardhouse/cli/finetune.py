@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import BosOpt, ModelOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder
+from .common import (BosOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, app, clear_errors, console, err, load,
+                     parse_int_list, writable_folder)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
@@ -66,9 +67,12 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                  save_steps: int = SaveOpt, seed: int = SeedOpt,
                  resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
                  corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-                 task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, bos: Optional[bool] = BosOpt,
+                 task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+                 min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                 relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                  out: Path = typer.Option(Path("cardhouse-out/finetune"), "--out", "-o")):
     """Fine-tune with a LoRA/DoRA adapter (MacDrop on by default), then measure it original vs top-3 zeroed."""
+    from ..analysis import Criterion
     from ..evaluation.metrics import metric_keys, metric_of
     from ..finetuning import FinetuneConfig, MacDropConfig, finetune, load_records, robustness
     from ..results import write_result
@@ -83,12 +87,13 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                              rows=parse_int_list(rows, "--rows"), seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = _budget(corpus, max_tokens, context, task, task_limit)
         writable_folder(out)
         load_records(data)  # bad data fails before any model time is spent
         lm = load(model, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
-            drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer)
+            drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer, criterion)
         try:
             result = finetune(lm, config, drop if macdrop else None, out=out, resume=resume)
         except KeyboardInterrupt:
@@ -103,7 +108,7 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                 f"{m} {metric_of(m).format(row[m])}" for m in metric_keys(row)))
         write_result(out / "results.json", {"finetune": result.to_dict(), "robustness": table}, model=lm.describe(),
                      settings={"config": config.to_dict(), "macdrop": drop.to_dict() if macdrop else None,
-                               "layer": drop.layer, "massive_rows": drop.rows,
+                               "layer": drop.layer, "massive_rows": drop.rows, "criterion": criterion.to_dict(),
                                "budget": budget.to_dict() if budget else None})
         console.print(f"wrote {out / 'adapter'} (PEFT format), {out / 'finetune.json'}, {out / 'results.json'}")
 
@@ -120,14 +125,16 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
                 limit: Optional[int] = LimitOpt, max_steps: int = StepsOpt, save_steps: int = SaveOpt,
                 seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt,
                 context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
-                bos: Optional[bool] = BosOpt, out: Path = typer.Option(Path("cardhouse-out/finetune-compare"),
-                                                                        "--out", "-o")):
+                min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
+                out: Path = typer.Option(Path("cardhouse-out/finetune-compare"), "--out", "-o")):
     """House of Cards Table 4: LoRA and DoRA, without and with MacDrop (each schedule), original vs top-3 zeroed.
 
     Each run is saved in its own folder under --out; rerunning skips the finished runs.
     """
     import time
 
+    from ..analysis import Criterion
     from ..finetuning import FinetuneConfig, MacDropConfig, compare, load_records
     from ..finetuning.macdrop import SCHEDULES
     from ..finetuning.report import comparison_table, plot_comparison
@@ -148,6 +155,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
                              seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = _budget(corpus, max_tokens, context, task, task_limit)
         folder = writable_folder(out)
         load_records(data)
@@ -161,7 +169,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
 
         try:
             results = compare(fresh, config, drop, methods=tuple(method_list),
-                              schedules=tuple(schedule_list), out=folder, budget=budget)
+                              schedules=tuple(schedule_list), out=folder, budget=budget, criterion=criterion)
         except KeyboardInterrupt:
             _interrupted(folder)
         seconds = time.perf_counter() - start
@@ -170,6 +178,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         png = plot_comparison(results, folder / "compare.png", title)
         write_result(folder / "compare.json", results, model=described[0],
                      settings={"config": config.to_dict(), "macdrop": drop.to_dict(), "methods": method_list,
-                               "schedules": schedule_list, "budget": budget.to_dict() if budget else None},
+                               "schedules": schedule_list, "budget": budget.to_dict() if budget else None,
+                               "criterion": criterion.to_dict()},
                      seconds=seconds)
         console.print(f"wrote {folder / 'compare.json'}, {png} ({seconds / 60:.1f} min)")

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..results import write_result
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder
+from .common import (BosOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, clear_errors,
+                     console, err, load, writable_folder)
 
 
 def _fmt(x) -> str:
@@ -32,9 +33,8 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
                                                         "exceeds this"),
               attn_implementation: str = typer.Option("eager", help="attention implementation for the analysis "
                                                                     "(must return probabilities: eager)"),
-              min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
-              min_ratio: float = typer.Option(1000.0, help="... and > this times the prompt's layer median"),
-              relative: bool = typer.Option(False, help="ratio-only criterion, for models with smaller magnitudes"),
+              min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+              relative: bool = RelativeOpt,
               batch_size: int = typer.Option(8, help="prompts per forward pass"),
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Attention concentration on the massive tokens, attention sinks per token role, the set-C value updates."""
@@ -43,6 +43,7 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
     from ..reports.mechanism_plots import plot_attention, plot_attention_map
 
     with clear_errors():
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         writable_folder(out)
         texts = load_prompts(prompts, limit=limit)
         if not 0 <= prompt_index < len(texts):
@@ -52,7 +53,6 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
             lm.blocks.check_layer(layer)
         if head is not None:
             check_head(lm, head)
-        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
         result = analyze_attention(lm, texts, criterion=criterion, threshold=threshold,
                                    implementation=attn_implementation, batch_size=batch_size)
         _notes(result.notes)
@@ -98,17 +98,20 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
           layer: Optional[int] = typer.Option(None, help="layer l (default: detected)"),
           top: int = typer.Option(3, help="top dimensions reported per state"),
           n_prompts: int = typer.Option(8, help="prompts used (position 0 is the same in all of them)"),
+          min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
           bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """The BOS token's states through the layers (House of Cards Fig. 3) and the q/k/v of the massive tokens."""
+    from ..analysis import Criterion
     from ..analysis.trace import STATES, UPDATES, trace_bos
     from ..reports.mechanism_plots import plot_trace
 
     with clear_errors():
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         writable_folder(out)
         lm = load(model, bos)
         if layer is not None:
             lm.blocks.check_layer(layer)
-        result = trace_bos(lm, prompts, k=k, layer=layer, top=top, n_prompts=n_prompts)
+        result = trace_bos(lm, prompts, k=k, layer=layer, top=top, n_prompts=n_prompts, criterion=criterion)
         _notes(result.notes)
         l = result.layer
         t = Table(title=f"{lm.name}: BOS token, max |x| [top dims] per state (l = {l}, massive dim {result.dim})")
@@ -126,7 +129,8 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
         console.print(t)
         plot = plot_trace(result, out / "trace.png")
         write_result(out / "trace.json", {"trace": result.to_dict()}, model=lm.describe(),
-                     settings={"prompts": prompts, "k": k, "layer": layer, "top": top, "n_prompts": n_prompts},
+                     settings={"prompts": prompts, "k": k, "layer": layer, "top": top, "n_prompts": n_prompts,
+                               "criterion": criterion.to_dict()},
                      plots={"trace": str(plot)})
         console.print(f"wrote {out / 'trace.json'}, {plot}")
 

@@ -9,7 +9,7 @@ import typer
 
 from ..models.loading import DEFAULT_MODEL
 from ..results import command_line
-from .common import BosOpt, PromptsOpt, app, clear_errors, console, err
+from .common import BosOpt, MinAbsOpt, MinRatioOpt, PromptsOpt, RelativeOpt, app, clear_errors, console, err
 
 
 @app.command("report")
@@ -38,7 +38,8 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                task: list[str] = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval, for "
                                               "every variant (repeatable; slow)"),
                limit: Optional[int] = typer.Option(None, help="zero-shot examples per task"),
-               relative: bool = typer.Option(False, help="ratio-only criterion for massive activations"),
+               min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+               relative: bool = RelativeOpt,
                with_: list[str] = typer.Option([], "--with", help="an extra section by name (repeatable): "
                                                "attention; see docs/report.md"),
                macdrop: Optional[Path] = typer.Option(None, "--macdrop", help="add the MacDrop section from a "
@@ -48,7 +49,8 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
     from ..reports.report import Settings, build_report
 
     with clear_errors():
-        overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "layer": layer,
+        overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "min_abs": min_abs,
+                     "min_ratio": min_ratio, "layer": layer,
                      "tasks": tuple(task), "limit": limit,
                      "extras": tuple(with_) + (("macdrop",) if macdrop and "macdrop" not in with_ else ()),
                      "macdrop": str(macdrop) if macdrop else None}
