@@ -8,20 +8,12 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, app, check_writable_file,
-                     clear_errors, console, err, load, parse_int_list, writable_folder)
+from .common import (KS_HELP, BosOpt, CorpusOpt, KOpt, PromptsOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, SeedOpt,
+                     TaskLimitOpt, TasksOpt, app, budget_from, check_writable_file, clear_errors, console,
+                     context_opt, err, load, max_tokens_opt, parse_int_list, writable_folder)
 
-CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
-TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
-ContextOpt = typer.Option(512, "--context", help="perplexity window length, BOS first")
-TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable)")
-LimitOpt = typer.Option(None, "--limit", help="zero-shot examples per task")
-
-
-def _budget(corpus, max_tokens, context, tasks, limit):
-    from ..evaluation.measure import Budget
-
-    return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=limit)
+TokensOpt = max_tokens_opt(4096)
+ContextOpt = context_opt(512)
 
 
 def _results_table(rows: list[dict], title: str) -> None:
@@ -65,12 +57,12 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, settings:
 def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
                                                     "their controls random-zero, random-retain, random-weight), or "
                                                     "'all' for every attack and the activation interventions"),
-               model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
-               layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
+               model: str = ModelOpt, k: int = KOpt,
+               layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
-               seed: int = typer.Option(0, help="seed of the random control"),
-               corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-               task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, min_abs: Optional[float] = MinAbsOpt,
+               seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt,
+               context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+               min_abs: Optional[float] = MinAbsOpt,
                min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
@@ -86,7 +78,7 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
                 get_attack(kind)
             except ValueError as e:
                 raise ValueError(f"{e}, all") from None
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         lm = load(model, bos)
         chosen = parse_int_list(indices, "--indices")
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
@@ -106,9 +98,9 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
 @app.command("intervene")
 def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), model: str = ModelOpt,
                   every_layer: bool = typer.Option(False, help="at every layer that has massive activations"),
-                  prompts: str = typer.Option("builtin", help="calibration prompts for the scan (and the mean)"),
+                  prompts: str = PromptsOpt,
                   corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-                  task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt,
+                  task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
                   min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
                   relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
@@ -122,7 +114,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
         if kind not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {kind!r}; known: {', '.join(INTERVENTIONS)}")
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         lm = load(model, bos)
         result = run_scan(lm, load_prompts(prompts), criterion=criterion, progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
@@ -133,12 +125,11 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
 
 
 @app.command("sweep")
-def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help="comma-separated k values "
-              "(default 0,1,2,3,5,10,20,50,... up to the whole layer)"),
-              layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
-              seed: int = typer.Option(0), corpus: list[str] = CorpusOpt,
-              max_tokens: int = typer.Option(2048, "--max-tokens", help="corpus tokens per corpus and variant"),
-              context: int = ContextOpt, task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt,
+def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default 0,1,2,"
+                                                                      "3,5,10,20,50,... up to the whole layer)"),
+              layer: Optional[int] = LayerOpt, seed: int = SeedOpt, corpus: list[str] = CorpusOpt,
+              max_tokens: int = max_tokens_opt(2048), context: int = ContextOpt, task: list[str] = TasksOpt,
+              task_limit: Optional[int] = TaskLimitOpt,
               min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
               relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
@@ -153,7 +144,7 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
     with clear_errors():
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         folder = writable_folder(out)
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         lm = load(model, bos)
         rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",
                                ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed, criterion=criterion)

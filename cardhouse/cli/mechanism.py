@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..results import write_result
-from .common import (BosOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, clear_errors,
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, clear_errors,
                      console, err, load, writable_folder)
 
 
@@ -25,9 +25,9 @@ def _notes(notes: list[str]) -> None:
 @app.command()
 def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
               limit: Optional[int] = typer.Option(16, help="use only the first N prompts"),
-              layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
+              map_layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
                                                              "attention reads massive activations)"),
-              head: Optional[int] = typer.Option(None, help="heat-map head (default: the one most on set C)"),
+              map_head: Optional[int] = typer.Option(None, help="heat-map head (default: the one most on set C)"),
               prompt_index: int = typer.Option(0, help="heat-map prompt (index into the prompts)"),
               threshold: float = typer.Option(0.3, help="a key is a sink in a head if its mean received attention "
                                                         "exceeds this"),
@@ -49,16 +49,18 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
         if not 0 <= prompt_index < len(texts):
             raise IndexError(f"--prompt-index {prompt_index} is out of range: there are {len(texts)} prompts")
         lm = load(model, bos)
-        if layer is not None:  # checked before the long run
-            lm.blocks.check_layer(layer)
-        if head is not None:
-            check_head(lm, head)
+        if map_layer is not None:  # checked before the long run
+            lm.blocks.check_layer(map_layer)
+        if map_head is not None:
+            check_head(lm, map_head)
         result = analyze_attention(lm, texts, criterion=criterion, threshold=threshold,
                                    implementation=attn_implementation, batch_size=batch_size)
         _notes(result.notes)
         l = result.massive_layer
-        map_layer = layer if layer is not None else min(l + 1, len(lm.blocks) - 1) if l is not None else 0
-        map_head = head if head is not None else default_head(result, map_layer)
+        if map_layer is None:
+            map_layer = min(l + 1, len(lm.blocks) - 1) if l is not None else 0
+        if map_head is None:
+            map_head = default_head(result, map_layer)
         amap = attention_map(lm, texts[prompt_index], map_layer, map_head, implementation=attn_implementation)
         _notes(amap.notes[len(result.notes):] if amap.notes[:len(result.notes)] == result.notes else amap.notes)
 
@@ -94,8 +96,8 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
 
 @app.command()
 def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
-          k: int = typer.Option(5, help="top-k intermediate indices"),
-          layer: Optional[int] = typer.Option(None, help="layer l (default: detected)"),
+          k: int = KOpt,
+          layer: Optional[int] = LayerOpt,
           top: int = typer.Option(3, help="top dimensions reported per state"),
           n_prompts: int = typer.Option(8, help="prompts used (position 0 is the same in all of them)"),
           min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,

@@ -8,14 +8,13 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
-from .common import (BosOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, check_writable_file, clear_errors, console, err, load,
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, check_writable_file, clear_errors, console, err, load,
                      writable_folder)
 
 
 @app.command()
 def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
-         k: int = typer.Option(5, help="top-k intermediate indices for the massive weights"),
-         layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
+         k: int = KOpt, layer: Optional[int] = LayerOpt,
          min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
          batch_size: int = typer.Option(8, help="prompts per forward pass"),
          bos: Optional[bool] = BosOpt, out: Path = OutOpt,

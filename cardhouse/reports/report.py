@@ -96,7 +96,7 @@ class Settings:
                              f"{', '.join(OPTIONAL_STEPS) or 'none yet'}")
         if "macdrop" in self.extras:
             if self.macdrop is None:
-                raise ValueError("the MacDrop section reads a finished comparison: give --macdrop FOLDER "
+                raise ValueError("the MacDrop section reads a finished comparison: give --macdrop-compare FOLDER "
                                  "(the output of `cardhouse finetune-compare`)")
             compare_json(self.macdrop)
 
