@@ -16,7 +16,7 @@ from cardhouse.cli import app
 from cardhouse.finetuning import NoMassiveWeightsError, detect_massive_rows
 
 DECIDING = {"scan": [], "attention": [], "trace": [], "attack": ["topk-zero"], "intervene": ["set-zero"], "sweep": [],
-            "report": [], "finetune": [], "finetune-compare": []}  # command -> its arguments
+            "report": [], "finetune": [], "finetune-compare": [], "moe": []}  # command -> its arguments
 
 
 def test_options_give_the_default_relative_and_custom_criteria():

@@ -60,12 +60,12 @@ def test_scan_has_an_moe_section_for_an_moe_model(folder, dense_folder, tmp_path
     result = run("scan", "--model", folder, "--out", tmp_path / "moe", "--limit", 8)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "moe" / "scan.json").read_text())
-    assert data["moe"]["collapse_layer"] == CARRIER_LAYER and "moe_router" in data["plots"]
-    assert data["massive_weights"]["expert"] == CARRIER_EXPERT
+    assert data["results"]["moe"]["collapse_layer"] == CARRIER_LAYER and "moe_router" in data["plots"]
+    assert data["results"]["massive_weights"]["expert"] == CARRIER_EXPERT
     assert "router per MoE layer" in result.output
     dense = run("scan", "--model", dense_folder, "--out", tmp_path / "dense", "--limit", 4)
     assert dense.exit_code == 0, dense.output
-    assert json.loads((tmp_path / "dense" / "scan.json").read_text())["moe"] is None
+    assert json.loads((tmp_path / "dense" / "scan.json").read_text())["results"]["moe"] is None
     assert "router per MoE layer" not in dense.output
 
 

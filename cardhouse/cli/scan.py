@@ -53,7 +53,8 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
             from .moe import COLLAPSE, FRACTION, PERCENTILE, run_moe
 
             analysis, moe_plots = run_moe(lm, texts, out, out / "moe.json", k=k, layer=layer, collapse=COLLAPSE,
-                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size)
+                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size,
+                                          criterion=criterion)
             moe, plots = analysis.to_dict(), plots | {f"moe_{name}": path for name, path in moe_plots.items()}
         write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
                                  "moe": moe},
