@@ -16,11 +16,10 @@ import torch
 
 from ..capture import hook_name, run_batches, tokenize_prompts
 from ..models.loading import LoadedModel
+from .criterion import Criterion
 from .prompts import load_prompts
 from .tokens import roles
 
-# Sun et al.'s rule of thumb, applied to the first token's residual vector in the middle layer
-MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0
 CARRIER_SHARE = 0.5  # position 0 stays the carrier while its |a| is at least this share of the largest
 _TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in")
 
@@ -39,9 +38,10 @@ class MassiveWeights:
     super_weight: dict  # the largest |W_down[dim, i]| over the top-k indices (Yu et al.)
     trace: list[dict]  # per layer at the carrier token: |h| in `dim` and the attention and FFN contributions
     intermediate_size: int
-    massive: bool = True  # whether the carrier token holds a massive activation at all (see MASSIVE_*)
+    massive: bool = True  # whether the carrier token holds a massive activation at all (by the criterion)
     notes: list[str] = field(default_factory=list)
-    experts: list[dict] = field(default_factory=list)  # MoE: the carrier's experts in `layer` (analysis.moe.carrier_experts)
+    # MoE: the carrier's experts in `layer`, largest contribution first (analysis.moe.carrier_experts)
+    experts: list[dict] = field(default_factory=list)
     # the token whose state is searched: per prompt its position, its text in the first prompt,
     # and how many prompts give it each role (bos, first token, first delimiter, other)
     carrier: dict = field(default_factory=dict)
@@ -105,7 +105,8 @@ def _states_at(lm: LoadedModel, token_lists: list[list[int]], positions: list[in
 
 
 def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int = 5,
-                         layer: int | None = None, n_prompts: int = 8, batch_size: int = 8) -> MassiveWeights:
+                         layer: int | None = None, n_prompts: int = 8, batch_size: int = 8,
+                         criterion: Criterion = Criterion()) -> MassiveWeights:
     """Locate layer l, the massive dimension and the carrier token's top-k intermediate indices.
 
     The carrier is, per prompt, position 0 (BOS, or the first token) when it holds a massive |a| in
@@ -125,7 +126,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     where, peaks, first, median = _locate_carriers(lm, token_lists, middle, batch_size)
 
     def is_massive(value: float) -> bool:
-        return value > MASSIVE_ABS and value > MASSIVE_RATIO * median
+        return criterion.is_massive(value, median)
 
     # per prompt: position 0 when it is massive and at least half the largest (BOS, as in most models,
     # also when a delimiter carries one as large); else the token with the largest massive activation
@@ -179,8 +180,10 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         # of the carrier's routed experts (and the shared one), the one that writes the massive dimension most
         experts = sorted(carrier_experts(lm, layer, mlp_in[0], dim, k), key=lambda e: -sign * e["contribution"])
         expert = experts[0]["expert"]
+        like = blocks.down_weight(layer, expert)  # the stored states are float32 copies: back to the model's dtype
         with torch.inference_mode():
-            intermediate = torch.stack([blocks.intermediate(layer, x, expert) for x in mlp_in])
+            intermediate = torch.stack([blocks.intermediate(layer, x.to(like.device, like.dtype), expert).cpu()
+                                        for x in mlp_in])
         notes.append(f"Mixture of Experts: the BOS token is routed to experts {[e['expert'] for e in experts]}; "
                      f"expert {expert} writes the most into dimension {dim} and holds the massive weights")
     else:
