@@ -7,8 +7,12 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, err, load,
+from .common import (CORPUS_HELP, K_HELP, BosOpt, LayerOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app,
+                     check_writable_file, clear_errors, console, context_opt, err, load, max_tokens_opt,
                      writable_folder)
+
+LimitOpt = typer.Option(16, "--limit", help="use only the first N prompts")
+CorporaOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
 
 
 def _headroom_table(title: str, room: dict, run: dict) -> None:
@@ -39,16 +43,15 @@ def _headroom_table(title: str, room: dict, run: dict) -> None:
 
 @app.command("precision")
 def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
-                  limit: Optional[int] = typer.Option(16, help="calibration: the first N prompts"),
+                  limit: Optional[int] = LimitOpt,
                   dtype: str = typer.Option("float16", help="the format to really run the model in (float16, bfloat16)"),
                   rescale: bool = typer.Option(False, "--rescale", help="divide the residual stream by a power of "
                                                "two (function-preserving) so that every activation fits, and verify"),
                   power: Optional[int] = typer.Option(None, help="the power of two (default: chosen from the headroom)"),
                   margin: float = typer.Option(2.0, help="doublings kept free below the format's largest value"),
-                  corpus: str = typer.Option("wikipedia", help="corpus for --max-tokens"),
-                  max_tokens: int = typer.Option(0, "--max-tokens", help="perplexity in DTYPE vs float32 on this many "
-                                                 "corpus tokens (0: skip; slow on a CPU)"),
-                  context: int = typer.Option(256, help="perplexity window"),
+                  corpus: list[str] = CorporaOpt,
+                  max_tokens: int = max_tokens_opt(0, " (0: no perplexity; in DTYPE against float32, slow on a CPU)"),
+                  context: int = context_opt(256),
                   export: Optional[Path] = typer.Option(None, "--export", help="with --rescale: write the rescaled "
                                                         "model here as a Hugging Face folder"),
                   force: bool = typer.Option(False, "--force", help="let --export write into a non-empty folder"),
@@ -65,7 +68,7 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
 
     with clear_errors():
         settings = PrecisionSettings(dtype=dtype, rescale=rescale, power=power, margin=margin, batch_size=batch_size,
-                                     corpus=corpus, max_tokens=max_tokens, context=context)
+                                     corpora=list(corpus), max_tokens=max_tokens, context=context)
         if export is not None and not rescale:
             raise ValueError("--export writes the rescaled model: give --rescale too (or use `cardhouse export`)")
         if export is not None:
@@ -90,8 +93,7 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
                           f"{', '.join(rs['unfixed'][:5])}")
             _headroom_table(f"{lm.name} after / 2^{rs['plan']['power']}", rs["after"]["headroom"], rs["after"]["run"])
         for key, part in (("before", result), ("after", (rs or {}).get("after", {}))):
-            if "perplexity" in part:
-                p = part["perplexity"]
+            for p in part.get("perplexity", []):
                 console.print(f"perplexity {key}: float32 {p['float32']:.3f}, {dtype} {p[dtype]:.3f} "
                               f"(x{p['ratio']:.4f}, {p['tokens']} tokens of {p['corpus']})")
         png = plot_headroom(result["headroom"], folder / "precision.png", f"{lm.name}: headroom per layer",
@@ -116,14 +118,14 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
                attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: topk-zero, "
                                                          "topk-retain, super-weight, random-zero, random-retain, "
                                                          "random-weight"),
-               k: int = typer.Option(5, help="rows for --attack"),
-               layer: Optional[int] = typer.Option(None, help="layer for --attack (default: detected)"),
+               k: int = typer.Option(5, "--k", help=K_HELP),
+               layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated rows for --attack"),
-               seed: int = typer.Option(0, help="seed of a random control attack"),
+               seed: int = SeedOpt,
                rescale: bool = typer.Option(False, "--rescale", help="the function-preserving float16 rescale"),
                power: Optional[int] = typer.Option(None, help="its power of two (default: from the headroom)"),
                margin: float = typer.Option(2.0, help="doublings kept free below float16's largest value"),
-               prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(16, help="calibration prompts for --rescale"),
+               prompts: str = PromptsOpt, limit: Optional[int] = LimitOpt,
                adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter folder (e.g. "
                                                       "`cardhouse finetune`'s OUT/adapter, MacDrop or not) merged "
                                                       "into the weights first"),
@@ -206,13 +208,12 @@ def quantize_cmd(model: str = ModelOpt,
                                           "'' for none"),
                  protect: bool = typer.Option(True, "--protect/--no-protect", help="each scheme with every "
                                               "protection and its random control"),
-                 k: int = typer.Option(2, help="massive-weight rows to protect"),
-                 seed: int = typer.Option(0, help="seed of the random controls"),
-                 prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(16, help="calibration prompts (the "
-                                                                                "massive activation channels)"),
-                 corpus: str = typer.Option("wikipedia", help="perplexity corpus"),
-                 max_tokens: int = typer.Option(1022, "--max-tokens", help="corpus tokens (the same for every row)"),
-                 context: int = typer.Option(512, help="perplexity window"),
+                 k: int = typer.Option(2, "--k", help=K_HELP),
+                 seed: int = SeedOpt,
+                 prompts: str = PromptsOpt, limit: Optional[int] = LimitOpt,
+                 corpus: list[str] = CorporaOpt,
+                 max_tokens: int = max_tokens_opt(1022),
+                 context: int = context_opt(512),
                  bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Simulated round-to-nearest quantization (weights int8/int4 per channel or group, activations and keys/values
     int8 per tensor or token) by perplexity, with and without protecting the massive weights, the super weight, the
@@ -231,7 +232,8 @@ def quantize_cmd(model: str = ModelOpt,
         schemes = study_schemes(specs_w, specs_a, protect=protect)
         if not schemes:
             raise ValueError("no scheme: give --weights and/or --acts")
-        budget = Budget(corpora=[corpus], max_tokens=max_tokens, context=context)
+        budget = Budget(corpora=list(corpus), max_tokens=max_tokens, context=context)
+        corpus = budget.corpora[0]  # the table and the plot (every corpus is in the JSON)
         folder = writable_folder(out)
         check_writable_file(folder / "quantize.json")
         texts = load_prompts(prompts, limit=limit)

@@ -83,6 +83,8 @@ _MOE = dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_pro
             act="experts.act_fn", router="gate", experts="experts", routing="softmax-topk",
             writers=("self_attn.o_proj", "mlp.experts.down_proj"))
 
+_DEEPSEEK_WRITERS = _MOE["writers"] + ("mlp.shared_experts.down_proj",)
+
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", **_LLAMA),
     "mistral": Adapter("mistral", **_LLAMA),
@@ -107,10 +109,10 @@ ADAPTERS: dict[str, Adapter] = {
     # multi-head latent attention: no separate q/k/v projections; first_k_dense_replace dense layers
     "deepseek_v2": Adapter("deepseek_v2", **dict(_MOE, routing="softmax-group-greedy", router_norm=False,
                                                  shared_expert="shared_experts", q_proj=None, k_proj=None, v_proj=None,
-                                                 dense=Adapter("deepseek_v2", **_LLAMA))),
+                                                 dense=Adapter("deepseek_v2", **_LLAMA), writers=_DEEPSEEK_WRITERS)),
     "deepseek_v3": Adapter("deepseek_v3", **dict(_MOE, routing="sigmoid-group-topk", router_norm="norm_topk_prob",
                                                  shared_expert="shared_experts", q_proj=None, k_proj=None, v_proj=None,
-                                                 dense=Adapter("deepseek_v3", **_LLAMA))),
+                                                 dense=Adapter("deepseek_v3", **_LLAMA), writers=_DEEPSEEK_WRITERS)),
     # cardhouse's own from-scratch decoder (cardhouse/emergence/model.py): GPT-2 names, nn.Linear FFN
     "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                        final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act",

@@ -21,7 +21,7 @@ class PrecisionSettings:
     power: int | None = None  # None: chosen from the headroom
     margin: float = 2.0  # doublings kept free below the format's largest value
     batch_size: int = 8
-    corpus: str = "wikipedia"
+    corpora: tuple[str, ...] = ("wikipedia",)
     max_tokens: int = 0  # corpus tokens for perplexity in low precision vs float32 (0: skip)
     context: int = 256
 
@@ -35,23 +35,26 @@ class PrecisionSettings:
         if self.max_tokens:
             from ..evaluation.measure import Budget
 
-            Budget(corpora=[self.corpus], max_tokens=self.max_tokens, context=self.context)
+            Budget(corpora=list(self.corpora), max_tokens=self.max_tokens, context=self.context)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "corpora": list(self.corpora)}
 
 
-def _perplexities(lm: LoadedModel, settings: PrecisionSettings) -> dict:
+def _perplexities(lm: LoadedModel, settings: PrecisionSettings) -> list[dict]:
+    """Per corpus: perplexity in float32 and of a cast copy in ``settings.dtype``, on the same tokens."""
     from ..evaluation.corpora import tokenize_corpus
     from ..evaluation.perplexity import perplexity
 
-    ids = tokenize_corpus(lm.tokenizer, settings.corpus, max_tokens=settings.max_tokens)
-    full = perplexity(lm.model, ids, context=settings.context, bos_id=lm.bos_id, progress=False)
     low_model = cast_copy(lm.model, DTYPES[settings.dtype])
-    low = perplexity(low_model, ids, context=settings.context, bos_id=lm.bos_id, progress=False)
-    del low_model
-    return {"corpus": settings.corpus, "tokens": full.n_predicted_tokens, "float32": full.ppl,
-            settings.dtype: low.ppl, "ratio": low.ppl / full.ppl if full.ppl else float("nan")}
+    rows = []
+    for corpus in settings.corpora:
+        ids = tokenize_corpus(lm.tokenizer, corpus, max_tokens=settings.max_tokens)
+        full = perplexity(lm.model, ids, context=settings.context, bos_id=lm.bos_id, progress=False)
+        low = perplexity(low_model, ids, context=settings.context, bos_id=lm.bos_id, progress=False)
+        rows.append({"corpus": corpus, "tokens": full.n_predicted_tokens, "float32": full.ppl,
+                     settings.dtype: low.ppl, "ratio": low.ppl / full.ppl if full.ppl else float("nan")})
+    return rows
 
 
 def check_precision(lm: LoadedModel, token_lists: Sequence[Sequence[int]], settings: PrecisionSettings,
