@@ -73,6 +73,13 @@ def written(model_folder, moe_folder, tmp_path_factory):
                      [out / "scan-moe" / "scan.json", out / "scan-moe" / "moe.json"]),
         "attack-moe": (["attack", "moe", "-m", moe_folder, "--k", "2", *BUDGET, "--json", out / "attack-moe.json"],
                        [out / "attack-moe.json"]),
+        "precision": (["precision", "-m", m, "--limit", "4", "--rescale", *BUDGET, "-o", out / "precision",
+                       "--export", out / "rescaled"],
+                      [out / "precision" / "precision.json", out / "rescaled" / "cardhouse-edit.json"]),
+        "quantize": (["quantize", "-m", m, "--weights", "8,4g16", "--acts", "8:tensor", "--k", "2", *BUDGET,
+                      "-o", out / "quantize"], [out / "quantize" / "quantize.json"]),
+        "export": (["export", out / "export", "-m", m, "--attack", "topk-zero", "--k", "2"],
+                   [out / "export" / "cardhouse-edit.json"]),
     }
     runner = CliRunner()
     files = {}
@@ -108,7 +115,8 @@ def _emergence(out):
 KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "position": ["position"],
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
-        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"]}
+        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "precision": ["precision", "export"],
+        "quantize": ["quantize"], "export": ["export"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():
