@@ -56,15 +56,15 @@ def d_mlp(lm: LoadedModel) -> int:
     return EXPECTED_D_MLP[lm.family]
 
 
-def text_config(family: str):
+def text_config(family: str, n_layers: int = N_LAYERS):
     from transformers import AutoConfig
 
     ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     if family == "gpt2":
-        kwargs = dict(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_MLP, n_layer=N_LAYERS, n_head=4,
+        kwargs = dict(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_MLP, n_layer=n_layers, n_head=4,
                       n_positions=CONTEXT, **ids)
     else:
-        kwargs = dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+        kwargs = dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)
         if family in ("qwen3", "gemma", "gemma2", "gemma3_text"):
             kwargs["head_dim"] = 8  # their defaults (128, 256) would dwarf the model
@@ -76,11 +76,11 @@ def text_config(family: str):
     return AutoConfig.for_model(family, **kwargs)
 
 
-def build_text_model(family: str, seed: int = 0):
+def build_text_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(text_config(family))
+    model = AutoModelForCausalLM.from_config(text_config(family, n_layers))
     assert model.config.model_type == family
     return model.eval()
 
@@ -109,13 +109,13 @@ def build_tokenizer():
                                    unk_token=UNK)
 
 
-def build(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
+def build(family: str, tokenizer=None, seed: int = 0, n_layers: int = N_LAYERS) -> LoadedModel:
     """A fresh tiny LoadedModel of ``family`` or of a variant (dinov2: no tokenizer, feed it ``pixel_values``)."""
     if family in VISION_FAMILIES + VARIANTS:
         model = build_vision_model(seed, swiglu=family == "dinov2_swiglu")
         return from_pretrained_objects(model, None, name=f"tiny-{family}", bos=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    return from_pretrained_objects(build_text_model(family, seed), tokenizer, name=f"tiny-{family}", bos=True)
+    return from_pretrained_objects(build_text_model(family, seed, n_layers), tokenizer, name=f"tiny-{family}", bos=True)
 
 
 def sample_inputs(lm: LoadedModel, seed: int = 0) -> dict:

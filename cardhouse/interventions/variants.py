@@ -58,7 +58,7 @@ def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = No
         "topk-retain": (f"keep only rows {indices} of layer {layer}'s W_up/W_gate", lambda: retain_rows(lm, layer, indices, expert=expert)),
         "random-zero": (f"control: zero {k} random rows {control} of layer {layer}", lambda: zero_rows(lm, layer, control, expert=expert)),
         "random-retain": (f"control: keep only {k} random rows of layer {layer}", lambda: retain_rows(lm, layer, control, expert=expert)),
-        "super-weight": (f"zero W_down[{row}, {mw.super_weight['column']}] of layer {layer}",
+        "super-weight": (f"zero the super weight (Yu et al.) W_down[{row}, {mw.super_weight['column']}] of layer {layer}",
                          lambda: zero_super_weight(lm, layer, row, mw.super_weight["column"], expert=expert)),
         "random-weight": (f"control: zero W_down[{row}, {random_column}] of layer {layer}",
                           lambda: zero_super_weight(lm, layer, row, random_column, expert=expert)),
