@@ -24,6 +24,7 @@ from .variants import Variant, original, run_variants
 from .weights import zero_down_line, zero_super_weight
 
 MAX_PAIRS = 15  # default budget for pair variants (6 candidates)
+NO_DAMAGE = 1.001  # perplexity within 0.1% of the original: too little damage to say how much of it returns
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ def _restore_variant(lm: LoadedModel, sw: SuperWeight) -> Variant:
 def _returned(sw: SuperWeight, zeroed: dict, restored: dict, base: dict) -> dict:
     """How much of the super weight's damage comes back with the super activation (log scale, 1 = all)."""
     dz, dr = zeroed["damage"], damage(restored, base)
-    returned = (math.log(dz) - math.log(dr)) / math.log(dz) if math.isfinite(dz) and dz > 1 and \
+    # undefined where zeroing did (almost) nothing: there is no damage to bring back
+    returned = (math.log(dz) - math.log(dr)) / math.log(dz) if math.isfinite(dz) and dz > NO_DAMAGE and \
         math.isfinite(dr) and dr > 0 else None
     return {"layer": sw.layer, "row": sw.row, "column": sw.column, "position": sw.carrier["position"],
             "super_activation": sw.output, "zeroed": {k: v for k, v in zeroed.items() if k.startswith(("ppl_", "acc_"))},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.super_weight import SuperWeightScan
@@ -71,9 +72,10 @@ def damage_tables(damage: dict, console: Console) -> None:
         console.print(p)
     for r in damage["restore"]:
         returned = "-" if r["returned"] is None else f"{r['returned']:.0%}"
-        console.print(f"Super activation restored (layer {r['layer']}, W_down[{r['row']}, {r['column']}] zeroed, "
-                      f"FFN output at [position {r['position']}, {r['row']}] set to {_num(r['super_activation'])}): "
-                      f"damage {_num(r['damage_zeroed'])} -> {_num(r['damage_restored'])}; {returned} of it returns")
+        console.print(escape(f"Super activation restored (layer {r['layer']}, W_down[{r['row']}, {r['column']}] "
+                             f"zeroed, FFN output at [position {r['position']}, {r['row']}] set to "
+                             f"{_num(r['super_activation'])}): damage {_num(r['damage_zeroed'])} -> "
+                             f"{_num(r['damage_restored'])}; {returned} of it returns"))
 
 
 def plot_super_weights(scan: SuperWeightScan, path: str | Path, title: str = "", damage: dict | None = None) -> Path:
@@ -89,7 +91,7 @@ def plot_super_weights(scan: SuperWeightScan, path: str | Path, title: str = "",
     ax.axhline(scan.ratio * scan.median_output, color="tab:orange", ls=":", lw=1, label="output spike threshold")
     for sw in scan.super_weights:
         ax.axvline(sw.layer, color="tab:red", alpha=0.3, lw=4)
-        ax.annotate(f"W_down[{sw.row}, {sw.column}]", (sw.layer, sw.output and abs(sw.output)), fontsize=7,
+        ax.annotate(f"layer {sw.layer}: W_down[{sw.row}, {sw.column}]", (sw.layer, sw.output and abs(sw.output)), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
@@ -102,7 +104,7 @@ def plot_super_weights(scan: SuperWeightScan, path: str | Path, title: str = "",
         values = [r["damage"] if r["damage"] != float("inf") else 1e9 for r in rows]
         colors = ["tab:gray" if r["control"] else "tab:red" for r in rows]
         ax.barh(range(len(rows)), values, color=colors)
-        ax.set_yticks(range(len(rows)), [f"{r['name']} {r['label'].split(' ', 2)[-1]}" for r in rows], fontsize=6)
+        ax.set_yticks(range(len(rows)), [f"{r['name']}: {r['label']}" for r in rows], fontsize=6)
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xlabel("perplexity / original (grey: random controls)")
