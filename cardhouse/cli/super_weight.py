@@ -36,6 +36,8 @@ def super_weight_cmd(
         damage: bool = typer.Option(True, "--damage/--no-damage", help="zero each candidate and measure perplexity"),
         candidates: int = typer.Option(3, help="scalar candidates per super weight: the row's largest contributions"),
         controls: int = typer.Option(2, help="random weights of the same layer zeroed as controls"),
+        lines: bool = typer.Option(True, "--lines/--no-lines", help="also zero the whole W_down row and column "
+                                                                    "(and a random row and column as controls)"),
         pairs: int = typer.Option(0, help="zero the N most damaging candidates two at a time (N(N-1)/2 variants)"),
         max_pairs: int = typer.Option(15, help="the most pair variants --pairs may ask for"),
         restore: bool = typer.Option(True, "--restore/--no-restore",
@@ -57,6 +59,7 @@ def super_weight_cmd(
     from ..interventions.damage import Candidate, check_pairs, rank_damage
     from ..reports.super_weight import plot_super_weights, super_weight_tables
     from ..results import write_result
+    from tqdm.auto import tqdm
 
     with clear_errors():
         json_path = json_path or writable_folder(out) / "super_weight.json"
@@ -73,11 +76,10 @@ def super_weight_cmd(
         lm = load(model, bos)
         check_dense_down(lm)
         extra = [Candidate(f"given {l}:{r}:{c}", "scalar", *check_coordinate(lm, l, r, c)) for l, r, c in chosen]
-        scan = find_super_weights(lm, texts, ratio=ratio, top=top, batch_size=batch_size,
-                                  progress=True)
+        scan = find_super_weights(lm, texts, ratio=ratio, top=top, batch_size=batch_size, progress=True)
         settings = {"prompts": prompts, "limit": limit, "ratio": ratio, "top": top, "candidates": candidates,
-                    "controls": controls, "pairs": pairs, "restore": restore, "weights": weight, "seed": seed,
-                    "budget": budget.to_dict() if budget else None}
+                    "controls": controls, "lines": lines, "pairs": pairs, "restore": restore, "weights": weight,
+                    "seed": seed, "budget": budget.to_dict() if budget else None}
         ranked = None
         done: list[dict] = []
 
@@ -85,10 +87,16 @@ def super_weight_cmd(
             write_result(json_path, {"detection": scan.to_dict(), "damage": ranked, "measured": done},
                          model=lm.describe(), settings=settings, complete=complete, plots=plots or {})
 
+        def measured(row: dict) -> None:  # the file keeps every row measured so far ("complete": false)
+            done.append(row)
+            save(False)
+            bar.update()
+
         if damage and (scan.found or extra):
-            ranked = rank_damage(lm, scan.super_weights, measurer(lm, budget), n=candidates, controls=controls,
-                                 pairs=pairs, max_pairs=max_pairs, restore=restore, seed=seed, extra=extra,
-                                 on_result=lambda row: (done.append(row), save(False)))
+            with tqdm(desc="variants measured", unit="variant") as bar:
+                ranked = rank_damage(lm, scan.super_weights, measurer(lm, budget, progress=False), n=candidates,
+                                     controls=controls, lines=lines, pairs=pairs, max_pairs=max_pairs,
+                                     restore=restore, seed=seed, extra=extra, on_result=measured)
         super_weight_tables(scan, console, ranked)
         png = plot_super_weights(scan, out / "super_weight.png", f"{lm.name}: super weights (Yu et al.)", ranked)
         save(True, {"super_weight": str(png)})

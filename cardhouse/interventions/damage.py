@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, ContextManager, Sequence
 
 from ..analysis.super_weight import SuperWeight
+from ..evaluation.metrics import metric_keys, metric_of
 from ..models.loading import LoadedModel
 from .activations import pin_ffn_output
 from .variants import Variant, original, run_variants
@@ -49,10 +50,11 @@ class Candidate:
         return zero_down_line(lm, self.layer, row=self.row, column=self.column)
 
 
-def candidates(lm: LoadedModel, sw: SuperWeight, *, n: int = 3, controls: int = 2, seed: int = 0) -> list[Candidate]:
-    """The super weight's layer: its row's ``n`` largest contributions (the super weight first when it is
-    one of them), the row's largest entry, the whole row and column; ``controls`` random scalars
-    and one random row and column of the same layer as controls."""
+def candidates(lm: LoadedModel, sw: SuperWeight, *, n: int = 3, controls: int = 2, lines: bool = True,
+               seed: int = 0) -> list[Candidate]:
+    """The super weight's layer: the super weight and its row's next largest contributions (``n`` scalars
+    in all), the row's largest entry, and with ``lines`` the whole row and column; ``controls`` random
+    scalars (and with ``lines`` one random row and column) of the same layer as controls."""
     if n < 1 or controls < 0:
         raise ValueError(f"need at least one candidate and no negative number of controls (n={n}, controls={controls})")
     layer, row, column = sw.coordinate
@@ -66,8 +68,10 @@ def candidates(lm: LoadedModel, sw: SuperWeight, *, n: int = 3, controls: int = 
             name = f"contribution #{rank}" + (" (largest down entry)" if c["channel"] == largest else "")
             picked.append(Candidate(name, "scalar", layer, row, c["channel"], share=c["share"]))
     if all(p.column != largest for p in picked):
-        picked.append(Candidate("largest down entry", "scalar", layer, row, largest, share=sw.largest_down_entry["share"]))
-    picked += [Candidate("row", "row", layer, row, None), Candidate("column", "column", layer, None, column)]
+        picked.append(Candidate("largest down entry", "scalar", layer, row, largest,
+                                share=sw.largest_down_entry["share"]))
+    if lines:
+        picked += [Candidate("row", "row", layer, row, None), Candidate("column", "column", layer, None, column)]
     rng = random.Random(seed)
     taken = {(p.row, p.column) for p in picked}
     for i in range(controls):
@@ -76,10 +80,11 @@ def candidates(lm: LoadedModel, sw: SuperWeight, *, n: int = 3, controls: int = 
         taken.add(coordinate)
         picked.append(Candidate(f"control: random weight {i + 1}", "scalar", layer, *coordinate, control=True,
                                 share=None))
-    other_row = rng.choice([r for r in range(rows) if r != row])
-    other_column = rng.choice([c for c in range(columns) if c not in {p.column for p in picked}])
-    picked += [Candidate("control: random row", "row", layer, other_row, None, control=True),
-               Candidate("control: random column", "column", layer, None, other_column, control=True)]
+    if lines:
+        other_row = rng.choice([r for r in range(rows) if r != row])
+        other_column = rng.choice([c for c in range(columns) if c not in {p.column for p in picked}])
+        picked += [Candidate("control: random row", "row", layer, other_row, None, control=True),
+                   Candidate("control: random column", "column", layer, None, other_column, control=True)]
     return picked
 
 
@@ -96,7 +101,7 @@ def check_pairs(pairs: int, max_pairs: int = MAX_PAIRS) -> int:
 
 def damage(row: dict, base: dict) -> float:
     """Geometric mean over the corpora of perplexity / original perplexity (1 = no damage)."""
-    keys = [k for k in base if k.startswith("ppl_")]
+    keys = [k for k in metric_keys(base) if metric_of(k).name == "ppl"]
     logs = []
     for k in keys:
         if not math.isfinite(row[k]):
@@ -121,18 +126,20 @@ def _variant(lm: LoadedModel, name: str, description: str, edits: Sequence[Calla
 
 
 def rank_damage(lm: LoadedModel, super_weights: Sequence[SuperWeight], measure: Callable[[LoadedModel], dict], *,
-                n: int = 3, controls: int = 2, pairs: int = 0, max_pairs: int = MAX_PAIRS, restore: bool = True,
-                seed: int = 0, extra: Sequence[Candidate] = (), on_result: Callable[[dict], None] | None = None) -> dict:
+                n: int = 3, controls: int = 2, lines: bool = True, pairs: int = 0, max_pairs: int = MAX_PAIRS,
+                restore: bool = True, seed: int = 0, extra: Sequence[Candidate] = (),
+                on_result: Callable[[dict], None] | None = None) -> dict:
     """Zero each candidate of every super weight's layer on its own (and ``extra`` ones, e.g. given by the
-    user), measure, and rank by damage; then the optional pairs and the super-activation restoration.
+    user) and rank them by damage; with ``restore``, zero each super weight and put its super activation
+    back (Yu et al.); with ``pairs``, zero the ``pairs`` most damaging candidates two at a time.
 
     Returns ``{"original", "candidates" (ranked, most damaging first), "pairs", "restore"}``.
     """
     check_pairs(pairs, max_pairs)
     if not super_weights and not extra:
         raise ValueError("no super weight and no candidate given: nothing to rank")
-    pool: list[Candidate] = [c for sw in super_weights for c in candidates(lm, sw, n=n, controls=controls,
-                                                                          seed=seed + sw.layer)]
+    pool = [c for sw in super_weights
+            for c in candidates(lm, sw, n=n, controls=controls, lines=lines, seed=seed + sw.layer)]
     pool += list(extra)
     singles = [_variant(lm, f"{c.name} ({c.label})", f"zero {c.label}", [lambda c=c: c.edit(lm)], c.layer)
                for c in pool]
@@ -153,7 +160,8 @@ def rank_damage(lm: LoadedModel, super_weights: Sequence[SuperWeight], measure: 
 
 
 def _numbers(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "variant"}
+    """The measured metrics of a results row (not the variant's own fields)."""
+    return {k: row[k] for k in metric_keys(row)}
 
 
 def _pairs(lm, pool, ranked, pairs, measure, base, on_result) -> list[dict]:
@@ -195,5 +203,5 @@ def _returned(sw: SuperWeight, zeroed: dict, restored: dict, base: dict) -> dict
     returned = (math.log(dz) - math.log(dr)) / math.log(dz) if math.isfinite(dz) and dz > NO_DAMAGE and \
         math.isfinite(dr) and dr > 0 else None
     return {"layer": sw.layer, "row": sw.row, "column": sw.column, "position": sw.carrier["position"],
-            "super_activation": sw.output, "zeroed": {k: v for k, v in zeroed.items() if k.startswith(("ppl_", "acc_"))},
+            "super_activation": sw.output, "zeroed": _numbers(zeroed),
             "restored": _numbers(restored), "damage_zeroed": dz, "damage_restored": dr, "returned": returned}

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.super_weight import SuperWeightScan
+from ..evaluation.metrics import metric_keys
 from .plots import plt, save_figure
 
 
@@ -52,7 +53,7 @@ def super_weight_tables(scan: SuperWeightScan, console: Console, damage: dict | 
 
 
 def damage_tables(damage: dict, console: Console) -> None:
-    metrics = [k for k in damage["original"] if k.startswith(("ppl_", "acc_"))]
+    metrics = metric_keys(damage["original"])
     t = Table(title="Candidates zeroed one at a time, most damaging first (damage = perplexity / original, "
                     "geometric mean over corpora)")
     for c in ("candidate", "weights", "share", *metrics, "damage"):
@@ -91,7 +92,7 @@ def plot_super_weights(scan: SuperWeightScan, path: str | Path, title: str = "",
     ax.axhline(scan.ratio * scan.median_output, color="tab:orange", ls=":", lw=1, label="output spike threshold")
     for sw in scan.super_weights:
         ax.axvline(sw.layer, color="tab:red", alpha=0.3, lw=4)
-        ax.annotate(f"layer {sw.layer}: W_down[{sw.row}, {sw.column}]", (sw.layer, sw.output and abs(sw.output)), fontsize=7,
+        ax.annotate(f"layer {sw.layer}: W_down[{sw.row}, {sw.column}]", (sw.layer, abs(sw.output)), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
