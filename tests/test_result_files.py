@@ -60,6 +60,8 @@ def written(model_folder, tmp_path_factory):
                               "-o", out / "cmp"], [out / "cmp" / "compare.json", out / "cmp" / "lora" / "result.json"]),
         "report": (["report", "-m", m, "--quick", *BUDGET, "--ks", "1,2", "--out", out / "report"],
                    [out / "report" / "results.json"]),
+        "super-weight": (["super-weight", "-m", m, "--ratio", "1.5", "--candidates", "1", "--controls", "1",
+                          "--no-lines", *BUDGET, "-o", out / "sw"], [out / "sw" / "super_weight.json"]),
     }
     runner = CliRunner()
     files = {}
@@ -94,7 +96,8 @@ def _emergence(out):
 
 KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "position": ["position"],
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
-        "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"]}
+        "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
+        "super-weight": ["super_weight"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():
