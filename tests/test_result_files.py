@@ -31,7 +31,15 @@ def model_folder(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def written(model_folder, tmp_path_factory):
+def moe_folder(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    build("mixtral", tokenizer).model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def written(model_folder, moe_folder, tmp_path_factory):
     """Run every command once; {kind: [paths of the files it wrote]}."""
     out = tmp_path_factory.mktemp("files")
     mp = pytest.MonkeyPatch()
@@ -60,6 +68,11 @@ def written(model_folder, tmp_path_factory):
                               "-o", out / "cmp"], [out / "cmp" / "compare.json", out / "cmp" / "lora" / "result.json"]),
         "report": (["report", "-m", m, "--quick", *BUDGET, "--ks", "1,2", "--out", out / "report"],
                    [out / "report" / "results.json"]),
+        "moe": (["moe", "-m", moe_folder, "--limit", "4", "-o", out / "moe"], [out / "moe" / "moe.json"]),
+        "scan-moe": (["scan", "-m", moe_folder, "--limit", "4", "-o", out / "scan-moe"],
+                     [out / "scan-moe" / "scan.json", out / "scan-moe" / "moe.json"]),
+        "attack-moe": (["attack", "moe", "-m", moe_folder, "--k", "2", *BUDGET, "--json", out / "attack-moe.json"],
+                       [out / "attack-moe.json"]),
         "super-weight": (["super-weight", "-m", m, "--ratio", "1.5", "--candidates", "1", "--controls", "1",
                           "--no-lines", *BUDGET, "-o", out / "sw"], [out / "sw" / "super_weight.json"]),
     }
@@ -97,7 +110,7 @@ def _emergence(out):
 KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "position": ["position"],
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
-        "super-weight": ["super_weight"]}
+        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "super-weight": ["super_weight"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():
@@ -113,7 +126,7 @@ def test_each_command_writes_files_its_schemas_accept(written, command):
         validate(data, kind)
         assert data["tool"] == "cardhouse" and isinstance(data["settings"], dict)
         if command != "emergence":  # written by the API: no command line
-            assert data["command"].startswith(f"cardhouse {command}"), data["command"]
+            assert data["command"].startswith(f"cardhouse {command.removesuffix('-moe')}"), data["command"]
 
 
 def test_attack_all_reaches_every_registered_attack_and_its_control(written):
@@ -124,6 +137,15 @@ def test_attack_all_reaches_every_registered_attack_and_its_control(written):
     assert kinds_ == ["original", *ATTACKS, "set-zero", "set-mean"]
     assert {r["kind"]: r["control_of"] for r in rows}["random-retain"] == "topk-retain"
     assert all(r["tokens_tiny"] == 126 for r in rows)
+
+
+def test_attack_moe_reaches_every_moe_attack_and_its_controls(written):
+    from cardhouse.interventions import EXPERT_ATTACKS, MOE_ATTACKS
+
+    rows = json.loads(written["attack-moe"][0].read_text())["results"]
+    assert [r["kind"] for r in rows] == ["original", *(k for a, cs in MOE_ATTACKS.items() for k in (a, *cs))]
+    assert {r["kind"] for r in rows[1:]} == set(EXPERT_ATTACKS)
+    assert {r["kind"]: r["control_of"] for r in rows}["expert-other-zero"] == "expert-topk-zero"
 
 
 def test_every_registered_metric_has_a_key_pattern_in_the_row_schema():

@@ -79,7 +79,8 @@ def carrier_experts(lm: LoadedModel, layer: int, x: torch.Tensor, dim: int, k: i
     layout = blocks.ffn(layer)
     mlp = blocks.part(layer, "mlp")
     with torch.inference_mode():
-        x = x.to(blocks.mlp_part(layer, "down").dtype)
+        down = blocks.mlp_part(layer, "down")
+        x = x.to(device=down.device, dtype=down.dtype)
         _, weights, chosen = blocks.mlp_part(layer, "router")(x[None])
         rows = [(int(e), float(w)) for e, w in zip(chosen[0], weights[0])]
         if layout.shared_expert:
@@ -110,9 +111,11 @@ class _Sums:
     tokens: int = 0
 
     def add(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
-        self.probs += probs.double().sum(0)
-        self.chosen += torch.bincount(chosen.flatten(), minlength=self.chosen.numel()).double()
-        self.entropy += float(_entropy(probs.double()).sum())
+        probs = probs.double()  # float64 sums whatever the model's dtype; kept on the CPU
+        self.probs += probs.sum(0).cpu()
+        n, chosen = self.chosen.numel(), chosen.flatten()
+        self.chosen += torch.bincount(chosen[chosen < n].cpu(), minlength=n).double()  # past-the-end: padding
+        self.entropy += float(_entropy(probs).sum())
         self.top1 += float(probs.max(-1).values.double().sum())
         self.tokens += probs.shape[0]
 
@@ -129,8 +132,10 @@ class _Max:
 
     value: float = 0.0
     where: dict = field(default_factory=dict)
+    tokens: int = 0  # tokens routed to it
 
     def add(self, out: torch.Tensor, rows: torch.Tensor, batch, width: int) -> None:
+        self.tokens += out.shape[0]
         flat = out.abs().float()
         value = float(flat.max()) if flat.numel() else 0.0
         if value > self.value:
@@ -199,8 +204,8 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     token_lists = tokenize_prompts(lm, prompts)
     layers = blocks.moe_layers
     n_experts = {l: blocks.n_experts(l) for l in layers}
-    groups = {l: {g: _Sums(torch.zeros(n_experts[l], dtype=torch.float64), torch.zeros(n_experts[l], dtype=torch.float64))
-                  for g in ("carrier", "ordinary")} for l in layers}
+    zeros = {l: lambda n=n_experts[l]: torch.zeros(n, dtype=torch.float64) for l in layers}
+    groups = {l: {g: _Sums(zeros[l](), zeros[l]()) for g in ("carrier", "ordinary")} for l in layers}
     maxima = {(l, e): _Max() for l in layers for e in range(n_experts[l])}
     shared_max = {l: _Max() for l in layers if blocks.ffn(l).shared_expert}
     top_k = {}
@@ -220,20 +225,21 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
         top_k[layer] = chosen.shape[-1]
         probs = routing.probabilities(logits)
         for name in ("carrier", "ordinary"):
-            groups[layer][name].add(probs[now[name]], chosen[now[name]])
+            rows = now[name].to(probs.device)
+            groups[layer][name].add(probs[rows], chosen[rows.to(chosen.device)])
 
     def on_experts(layer, x, chosen, weights):
-        down, valid = blocks.mlp_part(layer, "down"), now["valid"]
+        down, valid = blocks.mlp_part(layer, "down"), now["valid"].to(chosen.device)
         for expert in chosen[valid].unique().tolist():
             if not 0 <= expert < n_experts[layer]:
                 continue  # some implementations pad with an index past the last expert
             rows = (valid & (chosen == expert).any(-1)).nonzero().flatten()
-            out = blocks.intermediate(layer, x[rows], expert) @ down[expert].T
-            maxima[(layer, expert)].add(out, rows, now["batch"], now["width"])
+            out = blocks.intermediate(layer, x[rows.to(x.device)], expert) @ down[expert].T
+            maxima[(layer, expert)].add(out, rows.cpu(), now["batch"], now["width"])
 
     def on_shared(layer, out):
         rows = now["valid"].nonzero().flatten()
-        shared_max[layer].add(out.reshape(-1, out.shape[-1])[rows], rows, now["batch"], now["width"])
+        shared_max[layer].add(out.reshape(-1, out.shape[-1])[rows.to(out.device)], rows, now["batch"], now["width"])
 
     with moe_hooks(lm, router=on_router, experts=on_experts, shared=on_shared):
         run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="MoE")
@@ -245,13 +251,16 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     collapsed = [r["layer"] for r in router if r["carrier"]["top1"] >= collapse]
     values = {key: m.value for key, m in maxima.items()}
     flagged, cut = super_expert_rule(values, percentile=percentile, fraction=fraction) if values else ([], 0.0)
-    table = [{"layer": l, "expert": e, "max_abs": m.value, **m.where} for (l, e), m in maxima.items()]
+    table = [{"layer": l, "expert": e, "max_abs": m.value, "tokens": m.tokens, **m.where}
+             for (l, e), m in maxima.items()]
     super_experts = {
         "percentile": percentile, "fraction": fraction, "threshold": cut,
         "layer_max": {str(l): max(values[(l, e)] for e in range(n_experts[l])) for l in layers},
-        "flagged": [{"layer": l, "expert": e, "max_abs": values[(l, e)], **maxima[(l, e)].where} for l, e in flagged],
+        "flagged": [{"layer": l, "expert": e, "max_abs": values[(l, e)], "tokens": maxima[(l, e)].tokens,
+                     **maxima[(l, e)].where} for l, e in flagged],
         "experts": table,
-        "shared": [{"layer": l, "expert": SHARED, "max_abs": m.value, **m.where} for l, m in shared_max.items()],
+        "shared": [{"layer": l, "expert": SHARED, "max_abs": m.value, "tokens": m.tokens, **m.where}
+                   for l, m in shared_max.items()],
     }
     notes = []
     dense = [l for l in range(len(blocks)) if l not in layers]
@@ -269,5 +278,6 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     first = layers[0] if layers else None
     return MoEAnalysis(model=lm.describe(), moe_layers=layers, n_experts=n_experts.get(first, 0),
                        top_k=top_k.get(first, 0), shared_expert=bool(shared_max), prompts=len(prompts), router=router,
-                       collapse=collapse, collapse_layer=collapsed[0] if collapsed else None, collapsed_layers=collapsed,
+                       collapse=collapse, collapse_layer=collapsed[0] if collapsed else None,
+                       collapsed_layers=collapsed,
                        super_experts=super_experts, massive_weights=mw, notes=notes)
