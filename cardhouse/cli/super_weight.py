@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, load,
-                     writable_folder)
+from .common import (BosOpt, CorpusOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app, check_writable_file, clear_errors,
+                     console, context_opt, load, max_tokens_opt, writable_folder)
 
 
 def parse_weights(texts: list[str]) -> list[tuple[int, int, int]]:
@@ -44,10 +44,8 @@ def super_weight_cmd(
                                      help="also zero the super weight and restore the super activation (Yu et al.)"),
         weight: list[str] = typer.Option([], "--weight", help="a W_down coordinate LAYER:ROW:COLUMN to rank as well "
                                                               "(repeatable)"),
-        seed: int = typer.Option(0, help="seed of the random controls"),
-        corpus: list[str] = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora"),
-        max_tokens: int = typer.Option(2044, "--max-tokens", help="corpus tokens per corpus and variant"),
-        context: int = typer.Option(512, "--context", help="perplexity window length, BOS first"),
+        seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = max_tokens_opt(2044),
+        context: int = context_opt(512),
         batch_size: int = typer.Option(8, help="prompts per forward pass (detection)"),
         bos: Optional[bool] = BosOpt, out: Path = OutOpt,
         json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results (default OUT/super_weight.json)")):
