@@ -1,0 +1,250 @@
+"""A faster lm-evaluation-harness backend for an in-memory causal LM: ``lm_eval --model cardhouse``.
+
+``CardhouseLM`` is lm-eval's own ``HFLM`` with one method replaced, ``_loglikelihood_tokens``,
+the one that runs the model. Everything that decides *what* is scored is HFLM's: the
+tokenization (context/continuation split, BOS, empty contexts), left-truncation to the
+model's maximum length, ``loglikelihood_rolling``'s windows and greedy ``generate_until``.
+So the log-likelihoods are HFLM's, computed with less work:
+
+- Requests whose model inputs share a prefix are grouped (sorted by tokens, a request joins
+  its neighbour's group while that costs fewer token positions than running it apart): the
+  2-5 choices of a multiple-choice item share their context, and WinoGrande's share the
+  sentence start. Identical inputs (one-token answers) run once.
+- Each group's shared prefix runs once into a ``DynamicCache``; the cache is expanded to one
+  row per member and every member's remaining tokens (its last context token and its
+  continuation) are scored against it. The prefix stops before the first scored position,
+  so the prefix pass needs no logits at all, and the suffix pass computes the LM head only
+  on tokens it scores.
+- Several groups go through one forward pass: prefixes right-padded (causal: real tokens
+  never see the padding), then the suffixes with an attention mask that hides each row's
+  prefix padding and explicit position ids. Models with a sliding window only batch groups
+  that fit inside the window (there a hole in the cache would shift the window).
+- Groups are sorted by length, so padding is small.
+
+Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
+before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
+same keys and values (``evaluation.reuse`` keys cached passes by the cache's contents).
+
+lm-eval's command line finds the backend once this module is imported::
+
+    python -m cardhouse.evaluation.lm_backend run --model cardhouse \\
+        --model_args pretrained=smollm2-135m --tasks arc_easy --include_path "$(cardhouse-tasks)"
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
+# the method this backend replaces, as lm-eval's HFLM declares it
+_EXPECTED_SIGNATURE = ["self", "requests", "disable_tqdm", "override_bs"]
+
+
+class UnsupportedLmEvalError(ValueError):
+    pass
+
+
+def check_lm_eval(version: str | None = None) -> str:
+    """The installed lm-eval version, if this backend supports it; a clear error otherwise."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    version = version or lm_eval.__version__
+    hint = (f"the cardhouse backend supports lm-eval {SUPPORTED_LM_EVAL} (install it with "
+            f"pip install 'lm-eval[hf]{SUPPORTED_LM_EVAL}'), or use backend='hflm' (--backend hflm)")
+    if Version(version) not in SpecifierSet(SUPPORTED_LM_EVAL):
+        raise UnsupportedLmEvalError(f"lm-eval {version} is installed; {hint}")
+    params = list(inspect.signature(HFLM._loglikelihood_tokens).parameters)
+    if params != _EXPECTED_SIGNATURE:
+        raise UnsupportedLmEvalError(f"lm-eval {version}'s HFLM._loglikelihood_tokens takes {params}, "
+                                     f"not {_EXPECTED_SIGNATURE}; {hint}")
+    return version
+
+
+@dataclass
+class _Row:
+    """One distinct model input and what is scored on it (its last ``span`` positions)."""
+
+    tokens: tuple[int, ...]
+    span: int = 0
+    requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, continuation)
+
+    @property
+    def first_scored(self) -> int:
+        return len(self.tokens) - self.span
+
+
+@dataclass
+class _Group:
+    rows: list[_Row]
+    prefix: int  # tokens run once for every row
+
+    @property
+    def suffix(self) -> int:
+        return max(len(row.tokens) for row in self.rows) - self.prefix
+
+    def cost(self) -> int:  # token positions computed: the prefix once, the padded suffixes per row
+        return self.prefix + len(self.rows) * self.suffix
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def plan_groups(rows: list[_Row]) -> list[_Group]:
+    """Group rows (sorted by tokens, so a shared prefix means neighbours) where sharing saves work."""
+    groups: list[_Group] = []
+    for row in sorted(rows, key=lambda r: r.tokens):
+        if groups:
+            last = groups[-1]
+            shared = min(last.prefix, _common_prefix(last.rows[0].tokens, row.tokens), row.first_scored)
+            joined = _Group(last.rows + [row], shared)
+            if joined.cost() < last.cost() + len(row.tokens):
+                groups[-1] = joined
+                continue
+        groups.append(_Group([row], row.first_scored))
+    return groups
+
+
+def _batches(groups: list[_Group], batch_size: int, window: int | None) -> list[list[_Group]]:
+    """Longest first (as HFLM: memory errors show at once); at most ``batch_size`` rows a pass."""
+    batches: list[list[_Group]] = []
+    for group in sorted(groups, key=lambda g: (g.suffix, g.prefix), reverse=True):
+        if batches:
+            batch = batches[-1]
+            rows = sum(len(g.rows) for g in batch) + len(group.rows)
+            width = max(g.prefix for g in batch + [group]) + max(g.suffix for g in batch + [group])
+            if rows <= batch_size and (window is None or width <= window):
+                batch.append(group)
+                continue
+        batches.append([group])
+    return batches
+
+
+def _sliding_window(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5 renamed past_key_values to cache
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _load_pretrained(name: str):
+    from ..models import load_model
+    from .zeroshot import bos_first_tokenizer
+
+    lm = load_model(name)
+    with_bos = bos_first_tokenizer(lm.tokenizer)
+    return lm.model, with_bos if with_bos is not None else lm.tokenizer, with_bos is not None
+
+
+@register_model("cardhouse")
+class CardhouseLM(HFLM):
+    """HFLM's requests and tokenization, scored from shared prefixes (see the module docstring)."""
+
+    def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 32, **kwargs):
+        check_lm_eval()
+        if isinstance(pretrained, str):  # a cardhouse model name, folder or GGUF file: load it our way
+            pretrained, loaded_tokenizer, bos = _load_pretrained(pretrained)
+            tokenizer = tokenizer or loaded_tokenizer
+            if bos:
+                kwargs.setdefault("add_bos_token", True)
+        if not str(batch_size).isdigit():
+            raise ValueError(f"the cardhouse backend needs an integer batch size, got {batch_size!r}")
+        kwargs.setdefault("device", str(pretrained.device))
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
+        self._window = _sliding_window(self.model.config)
+        self._cache_kwarg = _cache_kwarg(self.model)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from tqdm.auto import tqdm
+
+        rows: dict[tuple[int, ...], _Row] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            assert len(context) > 0 and 0 < len(continuation) <= self.max_length  # as HFLM
+            # HFLM's input: left-truncated to max_length + 1 tokens, the last one is never fed
+            tokens = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+            row = rows.setdefault(tokens, _Row(tokens))
+            row.span = max(row.span, len(continuation))
+            row.requests.append((index, continuation))
+        answers: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                   desc="Running loglikelihood requests (cardhouse)")
+        for batch in _batches(plan_groups(list(rows.values())), override_bs or self.batch_size, self._window):
+            for row, log_probs in self._score_batch(batch):
+                for index, continuation in row.requests:
+                    answers[index] = answer = self._answer(log_probs[-len(continuation):], continuation)
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                    bar.update(1)
+        bar.close()
+        return answers
+
+    def _answer(self, log_probs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        target = torch.tensor(continuation, dtype=torch.long, device=log_probs.device)
+        greedy = bool((log_probs.argmax(dim=-1) == target).all())
+        return float(log_probs.gather(1, target[:, None]).sum()), greedy
+
+    def _call(self, **inputs):
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            return self.model(**inputs)
+
+    def _score_batch(self, batch: list[_Group]):
+        """Run the prefixes, then every row's suffix against its group's cached prefix."""
+        from transformers import DynamicCache
+
+        device, pad = self.device, self.tokenizer.pad_token_id or 0
+        width = max(g.prefix for g in batch)
+        cache = DynamicCache(config=self.model.config) if width else None
+        if width:  # right-padded, no mask: causal attention never lets a real token see the padding
+            prefixes = torch.full((len(batch), width), pad, dtype=torch.long)
+            for i, group in enumerate(batch):
+                prefixes[i, :group.prefix] = torch.tensor(group.rows[0].tokens[:group.prefix])
+            self._call(input_ids=prefixes.to(device), use_cache=True, logits_to_keep=1,
+                       **{self._cache_kwarg: cache})
+        members = [(i, group, row) for i, group in enumerate(batch) for row in group.rows]
+        length = max(len(row.tokens) - group.prefix for _, group, row in members)
+        ids = torch.full((len(members), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(members), width + length), dtype=torch.long)
+        positions = torch.zeros((len(members), length), dtype=torch.long)
+        for r, (_, group, row) in enumerate(members):
+            suffix = row.tokens[group.prefix:]
+            ids[r, :len(suffix)] = torch.tensor(suffix)
+            mask[r, :group.prefix] = 1  # the group's prefix, not its padding
+            mask[r, width:width + len(suffix)] = 1
+            positions[r] = group.prefix + torch.arange(length)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                  "position_ids": positions.to(device)}
+        if cache is not None:
+            cache.reorder_cache(torch.tensor([i for i, _, _ in members], device=device))
+            inputs[self._cache_kwarg] = cache
+        logits = self._call(**inputs, use_cache=cache is not None).logits
+        for r, (_, group, row) in enumerate(members):
+            end = len(row.tokens) - group.prefix
+            scored = logits[r, end - row.span:end]
+            yield row, F.log_softmax(scored, dim=-1, dtype=self.softmax_dtype)
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with the cardhouse backend registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
