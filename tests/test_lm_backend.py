@@ -17,7 +17,7 @@ import torch
 from conftest import TEXT_FAMILIES, build_tokenizer, text_config
 from cardhouse.evaluation.lm_backend import (SUPPORTED_LM_EVAL, CardhouseLM, UnsupportedLmEvalError,
                                              check_lm_eval)
-from cardhouse.evaluation.reuse import reuse_prefix
+from cardhouse.capture.reuse import reuse_prefix
 from cardhouse.evaluation.zeroshot import bos_first_tokenizer, write_task_yamls
 from cardhouse.interventions import zero_rows
 from cardhouse.models.loading import from_pretrained_objects

@@ -23,7 +23,7 @@ So the log-likelihoods are HFLM's, computed with less work:
 
 Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
 before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
-same keys and values (``evaluation.reuse`` keys cached passes by the cache's contents).
+same keys and values (``capture.reuse`` keys cached passes by the cache's contents).
 
 lm-eval's command line finds the backend once this module is imported::
 
