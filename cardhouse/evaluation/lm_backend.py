@@ -10,16 +10,16 @@ So the log-likelihoods are HFLM's, computed with less work:
   its neighbour's group while that costs fewer token positions than running it apart): the
   2-5 choices of a multiple-choice item share their context, and WinoGrande's share the
   sentence start. Identical inputs (one-token answers) run once.
-- Each group's shared prefix runs once into a ``DynamicCache``; the cache is expanded to one
-  row per member and every member's remaining tokens (its last context token and its
-  continuation) are scored against it. The prefix stops before the first scored position,
-  so the prefix pass needs no logits at all, and the suffix pass computes the LM head only
-  on tokens it scores.
-- Several groups go through one forward pass: prefixes right-padded (causal: real tokens
-  never see the padding), then the suffixes with an attention mask that hides each row's
-  prefix padding and explicit position ids. Models with a sliding window only batch groups
-  that fit inside the window (there a hole in the cache would shift the window).
-- Groups are sorted by length, so padding is small.
+- Each group's shared prefix runs once into a ``DynamicCache``, without the LM head (the prefix
+  stops before the first scored position). Then every member's remaining tokens (its last
+  context token and its continuation) run against its group's cached keys and values, and the
+  LM head and log-softmax only see those.
+- Padding is small because the two passes are batched apart: prefixes sorted by length,
+  right-padded (causal: a real token never sees the padding); then the members sorted by
+  suffix length, each row's cache gathered from its group's with the gap up to the longest
+  prefix of the batch masked out, and explicit position ids. A model with a sliding window
+  only gathers rows whose padded width stays inside the window (a gap would shift it); longer
+  inputs run in one piece, as HFLM runs them.
 
 Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
 before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
@@ -92,8 +92,8 @@ class _Group:
     def suffix(self) -> int:
         return max(len(row.tokens) for row in self.rows) - self.prefix
 
-    def cost(self) -> int:  # token positions computed: the prefix once, the padded suffixes per row
-        return self.prefix + len(self.rows) * self.suffix
+    def cost(self) -> int:  # token positions computed: the prefix once, then each row's suffix
+        return self.prefix + sum(len(row.tokens) - self.prefix for row in self.rows)
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -105,32 +105,33 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 def plan_groups(rows: list[_Row]) -> list[_Group]:
-    """Group rows (sorted by tokens, so a shared prefix means neighbours) where sharing saves work."""
+    """Group rows (sorted by tokens, so a shared prefix means neighbours) where sharing saves work.
+
+    A row joins the group before it if that saves token positions and keeps at least half of the
+    group's prefix: a template shared by every item ("Question:") must not swallow the contexts
+    that items really share.
+    """
     groups: list[_Group] = []
     for row in sorted(rows, key=lambda r: r.tokens):
         if groups:
             last = groups[-1]
             shared = min(last.prefix, _common_prefix(last.rows[0].tokens, row.tokens), row.first_scored)
             joined = _Group(last.rows + [row], shared)
-            if joined.cost() < last.cost() + len(row.tokens):
+            if 2 * shared >= last.prefix and joined.cost() < last.cost() + len(row.tokens):
                 groups[-1] = joined
                 continue
         groups.append(_Group([row], row.first_scored))
     return groups
 
 
-def _batches(groups: list[_Group], batch_size: int, window: int | None) -> list[list[_Group]]:
-    """Longest first (as HFLM: memory errors show at once); at most ``batch_size`` rows a pass."""
-    batches: list[list[_Group]] = []
-    for group in sorted(groups, key=lambda g: (g.suffix, g.prefix), reverse=True):
-        if batches:
-            batch = batches[-1]
-            rows = sum(len(g.rows) for g in batch) + len(group.rows)
-            width = max(g.prefix for g in batch + [group]) + max(g.suffix for g in batch + [group])
-            if rows <= batch_size and (window is None or width <= window):
-                batch.append(group)
-                continue
-        batches.append([group])
+def _batches(items: list, size, limit: int, fits=lambda batch: True) -> list[list]:
+    """Consecutive items, at most ``limit`` (counted by ``size``) a batch, each batch passing ``fits``."""
+    batches: list[list] = []
+    for item in items:
+        if batches and sum(map(size, batches[-1])) + size(item) <= limit and fits(batches[-1] + [item]):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
     return batches
 
 
@@ -171,6 +172,7 @@ class CardhouseLM(HFLM):
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
         self._window = _sliding_window(self.model.config)
         self._cache_kwarg = _cache_kwarg(self.model)
+        self._pad = self.tokenizer.pad_token_id or 0
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal":
@@ -185,11 +187,17 @@ class CardhouseLM(HFLM):
             row = rows.setdefault(tokens, _Row(tokens))
             row.span = max(row.span, len(continuation))
             row.requests.append((index, continuation))
+        groups = plan_groups(list(rows.values()))
+        if self._window:  # inputs too long for a gathered cache under a sliding window run in one piece
+            groups = [g for group in groups for g in ([group] if group.prefix + group.suffix < self._window
+                                                      else [_Group([row], 0) for row in group.rows])]
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests (cardhouse)")
-        for batch in _batches(plan_groups(list(rows.values())), override_bs or self.batch_size, self._window):
-            for row, log_probs in self._score_batch(batch):
+        batch_size = override_bs or self.batch_size
+        # longest prefixes first (as HFLM: a memory error shows at once); the chunk bounds the cached prefixes
+        for chunk in _batches(sorted(groups, key=lambda g: g.prefix, reverse=True), lambda g: 1, 8 * batch_size):
+            for row, log_probs in self._score_chunk(chunk, batch_size):
                 for index, continuation in row.requests:
                     answers[index] = answer = self._answer(log_probs[-len(continuation):], continuation)
                     if requests[index][0] is not None:
@@ -204,45 +212,69 @@ class CardhouseLM(HFLM):
         return float(log_probs.gather(1, target[:, None]).sum()), greedy
 
     def _call(self, **inputs):
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             return self.model(**inputs)
 
-    def _score_batch(self, batch: list[_Group]):
-        """Run the prefixes, then every row's suffix against its group's cached prefix."""
+    def _run_prefixes(self, groups: list[_Group], batch_size: int) -> dict[int, list[tuple[torch.Tensor, ...]]]:
+        """id(group) -> its prefix's (keys, values) per layer, from right-padded batches of prefixes."""
         from transformers import DynamicCache
 
-        device, pad = self.device, self.tokenizer.pad_token_id or 0
-        width = max(g.prefix for g in batch)
-        cache = DynamicCache(config=self.model.config) if width else None
-        if width:  # right-padded, no mask: causal attention never lets a real token see the padding
-            prefixes = torch.full((len(batch), width), pad, dtype=torch.long)
+        cached = {}
+        for batch in _batches([g for g in groups if g.prefix], lambda g: 1, batch_size):
+            width = batch[0].prefix  # sorted: the first is the longest
+            ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
             for i, group in enumerate(batch):
-                prefixes[i, :group.prefix] = torch.tensor(group.rows[0].tokens[:group.prefix])
-            self._call(input_ids=prefixes.to(device), use_cache=True, logits_to_keep=1,
-                       **{self._cache_kwarg: cache})
-        members = [(i, group, row) for i, group in enumerate(batch) for row in group.rows]
-        length = max(len(row.tokens) - group.prefix for _, group, row in members)
-        ids = torch.full((len(members), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(members), width + length), dtype=torch.long)
-        positions = torch.zeros((len(members), length), dtype=torch.long)
-        for r, (_, group, row) in enumerate(members):
-            suffix = row.tokens[group.prefix:]
-            ids[r, :len(suffix)] = torch.tensor(suffix)
-            mask[r, :group.prefix] = 1  # the group's prefix, not its padding
-            mask[r, width:width + len(suffix)] = 1
-            positions[r] = group.prefix + torch.arange(length)
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                  "position_ids": positions.to(device)}
-        if cache is not None:
-            cache.reorder_cache(torch.tensor([i for i, _, _ in members], device=device))
-            inputs[self._cache_kwarg] = cache
-        logits = self._call(**inputs, use_cache=cache is not None).logits
-        for r, (_, group, row) in enumerate(members):
-            end = len(row.tokens) - group.prefix
-            scored = logits[r, end - row.span:end]
-            yield row, F.log_softmax(scored, dim=-1, dtype=self.softmax_dtype)
+                ids[i, :group.prefix] = torch.tensor(group.rows[0].tokens[:group.prefix])
+            cache = DynamicCache(config=self.model.config)
+            self._call(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            for i, group in enumerate(batch):
+                cached[id(group)] = [(layer.keys[i:i + 1, :, :group.prefix], layer.values[i:i + 1, :, :group.prefix])
+                                     for layer in cache.layers]
+        return cached
 
+    def _gathered_cache(self, parts: list, width: int):
+        """One cache row per member: its group's prefix, zero-padded to ``width`` (the gap is masked)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        template = next(p for p in parts if p is not None)
+        for layer, (keys, values) in enumerate(template):
+            def gather(which, like):
+                return torch.cat([F.pad(p[layer][which], (0, 0, 0, width - p[layer][which].shape[2])) if p is not None
+                                  else like.new_zeros(like.shape[:2] + (width, like.shape[3])) for p in parts])
+            cache.update(gather(0, keys), gather(1, values), layer)
+        return cache
+
+    def _score_chunk(self, groups: list[_Group], batch_size: int):
+        """Run the chunk's prefixes, then its members' suffixes (sorted by length) against them."""
+        cached = self._run_prefixes(groups, batch_size)
+        members = sorted(((group, row) for group in groups for row in group.rows),
+                         key=lambda m: len(m[1].tokens) - m[0].prefix, reverse=True)
+
+        def fits(batch):  # a gap in a sliding-window cache would shift the window
+            width = max(g.prefix for g, _ in batch)
+            return self._window is None or width == 0 or width + len(batch[0][1].tokens) - batch[0][0].prefix < self._window
+
+        for batch in _batches(members, lambda m: 1, batch_size, fits):
+            width = max(group.prefix for group, _ in batch)
+            length = len(batch[0][1].tokens) - batch[0][0].prefix
+            ids = torch.full((len(batch), length), self._pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width + length), dtype=torch.long)
+            for r, (group, row) in enumerate(batch):
+                suffix = row.tokens[group.prefix:]
+                ids[r, :len(suffix)] = torch.tensor(suffix)
+                mask[r, :group.prefix] = 1  # the group's prefix, not the gap after it
+                mask[r, width:width + len(suffix)] = 1
+            positions = torch.tensor([g.prefix for g, _ in batch])[:, None] + torch.arange(length)
+            inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                      "position_ids": positions.to(self.device)}
+            if width:
+                inputs[self._cache_kwarg] = self._gathered_cache([cached.get(id(g)) for g, _ in batch], width)
+            logits = self._call(**inputs, use_cache=bool(width)).logits
+            for r, (group, row) in enumerate(batch):
+                end = len(row.tokens) - group.prefix
+                yield row, F.log_softmax(logits[r, end - row.span:end], dim=-1, dtype=self.softmax_dtype)
 
 if __name__ == "__main__":  # lm-eval's own command line, with the cardhouse backend registered
     from lm_eval.__main__ import cli_evaluate
