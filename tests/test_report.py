@@ -70,7 +70,7 @@ def test_report_folder_holds_the_page_the_json_and_every_figure(report):
     assert results["failures"] == []
     assert [m["name"] for m in results["models"]] == [f"tiny-{f}" for f in FAMILIES]
     for model in results["models"]:
-        assert [s["key"] for s in model["sections"]] == [step.key for step in STEPS]
+        assert [s["key"] for s in model["sections"]] == [step.key for step in STEPS if step.key != "moe"]  # dense
         assert all(s["status"] == "ok" for s in model["sections"])
         figures = [f["file"] for s in model["sections"] for f in s["figures"]]
         assert len(figures) == 3 and all((folder / f).read_bytes().startswith(b"\x89PNG") for f in figures)
@@ -93,7 +93,7 @@ def test_page_shows_the_model_facts_and_the_attack_rows(report):
         assert facts["name"] == model["name"] and facts["layers"] == "2" and facts["hidden size"] == "32"
         attack_rows = [row[0] for row in page.tables[f"m{i}-attacks-t0"]]
         assert attack_rows == ["original", "topk-zero k=2", "random-zero k=2", "topk-retain k=2",
-                               "random-retain k=2", "super-weight", "random-weight"]
+                               "random-retain k=2", "super-weight", "largest-down-entry", "random-weight"]
 
 
 def test_page_is_self_contained_and_needs_no_javascript(report):
@@ -300,10 +300,10 @@ def test_macdrop_section_reads_a_finished_comparison(tiny, tmp_path):
 
 
 def test_macdrop_section_needs_a_comparison(tmp_path):
-    with pytest.raises(ValueError, match="--macdrop FOLDER"):
+    with pytest.raises(ValueError, match="--macdrop-compare FOLDER"):
         Settings.quick(extras=("macdrop",)).check()
     result = CliRunner().invoke(app, ["report", "--quick", "--out", str(tmp_path / "out"),
-                                      "--macdrop", str(tmp_path / "nothing")])
+                                      "--macdrop-compare", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "no MacDrop comparison" in result.output
 
 

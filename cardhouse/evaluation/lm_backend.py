@@ -168,7 +168,9 @@ class CardhouseLM(HFLM):
                 kwargs.setdefault("add_bos_token", True)
         if not str(batch_size).isdigit():
             raise ValueError(f"the cardhouse backend needs an integer batch size, got {batch_size!r}")
-        kwargs.setdefault("device", str(pretrained.device))
+        from ..models.placement import input_device
+
+        kwargs.setdefault("device", str(input_device(pretrained)))
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
         self._window = _sliding_window(self.model.config)
         self._cache_kwarg = _cache_kwarg(self.model)

@@ -185,6 +185,8 @@ def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from ..models.placement import input_device
+
     if backend == "cardhouse":
         from .lm_backend import CardhouseLM as Backend
     else:
@@ -193,7 +195,7 @@ def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | 
     with_bos = bos_first_tokenizer(tokenizer)
     lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
     batch_size = batch_size or (16 if backend == "cardhouse" else 8)
-    lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(model.device),
+    lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(input_device(model)),
                  add_bos_token=True if with_bos is not None else None)
     output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
                              log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,

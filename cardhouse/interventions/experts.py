@@ -52,7 +52,7 @@ def route_around(lm: LoadedModel, layer: int, experts: Sequence[int]) -> Iterato
         logits, weights, chosen = output[:3]
         if left < chosen.shape[-1]:
             raise ValueError(f"cannot route around {len(experts)} experts: {left} are left for top-{chosen.shape[-1]}")
-        new_weights, new_chosen = routing.route(logits, chosen.shape[-1], norm, experts)
+        new_weights, new_chosen = routing.route(module, logits, chosen.shape[-1], norm, experts)
         return (logits, new_weights.to(weights.dtype), new_chosen.to(chosen.dtype), *output[3:])
 
     handle = router.register_forward_hook(reroute)
@@ -71,7 +71,8 @@ def prune_experts(lm: LoadedModel, experts: Sequence[tuple[int, int]]) -> Iterat
     edits = []
     for layer, chosen in by_layer.items():
         chosen = _check_experts(lm, layer, chosen)
-        edits.append((lm.blocks.mlp_part(layer, "down"), 0, torch.tensor(chosen), 0.0))
+        down = lm.blocks.mlp_part(layer, "down")
+        edits.append((down, 0, torch.tensor(chosen, device=down.device), 0.0))
     with overwrite_slices(edits):
         yield
 
@@ -230,7 +231,7 @@ def expert_attack(target: ExpertTarget, kind: str, *, seed: int | None = None) -
 
 def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = None, expert: int | str | None = None,
                  indices: list[int] | None = None, seed: int = 0, prompts: list[str] | str = "builtin",
-                 percentile: float | None = None, fraction: float | None = None):
+                 percentile: float | None = None, fraction: float | None = None, criterion=None):
     """The unedited model, then each MoE attack of ``kind`` (one of ``MOE_ATTACKS``, or ``"moe"`` for all)
     followed by its controls, as ``Variant`` s; and what they aim at (``ExpertTarget``, the massive weights).
 
@@ -246,7 +247,8 @@ def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = 
     kinds = list(MOE_ATTACKS) if kind == "moe" else [kind]
     if layer is not None:
         lm.blocks.check_layer(layer)
-    mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer)
+    mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer,
+                              **({"criterion": criterion} if criterion is not None else {}))
     flagged = []
     if "super-experts" in kinds:
         flagged = analyze_moe(lm, prompts, percentile=PERCENTILE if percentile is None else percentile,

@@ -26,6 +26,7 @@ from .._files import write_atomically
 from ..results import read_result, write_result
 from ..models.loading import LoadedModel
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
+from .moe_section import is_moe, moe_step
 
 class StepError(RuntimeError):
     """A step cannot run (for instance because a step it needs failed)."""
@@ -39,6 +40,8 @@ class Settings:
     prompts: str = "builtin"  # builtin, a text file or corpus:NAME (see analysis.load_prompts)
     prompt_limit: int | None = None
     relative: bool = False  # ratio-only criterion for massive activations
+    min_abs: float | None = None  # the criterion's options (None: the default; see Criterion.from_options)
+    min_ratio: float | None = None
     k: int = 5  # massive-weight indices listed
     layer: int | None = None  # massive-weight layer (None: detected)
     attack_k: int = 2  # rows zeroed / retained in the attack table
@@ -52,6 +55,7 @@ class Settings:
     bos: bool | None = None
     extras: tuple[str, ...] = ()  # names of OPTIONAL_STEPS to run
     macdrop: str | None = None  # a `cardhouse finetune-compare` folder (or its compare.json), for "macdrop"
+    load: dict = field(default_factory=dict)  # load_model placement keywords (dtype, device, device_map, ...)
 
     @classmethod
     def quick(cls, **overrides) -> "Settings":
@@ -61,6 +65,12 @@ class Settings:
     @classmethod
     def full(cls, **overrides) -> "Settings":
         return replace(cls(mode="full"), **overrides)
+
+    @property
+    def criterion(self):
+        from ..analysis import Criterion
+
+        return Criterion.from_options(self.min_abs, self.min_ratio, self.relative)
 
     def budget(self):
         from ..evaluation.measure import Budget
@@ -76,6 +86,7 @@ class Settings:
             raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
                              f"--context ({self.context}) tokens")
         self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks, the task limit
+        self.criterion  # noqa: B018  (--relative with --min-abs is refused here)
         for name, value in (("--k", self.k), ("--attack-k", self.attack_k)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -87,7 +98,7 @@ class Settings:
                              f"{', '.join(OPTIONAL_STEPS) or 'none yet'}")
         if "macdrop" in self.extras:
             if self.macdrop is None:
-                raise ValueError("the MacDrop section reads a finished comparison: give --macdrop FOLDER "
+                raise ValueError("the MacDrop section reads a finished comparison: give --macdrop-compare FOLDER "
                                  "(the output of `cardhouse finetune-compare`)")
             compare_json(self.macdrop)
 
@@ -125,6 +136,7 @@ class Step:
     key: str
     title: str
     run: Callable[[Context], Section]
+    applies: Callable[[Context], bool] | None = None  # run only for the models it applies to (None: all)
 
 
 # ---- the steps ---------------------------------------------------------------------------------
@@ -140,7 +152,7 @@ def model_step(ctx: Context) -> Section:
 
         hf_logging.disable_progress_bar()  # the report shows one progress display, its own
         try:
-            lm = load_model(ctx.source, bos=ctx.settings.bos)
+            lm = load_model(ctx.source, bos=ctx.settings.bos, **ctx.settings.load)
         finally:
             hf_logging.enable_progress_bar()
     ctx.keep("model", lm)
@@ -179,13 +191,11 @@ def inputs_step(ctx: Context) -> Section:
 
 
 def scan_step(ctx: Context) -> Section:
-    from ..analysis import Criterion, scan
+    from ..analysis import scan
     from ..reports.plots import plot_top_magnitudes
     from ..reports.tables import TABLE1_COLUMNS
 
-    s = ctx.settings
-    criterion = Criterion.relative() if s.relative else Criterion()
-    result = scan(ctx.lm, ctx.prompts, criterion=criterion, progress=False)
+    result = scan(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     ctx.keep("scan", result)
     columns = ["layer", *TABLE1_COLUMNS, "top-1 / median", "massive dims"]
     rows = [[r["layer"], *(r[c] for c in TABLE1_COLUMNS), r["ratio_top1_median"], r["massive_dims"]]
@@ -236,13 +246,15 @@ def weights_step(ctx: Context) -> Section:
     from ..reports.plots import plot_bos_trace
 
     lm, s = ctx.lm, ctx.settings
-    mw = find_massive_weights(lm, ctx.prompts, k=s.k, layer=s.layer)
+    mw = find_massive_weights(lm, ctx.prompts, k=s.k, layer=s.layer, criterion=s.criterion)
     ctx.keep("weights", mw)
     sw = mw.super_weight
     summary = facts("The FFN that writes the massive activation", {
         "layer l": mw.layer, "hidden dim": mw.dim, "top-k indices": mw.indices, "intermediate size":
         mw.intermediate_size, "expert": mw.expert, "gated FFN": mw.gated, "weights in the top-k rows": mw.n_weights,
-        "super weight": f"W_down[{sw['row']}, {sw['column']}]", "super weight value": sw["value"],
+        "super weight (Yu et al.)": f"W_down[{sw['row']}, {sw['column']}]", "super weight value": sw["value"],
+        "largest W_down entry of the top-k": f"W_down[{mw.largest_down_entry['row']}, "
+                                            f"{mw.largest_down_entry['column']}]",
         "same top-k in every prompt": mw.stable_across_prompts})
     norm_keys = [k for k in mw.rows[0] if k.endswith("_norm")]
     rows = Table("The top-k intermediate indices of the position-0 token in layer l, and their weights",
@@ -277,7 +289,7 @@ def attacks_step(ctx: Context) -> Section:
         ctx.tick(f"variant {next(count)}")
         return measure(model)
 
-    ranked = find_massive_weights(lm, layer=mw.layer, k=mw.intermediate_size)  # every index, for the sweep
+    ranked = find_massive_weights(lm, layer=mw.layer, k=mw.intermediate_size, criterion=s.criterion)  # all, ranked
     rows = sweep(lm, ranked, measured, ks, seed=s.seed, progress=False)  # a fresh sweep, never a resumed one
     rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind, spec in ATTACKS.items() if not spec.takes_k],
                          measured)
@@ -307,13 +319,10 @@ def attacks_step(ctx: Context) -> Section:
 def attention_step(ctx: Context) -> Section:
     """Sun et al. Sec. 4: the tokens that carry massive activations (set C) as attention sinks, and the
     set-C part of each attention output as an implicit bias (``analysis.attention``)."""
-    from ..analysis import Criterion
     from ..analysis.attention import MASSIVE, analyze_attention
     from .mechanism_plots import plot_attention
 
-    s = ctx.settings
-    criterion = Criterion.relative() if s.relative else Criterion()
-    result = analyze_attention(ctx.lm, ctx.prompts, criterion=criterion, progress=False)
+    result = analyze_attention(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     mean = lambda values: sum(values) / len(values)  # noqa: E731  over heads
     summary = Table("Layers up to l against the layers after it (means over layers)",
                     ["layers", "which", "attention share on set C", "sink heads: set C", "sink heads: BOS",
@@ -395,6 +404,8 @@ STEPS: list[Step] = [
     Step("activations", "Massive activations: dims, layers, tokens", activations_step),
     Step("weights", "Massive weights (House of Cards)", weights_step),
     Step("attacks", "Attacks on the massive weights (House of Cards Fig. 4)", attacks_step),
+    Step("moe", "Mixture of Experts: router collapse, the carrier's expert, super experts (House of Cards Fig. 5)",
+         moe_step, applies=is_moe),
 ]
 
 # Sections run only when asked for by name (``Settings.extras``, ``cardhouse report --with NAME``).
@@ -442,6 +453,8 @@ def _run_section(settings: Settings, versions: dict) -> Section:
     def shown(value):
         if isinstance(value, tuple):  # k values stay numbers; names become one string
             return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
+        if isinstance(value, dict):  # the placement: dtype=bfloat16, device=cuda, ...
+            return ", ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "default"
         return value
 
     return Section(key="run", title="Run: settings, versions, command",
@@ -481,6 +494,9 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                 ctx.tick = lambda detail, step=step, name=name: advance(f"{name}: {step.title} ({detail})", 0)
                 advance(f"{name}: {step.title}", 0)
                 try:
+                    if step.applies is not None and "model" in ctx.done and not step.applies(ctx):
+                        advance(f"{name}: {step.title}", 1)
+                        continue  # e.g. the MoE section of a dense model: no section at all
                     section = step.run(ctx)
                 except Exception as e:  # the page says which step failed and why; the others go on
                     section = Section(error=f"{type(e).__name__}: {e}")
