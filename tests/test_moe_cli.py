@@ -176,3 +176,12 @@ def test_readme_moe_commands_are_valid_command_lines(tmp_path, monkeypatch):
         result = run(*args)
         assert result.exit_code == 1 and "/nonexistent/moe-model" in result.output, (line, result.output)
         assert "No such option" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.real
+def test_real_dense_model_has_no_moe_section_and_moe_is_a_clear_error(tmp_path):
+    result = run("moe", "-m", "smollm2-135m", "-o", tmp_path)
+    assert result.exit_code == 1 and "dense (no Mixture-of-Experts layers)" in " ".join(result.output.split())
+    assert not (tmp_path / "moe.json").exists()
+    result = run("attack", "expert-ablate", "-m", "smollm2-135m", "--max-tokens", 511)
+    assert result.exit_code == 1 and "Traceback" not in result.output

@@ -111,6 +111,10 @@ class _Sums:
     top1: float = 0.0
     tokens: int = 0
 
+    @classmethod
+    def empty(cls, n_experts: int) -> "_Sums":
+        return cls(torch.zeros(n_experts, dtype=torch.float64), torch.zeros(n_experts, dtype=torch.float64))
+
     def add(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         probs = probs.double()  # float64 sums whatever the model's dtype; kept on the CPU
         self.probs += probs.sum(0).cpu()
@@ -206,8 +210,7 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     token_lists = tokenize_prompts(lm, prompts)
     layers = blocks.moe_layers
     n_experts = {l: blocks.n_experts(l) for l in layers}
-    zeros = {l: lambda n=n_experts[l]: torch.zeros(n, dtype=torch.float64) for l in layers}
-    groups = {l: {g: _Sums(zeros[l](), zeros[l]()) for g in ("carrier", "ordinary")} for l in layers}
+    groups = {l: {g: _Sums.empty(n_experts[l]) for g in ("carrier", "ordinary")} for l in layers}
     maxima = {(l, e): _Max() for l in layers for e in range(n_experts[l])}
     shared_max = {l: _Max() for l in layers if blocks.ffn(l).shared_expert}
     top_k = {}
