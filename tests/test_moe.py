@@ -306,3 +306,21 @@ def test_bfloat16_model_gives_the_same_truth_and_restores_every_edit(family, tok
         with expert_attack(target, kind).apply():
             forward(lm, sample_inputs(lm))
         assert all_params_digest(lm) == digest, kind
+
+
+def test_massive_weights_in_a_dense_layer_of_a_mixed_model(tokenizer):
+    """Qwen2-MoE with a dense layer 0 that writes the massive activation: found there, with no expert;
+    the MoE analysis says so and the expert attacks refuse clearly."""
+    lm = build_moe("qwen2_moe", tokenizer)
+    blocks = lm.blocks
+    x0 = bos_mlp_input(lm, 0)
+    with torch.no_grad():
+        for tensor, axis, offset in blocks.neuron_slices(0):
+            tensor.select(axis, offset + NEURON).copy_(6.0 * x0 / x0.norm())
+        blocks.down_weight(0)[DIM, NEURON] = 100.0
+    a = analyze_moe(lm, k=3, progress=False)
+    mw = a.massive_weights
+    assert (mw["layer"], mw["dim"], mw["expert"], mw["indices"][0], mw["experts"]) == (0, DIM, None, NEURON, [])
+    assert any("massive-weight layer 0 is a dense FFN layer" in n for n in a.notes)
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts layer"):
+        ExpertTarget.build(lm, find_massive_weights(lm, k=3))
