@@ -89,19 +89,20 @@ def text_config(family: str, **overrides):
     return AutoConfig.for_model(family, **kwargs | overrides)
 
 
-def build_text_model(family: str, seed: int = 0):
+def build_text_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(text_config(family))
+    layers = {"n_layer" if family == "gpt2" else "num_hidden_layers": n_layers}
+    model = AutoModelForCausalLM.from_config(text_config(family, **layers))
     assert model.config.model_type == family
     return model.eval()
 
 
-def build_vision_model(seed: int = 0, swiglu: bool = False):
+def build_vision_model(seed: int = 0, swiglu: bool = False, n_layers: int = N_LAYERS):
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+    config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=n_layers, num_attention_heads=4,
                           mlp_ratio=VISION_MLP_RATIO, image_size=28, patch_size=14, use_swiglu_ffn=swiglu,
                           layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
     torch.manual_seed(seed)
@@ -122,13 +123,14 @@ def build_tokenizer():
                                    unk_token=UNK)
 
 
-def build(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
+def build(family: str, tokenizer=None, seed: int = 0, n_layers: int = N_LAYERS) -> LoadedModel:
     """A fresh tiny LoadedModel of ``family`` or of a variant (dinov2: no tokenizer, feed it ``pixel_values``)."""
     if family in VISION_FAMILIES + VARIANTS:
-        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu")
+        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu", n_layers=n_layers)
         return from_pretrained_objects(model, None, name=f"tiny-{family}", bos=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    return from_pretrained_objects(build_text_model(family, seed), tokenizer, name=f"tiny-{family}", bos=True)
+    model = build_text_model(family, seed, n_layers)
+    return from_pretrained_objects(model, tokenizer, name=f"tiny-{family}", bos=True)
 
 
 def sample_inputs(lm: LoadedModel, seed: int = 0) -> dict:

@@ -80,6 +80,8 @@ def written(model_folder, moe_folder, tmp_path_factory):
                       "-o", out / "quantize"], [out / "quantize" / "quantize.json"]),
         "export": (["export", out / "export", "-m", m, "--attack", "topk-zero", "--k", "2"],
                    [out / "export" / "cardhouse-edit.json"]),
+        "super-weight": (["super-weight", "-m", m, "--ratio", "1.5", "--candidates", "1", "--controls", "1",
+                          "--no-lines", *BUDGET, "-o", out / "sw"], [out / "sw" / "super_weight.json"]),
     }
     runner = CliRunner()
     files = {}
@@ -115,8 +117,8 @@ def _emergence(out):
 KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "position": ["position"],
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
-        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "precision": ["precision", "export"],
-        "quantize": ["quantize"], "export": ["export"]}
+        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "super-weight": ["super_weight"],
+        "precision": ["precision", "export"], "quantize": ["quantize"], "export": ["export"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():
