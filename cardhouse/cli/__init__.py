@@ -1,12 +1,9 @@
 """The ``cardhouse`` command line: a thin layer over the Python API, one module per group of commands."""
 
 # each module registers its commands on the app
-<<<<<<< HEAD
-from . import attacks, emergence, finetune, mechanism, moe, precision, report, scan  # noqa: F401
-=======
 from . import attacks, emergence, finetune, mechanism, moe, report, scan  # noqa: F401
+from . import precision  # noqa: F401
 from . import super_weight  # noqa: F401
->>>>>>> main
 from .common import app
 
 __all__ = ["app"]
