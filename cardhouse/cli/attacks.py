@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
-                     parse_int_list, writable_folder, write_json)
+from ..validation import validate
+from .common import BosOpt, ModelOpt, OutOpt, app, clear_errors, console, err, load, writable_folder, write_json
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
@@ -72,12 +72,13 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
     from ..interventions import CONTROL, attack, intervention, original
 
     with clear_errors():
-        check_writable_file(json_path)
         if kind != "all" and kind not in CONTROL:
             raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all")
+        checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
+                           max_tokens=max_tokens, limit=limit)
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = load(model, bos)
-        chosen = parse_int_list(indices, "--indices")
+        chosen = checked.options["indices"]
+        lm = load(checked, bos)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
@@ -98,17 +99,17 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
                   task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
-    from ..analysis import load_prompts
     from ..analysis import scan as run_scan
     from ..interventions import INTERVENTIONS, intervention, original
 
     with clear_errors():
-        check_writable_file(json_path)
         if kind not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {kind!r}; known: {', '.join(INTERVENTIONS)}")
+        checked = validate(model, prompts=prompts, files={"--json": json_path}, context=context,
+                           max_tokens=max_tokens, limit=limit)
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = load(model, bos)
-        result = run_scan(lm, load_prompts(prompts), progress=False)
+        lm = load(checked, bos)
+        result = run_scan(lm, checked.prompts, progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
         _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
@@ -125,15 +126,20 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
     from ..evaluation.measure import measurer
-    from ..interventions.sweep import sweep, sweep_table
+    from ..interventions.sweep import sweep, sweep_settings, sweep_table
+    from ..journal import Journal
     from ..reports import plot_sweep
 
     with clear_errors():
-        folder = writable_folder(out)
+        checked = validate(model, folders={"--out": out}, ks=ks, layer=layer, context=context, max_tokens=max_tokens,
+                           limit=limit)
         budget = _budget(corpus, max_tokens, context, task, limit)
-        lm = load(model, bos)
-        rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=parse_int_list(ks, "--ks"),
-                     layer=layer, seed=seed)
+        # rows of an earlier run under other settings are refused now, before the weights load
+        Journal(out / "sweep.jsonl", {}).check(sweep_settings(model, layer=layer, seed=seed, **budget.to_dict()))
+        folder = writable_folder(out)
+        lm = load(checked, bos)
+        rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=checked.options["ks"],
+                     layer=layer, seed=seed, settings=budget.to_dict())
         metrics = [m for m in rows[0] if m.startswith("ppl_") or m == "acc_mean"]
         curves = {m: sweep_table(rows, m) for m in metrics}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .._files import write_json  # noqa: F401  (the commands import it from here)
 from .._install import InstallError
@@ -34,7 +35,8 @@ def clear_errors():
         yield
     except (ValueError, IndexError, FileNotFoundError, ModelLoadError, UnsupportedModelError, InstallError,
             PermissionError, OSError) as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
+        # one line, never wrapped, and the message is not read as markup (it may hold "[1, 2]")
+        err.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -48,26 +50,11 @@ def writable_folder(path: Path) -> Path:
     return path
 
 
-def check_writable_file(path: Path | None) -> None:
-    if path is None:
-        return
-    writable_folder(path.parent if str(path.parent) else Path("."))
-    if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(f"{path} is not writable")
+def load(checked, bos: bool | None):
+    """The weights of a model that ``cardhouse.validation.validate`` accepted (the only way a command gets them)."""
+    from ..validation import Checked
 
-
-def parse_int_list(text: str | None, option: str) -> list[int] | None:
-    """``"1229,1487"`` -> ``[1229, 1487]`` (range and duplicate checks belong to the caller, who knows the sizes)."""
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
-
-
-def load(model: str, bos: bool | None):
-    from ..models import load_model
-
-    with err.status(f"loading {model}"):
-        return load_model(model, bos=bos)
+    if not isinstance(checked, Checked):
+        raise TypeError("validate the options first: load(cardhouse.validation.validate(model, ...), bos)")
+    with err.status(f"loading {checked.spec.source}"):
+        return checked.load(bos)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder,
-                     write_json)
+from ..validation import validate
+from .common import BosOpt, ModelOpt, app, clear_errors, console, err, load, writable_folder, write_json
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
@@ -44,10 +44,15 @@ def _budget(corpus, max_tokens, context, tasks, task_limit):
 
     if max_tokens == 0 and not tasks:
         return None
-    if 0 < max_tokens < context:
-        raise ValueError(f"--max-tokens ({max_tokens}) must be at least one window (--context {context})")
     return Budget(corpora=list(corpus) if max_tokens else [], max_tokens=max_tokens, context=context,
                   tasks=list(tasks), limit=task_limit)
+
+
+def _validate(model: str, out: Path, **options):
+    """The options both fine-tuning commands share, against the model's config (before it loads)."""
+    if options["rows"] is not None and options["layer"] is None:
+        raise ValueError("--rows needs --layer (the layer of the massive rows)")
+    return validate(model, folders={"--out": out}, **options)
 
 
 def _interrupted(out: Path) -> None:
@@ -74,18 +79,20 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
     from ..finetuning.macdrop import detect_massive_rows
 
     with clear_errors():
+        checked = _validate(model, out, k=k, layer=layer, rows=rows, batch_size=batch_size, grad_accum=grad_accum,
+                            lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha, max_length=max_length,
+                            record_limit=limit, max_steps=max_steps, save_steps=save_steps, p0=p0, alpha=alpha,
+                            context=context, finetune_max_tokens=max_tokens, task_limit=task_limit)
         config = FinetuneConfig(method=method, rank=rank, lora_alpha=lora_alpha, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
                                 max_steps=max_steps, limit=limit, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
         drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer,
-                             rows=parse_int_list(rows, "--rows"), seed=seed)
-        if drop.rows is not None and drop.layer is None:
-            raise ValueError("--rows needs --layer")
+                             rows=checked.options["rows"], seed=seed)
         budget = _budget(corpus, max_tokens, context, task, task_limit)
-        writable_folder(out)
         load_records(data)  # bad data fails before any model time is spent
-        lm = load(model, bos)
+        writable_folder(out)
+        lm = load(checked, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
             drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer)
         try:
@@ -131,6 +138,10 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
     from ..finetuning.train import METHODS
 
     with clear_errors():
+        checked = _validate(model, out, k=k, layer=layer, rows=rows, batch_size=batch_size, grad_accum=grad_accum,
+                            lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha, max_length=max_length,
+                            record_limit=limit, max_steps=max_steps, save_steps=save_steps, p0=p0, alpha=alpha,
+                            context=context, finetune_max_tokens=max_tokens, task_limit=task_limit)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         schedule_list = [s.strip() for s in schedules.split(",") if s.strip()]
         for name, given, known in (("method", method_list, METHODS), ("schedule", schedule_list, SCHEDULES)):
@@ -140,16 +151,14 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
                                 lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=limit,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"),
+        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=checked.options["rows"],
                              seed=seed)
-        if drop.rows is not None and drop.layer is None:
-            raise ValueError("--rows needs --layer")
         budget = _budget(corpus, max_tokens, context, task, task_limit)
-        folder = writable_folder(out)
         load_records(data)
+        folder = writable_folder(out)
         start = time.perf_counter()
         try:
-            results = compare(lambda: load(model, bos), config, drop, methods=tuple(method_list),
+            results = compare(lambda: load(checked, bos), config, drop, methods=tuple(method_list),
                               schedules=tuple(schedule_list), out=folder, budget=budget)
         except KeyboardInterrupt:
             _interrupted(folder)

@@ -126,9 +126,17 @@ def _load_auto(path: str | Path, dtype: torch.dtype, **kwargs):
     return model.eval(), tokenizer
 
 
+def cache_folder(gguf: Path) -> Path:
+    """Where the dequantized copy of a GGUF file is cached."""
+    return cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
+
+
 def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
-    """Write the dequantized model atomically: a half-written cache is never used."""
+    """Write the dequantized model atomically (a half-written cache is never used) and sealed with
+    the checksum of every file (a copy damaged in place later is never used either)."""
     from safetensors.torch import save_model
+
+    from .integrity import seal
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,22 +146,27 @@ def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
     tokenizer.save_pretrained(tmp)
-    (tmp / "COMPLETE").write_text("ok")
+    seal(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True):
     """Load a GGUF file, dequantized, through a safetensors cache."""
+    from .integrity import broken
+
     path = Path(path)
     _check_gguf(path)
-    folder = cache_dir("models") / f"{path.stem}-{_cache_key(path)}"
+    folder = cache_folder(path)
     if use_cache and (folder / "COMPLETE").exists():
         try:
-            return _load_auto(folder, dtype)
+            why = broken(folder)
+            if why is None:
+                return _load_auto(folder, dtype)
         except Exception as err:  # a damaged cache is ours to rebuild
-            warnings.warn(f"the cached copy in {folder} is unreadable ({err}); rebuilding it from {path.name}")
-            shutil.rmtree(folder, ignore_errors=True)
+            why = f"it is unreadable ({err})"
+        warnings.warn(f"the cached copy in {folder} is not used: {why}; rebuilding it from {path.name}")
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"cardhouse: dequantizing {path.name} (once; later loads use the cache)", file=sys.stderr)
     try:
         model, tokenizer = _load_auto(path.parent, dtype, gguf_file=path.name)
@@ -170,6 +183,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
 
     ``bos``: put the BOS token first (default: when the tokenizer has one).
     """
+    from .spec import probe
+
+    probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     if name_or_path in BUNDLED:
         gguf = BUNDLED[name_or_path].locate_gguf()
         model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache)
