@@ -87,9 +87,10 @@ RULES: dict[str, Rule] = {
     "max_length": Rule("--max-length", 2, _positions, why=_POS_WHY),
     # one window holds BOS + (context - 1) corpus tokens
     "max_tokens": Rule("--max-tokens", lambda spec, v: v["context"] - 1 if v.get("context") else 1,
-                       why=lambda spec, v: "one perplexity window of --context"),
+                       why=lambda spec, v: f"to fill one perplexity window of --context {v.get('context')}"),
     "finetune_max_tokens": Rule("--max-tokens", lambda spec, v: v["context"] - 1 if v.get("context") else 1,
-                                also=(0,), why=lambda spec, v: "0: no perplexity, else one window of --context"),
+                                also=(0,), why=lambda spec, v: f"0: no perplexity; else enough to fill one window of --context "
+                                                            f"{v.get('context')}"),
     "limit": Rule("--limit", 1),
     "prompt_limit": Rule("--limit", 1),
     "record_limit": Rule("--limit", 2, why=lambda spec, v: "one record to train on and one to validate"),
@@ -110,6 +111,16 @@ RULES: dict[str, Rule] = {
     "save_steps": Rule("--save-steps", 1),
     "p0": Rule("--p0", 0.0, 1.0, kind=float),
     "alpha": Rule("--alpha", 0.0, kind=float),
+    # cardhouse emergence (a model trained from scratch: no spec)
+    "steps": Rule("--steps", 1),
+    "every": Rule("--every", 1),
+    "n_layer": Rule("--n-layer", 1),
+    "n_head": Rule("--n-head", 1),
+    "n_embd": Rule("--n-embd", 1),
+    "block_size": Rule("--block-size", 2),
+    "warmup": Rule("--warmup", 0),
+    "threads": Rule("--threads", 1),
+    "stop_at": Rule("--stop-at", 0),
 }
 
 _DESCRIBE = {int: "an integer", float: "a number", list: "comma-separated integers"}
@@ -138,7 +149,7 @@ def _allowed(rule: Rule, low, high) -> str:
 def _check_one(name: str, rule: Rule, value, spec, values):
     low, high = _bound(rule.low, spec, values), _bound(rule.high, spec, values)
     allowed = _allowed(rule, low, high)
-    why = rule.why(spec, values) if rule.why and spec is not None else ""
+    why = rule.why(spec, values) if rule.why and (spec is not None or not rule.needs_model) else ""
 
     def in_range(x) -> bool:
         if x in rule.also:
@@ -208,8 +219,22 @@ def check_output_folder(path: Path | None, flag: str = "--out") -> None:
     base = _existing_ancestor(path)
     if not base.is_dir():
         raise OptionError(flag, "a folder", str(path), f"{base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise OptionError(flag, "a writable folder", str(path), f"{base} is not writable")
+    if not _can_create_in(base):
+        raise OptionError(flag, "a writable folder", str(path), f"nothing can be created in {base}")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: tried with a temporary file, removed at once (permission
+    bits say too little: root may write anywhere by them, but not in /proc or on a read-only mount)."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_output_file(path: Path | None, flag: str = "--json") -> None:
@@ -235,6 +260,7 @@ class Checked:
     spec: ModelSpec | None
     options: dict = field(default_factory=dict)
     prompts: list[str] | None = None
+    own: object = None  # what the command's own checks (``validate(also=...)``) returned
 
     def load(self, bos: bool | None = None, **kwargs):
         """The weights, loaded only now that every check has passed."""
@@ -251,10 +277,12 @@ def load_texts(prompts: str, limit: int | None = None) -> list[str]:
     return load_prompts(prompts, limit=limit)
 
 
-def validate(model: str | None, *, prompts: str | None = None, prompt_limit: int | None = None, files: dict[str, Path | None] | None = None,
-             folders: dict[str, Path | None] | None = None, **options) -> Checked:
+def validate(model: str | None, *, prompts: str | None = None, prompt_limit: int | None = None,
+             files: dict[str, Path | None] | None = None, folders: dict[str, Path | None] | None = None,
+             also: Callable[[], object] | None = None, **options) -> Checked:
     """Everything a command can check before the weights load, cheapest first: the options' own ranges,
-    the output paths, the prompts, then the model's config and the options against its sizes."""
+    the output paths, the prompts, the model's config and the options against its sizes, then the
+    command's own checks (``also``, e.g. building its config objects; what it returns is ``Checked.own``)."""
     # the ranges that need no model first; a range the model bounds is checked (and reported whole) below
     check_options(None, prompt_limit=prompt_limit,
                   **{n: v for n, v in options.items() if model is None or n not in RULES or not RULES[n].needs_model})
@@ -267,11 +295,14 @@ def validate(model: str | None, *, prompts: str | None = None, prompt_limit: int
         texts = load_texts(prompts, prompt_limit)
         options = {**options, "n_texts": len(texts)}
     spec = probe(model) if model is not None else None
-    return Checked(spec, check_options(spec, **options), texts)
+    checked = check_options(spec, **options)
+    return Checked(spec, checked, texts, also() if also is not None else None)
 
 
 def check_settings(spec: ModelSpec | None, settings) -> None:
-    """A report's settings against one model (``build_report`` runs this for every model before any loads)."""
-    check_options(spec, layer=settings.layer, k=settings.k, attack_k=settings.attack_k,
+    """A report's settings against one model (``build_report`` runs this for every model before any loads);
+    without a model, only the ranges that need none (a range the model bounds is then reported whole)."""
+    values = dict(layer=settings.layer, k=settings.k, attack_k=settings.attack_k,
                   ks=list(settings.ks) if settings.ks is not None else None, context=settings.context,
                   max_tokens=settings.max_tokens, limit=settings.limit, prompt_limit=settings.prompt_limit)
+    check_options(spec, **{n: v for n, v in values.items() if spec is not None or not RULES[n].needs_model})

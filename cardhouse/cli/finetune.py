@@ -48,11 +48,11 @@ def _budget(corpus, max_tokens, context, tasks, task_limit):
                   tasks=list(tasks), limit=task_limit)
 
 
-def _validate(model: str, out: Path, **options):
+def _validate(model: str, out: Path, own_checks, **options):
     """The options both fine-tuning commands share, against the model's config (before it loads)."""
     if options["rows"] is not None and options["layer"] is None:
         raise ValueError("--rows needs --layer (the layer of the massive rows)")
-    return validate(model, folders={"--out": out}, **options)
+    return validate(model, folders={"--out": out}, also=own_checks, **options)
 
 
 def _interrupted(out: Path) -> None:
@@ -78,19 +78,24 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
     from ..finetuning import FinetuneConfig, MacDropConfig, finetune, load_records, robustness
     from ..finetuning.macdrop import detect_massive_rows
 
-    with clear_errors():
-        checked = _validate(model, out, k=k, layer=layer, rows=rows, batch_size=batch_size, grad_accum=grad_accum,
-                            lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha, max_length=max_length,
-                            record_limit=limit, max_steps=max_steps, save_steps=save_steps, p0=p0, alpha=alpha,
-                            context=context, finetune_max_tokens=max_tokens, task_limit=task_limit)
+    def own_checks():
         config = FinetuneConfig(method=method, rank=rank, lora_alpha=lora_alpha, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
                                 max_steps=max_steps, limit=limit, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer,
-                             rows=checked.options["rows"], seed=seed)
+        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
         budget = _budget(corpus, max_tokens, context, task, task_limit)
         load_records(data)  # bad data fails before any model time is spent
+        return config, drop, budget
+
+    with clear_errors():
+        checked = _validate(model, out, own_checks, k=k, layer=layer, rows=rows, batch_size=batch_size,
+                            grad_accum=grad_accum, lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha,
+                            max_length=max_length, record_limit=limit, max_steps=max_steps, save_steps=save_steps,
+                            p0=p0, alpha=alpha, context=context if max_tokens else None,
+                            finetune_max_tokens=max_tokens, task_limit=task_limit)
+        config, drop, budget = checked.own
+        drop.rows = checked.options["rows"]
         writable_folder(out)
         lm = load(checked, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
@@ -137,13 +142,10 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
     from ..finetuning.report import comparison_table, plot_comparison
     from ..finetuning.train import METHODS
 
-    with clear_errors():
-        checked = _validate(model, out, k=k, layer=layer, rows=rows, batch_size=batch_size, grad_accum=grad_accum,
-                            lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha, max_length=max_length,
-                            record_limit=limit, max_steps=max_steps, save_steps=save_steps, p0=p0, alpha=alpha,
-                            context=context, finetune_max_tokens=max_tokens, task_limit=task_limit)
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        schedule_list = [s.strip() for s in schedules.split(",") if s.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    schedule_list = [s.strip() for s in schedules.split(",") if s.strip()]
+
+    def own_checks():
         for name, given, known in (("method", method_list, METHODS), ("schedule", schedule_list, SCHEDULES)):
             bad = [x for x in given if x not in known]
             if bad or not given:
@@ -151,10 +153,19 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
                                 lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=limit,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=checked.options["rows"],
-                             seed=seed)
+        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
         budget = _budget(corpus, max_tokens, context, task, task_limit)
         load_records(data)
+        return config, drop, budget
+
+    with clear_errors():
+        checked = _validate(model, out, own_checks, k=k, layer=layer, rows=rows, batch_size=batch_size,
+                            grad_accum=grad_accum, lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha,
+                            max_length=max_length, record_limit=limit, max_steps=max_steps, save_steps=save_steps,
+                            p0=p0, alpha=alpha, context=context if max_tokens else None,
+                            finetune_max_tokens=max_tokens, task_limit=task_limit)
+        config, drop, budget = checked.own
+        drop.rows = checked.options["rows"]
         folder = writable_folder(out)
         start = time.perf_counter()
         try:

@@ -39,6 +39,10 @@ class Budget:
 
 
 def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable[[LoadedModel], dict]:
+    from ..models.spec import spec_of
+    from ..validation import check_options
+
+    check_options(spec_of(lm), context=budget.context)  # a window longer than the model's positions fails here
     tokens = {name: tokenize_corpus(lm.tokenizer, name, budget.max_tokens) for name in budget.corpora}
 
     def measure(lm: LoadedModel) -> dict:

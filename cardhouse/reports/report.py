@@ -75,10 +75,10 @@ class Settings:
         if self.context < 2 or self.max_tokens < self.context:
             raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
                              f"--context ({self.context}) tokens")
-        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks, the task limit
         from ..validation import check_settings
 
         check_settings(None, self)  # the ranges that need no model (build_report checks each model's too)
+        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks
         unknown = [e for e in self.extras if e not in OPTIONAL_STEPS]
         if unknown:
             raise ValueError(f"unknown extra section {', '.join(unknown)}; available: "
