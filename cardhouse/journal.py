@@ -1,5 +1,5 @@
 """Rows of a long run appended to a JSONL file as they are measured, tied to the settings they were
-measured under, so that a rerun resumes only rows that mean the same thing.
+measured under, so that a rerun resumes only rows that mean the same thing (the sweep's resume sink).
 
 The first line of the file is ``{"journal": "cardhouse", "settings": {...}}``; each later line is one
 row. Reopening the file with other settings (another model or weights, corpus, token budget,
@@ -12,9 +12,7 @@ appending, so a crash while it is rewritten loses nothing.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ._files import write_atomically
 
@@ -40,6 +38,7 @@ def _short(value) -> str:
 class Journal:
     def __init__(self, path: str | Path, settings: dict):
         self.path, self.settings = Path(path), json.loads(json.dumps(settings, default=str))  # as stored
+        self._opened = False
 
     def _read(self) -> tuple[dict | None, list[dict]]:
         if not self.path.exists():
@@ -78,15 +77,15 @@ class Journal:
         self.check()
         return self._read()[1]
 
-    @contextmanager
-    def appending(self) -> Iterator[Callable[[dict], None]]:
-        """``append(row)``: each row is on disk (flushed) before the next is measured."""
-        kept = self.rows()
-        text = "".join(json.dumps(line) + "\n" for line in [{HEADER: "cardhouse", "settings": self.settings}, *kept])
-        write_atomically(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def append(self, row: dict) -> None:
+        """Add one row, on disk (flushed) before the next is measured. The first append of a run rewrites
+        the file atomically as the header and the rows kept, dropping a line cut by an interruption."""
+        if not self._opened:
+            kept = self.rows()
+            lines = [{HEADER: "cardhouse", "settings": self.settings}, *kept]
+            text = "".join(json.dumps(line) + "\n" for line in lines)
+            write_atomically(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            self._opened = True
         with self.path.open("a", encoding="utf-8") as out:
-            def append(row: dict) -> None:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-
-            yield append
+            out.write(json.dumps(row) + "\n")
+            out.flush()

@@ -111,6 +111,10 @@ RULES: dict[str, Rule] = {
     "save_steps": Rule("--save-steps", 1),
     "p0": Rule("--p0", 0.0, 1.0, kind=float),
     "alpha": Rule("--alpha", 0.0, kind=float),
+    # Mixture of Experts (cardhouse moe, the MoE attacks)
+    "collapse": Rule("--collapse", 0.0, 1.0, kind=float, low_open=True),
+    "percentile": Rule("--percentile", 0.0, 100.0, kind=float),
+    "fraction": Rule("--fraction", 0.0, 1.0, kind=float),
     # cardhouse emergence (a model trained from scratch: no spec)
     "steps": Rule("--steps", 1),
     "every": Rule("--every", 1),

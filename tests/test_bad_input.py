@@ -164,6 +164,16 @@ CASES = [
     ("finetune-compare -m M --context 64 --max-length 64 --batch-size 0", ["--batch-size", ">= 1"]),
     ("finetune-compare -m M --context 64 --max-length 64 --layer 2", ["--layer", L]),
     ("finetune-compare -m M --context 256", ["--context", P]),
+    # moe (a dense model is refused from its config)
+    ("moe -m M", ["model is dense", "need an MoE model"]),
+    ("attack expert-topk-zero -m M --context 64", ["model is dense"]),
+    ("moe -m M --collapse 0", ["--collapse", "(0, 1]"]),
+    ("moe -m M --percentile 101", ["--percentile", "0..100"]),
+    ("moe -m M --limit 0", ["--limit", ">= 1"]),
+    ("moe -m M --layer 2", ["--layer", L]),
+    ("moe -m M --json out", ["--json", "a file path"]),
+    ("attack expert-topk-zero -m M --fraction 2 --context 64", ["--fraction", "0..1"]),
+    ("attack expert-topk-zero -m M --k 0 --context 64", ["--k", R]),
     # emergence (trains from scratch: no pretrained weights either way) and download
     ("emergence --steps 0", ["--steps", ">= 1"]),
     ("emergence --batch-size 0", ["--batch-size", ">= 1"]),

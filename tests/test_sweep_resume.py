@@ -12,7 +12,7 @@ from saved_models import save_tiny
 from typer.testing import CliRunner
 
 from cardhouse.cli import app
-from cardhouse.interventions.sweep import read_rows, sweep
+from cardhouse.interventions.sweep import read_rows, resumable_sweep
 from cardhouse.journal import Journal, SettingsMismatch
 
 BUDGET = {"corpora": ["wikipedia"], "max_tokens": 510, "context": 256, "tasks": [], "limit": None}
@@ -26,7 +26,7 @@ class Counter:
 
     def __call__(self, lm) -> dict:
         self.calls += 1
-        return {"ppl_wikipedia": float(sum(p.double().abs().sum() for p in lm.model.parameters()))}
+        return {"ppl_wikipedia": float(sum(p.detach().double().abs().sum() for p in lm.model.parameters()))}
 
 
 @pytest.fixture
@@ -36,9 +36,9 @@ def lm():
 
 def test_a_rerun_with_the_same_settings_measures_only_what_is_new(lm, tmp_path):
     path, first, second = tmp_path / "sweep.jsonl", Counter(), Counter()
-    rows = sweep(lm, first, path, ks=[2], settings=BUDGET, progress=False)
+    rows = resumable_sweep(lm, first, path, ks=[2], settings=BUDGET, progress=False)
     assert first.calls == 5 and len(rows) == 5
-    rows = sweep(lm, second, path, ks=[2, 3], settings=BUDGET, progress=False)
+    rows = resumable_sweep(lm, second, path, ks=[2, 3], settings=BUDGET, progress=False)
     assert second.calls == 4  # only the four k = 3 variants
     assert [r["variant"] for r in rows][:5] == [r["variant"] for r in read_rows(path)][:5]
 
@@ -52,12 +52,12 @@ def test_a_rerun_with_the_same_settings_measures_only_what_is_new(lm, tmp_path):
 ])
 def test_rows_of_other_settings_are_refused_naming_the_difference(lm, tmp_path, change, named):
     path = tmp_path / "sweep.jsonl"
-    sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
+    resumable_sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
     before = path.read_text()
     again = Counter()
     kwargs = {"settings": BUDGET, **change}
     with pytest.raises(SettingsMismatch) as info:
-        sweep(lm, again, path, ks=[2], progress=False, **kwargs)
+        resumable_sweep(lm, again, path, ks=[2], progress=False, **kwargs)
     for word in named:
         assert word in str(info.value)
     assert again.calls == 0 and path.read_text() == before  # nothing measured, the file untouched
@@ -65,19 +65,19 @@ def test_rows_of_other_settings_are_refused_naming_the_difference(lm, tmp_path, 
 
 def test_another_model_or_other_weights_are_refused(lm, tmp_path):
     path = tmp_path / "sweep.jsonl"
-    sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
+    resumable_sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
     other = build("llama", seed=1)  # same name, same architecture, other weights
     with pytest.raises(SettingsMismatch, match="weights"):
-        sweep(other, Counter(), path, ks=[2], settings=BUDGET, progress=False)
+        resumable_sweep(other, Counter(), path, ks=[2], settings=BUDGET, progress=False)
     renamed = build("llama")
     renamed.name = "another-model"
     with pytest.raises(SettingsMismatch, match="model: \"tiny-llama\""):
-        sweep(renamed, Counter(), path, ks=[2], settings=BUDGET, progress=False)
+        resumable_sweep(renamed, Counter(), path, ks=[2], settings=BUDGET, progress=False)
 
 
 def test_duplicate_ks_are_measured_once(lm, tmp_path):  # --ks 2,2 measured every variant twice
     counter = Counter()
-    rows = sweep(lm, counter, tmp_path / "sweep.jsonl", ks=[2, 2], settings=BUDGET, progress=False)
+    rows = resumable_sweep(lm, counter, tmp_path / "sweep.jsonl", ks=[2, 2], settings=BUDGET, progress=False)
     assert counter.calls == 5 and len({r["variant"] for r in rows}) == len(rows) == 5
 
 
@@ -85,24 +85,23 @@ def test_a_file_without_settings_is_not_trusted(lm, tmp_path):
     path = tmp_path / "sweep.jsonl"
     path.write_text(json.dumps({"variant": "original", "ppl_wikipedia": 1.0}) + "\n")  # an older cardhouse's file
     with pytest.raises(SettingsMismatch, match="does not say which settings"):
-        sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
+        resumable_sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
 
 
 def test_a_line_cut_by_an_interruption_is_measured_again(lm, tmp_path):
     path = tmp_path / "sweep.jsonl"
-    rows = sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
+    rows = resumable_sweep(lm, Counter(), path, ks=[2], settings=BUDGET, progress=False)
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:15])  # the last row half written
     counter = Counter()
-    again = sweep(lm, counter, path, ks=[2], settings=BUDGET, progress=False)
+    again = resumable_sweep(lm, counter, path, ks=[2], settings=BUDGET, progress=False)
     assert counter.calls == 1 and again == rows
     assert all(json.loads(line) for line in path.read_text().splitlines())  # no cut line left in the file
 
 
 def test_journal_check_before_the_weights_load(tmp_path):
     path = tmp_path / "rows.jsonl"
-    with Journal(path, {"a": 1, "weights": "x"}).appending() as append:
-        append({"row": 1})
+    Journal(path, {"a": 1, "weights": "x"}).append({"row": 1})
     Journal(path, {}).check({"a": 1})  # the settings known before loading agree: no error
     with pytest.raises(SettingsMismatch, match="a: 1 .* vs 2"):
         Journal(path, {}).check({"a": 2})

@@ -2,3 +2,4 @@ from .hooks import POINTS, all_hook_names, hook_name, hooks, parse_hook_name, re
 from .stats import LayerStats, StreamingStats
 from .batches import PromptBatch, batches
 from .run import run_batches, tokenize_prompts
+from .reuse import PrefixCache, reuse_prefix

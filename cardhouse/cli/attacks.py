@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..validation import validate
-from .common import BosOpt, ModelOpt, OutOpt, app, clear_errors, console, err, load, writable_folder, write_json
+from .common import BosOpt, ModelOpt, OutOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
@@ -27,28 +27,32 @@ def _budget(corpus, max_tokens, context, tasks, limit):
 def _results_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
-    metrics = [k for k in rows[0] if k.startswith(("ppl_", "acc_"))]
+    from ..evaluation.metrics import metric_keys, metric_of
+
+    metrics = metric_keys(rows[0])
     t = Table(title=title)
     t.add_column("variant")
     for m in metrics:
         t.add_column(m, justify="right")
     for row in rows:
-        t.add_row(row["variant"], *(f"{row[m]:,.2f}" if m.startswith("ppl") else f"{row[m]:.3f}" for m in metrics))
+        t.add_row(row["variant"], *(metric_of(m).format(row[m]) for m in metrics))
     console.print(t)
 
 
-def _measure(lm, variants, budget, json_path: Path | None, title: str, **header) -> None:
+def _measure(lm, variants, budget, json_path: Path | None, title: str, settings: dict | None = None,
+             **extra) -> None:
     """Measure the variants, print the table; the JSON is rewritten after every variant so that an
     interrupted run keeps what it measured (``"complete": false``)."""
     from ..evaluation.measure import measurer
     from ..interventions import run_variants
+    from ..results import write_result
 
     done: list[dict] = []
 
     def save(complete: bool) -> None:
         if json_path:
-            write_json({"model": lm.describe(), "budget": budget.to_dict(), **header, "results": done,
-                        "complete": complete}, json_path)
+            write_result(json_path, done, model=lm.describe(), settings={"budget": budget.to_dict(), **(settings or {})},
+                         complete=complete, **extra)
 
     rows = run_variants(lm, variants, measurer(lm, budget), on_result=lambda row: (done.append(row), save(False)))
     save(True)
@@ -58,22 +62,42 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, **header)
 
 
 @app.command("attack")
-def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, super-weight, or 'all' for the papers' table"),
+def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
+                                                    "their controls random-zero, random-retain, random-weight), or "
+                                                    "'all' for every attack and the activation interventions; "
+                                                    "Mixture of Experts: expert-topk-zero, expert-topk-retain, "
+                                                    "expert-ablate, super-experts (each with its controls), or "
+                                                    "'moe' for all four"),
                model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
                layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
+               expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
+                                                    "default: the carrier's)"),
+               percentile: Optional[float] = typer.Option(None, help="MoE super experts: percentile rule (99.5)"),
+               fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max "
+                                                        "(0.1)"),
                seed: int = typer.Option(0, help="seed of the random control"),
                corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
                task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
                json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
+    from ..interventions.experts import MOE_ATTACKS
+
+    if kind == "moe" or kind in MOE_ATTACKS:
+        return _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens,
+                           context, task, limit, bos, json_path)
     from ..analysis import find_massive_weights
     from ..analysis import scan as run_scan
-    from ..interventions import CONTROL, attack, intervention, original
+    from ..interventions import ATTACKS, attack, get_attack, intervention, original
 
     with clear_errors():
-        if kind != "all" and kind not in CONTROL:
-            raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all")
+        if kind != "all":
+            try:
+                get_attack(kind)
+            except ValueError as e:
+                raise ValueError(f"{e}, all; Mixture of Experts: {', '.join(MOE_ATTACKS)}, moe") from None
+        if expert is not None or percentile is not None or fraction is not None:
+            raise ValueError("--expert, --percentile and --fraction are for the Mixture-of-Experts attacks")
         checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
                            max_tokens=max_tokens, limit=limit)
         budget = _budget(corpus, max_tokens, context, task, limit)
@@ -82,13 +106,43 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
-        kinds = ["topk-zero", "topk-retain", "random-zero", "super-weight"] if kind == "all" else [kind, CONTROL[kind]]
+        kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
             result = run_scan(lm, progress=False)
             variants += [intervention(lm, result, "set-zero"), intervention(lm, result, "set-mean")]
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}",
+                 settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed},
                  massive_weights=mw.to_dict())
+
+
+def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens, context, task,
+                limit, bos, json_path) -> None:
+    """``attack`` for the Mixture-of-Experts attacks (interventions/experts.py), each beside its controls."""
+    from ..interventions.experts import moe_variants
+    from ..models.routing import routing_of
+    from .moe import check_moe_options
+
+    with clear_errors():
+        check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
+        which = expert if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
+        checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
+                           max_tokens=max_tokens, limit=limit, percentile=percentile, fraction=fraction)
+        routing_of(checked.spec.blocks.adapter)  # a dense model is refused from its config
+        budget = _budget(corpus, max_tokens, context, task, limit)
+        chosen = checked.options["indices"]
+        lm = load(checked, bos)
+        variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
+                                            percentile=percentile, fraction=fraction)
+        if not mw.massive:
+            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+        _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
+                 f"rows {target.top}; super experts {target.super_experts}",
+                 settings={"attack": kind, "k": k, "layer": layer, "expert": expert, "indices": chosen, "seed": seed,
+                           "percentile": percentile, "fraction": fraction},
+                 massive_weights=mw.to_dict(),
+                 target={"layer": target.layer, "expert": target.expert, "rows": target.top,
+                         "super_experts": target.super_experts, "random_experts": target.random_experts})
 
 
 @app.command("intervene")
@@ -113,7 +167,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
         _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
-                 scan=result.to_dict())
+                 settings={"intervention": kind, "every_layer": every_layer, "prompts": prompts}, scan=result.to_dict())
 
 
 @app.command("sweep")
@@ -126,9 +180,11 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
     from ..evaluation.measure import measurer
-    from ..interventions.sweep import sweep, sweep_settings, sweep_table
+    from ..evaluation.metrics import curve_metrics
+    from ..interventions.sweep import resumable_sweep, sweep_settings, sweep_table
     from ..journal import Journal
     from ..reports import plot_sweep
+    from ..results import write_result
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, ks=ks, layer=layer, context=context, max_tokens=max_tokens,
@@ -138,12 +194,13 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
         Journal(out / "sweep.jsonl", {}).check(sweep_settings(model, layer=layer, seed=seed, **budget.to_dict()))
         folder = writable_folder(out)
         lm = load(checked, bos)
-        rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=checked.options["ks"],
-                     layer=layer, seed=seed, settings=budget.to_dict())
-        metrics = [m for m in rows[0] if m.startswith("ppl_") or m == "acc_mean"]
-        curves = {m: sweep_table(rows, m) for m in metrics}
+        rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",
+                               ks=checked.options["ks"], layer=layer, seed=seed, settings=budget.to_dict())
+        curves = {m: sweep_table(rows, m) for m in curve_metrics(rows[0])}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
-        write_json({"model": lm.describe(), "budget": budget.to_dict(), "results": rows}, folder / "sweep.json")
+        write_result(folder / "sweep.json", rows, model=lm.describe(),
+                     settings={"budget": budget.to_dict(), "ks": checked.options["ks"], "layer": layer, "seed": seed},
+                     plots={"sweep": str(png)})
         with (folder / "sweep.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
             writer.writeheader()

@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .._files import write_json  # noqa: F401  (the commands import it from here)
 from .._install import InstallError
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError
@@ -48,6 +47,16 @@ def writable_folder(path: Path) -> Path:
     if not os.access(path, os.W_OK):
         raise PermissionError(f"the output folder {path} is not writable")
     return path
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    """``"1229,1487"`` -> ``[1229, 1487]`` (range and duplicate checks belong to the caller, who knows the sizes)."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def load(checked, bos: bool | None):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +9,7 @@ import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from ..validation import validate
-from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder,
-                     write_json)
+from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder
 
 
 @app.command()
@@ -28,6 +26,7 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
     from ..analysis import Criterion, find_massive_weights
     from ..analysis import scan as run_scan
     from ..reports import plot_bos_trace, plot_top_magnitudes, scan_tables, weights_table
+    from ..results import write_result
 
     with clear_errors():
         json_path = json_path or out / "scan.json"
@@ -54,8 +53,18 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
         if weights is not None:
             plots["bos_trace"] = str(plot_bos_trace(weights.trace, weights.dim, weights.layer, out / "bos_trace.png",
                                                     lm.name))
-        write_json({"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
-                    "plots": plots, "command": " ".join(["cardhouse"] + sys.argv[1:])}, json_path)
+        moe = None
+        if lm.blocks.is_moe:  # the MoE section: router collapse, the carrier's experts, super experts (moe.json)
+            from .moe import COLLAPSE, FRACTION, PERCENTILE, run_moe
+
+            analysis, moe_plots = run_moe(lm, texts, out, out / "moe.json", k=k, layer=layer, collapse=COLLAPSE,
+                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size)
+            moe, plots = analysis.to_dict(), plots | {f"moe_{name}": path for name, path in moe_plots.items()}
+        write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
+                                 "moe": moe},
+                     model=lm.describe(), settings={"prompts": prompts, "limit": limit, "criterion": criterion.to_dict(),
+                                                    "k": k, "layer": layer, "batch_size": batch_size},
+                     plots=plots)
         console.print(f"wrote {json_path}, {', '.join(plots.values())}")
 
 

@@ -1,19 +1,23 @@
-"""House of Cards Fig. 4: the model's quality as k grows, for top-k zeroing and top-k retaining,
-each with its random control. Rows are appended to a JSONL file as they are produced, so an
-interrupted sweep resumes where it stopped, and only under the same settings (``cardhouse.journal``).
+"""House of Cards Fig. 4: the model's quality as k grows, for every registered attack that takes k
+(top-k zeroing and retaining), each with its random control.
+
+``sweep`` is pure: it measures the variants and returns the rows. Resuming is an optional sink:
+a ``cardhouse.journal.Journal`` appends each row to a JSONL file as it is produced, and a sweep given
+one skips the variants already in it, so an interrupted sweep goes on where it stopped; the journal
+holds the settings the rows were measured under and refuses to resume under other ones.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
+
+from tqdm.auto import tqdm
 
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
 from ..models.loading import LoadedModel
-from .variants import attack, original, run_variants
-
-KINDS = ("topk-zero", "random-zero", "topk-retain", "random-retain")
+from .variants import Variant, attack, original, run_variants, sweep_attacks
 
 
 def default_ks(size: int) -> list[int]:
@@ -23,6 +27,44 @@ def default_ks(size: int) -> list[int]:
         ks += [k for k in (base, 2 * base, 5 * base) if k < size]
         base *= 10
     return sorted(set(ks + [size]))
+
+
+def sweep_variants(lm: LoadedModel, mw: MassiveWeights, ks: list[int], seed: int = 0) -> list[Variant]:
+    """The original model, then every k-taking attack (and its control) at each k."""
+    size = lm.blocks.intermediate_size(mw.layer)
+    ks = list(dict.fromkeys(ks))  # --ks 2,2 measures k = 2 once
+    bad = [k for k in ks if not 0 <= k <= size]
+    if bad:
+        raise ValueError(f"k values out of range 0..{size}: {bad}")
+    return [original()] + [attack(lm, mw, kind, k=k, seed=seed) for k in ks for kind in sweep_attacks()]
+
+
+class Sink(Protocol):
+    def rows(self) -> list[dict]: ...
+    def append(self, row: dict) -> None: ...
+
+
+def sweep(lm: LoadedModel, massive_weights: MassiveWeights, measure: Callable[[LoadedModel], dict],
+          ks: list[int] | None = None, *, seed: int = 0, sink: Sink | None = None, progress: bool = True) -> list[dict]:
+    """Measure the sweep's variants; with a ``sink``, skip those it holds and give it each new row.
+
+    ``massive_weights`` must rank enough indices for the largest k (``find_massive_weights(lm,
+    k=size)`` ranks them all). Returns every row, the sink's earlier ones first.
+    """
+    ks = ks if ks is not None else default_ks(massive_weights.intermediate_size)
+    kept = sink.rows() if sink is not None else []
+    done = {row["variant"] for row in kept}
+    todo = [v for v in sweep_variants(lm, massive_weights, ks, seed) if v.name not in done]
+    new: list[dict] = []
+    with tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress) as bar:
+        def on_result(row: dict) -> None:
+            new.append(row)
+            if sink is not None:
+                sink.append(row)
+            bar.update()
+
+        run_variants(lm, todo, measure, on_result=on_result)
+    return kept + new
 
 
 def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, **measured) -> dict:
@@ -44,8 +86,26 @@ def model_settings(lm: LoadedModel) -> dict:
     return {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
 
 
+def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
+                    ks: list[int] | None = None, layer: int | None = None, seed: int = 0,
+                    settings: dict | None = None, progress: bool = True) -> list[dict]:
+    """The CLI's sweep: search every index of the layer, then sweep with ``path`` (JSONL) as the resume sink.
+
+    ``settings``: what ``measure`` depends on (e.g. ``Budget.to_dict()``); with the model, its weights, the
+    layer, the seed and the cardhouse version they decide whether the rows in ``path`` are resumed or refused
+    (``cardhouse.journal.SettingsMismatch``, raised before anything is measured)."""
+    from ..journal import Journal
+
+    journal = Journal(path, {**sweep_settings(lm.name, layer=layer, seed=seed, **(settings or {})),
+                             **model_settings(lm)})
+    journal.rows()  # refuse rows measured under other settings before the search
+    size = lm.blocks.intermediate_size(layer if layer is not None else 0)
+    mw = find_massive_weights(lm, layer=layer, k=size)  # every index, ranked
+    return sweep(lm, mw, measure, ks, seed=seed, sink=journal, progress=progress)
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a sweep file, whatever its settings (the journal's header line is skipped)."""
+    """The rows of a sweep file, whatever its settings (the header line is skipped)."""
     from ..journal import HEADER
 
     rows = []
@@ -59,47 +119,14 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *, ks: list[int] | None = None,
-          layer: int | None = None, seed: int = 0, progress: bool = True, settings: dict | None = None) -> list[dict]:
-    """``settings``: what ``measure`` depends on (e.g. ``Budget.to_dict()``); with the model, its weights,
-    the layer and the seed it decides whether the rows already in ``path`` are resumed or refused."""
-    from ..journal import Journal
-
-    size = lm.blocks.intermediate_size(layer if layer is not None else 0)
-    ks = list(dict.fromkeys(ks)) if ks is not None else None  # --ks 2,2 measures k = 2 once
-    bad = [k for k in ks or [] if not 0 <= k <= size]
-    if bad:
-        raise ValueError(f"k values out of range 0..{size}: {bad}")
-    journal = Journal(path, {**sweep_settings(lm.name, layer=layer, seed=seed, **(settings or {})),
-                             **model_settings(lm)})
-    kept = journal.rows()  # refuses rows measured under other settings, before any model time
-    mw: MassiveWeights = find_massive_weights(lm, layer=layer, k=size)  # every index, ranked
-    ks = ks if ks is not None else default_ks(size)
-    done = {row["variant"] for row in kept}
-    todo = [] if "original" in done else [original()]
-    for k in ks:
-        for kind in KINDS:
-            variant = attack(lm, mw, kind, k=k, seed=seed)
-            if variant.name not in done:
-                todo.append(variant)
-    with journal.appending() as append:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress)
-        run_variants(lm, todo, measure, on_result=lambda row: (append({**row, "layer": mw.layer}), bar.update()))
-        bar.close()
-    return journal.rows()
-
-
 def sweep_table(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """kind -> [(k, metric)], with the original model as k = 0 of every curve."""
-    curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in KINDS}
-    base = next((r for r in rows if r["variant"] == "original"), None)
+    """attack -> [(k, metric)] for every k-taking attack, with the original model as k = 0 of every curve."""
+    kinds = sweep_attacks()
+    curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
+    base = next((r for r in rows if r["kind"] == "original"), None)
     for row in rows:
-        if row["variant"] == "original":
-            continue
-        kind, k = row["variant"].split(" k=")
-        curves[kind].append((int(k), row[metric]))
+        if row["kind"] in curves:
+            curves[row["kind"]].append((row["k"], row[metric]))
     for kind in curves:
         if base is not None and not any(k == 0 for k, _ in curves[kind]):
             curves[kind].append((0, base[metric]))

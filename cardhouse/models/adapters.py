@@ -176,8 +176,9 @@ class Blocks:
         module, layout = self._ffn(layer, expert)
         path = getattr(layout, name)
         if path is None:
-            raise ValueError(f"layer {layer}'s FFN has no {name} (it is {'an MoE' if layout.mlp_layout == 'experts' else 'a dense'} "
-                             f"FFN of the {layout.family} adapter in cardhouse/models/adapters.py)")
+            kind = "an MoE" if layout.mlp_layout == "experts" else "a dense"
+            raise ValueError(f"layer {layer}'s FFN has no {name} (it is {kind} FFN of the {layout.family} adapter "
+                             "in cardhouse/models/adapters.py)")
         return get(module, path)
 
     def attn_part(self, layer: int, name: str) -> nn.Module:
