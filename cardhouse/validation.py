@@ -79,8 +79,11 @@ RULES: dict[str, Rule] = {
     "ks": Rule("--ks", 0, _ffn, kind=list, why=_ffn_why),
     "indices": Rule("--indices", 0, _ffn_last, kind=list, unique=True, why=_ffn_why),
     "rows": Rule("--rows", 0, _ffn_last, kind=list, unique=True, why=_ffn_why),
+    "map_layer": Rule("--map-layer", 0, _layers, why=_LAYERS_WHY),
     "head": Rule("--head", 0, _model(lambda spec, v: spec.heads - 1),
                  why=lambda spec, v: f"{spec.source} has {spec.heads} attention heads"),
+    "map_head": Rule("--map-head", 0, _model(lambda spec, v: spec.heads - 1),
+                     why=lambda spec, v: f"{spec.source} has {spec.heads} attention heads"),
     "top": Rule("--top", 1, _model(lambda spec, v: spec.d_model),
                 why=lambda spec, v: f"{spec.source} has hidden size {spec.d_model}"),
     "context": Rule("--context", 2, _positions, why=_POS_WHY),
@@ -93,7 +96,7 @@ RULES: dict[str, Rule] = {
                                                             f"{v.get('context')}"),
     "limit": Rule("--limit", 1),
     "prompt_limit": Rule("--limit", 1),
-    "record_limit": Rule("--limit", 2, why=lambda spec, v: "one record to train on and one to validate"),
+    "records": Rule("--records", 2, why=lambda spec, v: "one record to train on and one to validate"),
     "task_limit": Rule("--task-limit", 1),
     "batch_size": Rule("--batch-size", 1),
     "n_prompts": Rule("--n-prompts", 1),
@@ -308,5 +311,5 @@ def check_settings(spec: ModelSpec | None, settings) -> None:
     without a model, only the ranges that need none (a range the model bounds is then reported whole)."""
     values = dict(layer=settings.layer, k=settings.k, attack_k=settings.attack_k,
                   ks=list(settings.ks) if settings.ks is not None else None, context=settings.context,
-                  max_tokens=settings.max_tokens, limit=settings.limit, prompt_limit=settings.prompt_limit)
+                  max_tokens=settings.max_tokens, task_limit=settings.limit, prompt_limit=settings.prompt_limit)
     check_options(spec, **{n: v for n, v in values.items() if spec is not None or not RULES[n].needs_model})

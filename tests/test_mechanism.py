@@ -262,8 +262,8 @@ def test_commands_write_json_and_plots(folder, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["attention", "--layer", "9"], "--layer must be an integer in 0..1, got 9"),
-    (["attention", "--head", "7"], "--head must be an integer in 0..3, got 7"),
+    (["attention", "--map-layer", "9"], "--map-layer must be an integer in 0..1, got 9"),
+    (["attention", "--map-head", "7"], "--map-head must be an integer in 0..3, got 7"),
     (["attention", "--attn-implementation", "sdpa"], "--attn-implementation must be 'eager'"),
     (["trace", "--layer", "5"], "--layer must be an integer in 0..1, got 5"),
     (["position", "--prompt", "Hi"], "too short"),

@@ -9,7 +9,8 @@ import typer
 
 from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
 from ..validation import validate
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, load, writable_folder
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
+                     clear_errors, console, load, writable_folder)
 
 CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
                                           "reaches this")
@@ -30,7 +31,7 @@ def check_moe_options(collapse: float, percentile: float, fraction: float) -> No
 
 
 def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | None, collapse: float,
-            percentile: float, fraction: float, batch_size: int):
+            percentile: float, fraction: float, batch_size: int, criterion=None):
     """Analyse, print, plot and write ``moe.json``; the analysis and the plot paths."""
     from ..analysis.moe import analyze_moe
     from ..reports.moe_plots import plot_router, plot_super_experts
@@ -38,12 +39,12 @@ def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | No
     from ..results import write_result
 
     analysis = analyze_moe(lm, texts, k=k, layer=layer, collapse=collapse, percentile=percentile, fraction=fraction,
-                           batch_size=batch_size)
+                           batch_size=batch_size, **({"criterion": criterion} if criterion is not None else {}))
     moe_tables(analysis, console)
     plots = {"router": str(plot_router(analysis, folder / "moe_router.png")),
              "super_experts": str(plot_super_experts(analysis, folder / "moe_super_experts.png"))}
     settings = {"prompts": len(texts), "k": k, "layer": layer, "collapse": collapse, "percentile": percentile,
-                "fraction": fraction}
+                "fraction": fraction, "criterion": criterion.to_dict() if criterion is not None else None}
     write_result(json_path, analysis.to_dict(), model=lm.describe(), settings=settings, plots=plots)
     return analysis, plots
 
@@ -51,14 +52,15 @@ def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | No
 @app.command("moe")
 def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
             limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
-            k: int = typer.Option(5, help="top-k intermediate indices of the carrier's experts"),
-            layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
+            k: int = KOpt, layer: Optional[int] = LayerOpt, min_abs: Optional[float] = MinAbsOpt,
+            min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
             collapse: float = CollapseOpt, percentile: float = PercentileOpt, fraction: float = FractionOpt,
             batch_size: int = typer.Option(8, help="prompts per forward pass"), bos: Optional[bool] = BosOpt,
             out: Path = OutOpt,
             json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/moe.json)")):
     """Mixture of Experts: where the router sends the carrier token (House of Cards Fig. 5), the expert that
     holds the massive weights and its rows (Table 7), and the super experts (Su et al. 2025)."""
+    from ..analysis import Criterion
     from ..models.routing import routing_of
 
     with clear_errors():
@@ -66,11 +68,12 @@ def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
         json_path = json_path or out / "moe.json"
         checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--json": json_path},
                            folders={"--out": out}, k=k, layer=layer, batch_size=batch_size, collapse=collapse,
-                           percentile=percentile, fraction=fraction)
-        routing_of(checked.spec.blocks.adapter)  # a dense model or an undescribed router: one clear line, from the config
+                           percentile=percentile, fraction=fraction, min_abs=min_abs, min_ratio=min_ratio)
+        routing_of(checked.spec.blocks.adapter)  # a dense model or an undescribed router: refused from the config
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         texts = checked.prompts
         folder = writable_folder(out)
         lm = load(checked, bos)
         _, plots = run_moe(lm, texts, folder, json_path, k=k, layer=layer, collapse=collapse, percentile=percentile,
-                           fraction=fraction, batch_size=batch_size)
+                           fraction=fraction, batch_size=batch_size, criterion=criterion)
         console.print(f"wrote {json_path}, {', '.join(plots.values())}")

@@ -9,16 +9,14 @@ import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from ..validation import validate
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
+                     clear_errors, console, err, load, writable_folder)
 
 
 @app.command()
 def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
-         k: int = typer.Option(5, help="top-k intermediate indices for the massive weights"),
-         layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
-         min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
-         min_ratio: float = typer.Option(1000.0, help="... and > this times the layer median"),
-         relative: bool = typer.Option(False, help="ratio-only criterion (|a| > min-ratio x median), for small models"),
+         k: int = KOpt, layer: Optional[int] = LayerOpt,
+         min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
          batch_size: int = typer.Option(8, help="prompts per forward pass"),
          bos: Optional[bool] = BosOpt, out: Path = OutOpt,
          json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/scan.json)")):
@@ -33,7 +31,7 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
         checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--json": json_path},
                            folders={"--out": out}, k=k, layer=layer, min_abs=min_abs, min_ratio=min_ratio,
                            batch_size=batch_size)
-        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         texts = checked.prompts
         writable_folder(out)
         lm = load(checked, bos)
@@ -43,7 +41,7 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
         scan_tables(result, console)
         weights = None
         try:
-            weights = find_massive_weights(lm, texts, k=k, layer=layer, batch_size=batch_size)
+            weights = find_massive_weights(lm, texts, k=k, layer=layer, batch_size=batch_size, criterion=criterion)
             weights_table(weights, console)
         except ValueError as e:
             if "out of range" in str(e):
@@ -58,7 +56,8 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
             from .moe import COLLAPSE, FRACTION, PERCENTILE, run_moe
 
             analysis, moe_plots = run_moe(lm, texts, out, out / "moe.json", k=k, layer=layer, collapse=COLLAPSE,
-                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size)
+                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size,
+                                          criterion=criterion)
             moe, plots = analysis.to_dict(), plots | {f"moe_{name}": path for name, path in moe_plots.items()}
         write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
                                  "moe": moe},

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 from tqdm.auto import tqdm
 
+from ..analysis.criterion import Criterion
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
 from ..models.loading import LoadedModel
 from .variants import Variant, attack, original, run_variants, sweep_attacks
@@ -67,15 +68,15 @@ def sweep(lm: LoadedModel, massive_weights: MassiveWeights, measure: Callable[[L
     return kept + new
 
 
-def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, **measured) -> dict:
+def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, criterion: Criterion = Criterion(),
+                   **measured) -> dict:
     """What a sweep's rows depend on that is known before the weights load: the model's name, the layer,
-    the seed, the massive-weight criterion, the cardhouse version and what ``measured`` says about the
+    the seed, the massive criterion, the cardhouse version and what ``measured`` says about the
     measurement (corpora, tokens, context, tasks, limit)."""
     from .. import __version__
-    from ..analysis.massive_weights import MASSIVE_ABS, MASSIVE_RATIO
 
-    return {"model": model, "layer": layer, "seed": seed, "cardhouse": __version__,
-            "criterion": {"min_abs": MASSIVE_ABS, "min_ratio": MASSIVE_RATIO}, **measured}
+    return {"model": model, "layer": layer, "seed": seed, "cardhouse": __version__, "criterion": criterion.to_dict(),
+            **measured}
 
 
 def model_settings(lm: LoadedModel) -> dict:
@@ -88,19 +89,20 @@ def model_settings(lm: LoadedModel) -> dict:
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
                     ks: list[int] | None = None, layer: int | None = None, seed: int = 0,
-                    settings: dict | None = None, progress: bool = True) -> list[dict]:
+                    progress: bool = True, criterion: Criterion = Criterion(), settings: dict | None = None
+                    ) -> list[dict]:
     """The CLI's sweep: search every index of the layer, then sweep with ``path`` (JSONL) as the resume sink.
 
     ``settings``: what ``measure`` depends on (e.g. ``Budget.to_dict()``); with the model, its weights, the
-    layer, the seed and the cardhouse version they decide whether the rows in ``path`` are resumed or refused
-    (``cardhouse.journal.SettingsMismatch``, raised before anything is measured)."""
+    layer, the seed, the criterion and the cardhouse version they decide whether the rows in ``path`` are
+    resumed or refused (``cardhouse.journal.SettingsMismatch``, raised before anything is measured)."""
     from ..journal import Journal
 
-    journal = Journal(path, {**sweep_settings(lm.name, layer=layer, seed=seed, **(settings or {})),
-                             **model_settings(lm)})
+    journal = Journal(path, {**sweep_settings(lm.name, layer=layer, seed=seed, criterion=criterion,
+                                              **(settings or {})), **model_settings(lm)})
     journal.rows()  # refuse rows measured under other settings before the search
     size = lm.blocks.intermediate_size(layer if layer is not None else 0)
-    mw = find_massive_weights(lm, layer=layer, k=size)  # every index, ranked
+    mw = find_massive_weights(lm, layer=layer, k=size, criterion=criterion)  # every index, ranked
     return sweep(lm, mw, measure, ks, seed=seed, sink=journal, progress=progress)
 
 
