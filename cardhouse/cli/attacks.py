@@ -125,8 +125,8 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
         checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
                            max_tokens=max_tokens, task_limit=task_limit, percentile=percentile, fraction=fraction,
                            min_abs=criterion_options[0], min_ratio=criterion_options[1])
-        routing_of(checked.spec.blocks.adapter)  # a dense model is refused from its config
         criterion = Criterion.from_options(*criterion_options)
+        routing_of(checked.spec.blocks.adapter)  # a dense model is refused from its config
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
         chosen = checked.options["indices"]
         lm = load(checked, bos)

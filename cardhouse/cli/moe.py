@@ -69,8 +69,8 @@ def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
         checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--json": json_path},
                            folders={"--out": out}, k=k, layer=layer, batch_size=batch_size, collapse=collapse,
                            percentile=percentile, fraction=fraction, min_abs=min_abs, min_ratio=min_ratio)
-        routing_of(checked.spec.blocks.adapter)  # a dense model or an undescribed router: refused from the config
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        routing_of(checked.spec.blocks.adapter)  # a dense model or an undescribed router: refused from the config
         texts = checked.prompts
         folder = writable_folder(out)
         lm = load(checked, bos)
