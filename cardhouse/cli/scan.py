@@ -10,10 +10,11 @@ import typer
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from ..validation import validate
 from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
-                     clear_errors, console, err, load, writable_folder)
+                     clear_errors, console, err, load, load_options, writable_folder)
 
 
 @app.command()
+@load_options
 def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
          k: int = KOpt, layer: Optional[int] = LayerOpt,
          min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
