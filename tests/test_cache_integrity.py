@@ -22,12 +22,12 @@ def gguf(tmp_path, monkeypatch):
     real = loading._load_auto
     calls = []
 
-    def load_auto(where, dtype, **kwargs):
+    def load_auto(where, dtype, *args, **kwargs):
         if "gguf_file" in kwargs:
             calls.append(kwargs["gguf_file"])
             lm = build("llama")
             return lm.model, lm.tokenizer
-        return real(where, dtype, **kwargs)  # the cache folder: the real loader
+        return real(where, dtype, *args, **kwargs)  # the cache folder: the real loader
 
     monkeypatch.setattr(loading, "_load_auto", load_auto)
     return path, calls

@@ -205,8 +205,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     """
     from .spec import probe
 
-    probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     placement = Placement.of(dtype, device, device_map, max_memory, offload_folder)  # bad requests fail first
+    probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     dtype = placement.torch_dtype()
     if name_or_path in BUNDLED:
         gguf = BUNDLED[name_or_path].locate_gguf()

@@ -52,7 +52,10 @@ class ModelSpec:
 
     def d_mlp(self, layer: int | None = None) -> int:
         """FFN neurons of a layer (per expert for MoE); layer 0 when none is given."""
-        return self.blocks.intermediate_size(layer if layer is not None and 0 <= layer < self.layers else 0)
+        from .offload import shapes_only
+
+        with shapes_only():  # the meta model's tensors have shapes and nothing else
+            return self.blocks.intermediate_size(layer if layer is not None and 0 <= layer < self.layers else 0)
 
     @property
     def heads(self) -> int:
