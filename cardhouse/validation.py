@@ -114,6 +114,13 @@ RULES: dict[str, Rule] = {
     "save_steps": Rule("--save-steps", 1),
     "p0": Rule("--p0", 0.0, 1.0, kind=float),
     "alpha": Rule("--alpha", 0.0, kind=float),
+    # cardhouse super-weight
+    "ratio": Rule("--ratio", 1.0, kind=float, low_open=True),
+    "contributions": Rule("--top", 1, _ffn, why=_ffn_why),
+    "candidates": Rule("--candidates", 1),
+    "controls": Rule("--controls", 0),
+    "pairs": Rule("--pairs", 2, also=(0,), why=lambda spec, v: "0: no pairs; else the candidates paired"),
+    "max_pairs": Rule("--max-pairs", 1),
     # Mixture of Experts (cardhouse moe, the MoE attacks)
     "collapse": Rule("--collapse", 0.0, 1.0, kind=float, low_open=True),
     "percentile": Rule("--percentile", 0.0, 100.0, kind=float),

@@ -174,6 +174,16 @@ CASES = [
     ("moe -m M --json out", ["--json", "a file path"]),
     ("attack expert-topk-zero -m M --fraction 2 --context 64", ["--fraction", "0..1"]),
     ("attack expert-topk-zero -m M --k 0 --context 64", ["--k", R]),
+    # super-weight
+    ("super-weight -m M --ratio 1", ["--ratio", "> 1.0"]),
+    ("super-weight -m M --top 0 --context 64", ["--top", R]),
+    ("super-weight -m M --candidates 0", ["--candidates", ">= 1"]),
+    ("super-weight -m M --pairs 1", ["--pairs", ">= 2 or 0"]),
+    ("super-weight -m M --pairs 9 --context 64", ["more than the budget", "--max-pairs"]),
+    ("super-weight -m M --weight 1:2", ["--weight", "LAYER:ROW:COLUMN"]),
+    ("super-weight -m M --weight 5:0:0 --context 64", ["layer 5 is out of range"]),
+    ("super-weight -m M --weight 0:32:0 --context 64", ["W_down row 32 is out of range", "0..31"]),
+    ("super-weight -m M --context 256", ["--context", P]),
     # emergence (trains from scratch: no pretrained weights either way) and download
     ("emergence --steps 0", ["--steps", ">= 1"]),
     ("emergence --batch-size 0", ["--batch-size", ">= 1"]),
