@@ -248,7 +248,7 @@ def check_in_browser(folder: Path, name: str) -> None:
     results = json.loads((folder / "results.json").read_text())["results"]
     page = render(folder / "report.html")
     assert problems(page, results) == []
-    assert page.sections == [s["key"] for s in results["models"][0]["sections"]] + ["run"]
+    assert page.sections == ["findings"] + [s["key"] for s in results["models"][0]["sections"]] + ["run"]
     n_figures = sum(len(s["figures"]) for m in results["models"] for s in m["sections"])
     assert len(page.images) == n_figures > 0
     assert all(int(img["data-natural-width"]) > 0 for img in page.images)  # every image decoded
