@@ -43,6 +43,7 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
     for batch in tqdm(batches(token_lists, batch_size), total=n_batches, desc=desc, disable=not progress,
                       unit="batch", leave=False):
         with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
-            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            device = lm.device  # hooks see tensors there; the batch (ids, mask, index) stays on the CPU
+            body(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
         if after_batch is not None:
             after_batch(batch)
