@@ -9,13 +9,10 @@ from pathlib import Path
 def save_tiny(folder: Path, family: str = "llama", seed: int = 0, plant: bool = True) -> Path:
     """``tests/conftest.py``'s tiny ``family`` model, with a massive activation planted on BOS
     (``plant``), saved to ``folder``."""
-    from conftest import build, plant_bos_embedding, plant_massive_weight
+    from conftest import build, plant_bos_embedding, plant_massive_weight, save_folder
 
     lm = build(family, seed=seed)
     if plant:
         plant_bos_embedding(lm)
         plant_massive_weight(lm)
-    folder.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
+    return save_folder(lm, folder)

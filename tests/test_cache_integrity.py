@@ -44,7 +44,7 @@ def _same(a: dict, b: dict) -> bool:
 def test_the_cache_is_sealed_and_reused(gguf):
     gguf, calls = gguf
     model, _ = loading.load_gguf(gguf)
-    folder = loading.cache_folder(gguf)
+    folder = loading.gguf_cache_folder(gguf)
     assert broken(folder) is None and len(calls) == 1
     again, _ = loading.load_gguf(gguf)
     assert len(calls) == 1 and _same(_state(model), _state(again))
@@ -81,7 +81,7 @@ def _old_marker(folder):
 def test_a_damaged_cache_is_rebuilt_with_a_warning(gguf, damage, file, why):
     gguf, calls = gguf
     original = _state(loading.load_gguf(gguf)[0])
-    folder = loading.cache_folder(gguf)
+    folder = loading.gguf_cache_folder(gguf)
     damage(folder / file)
     assert why in broken(folder)
     with pytest.warns(UserWarning, match=why):
@@ -97,7 +97,7 @@ def test_a_zeroed_span_is_caught_although_safetensors_reads_it(gguf):
     from safetensors.torch import load_file
 
     loading.load_gguf(gguf)
-    folder = loading.cache_folder(gguf)
+    folder = loading.gguf_cache_folder(gguf)
     _zero_span(folder / "model.safetensors")
     load_file(folder / "model.safetensors")  # readable: only the checksum can tell
     assert "checksum" in broken(folder)

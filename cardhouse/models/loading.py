@@ -124,6 +124,12 @@ def _cache_key(gguf: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def gguf_cache_folder(gguf: str | Path) -> Path:
+    """Where ``load_gguf`` keeps the dequantized copy of a GGUF file (its tokenizer too)."""
+    gguf = Path(gguf)
+    return cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
+
+
 def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -135,11 +141,6 @@ def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         model = AutoModelForCausalLM.from_pretrained(path, **placement.from_pretrained_kwargs(own), **kwargs)
     return model.eval(), tokenizer
-
-
-def cache_folder(gguf: Path) -> Path:
-    """Where the dequantized copy of a GGUF file is cached."""
-    return cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
 
 
 def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -169,7 +170,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
 
     path = Path(path)
     _check_gguf(path)
-    folder = cache_folder(path)
+    folder = gguf_cache_folder(path)
     if use_cache and (folder / "COMPLETE").exists():
         try:
             why = broken(folder)

@@ -85,10 +85,10 @@ def _gguf_config(path: Path):
     """The config of a GGUF file: from its dequantized cache when there is one, else from its header."""
     from transformers import AutoConfig
 
-    from .loading import ModelLoadError, _check_gguf, cache_folder
+    from .loading import ModelLoadError, _check_gguf, gguf_cache_folder
 
     _check_gguf(path)
-    cached = cache_folder(path)
+    cached = gguf_cache_folder(path)
     if (cached / "COMPLETE").exists() and (cached / "config.json").is_file():
         try:
             return AutoConfig.from_pretrained(cached)
