@@ -121,6 +121,9 @@ RULES: dict[str, Rule] = {
     "controls": Rule("--controls", 0),
     "pairs": Rule("--pairs", 2, also=(0,), why=lambda spec, v: "0: no pairs; else the candidates paired"),
     "max_pairs": Rule("--max-pairs", 1),
+    # cardhouse precision / export --rescale: the power of two, the margin in doublings
+    "power": Rule("--power", 0, 64),
+    "margin": Rule("--margin", 0.0, 16.0, kind=float),
     # Mixture of Experts (cardhouse moe, the MoE attacks)
     "collapse": Rule("--collapse", 0.0, 1.0, kind=float, low_open=True),
     "percentile": Rule("--percentile", 0.0, 100.0, kind=float),

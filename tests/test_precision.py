@@ -214,18 +214,7 @@ from cardhouse.cli import app  # noqa: E402
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "int3"], "unknown dtype"),
-    (["--margin", "-1"], "--margin is in doublings"),
-    (["--power", "-2"], "--power must be >= 0"),
-    (["--export", "/tmp/x"], "give --rescale too"),
-    (["--max-tokens", "10"], "must fill at least one window"),
-    (["--max-tokens", "600", "--corpus", "nope"], "unknown corpus"),
-])
-def test_cli_bad_precision_input(args, message):
-    result = runner.invoke(app, ["precision", "-m", "no-model-needed", *args])
-    text = " ".join(result.output.split())
-    assert result.exit_code == 1 and message in text and "Traceback" not in text, text
+# bad input of `cardhouse precision`: tests/test_bad_input.py's table
 
 
 def test_cli_precision_on_a_planted_overflow(tmp_path):

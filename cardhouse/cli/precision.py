@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (CORPUS_HELP, K_HELP, BosOpt, LayerOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app,
-                     check_writable_file, clear_errors, console, context_opt, err, load, max_tokens_opt,
-                     writable_folder)
+                     clear_errors, console, context_opt, err, load, max_tokens_opt)
 
 LimitOpt = typer.Option(16, "--limit", help="use only the first N prompts")
 CorporaOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
@@ -44,7 +43,8 @@ def _headroom_table(title: str, room: dict, run: dict) -> None:
 @app.command("precision")
 def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
                   limit: Optional[int] = LimitOpt,
-                  dtype: str = typer.Option("float16", help="the format to really run the model in (float16, bfloat16)"),
+                  run_dtype: str = typer.Option("float16", "--run-dtype", help="the format to really run the model in "
+                                                "(float16, bfloat16); the model loads in float32"),
                   rescale: bool = typer.Option(False, "--rescale", help="divide the residual stream by a power of "
                                                "two (function-preserving) so that every activation fits, and verify"),
                   power: Optional[int] = typer.Option(None, help="the power of two (default: chosen from the headroom)"),
@@ -58,25 +58,29 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
                   batch_size: int = typer.Option(8), bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Headroom of every activation against float16 / bfloat16 / FP8, the first module that overflows when the
     model really runs in float16, and (--rescale) a function-preserving fix."""
-    from ..analysis import load_prompts
     from ..capture import tokenize_prompts
     from ..export import check_export_folder, export_model
+    from ..validation import validate
     from ..precision.check import PrecisionSettings, check_precision
     from ..precision.rescale import rescaled
     from ..reports.precision_plots import plot_headroom
     from ..results import write_result
 
     with clear_errors():
-        settings = PrecisionSettings(dtype=dtype, rescale=rescale, power=power, margin=margin, batch_size=batch_size,
-                                     corpora=list(corpus), max_tokens=max_tokens, context=context)
+        dtype = run_dtype
         if export is not None and not rescale:
             raise ValueError("--export writes the rescaled model: give --rescale too (or use `cardhouse export`)")
         if export is not None:
             check_export_folder(export, force)
-        folder = writable_folder(out)
-        check_writable_file(folder / "precision.json")
-        texts = load_prompts(prompts, limit=limit)
-        lm = load(model, bos)
+        folder = out
+        checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--out": folder / "precision.json"},
+                           batch_size=batch_size, power=power, margin=margin,
+                           **({"context": context, "max_tokens": max_tokens} if max_tokens else {}))
+        settings = PrecisionSettings(dtype=dtype, rescale=rescale, power=power, margin=margin, batch_size=batch_size,
+                                     corpora=tuple(corpus), max_tokens=max_tokens, context=context)
+        texts = checked.prompts
+        lm = load(checked, bos)
+        folder.mkdir(parents=True, exist_ok=True)  # checked writable above
         token_lists = tokenize_prompts(lm, texts)
         with err.status(f"headroom and a real {dtype} run of {lm.name}"):
             result = check_precision(lm, token_lists, settings, progress=False)
@@ -136,10 +140,11 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
                bos: Optional[bool] = BosOpt):
     """Write a model with its edits folded into the weights as a standard Hugging Face folder (safetensors, config,
     tokenizer) plus cardhouse-edit.json; `transformers` loads it without cardhouse."""
-    from ..analysis import find_massive_weights, load_prompts
+    from ..analysis import find_massive_weights
     from ..export import check_export_folder, export_variants
     from ..interventions import attack
     from ..interventions.variants import ATTACKS
+    from ..validation import validate
 
     with clear_errors():
         if intervention is not None:
@@ -158,8 +163,11 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
 
         chosen = parse_int_list(indices, "--indices")
         check_export_folder(folder, force)
-        texts = load_prompts(prompts, limit=limit) if rescale else None
-        lm = load(model, bos)
+        checked = validate(model, prompts=prompts if rescale else None, prompt_limit=limit if rescale else None,
+                           power=power, margin=margin,
+                           **({"k": k, "layer": layer, "indices": chosen} if attack_kind else {}))
+        texts = checked.prompts
+        lm = load(checked, bos)
         extra = []
         if adapter is not None:
             lm = _merge_adapter(lm, adapter)
@@ -218,10 +226,10 @@ def quantize_cmd(model: str = ModelOpt,
     """Simulated round-to-nearest quantization (weights int8/int4 per channel or group, activations and keys/values
     int8 per tensor or token) by perplexity, with and without protecting the massive weights, the super weight, the
     BOS token's keys/values and the massive activation channels, each against a random protection of equal size."""
-    from ..analysis import load_prompts
     from ..capture import tokenize_prompts
     from ..evaluation.measure import Budget
     from ..precision.quantize import find_targets
+    from ..validation import validate
     from ..precision.study import quantization_study, study_schemes
     from ..reports.precision_plots import plot_quantization
     from ..results import write_result
@@ -232,12 +240,18 @@ def quantize_cmd(model: str = ModelOpt,
         schemes = study_schemes(specs_w, specs_a, protect=protect)
         if not schemes:
             raise ValueError("no scheme: give --weights and/or --acts")
+        folder = out
+        checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--out": folder / "quantize.json"},
+                           k=k, context=context, max_tokens=max_tokens)
+        for scheme in schemes:  # the group sizes against the widths the config gives, before any weights load
+            for width, what in ((checked.spec.d_model, "the hidden size"), (checked.spec.d_mlp(None), "the FFN width")):
+                if scheme.group and width and width % scheme.group:
+                    raise ValueError(f"group size {scheme.group} does not divide {what} {width}")
         budget = Budget(corpora=list(corpus), max_tokens=max_tokens, context=context)
         corpus = budget.corpora[0]  # the table and the plot (every corpus is in the JSON)
-        folder = writable_folder(out)
-        check_writable_file(folder / "quantize.json")
-        texts = load_prompts(prompts, limit=limit)
-        lm = load(model, bos)
+        texts = checked.prompts
+        lm = load(checked, bos)
+        folder.mkdir(parents=True, exist_ok=True)  # checked writable above
         from ..precision.quantize import check_scheme
 
         for scheme in schemes:  # a group size that does not divide a width: before any measurement
