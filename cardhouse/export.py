@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .interventions.weights import weights_digest
+from .models.digest import weights_digest
 from .models.loading import LoadedModel
 
 EDIT_FILE = "cardhouse-edit.json"

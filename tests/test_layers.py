@@ -17,6 +17,7 @@ LAYERS = [
     ("data",),
     ("analysis", "evaluation"),
     ("interventions",),
+    ("precision", "export"),
     ("finetuning",),
     ("reports",),
     ("emergence",),
