@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..data.corpora import load_text
+
 BUILTIN = "builtin"
 
 
@@ -15,11 +17,10 @@ def builtin_prompts() -> list[str]:
 
 def load_prompts(source: str = BUILTIN, *, limit: int | None = None) -> list[str]:
     """``builtin``, a path to a text file (one prompt per non-empty line), or ``corpus:NAME``
-    (paragraphs of a bundled corpus, see ``cardhouse.evaluation.corpora``)."""
+    (paragraphs of a bundled corpus, see ``cardhouse.data.corpora``)."""
     if source == BUILTIN:
         prompts = builtin_prompts()
     elif source.startswith("corpus:"):
-        from ..evaluation.corpora import load_text
 
         paragraphs = [p.strip() for p in load_text(source.split(":", 1)[1]).split("\n\n")]
         prompts = [p for p in paragraphs if len(p.split()) >= 8]

@@ -74,7 +74,7 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
                           corpora=tuple(c.strip() for c in corpora.split(",")) if corpora else None)
         for name in names:
             cfg.model_config(1, name)  # an unknown variant fails before anything is written
-        from ..evaluation.corpora import get_corpus
+        from ..data.corpora import get_corpus
 
         for name in cfg.corpora:
             get_corpus(name)

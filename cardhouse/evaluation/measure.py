@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..models.loading import LoadedModel
-from .corpora import get_corpus
+from ..data.corpora import get_corpus
 from .metrics import METRICS
+from .zeroshot import check_settings
 
 
 @dataclass
@@ -27,8 +28,6 @@ class Budget:
         for name in self.corpora:
             get_corpus(name)  # an unknown name raises, listing the known ones
         if self.tasks:
-            from .zeroshot import check_settings
-
             check_settings(self.tasks, backend=self.backend)
         if self.corpora and self.max_tokens < self.context - 1:
             raise ValueError(f"max_tokens ({self.max_tokens}) must fill at least one window (context {self.context})")

@@ -124,6 +124,12 @@ def _cache_key(gguf: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def gguf_cache_folder(gguf: str | Path) -> Path:
+    """Where ``load_gguf`` keeps the dequantized copy of a GGUF file (its tokenizer too)."""
+    gguf = Path(gguf)
+    return cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
+
+
 def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -159,7 +165,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
     """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked)."""
     path = Path(path)
     _check_gguf(path)
-    folder = cache_dir("models") / f"{path.stem}-{_cache_key(path)}"
+    folder = gguf_cache_folder(path)
     if use_cache and (folder / "COMPLETE").exists():
         try:
             return _load_auto(folder, dtype, placement)
