@@ -198,13 +198,25 @@ def test_a_failed_step_is_on_the_page_and_the_other_sections_are_written(tiny, t
 
 
 def test_a_model_that_does_not_load_fails_its_steps_only(tiny, tmp_path):
+    from transformers import AutoConfig
+
+    broken = tmp_path / "config-only"  # its config passes the checks; its weights are missing
+    AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128).save_pretrained(broken)
     steps = [s for s in STEPS if s.key in ("model", "scan")]
-    results = build_report([tiny("llama"), str(tmp_path / "no-such-model.gguf")], tmp_path / "out", TINY,
-                           progress=False, steps=steps)
+    results = build_report([tiny("llama"), str(broken)], tmp_path / "out", TINY, progress=False, steps=steps)
     ok, bad = results["models"]
     assert all(s["status"] == "ok" for s in ok["sections"])
-    assert "GGUF file not found" in bad["sections"][0]["error"]
+    assert "could not load the model folder" in bad["sections"][0]["error"]
     assert "needs the 'model' step" in bad["sections"][1]["error"]
+
+
+def test_a_model_path_that_does_not_exist_stops_the_report_before_anything_runs(tiny, tmp_path):
+    from cardhouse.models.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="model path not found"):
+        build_report([tiny("llama"), str(tmp_path / "no-such-model.gguf")], tmp_path / "out", TINY, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the command line --------------------------------------------------------------------------------

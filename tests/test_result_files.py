@@ -24,6 +24,7 @@ BUDGET = ["--corpus", "tiny", "--max-tokens", "126", "--context", "64"]
 def model_folder(tmp_path_factory, tokenizer):
     lm = build("llama", tokenizer)
     plant_bos_embedding(lm)  # massive on BOS in every layer: the interventions have something to act on
+    lm.model.config.max_position_embeddings = 256  # fine-tuning's --max-length 200 must fit (it is checked)
     return save_folder(lm, tmp_path_factory.mktemp("tiny-llama"))
 
 

@@ -28,7 +28,12 @@ def load_prompts(source: str = BUILTIN, *, limit: int | None = None) -> list[str
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {source} (or use 'builtin' or 'corpus:NAME')")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the prompt file {source} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); save it as UTF-8, one prompt per line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"the prompt file {source} holds no non-empty line")
     return prompts[:limit] if limit else prompts

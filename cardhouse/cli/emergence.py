@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..validation import validate
 from .common import app, clear_errors, console, err, writable_folder
 
 
@@ -66,6 +67,9 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
     from ..emergence import config_with, run
 
     with clear_errors():
+        validate(None, folders={"--out": out}, steps=steps, every=every, n_layer=n_layer, n_head=n_head,
+                 n_embd=n_embd, block_size=block_size, batch_size=batch_size, lr=lr, warmup=warmup, threads=threads,
+                 stop_at=stop_at)
         if threads:
             torch.set_num_threads(threads)
         names = tuple(v.strip() for v in variants.split(",") if v.strip())

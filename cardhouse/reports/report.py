@@ -97,13 +97,11 @@ class Settings:
         if self.context < 2 or self.max_tokens < self.context:
             raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
                              f"--context ({self.context}) tokens")
-        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks, the task limit
+        from ..validation import check_settings
+
+        check_settings(None, self)  # the ranges that need no model (build_report checks each model's too)
+        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks
         self.criterion  # noqa: B018  (--relative with --min-abs is refused here)
-        for name, value in (("--k", self.k), ("--attack-k", self.attack_k)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.ks is not None and any(k < 0 for k in self.ks):
-            raise ValueError(f"sweep k values must be >= 0, got {list(self.ks)}")
         unknown = [e for e in self.extras if e not in OPTIONAL_STEPS]
         if unknown:
             raise ValueError(f"unknown extra section {', '.join(unknown)}; available: "
@@ -456,12 +454,17 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                  steps: list[Step] | None = None) -> dict:
     """Run every step for every model and write the report folder; returns what results.json holds under
     ``results`` (the file is the result envelope: model descriptions and settings beside it)."""
+    from ..models.spec import probe, spec_of
+    from ..validation import check_settings
+
     settings = settings or Settings.quick()
     if not models:
         raise ValueError("no model given")
     settings.check()
     prompts = load_prompts(settings.prompts, limit=settings.prompt_limit)
     steps = steps if steps is not None else STEPS + [OPTIONAL_STEPS[name] for name in settings.extras]
+    for model in models:  # every model's config against the settings, before any weights load
+        check_settings(spec_of(model) if isinstance(model, LoadedModel) else probe(str(model)), settings)
     folder = prepare_folder(out, overwrite)
 
     names = [m.name if isinstance(m, LoadedModel) else str(m) for m in models]
