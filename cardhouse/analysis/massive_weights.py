@@ -10,6 +10,7 @@ the massive weights, and the matching W_down columns carry them into the massive
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -197,7 +198,10 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     top = intermediate.abs().topk(k, dim=-1).indices  # [prompt, k]
     stable = all(set(t.tolist()) == set(top[0].tolist()) for t in top)
     indices = top[0].tolist()
-    with torch.no_grad():
+    from ..models.streaming import streamer_of
+
+    streamer = streamer_of(lm.model)  # a streamed model reads the block whose rows are described
+    with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):
         rows = _describe_rows(lm, layer, expert, indices, dim)
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     return MassiveWeights(
