@@ -94,28 +94,34 @@ class Streamer:
 
     def check(self) -> None:
         """Every parameter the config asks for is in the checkpoint (a clear error before any compute)."""
-        tied = self._tied_names()
+        alias = self._tied()
         missing = [n for n, _ in self.model.named_parameters(remove_duplicate=False)
-                   if n not in self.reader and n not in tied]
+                   if n not in self.reader and alias.get(n) not in self.reader]
         if missing:
             raise FileNotFoundError(f"the checkpoint in {self.reader.folder} lacks {len(missing)} tensors the "
                                     f"config needs (config/checkpoint mismatch?): {', '.join(missing[:5])}"
                                     + (" ..." if len(missing) > 5 else ""))
 
-    def _tied_names(self) -> set[str]:
-        if not getattr(self.model.config, "tie_word_embeddings", False):
-            return set()
-        head = self.model.get_output_embeddings()
-        return {n + ".weight" for n, m in self.model.named_modules() if m is head and head is not None}
+    def _tied(self) -> dict[str, str]:
+        """Tied input and output embeddings: each name -> the other (a checkpoint stores one of them)."""
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or not getattr(self.model.config, "tie_word_embeddings", False):
+            return {}
+        names = {m: n + ".weight" for n, m in self.model.named_modules() if m is head or m is embed}
+        return {names[head]: names[embed], names[embed]: names[head]} if len(names) == 2 else {}
 
     def load_rest(self) -> None:
         """Load every parameter outside the decoder blocks (embeddings, final norm, head)."""
         prefix = self.blocks.adapter.layers + "."
-        tied = self._tied_names()
+        alias = self._tied()
+        done = set()
         for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
-            if not name.startswith(prefix) and name not in tied:
-                _set(self.model, name, self.reader.tensor(name).to(self.device, self.dtype))
-        if tied:
+            if name.startswith(prefix) or alias.get(name) in done:
+                continue
+            stored = name if name in self.reader else alias[name]
+            _set(self.model, name, self.reader.tensor(stored).to(self.device, self.dtype))
+            done.add(name)
+        if alias:
             self.model.tie_weights()
 
     @contextmanager
