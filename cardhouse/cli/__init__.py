@@ -2,6 +2,7 @@
 
 # each module registers its commands on the app
 from . import attacks, emergence, finetune, mechanism, memory, moe, report, scan  # noqa: F401
+from . import super_weight  # noqa: F401
 from .common import app
 
 __all__ = ["app"]
