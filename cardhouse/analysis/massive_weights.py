@@ -202,12 +202,12 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     from ..models.streaming import streamer_of
 
     streamer = streamer_of(lm.model)  # a streamed model reads the block whose rows are described
-    with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):
-        rows = _describe_rows(lm, layer, expert, indices, dim)
-    best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     # Yu et al.: the row of the down projection's output spike, the column of its input spike (carrier token)
     sw_row, sw_column = int(at(layer, "mlp.hook_out")[0].abs().argmax()), indices[0]
-    sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
+    with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):
+        rows = _describe_rows(lm, layer, expert, indices, dim)
+        sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
+    best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     return MassiveWeights(
         layer=layer, dim=dim, k=k, indices=indices, activations=[float(intermediate[0, i]) for i in indices],
         expert=expert, gated=blocks.is_gated, stable_across_prompts=stable, rows=rows,
