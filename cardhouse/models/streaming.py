@@ -41,10 +41,7 @@ class CheckpointReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.folder / "model.safetensors", framework="pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {k: "model.safetensors" for k in _header(self.folder / "model.safetensors")}
         else:
             raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json: "
                                     "--stream reads safetensors checkpoints")
@@ -53,18 +50,51 @@ class CheckpointReader:
             raise FileNotFoundError(f"the checkpoint index names shards that are missing from {self.folder}: "
                                     f"{', '.join(missing)}")
         self.weight_map: dict[str, str] = weight_map
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """One tensor, read from its byte range of the shard (no memory map: mapped pages that were
+        read would count as resident memory, up to the whole checkpoint)."""
         file = self.weight_map[name]
-        if file not in self._open:  # safe_open maps the shard; tensors are read on demand
-            self._open[file] = safe_open(self.folder / file, framework="pt")
-        return self._open[file].get_tensor(name)
+        if file not in self._headers:
+            self._headers[file] = _header_with_offset(self.folder / file)
+        start, header = self._headers[file]
+        info = header[name]
+        begin, end = info["data_offsets"]
+        data = bytearray(end - begin)
+        with open(self.folder / file, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(data)
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name} in {file} has dtype {info['dtype']}, which cardhouse cannot read")
+        if not data:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self._headers.clear()
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header_with_offset(path: Path) -> tuple[int, dict]:
+    """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def _header(path: Path) -> dict:
+    return _header_with_offset(path)[1]
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -123,6 +153,7 @@ class Streamer:
             done.add(name)
         if alias:
             self.model.tie_weights()
+        self.reader.close()
 
     @contextmanager
     def block(self, layer: int) -> Iterator[nn.Module]:
@@ -132,6 +163,7 @@ class Streamer:
         try:
             for name, _ in list(module.named_parameters()):
                 _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
+            self.reader.close()
             self.loaded = layer
             yield module
         finally:
