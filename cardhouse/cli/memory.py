@@ -20,8 +20,10 @@ def memory_cmd(model: str = typer.Argument(..., help="a local HF folder, a confi
 
     from ..models.memory import requirements
     from ..models.placement import DTYPES
+    from ..validation import check_options
 
     with clear_errors():
+        check_options(None, tokens=tokens)
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
         path = Path(model)
