@@ -70,7 +70,8 @@ def _run_streamed(streamer, token_lists, hooks_for, batch_size, progress, after_
         for name, fn in hooks_for(batch).items():
             named.setdefault(parse_hook_name(name)[0], {})[name] = fn
         by_layer.append(named)
-    streamer.run(inputs, hooks_for=lambda layer, i: by_layer[i].get(layer, {}), progress=progress)
+    streamer.run(inputs, hooks_for=lambda layer, i: hooks(streamer.model, by_layer[i].get(layer, {})),
+                 progress=progress)
     if after_batch is not None:
         for batch in prompt_batches:
             after_batch(batch)

@@ -11,7 +11,7 @@ The model's own forward does the work, so every family's masks, rotary embedding
 are computed as usual: while block l is loaded, the other blocks pass their input through, block
 l's input is replaced by the hidden state stored for the batch, and its output is stored and the
 pass stopped. The head pass replaces the final norm's input the same way and returns the logits.
-Hooks named ``blocks.{l}.*`` (``capture.hooks``) fire while block l runs.
+Hooks named ``blocks.{l}.*`` (attached by the caller, ``capture.run``) fire while block l runs.
 """
 
 from __future__ import annotations
@@ -189,12 +189,10 @@ class Streamer:
                     stack.callback(delattr, block, "forward")
             yield
 
-    def run_block(self, layer: int, batch: dict, state: torch.Tensor | None,
-                  hooks: dict | None = None) -> torch.Tensor:
+    def run_block(self, layer: int, batch: dict, state: torch.Tensor | None, hooks=None) -> torch.Tensor:
         """The hidden states leaving block ``layer`` (loaded) for one batch whose states entering it are
-        ``state`` (None for block 0: the model's own embedding). ``hooks``: named hooks of that block."""
-        from ..capture.hooks import hooks as attach
-
+        ``state`` (None for block 0: the model's own embedding). ``hooks``: a context manager that
+        attaches the caller's hooks on that block (``capture.hooks``), entered around the pass."""
         module = self.blocks.layers[layer]
         out: dict = {}
 
@@ -208,7 +206,7 @@ class Streamer:
             out["h"] = output[0] if isinstance(output, tuple) else output
             raise _Stop
 
-        with self._only(layer), attach(self.model, hooks or {}), ExitStack() as stack:
+        with self._only(layer), (hooks if hooks is not None else nullcontext()), ExitStack() as stack:
             stack.callback(module.register_forward_pre_hook(inject, with_kwargs=True, prepend=True).remove)
             stack.callback(module.register_forward_hook(stop).remove)  # after the named hooks
             try:
@@ -234,7 +232,7 @@ class Streamer:
         """Run ``batches`` through blocks ``start``..``stop - 1``, block-major: each block is read once.
 
         ``states``: the hidden states entering block ``start`` (None: from the embeddings);
-        ``hooks_for(layer, batch index)``: named hooks; ``edit(layer)``: a context manager applied
+        ``hooks_for(layer, batch index)``: a context manager attaching hooks, or None; ``edit(layer)``: a context manager applied
         while that block is loaded (a weight attack edits the block as it is loaded).
         Returns the hidden states leaving the last block run, per batch.
         """
