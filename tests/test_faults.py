@@ -124,7 +124,8 @@ def test_sweep(model, reference_sweep, tmp_path, sig):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "kill-9"])
 def test_report(model, tmp_path, sig):
     out = tmp_path / "report"
-    args = ["report", "-m", model, *BUDGET, "--ks", "1", "--attack-k", "1", "--out", out]
+    args = ["report", "-m", model, "--corpus", "wikipedia", "--max-tokens", "64", "--context", "64", "--ks", "1",
+            "--attack-k", "1", "--out", out]
     result = interrupt(tmp_path, "cardhouse.interventions.sweep:sweep:1", sig, *args)
     _interrupted_cleanly(result, sig)
     assert not {"results.json", "report.html"} & _visible(out)
