@@ -1,0 +1,111 @@
+"""Evaluations beyond perplexity and zero-shot accuracy: long-context retrieval and generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
+
+MacDropOpt = typer.Option(None, "--macdrop", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
+                                                   "evaluate too, alone and under the attack")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _variants(lm, k: int, seed: int):
+    """The unedited model, top-k zeroing of the massive weights and its random control."""
+    from ..analysis import find_massive_weights
+    from ..interventions import attack, original
+
+    mw = find_massive_weights(lm, k=k)
+    return mw, [original(), attack(lm, mw, "topk-zero", k=k, seed=seed), attack(lm, mw, "random-zero", k=k, seed=seed)]
+
+
+def with_adapter(lm, folder: Path):
+    """A copy of ``lm`` with the PEFT adapter in ``folder`` merged into its weights."""
+    import copy
+
+    from peft import PeftModel
+
+    from ..models.loading import from_pretrained_objects
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no PEFT adapter (adapter_config.json); give cardhouse finetune's "
+                                "OUT/adapter folder")
+    merged = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(folder)).merge_and_unload()
+    return from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} + {Path(folder).name}",
+                                   bos=lm.bos_id is not None)
+
+
+def _run(lm, k: int, seed: int, macdrop: Path | None, measure) -> list[dict]:
+    """Measure the original model, the attack and its control; with an adapter, it alone and attacked."""
+    from ..interventions import run_variants
+
+    mw, variants = _variants(lm, k, seed)
+    rows = run_variants(lm, variants, measure)
+    if macdrop is not None:
+        from ..interventions import attack, original
+
+        tuned = with_adapter(lm, macdrop)
+        for row in run_variants(tuned, [original(), attack(tuned, mw, "topk-zero", k=k, seed=seed)], measure):
+            rows.append({**row, "variant": f"adapter: {row['variant']}", "adapter": str(macdrop)})
+    return rows
+
+
+@app.command("longctx")
+def longctx_cmd(model: str = ModelOpt,
+                task: list[str] = typer.Option(["passkey", "needle"], "--task", "-t", help="passkey and/or needle"),
+                lengths: str = typer.Option("256,512,1024", help="context lengths in tokens (up to the model's maximum)"),
+                depths: str = typer.Option("0,0.25,0.5,0.75,1", help="where the needle sits (0: start, 1: end)"),
+                n: int = typer.Option(2, "--n", help="prompts per task, length and depth"),
+                corpus: str = typer.Option("austen", help="the haystack: a bundled corpus (austen, wikipedia, ...)"),
+                k: int = KOpt, seed: int = SeedOpt, max_new_tokens: int = typer.Option(8, help="greedy answer length"),
+                macdrop: Optional[Path] = MacDropOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+    """Long-context retrieval (a LongBench stand-in): passkey and needle-in-a-haystack accuracy by context length
+    and depth, for the original model, top-k zeroing and its random control (and a MacDrop adapter)."""
+    from ..evaluation import longctx
+    from ..evaluation.corpora import get_corpus
+    from ..reports.plots import plot_longctx
+    from ..results import write_result
+    from .common import parse_int_list
+
+    with clear_errors():
+        folder = writable_folder(out)
+        get_corpus(corpus)
+        sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
+        lm = load(model, bos)
+        items = longctx.build_items(lm, list(task), sizes, where, n, corpus=corpus, seed=seed,
+                                    max_new_tokens=max_new_tokens)  # checks first
+        rows = _run(lm, k, seed, macdrop, longctx.measurer(lm, items, max_new_tokens=max_new_tokens, progress=True))
+        png = plot_longctx(rows, folder / "longctx.png", f"{lm.name}: retrieval accuracy ({corpus} haystack)")
+        write_result(folder / "longctx.json", rows, model=lm.describe(), plots={"longctx": str(png)},
+                     settings={"tasks": list(task), "lengths": sizes, "depths": where, "n": n, "corpus": corpus,
+                               "k": k, "seed": seed, "max_new_tokens": max_new_tokens,
+                               "macdrop": str(macdrop) if macdrop else None, **longctx.describe(items)})
+        _table(rows, list(task), sizes)
+        console.print(f"wrote {folder / 'longctx.json'}, {png}")
+
+
+def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
+    from rich.table import Table
+
+    t = Table(title="retrieval accuracy (mean over depths)")
+    t.add_column("variant")
+    for kind in kinds:
+        for length in lengths:
+            t.add_column(f"{kind} {length}", justify="right")
+    for row in rows:
+        cells = {(c["kind"], c["length"]): [] for c in row["cells"]}
+        for c in row["cells"]:
+            cells[(c["kind"], c["length"])].append(c["accuracy"])
+        t.add_row(row["variant"], *(f"{sum(v) / len(v):.2f}" for kind in kinds for length in lengths
+                                    for v in [cells[(kind, length)]]))
+    console.print(t)
