@@ -80,6 +80,8 @@ def written(model_folder, moe_folder, long_folder, tmp_path_factory):
         "longctx": (["longctx", "-m", str(long_folder), "--lengths", "320,400", "--depths", "0,1", "--n", "1", "--k", "2",
                      "--corpus", "tiny", "--max-new-tokens", "4", "-o", out / "longctx"],
                     [out / "longctx" / "longctx.json"]),
+        "generate": (["generate", "-m", m, "--n", "2", "--max-new-tokens", "4", "--k", "2", "-o", out / "gen"],
+                     [out / "gen" / "generation.json"]),
         "finetune": (["finetune", "-m", m, *finetune, "-o", out / "ft"],
                      [out / "ft" / "finetune.json", out / "ft" / "results.json"]),
         "finetune-compare": (["finetune-compare", "-m", m, "--methods", "lora", "--schedules", "step", *finetune,
@@ -129,7 +131,7 @@ KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "posit
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
         "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "super-weight": ["super_weight"],
-        "longctx": ["longctx"]}
+        "longctx": ["longctx"], "generate": ["generation"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():

@@ -109,3 +109,36 @@ def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
         t.add_row(row["variant"], *(f"{sum(v) / len(v):.2f}" for kind in kinds for length in lengths
                                     for v in [cells[(kind, length)]]))
     console.print(t)
+
+
+@app.command("generate")
+def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="held-out Alpaca records"),
+                 max_new_tokens: int = typer.Option(64, help="greedy answer length"), k: int = KOpt,
+                 seed: int = SeedOpt, macdrop: Optional[Path] = MacDropOpt, bos: Optional[bool] = BosOpt,
+                 out: Path = OutOpt):
+    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions scored against their
+    references with ROUGE-L and chrF, plus the reference's log-likelihood; no model judge is used."""
+    from ..evaluation import generation
+    from ..results import write_result
+
+    with clear_errors():
+        folder = writable_folder(out)
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        records = generation.held_out_records(n)
+        lm = load(model, bos)
+        rows = _run(lm, k, seed, macdrop, generation.measurer(records, max_new_tokens, progress=True))
+        write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
+                     settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "records": "alpaca "
+                               "validation split (finetuning.data.split_records defaults)",
+                               "macdrop": str(macdrop) if macdrop else None})
+        from rich.table import Table
+
+        t = Table(title=f"{lm.name}: greedy answers to {n} held-out Alpaca instructions")
+        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token"):
+            t.add_column(column, justify="left" if column == "variant" else "right")
+        for row in rows:
+            t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}")
+        console.print(t)
+        console.print(f"note: {generation.NO_JUDGE}")
+        console.print(f"wrote {folder / 'generation.json'}")
