@@ -99,10 +99,10 @@ def build_text_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
     return model.eval()
 
 
-def build_vision_model(seed: int = 0, swiglu: bool = False):
+def build_vision_model(seed: int = 0, swiglu: bool = False, n_layers: int = N_LAYERS):
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+    config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=n_layers, num_attention_heads=4,
                           mlp_ratio=VISION_MLP_RATIO, image_size=28, patch_size=14, use_swiglu_ffn=swiglu,
                           layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
     torch.manual_seed(seed)
@@ -126,7 +126,7 @@ def build_tokenizer():
 def build(family: str, tokenizer=None, seed: int = 0, n_layers: int = N_LAYERS) -> LoadedModel:
     """A fresh tiny LoadedModel of ``family`` or of a variant (dinov2: no tokenizer, feed it ``pixel_values``)."""
     if family in VISION_FAMILIES + VARIANTS:
-        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu")
+        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu", n_layers=n_layers)
         return from_pretrained_objects(model, None, name=f"tiny-{family}", bos=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     model = build_text_model(family, seed, n_layers)
@@ -153,6 +153,13 @@ def forward(lm: LoadedModel, inputs: dict) -> torch.Tensor:
     """The body's last hidden state (what the analyses run: no LM head)."""
     with torch.inference_mode():
         return lm.model.base_model(**inputs).last_hidden_state
+
+
+def save_folder(lm: LoadedModel, path):
+    """Save a tiny model and its tokenizer as a Hugging Face folder (what the commands load with --model)."""
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
 
 
 def all_params_digest(lm: LoadedModel) -> str:
