@@ -255,7 +255,7 @@ def test_zero_shot_k_sweep_writes_the_per_task_table_and_resumes(tmp_path, token
     tokenizer.save_pretrained(folder)
     out = tmp_path / "sweep"
     args = ["sweep", "-m", str(folder), "--ks", "1", "--max-tokens", "0", "--task", "arc_easy", "--task", "winogrande",
-            "--task-limit", "2", "--layer", "1", "-o", str(out)]
+            "--task-limit", "2", "--layer", "1", "--context", "64", "-o", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "sweep.json").read_text())
@@ -282,4 +282,4 @@ def test_a_sweep_with_nothing_to_measure_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["sweep", "--max-tokens", "0", "-o", str(tmp_path)])
     assert result.exit_code == 1 and "error: nothing to measure" in result.output
     result = CliRunner().invoke(app, ["sweep", "--task", "arc_easy", "--task-limit", "0", "-o", str(tmp_path)])
-    assert result.exit_code == 1 and "limit must be at least 1" in result.output
+    assert result.exit_code == 1 and "--task-limit must be an integer >= 1, got 0" in result.output

@@ -198,7 +198,6 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
     with clear_errors():
         checked = validate(model, folders={"--out": out}, ks=ks, layer=layer, context=context,
                            finetune_max_tokens=max_tokens,  # 0 allowed: zero-shot only
-                          
                            task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True, backend=backend)
