@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..validation import validate
 from .common import BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
 
 MacDropOpt = typer.Option(None, "--macdrop", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
@@ -78,10 +79,11 @@ def longctx_cmd(model: str = ModelOpt,
     from .common import parse_int_list
 
     with clear_errors():
-        folder = writable_folder(out)
+        checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
         get_corpus(corpus)
         sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
-        lm = load(model, bos)
+        folder = writable_folder(out)
+        lm = load(checked, bos)
         items = longctx.build_items(lm, list(task), sizes, where, n, corpus=corpus, seed=seed,
                                     max_new_tokens=max_new_tokens)  # checks first
         rows = _run(lm, k, seed, macdrop, longctx.measurer(lm, items, max_new_tokens=max_new_tokens, progress=True))
@@ -122,11 +124,10 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="he
     from ..results import write_result
 
     with clear_errors():
-        folder = writable_folder(out)
-        if max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
         records = generation.held_out_records(n)
-        lm = load(model, bos)
+        folder = writable_folder(out)
+        lm = load(checked, bos)
         rows = _run(lm, k, seed, macdrop, generation.measurer(records, max_new_tokens, progress=True))
         write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
                      settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "records": "alpaca "
