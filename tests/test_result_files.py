@@ -76,7 +76,7 @@ def written(model_folder, moe_folder, long_folder, tmp_path_factory):
                       [out / "intervene.json"]),
         "sweep": (["sweep", "-m", m, "--ks", "1,2", *BUDGET, "-o", out / "sweep"], [out / "sweep" / "sweep.json"]),
         "longctx": (["longctx", "-m", str(long_folder), "--lengths", "320,400", "--depths", "0,1", "--n", "1", "--k", "2",
-                     "--corpus", "tiny", "--max-new-tokens", "4", "-o", out / "longctx"],
+                     "--haystack", "tiny", "--max-new-tokens", "4", "-o", out / "longctx"],
                     [out / "longctx" / "longctx.json"]),
         "generate": (["generate", "-m", m, "--n", "2", "--max-new-tokens", "4", "--k", "2", "-o", out / "gen"],
                      [out / "gen" / "generation.json"]),

@@ -10,7 +10,7 @@ import typer
 from ..validation import validate
 from .common import BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
 
-MacDropOpt = typer.Option(None, "--macdrop", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
+AdapterOpt = typer.Option(None, "--adapter", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
                                                    "evaluate too, alone and under the attack")
 
 
@@ -46,32 +46,33 @@ def with_adapter(lm, folder: Path):
                                    bos=lm.bos_id is not None)
 
 
-def _run(lm, k: int, seed: int, macdrop: Path | None, measure) -> list[dict]:
+def _run(lm, k: int, seed: int, adapter: Path | None, measure) -> list[dict]:
     """Measure the original model, the attack and its control; with an adapter, it alone and attacked."""
     from ..interventions import run_variants
 
     mw, variants = _variants(lm, k, seed)
     rows = run_variants(lm, variants, measure)
-    if macdrop is not None:
+    if adapter is not None:
         from ..interventions import attack, original
 
-        tuned = with_adapter(lm, macdrop)
+        tuned = with_adapter(lm, adapter)
         for row in run_variants(tuned, [original(), attack(tuned, mw, "topk-zero", k=k, seed=seed)], measure):
-            rows.append({**row, "variant": f"adapter: {row['variant']}", "adapter": str(macdrop)})
+            rows.append({**row, "variant": f"adapter: {row['variant']}", "adapter": str(adapter)})
     return rows
 
 
 @app.command("longctx")
 def longctx_cmd(model: str = ModelOpt,
-                task: list[str] = typer.Option(["passkey", "needle"], "--task", "-t", help="passkey and/or needle"),
+                kind: list[str] = typer.Option(["passkey", "needle"], "--kind", help="passkey and/or needle"),
                 lengths: str = typer.Option("256,512,1024", help="context lengths in tokens (up to the model's maximum)"),
                 depths: str = typer.Option("0,0.25,0.5,0.75,1", help="where the needle sits (0: start, 1: end)"),
                 n: int = typer.Option(2, "--n", help="prompts per task, length and depth"),
-                corpus: str = typer.Option("austen", help="the haystack: a bundled corpus (austen, wikipedia, ...)"),
+                haystack: str = typer.Option("austen", "--haystack", help="the filler text: a bundled corpus (austen, "
+                                                                           "wikipedia, ...)"),
                 k: int = KOpt, seed: int = SeedOpt, max_new_tokens: int = typer.Option(8, help="greedy answer length"),
-                macdrop: Optional[Path] = MacDropOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+                adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Long-context retrieval (a LongBench stand-in): passkey and needle-in-a-haystack accuracy by context length
-    and depth, for the original model, top-k zeroing and its random control (and a MacDrop adapter)."""
+    and depth, for the original model, top-k zeroing and its random control (and a fine-tuned adapter, e.g. MacDrop's)."""
     from ..evaluation import longctx
     from ..evaluation.corpora import get_corpus
     from ..reports.plots import plot_longctx
@@ -80,19 +81,19 @@ def longctx_cmd(model: str = ModelOpt,
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
-        get_corpus(corpus)
+        get_corpus(haystack)
         sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
         folder = writable_folder(out)
         lm = load(checked, bos)
-        items = longctx.build_items(lm, list(task), sizes, where, n, corpus=corpus, seed=seed,
+        items = longctx.build_items(lm, list(kind), sizes, where, n, corpus=haystack, seed=seed,
                                     max_new_tokens=max_new_tokens)  # checks first
-        rows = _run(lm, k, seed, macdrop, longctx.measurer(lm, items, max_new_tokens=max_new_tokens, progress=True))
-        png = plot_longctx(rows, folder / "longctx.png", f"{lm.name}: retrieval accuracy ({corpus} haystack)")
+        rows = _run(lm, k, seed, adapter, longctx.measurer(lm, items, max_new_tokens=max_new_tokens, progress=True))
+        png = plot_longctx(rows, folder / "longctx.png", f"{lm.name}: retrieval accuracy ({haystack} haystack)")
         write_result(folder / "longctx.json", rows, model=lm.describe(), plots={"longctx": str(png)},
-                     settings={"tasks": list(task), "lengths": sizes, "depths": where, "n": n, "corpus": corpus,
+                     settings={"tasks": list(kind), "lengths": sizes, "depths": where, "n": n, "corpus": haystack,
                                "k": k, "seed": seed, "max_new_tokens": max_new_tokens,
-                               "macdrop": str(macdrop) if macdrop else None, **longctx.describe(items)})
-        _table(rows, list(task), sizes)
+                               "adapter": str(adapter) if adapter else None, **longctx.describe(items)})
+        _table(rows, list(kind), sizes)
         console.print(f"wrote {folder / 'longctx.json'}, {png}")
 
 
@@ -116,7 +117,7 @@ def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
 @app.command("generate")
 def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="held-out Alpaca records"),
                  max_new_tokens: int = typer.Option(64, help="greedy answer length"), k: int = KOpt,
-                 seed: int = SeedOpt, macdrop: Optional[Path] = MacDropOpt, bos: Optional[bool] = BosOpt,
+                 seed: int = SeedOpt, adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt,
                  out: Path = OutOpt):
     """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions scored against their
     references with ROUGE-L and chrF, plus the reference's log-likelihood; no model judge is used."""
@@ -128,11 +129,11 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="he
         records = generation.held_out_records(n)
         folder = writable_folder(out)
         lm = load(checked, bos)
-        rows = _run(lm, k, seed, macdrop, generation.measurer(records, max_new_tokens, progress=True))
+        rows = _run(lm, k, seed, adapter, generation.measurer(records, max_new_tokens, progress=True))
         write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
                      settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "records": "alpaca "
                                "validation split (finetuning.data.split_records defaults)",
-                               "macdrop": str(macdrop) if macdrop else None})
+                               "adapter": str(adapter) if adapter else None})
         from rich.table import Table
 
         t = Table(title=f"{lm.name}: greedy answers to {n} held-out Alpaca instructions")
