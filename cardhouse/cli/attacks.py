@@ -180,7 +180,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
 def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default 0,1,2,"
                                                                       "3,5,10,20,50,... up to the whole layer)"),
               layer: Optional[int] = LayerOpt, seed: int = SeedOpt, corpus: list[str] = CorpusOpt,
-              max_tokens: int = max_tokens_opt(2048, "; 0: zero-shot accuracy only"), context: int = ContextOpt,
+              max_tokens: int = max_tokens_opt(2048, " (0: zero-shot accuracy only)"), context: int = ContextOpt,
               task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, backend: str = BackendOpt,
               min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
               relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
