@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cardhouse.evaluation import generation
+from cardhouse.finetuning import generation
 
 
 def test_rouge_l_is_rouge_scores_on_fixed_strings():

@@ -121,7 +121,7 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="he
                  out: Path = OutOpt):
     """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions scored against their
     references with ROUGE-L and chrF, plus the reference's log-likelihood; no model judge is used."""
-    from ..evaluation import generation
+    from ..finetuning import generation
     from ..results import write_result
 
     with clear_errors():

@@ -20,7 +20,7 @@ NO_JUDGE = "reference-based metrics only (ROUGE-L, chrF, reference log-likelihoo
 
 def held_out_records(n: int, *, seed: int = 0, val_fraction: float = 0.05) -> list[dict]:
     """The first ``n`` records of fine-tuning's validation split (never trained on with the same seed)."""
-    from ..finetuning.data import load_records, split_records
+    from .data import load_records, split_records
 
     if n < 1:
         raise ValueError(f"the number of records must be at least 1, got {n}")
@@ -43,7 +43,7 @@ def chrf(prediction: str, reference: str) -> float:
 
 
 def greedy_answer(lm: LoadedModel, record: dict, max_new_tokens: int = 64) -> str:
-    from ..finetuning.data import prompt_ids
+    from .data import prompt_ids
 
     ids = torch.tensor([prompt_ids(lm, record, "alpaca")], device=lm.model.device)
     with torch.inference_mode():
@@ -54,7 +54,7 @@ def greedy_answer(lm: LoadedModel, record: dict, max_new_tokens: int = 64) -> st
 
 def reference_loglikelihood(lm: LoadedModel, record: dict) -> tuple[float, int]:
     """(sum of log p(reference token | prompt, earlier reference tokens), number of reference tokens)."""
-    from ..finetuning.data import prompt_ids
+    from .data import prompt_ids
 
     prompt = prompt_ids(lm, record, "alpaca")
     reference = lm.tokenizer(record["output"], add_special_tokens=False)["input_ids"]
