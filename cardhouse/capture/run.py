@@ -37,7 +37,16 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
                 hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, batch_size: int = 8,
                 progress: bool = True, desc: str = "forward",
                 after_batch: Callable[[PromptBatch], None] | None = None) -> None:
-    """Forward every batch through the model body (no LM head: the analyses need none)."""
+    """Forward every batch through the model body (no LM head: the analyses need none).
+
+    A streamed model (``load_model(..., stream=True)``) runs block by block instead: ``hooks_for``
+    is called once per batch, its hooks fire block by block, and ``after_batch`` runs for every
+    batch after the last block."""
+    from ..models.streaming import streamer_of
+
+    streamer = streamer_of(lm.model)
+    if streamer is not None:
+        return _run_streamed(streamer, token_lists, hooks_for, batch_size, progress, after_batch)
     body = lm.model.base_model
     n_batches = -(-len(token_lists) // batch_size)
     for batch in tqdm(batches(token_lists, batch_size), total=n_batches, desc=desc, disable=not progress,
@@ -46,4 +55,23 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
             device = lm.device  # hooks see tensors there; the batch (ids, mask, index) stays on the CPU
             body(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
         if after_batch is not None:
+            after_batch(batch)
+
+
+def _run_streamed(streamer, token_lists, hooks_for, batch_size, progress, after_batch) -> None:
+    from .hooks import parse_hook_name
+
+    prompt_batches = list(batches(token_lists, batch_size))
+    inputs = [{"input_ids": b.input_ids.to(streamer.device), "attention_mask": b.attention_mask.to(streamer.device)}
+              for b in prompt_batches]
+    by_layer = []  # per batch: layer -> its named hooks
+    for batch in prompt_batches:
+        named: dict[int, dict] = {}
+        for name, fn in hooks_for(batch).items():
+            named.setdefault(parse_hook_name(name)[0], {})[name] = fn
+        by_layer.append(named)
+    streamer.run(inputs, hooks_for=lambda layer, i: hooks(streamer.model, by_layer[i].get(layer, {})),
+                 progress=progress)
+    if after_batch is not None:
+        for batch in prompt_batches:
             after_batch(batch)
