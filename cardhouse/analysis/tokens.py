@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER = "bos", "first token", "first delimiter", "other"
 ROLES = (BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER)
 DELIMITERS = {".", ",", "\n", ";", ":", "!", "?", "\n\n", "-"}
@@ -34,10 +32,3 @@ def roles(tokenizer, ids: list[int], bos_id: int | None) -> list[str]:
         else:
             out.append(OTHER)
     return out
-
-
-def role_codes(role_lists: list[list[str]], width: int) -> torch.Tensor:
-    codes = torch.full((len(role_lists), width), ROLES.index(OTHER), dtype=torch.long)
-    for row, rs in enumerate(role_lists):
-        codes[row, :len(rs)] = torch.tensor([ROLES.index(r) for r in rs])
-    return codes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -38,11 +38,17 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
                 progress: bool = True, desc: str = "forward",
                 after_batch: Callable[[PromptBatch], None] | None = None) -> None:
     """Forward every batch through the model body (no LM head: the analyses need none)."""
+    run_inputs(lm, batches(token_lists, batch_size), -(-len(token_lists) // batch_size), hooks_for,
+               progress=progress, desc=desc, after_batch=after_batch)
+
+
+def run_inputs(lm: LoadedModel, batch_iter: Iterable[PromptBatch], n_batches: int,
+               hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, progress: bool = True,
+               desc: str = "forward", after_batch: Callable[[PromptBatch], None] | None = None) -> None:
+    """Forward batches of any input kind (``batch.model_kwargs``: tokens or pixels) with hooks attached."""
     body = lm.model.base_model
-    n_batches = -(-len(token_lists) // batch_size)
-    for batch in tqdm(batches(token_lists, batch_size), total=n_batches, desc=desc, disable=not progress,
-                      unit="batch", leave=False):
+    for batch in tqdm(batch_iter, total=n_batches, desc=desc, disable=not progress, unit="batch", leave=False):
         with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
-            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            body(**batch.model_kwargs)
         if after_batch is not None:
             after_batch(batch)
