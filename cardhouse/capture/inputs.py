@@ -44,6 +44,9 @@ class PromptInputs:
         from ..analysis.tokens import ROLES, roles
         from .run import tokenize_prompts
 
+        if lm.inputs != "causal":
+            raise ValueError(f"{lm.name} is an encoder (it reads {'images' if lm.inputs == 'image' else 'sentences'}"
+                             "): use `cardhouse encoder` or cardhouse.encoders")
         self.lm, self.prompts = lm, list(prompts)
         self.token_lists = tokenize_prompts(lm, self.prompts)
         self.role_names = ROLES

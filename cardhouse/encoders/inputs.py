@@ -32,12 +32,12 @@ def _wrong_kind(lm: LoadedModel, wanted: str) -> ValueError:
 def default_processor(config):
     """An image processor for a model folder that ships none: resize and centre-crop to the model's
     image size, ImageNet mean and std (DINOv2's evaluation transform at 224 is ``onnx_dinov2.dinov2_processor``)."""
-    from transformers import BitImageProcessor
+    from ..models.onnx_dinov2 import bit_image_processor
 
     from ..models.onnx_dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     side = int(config.image_size)
-    return BitImageProcessor(size={"shortest_edge": side * 8 // 7}, resample=3, crop_size={"height": side, "width": side},
+    return bit_image_processor()(size={"shortest_edge": side * 8 // 7}, resample=3, crop_size={"height": side, "width": side},
                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True)
 
 
@@ -84,6 +84,9 @@ class ImageInputs:
         """(row, col) of a patch token, None for CLS and registers."""
         return divmod(position - self.prefix, self.grid[1]) if position >= self.prefix else None
 
+    def token_at(self, index: int, position: int) -> str:
+        return self.token_text(position)
+
     def token_text(self, position: int) -> str:
         if position == 0:
             return "CLS"
@@ -110,7 +113,7 @@ class SentenceInputs:
 
     role_names = ENCODER_ROLES
 
-    def __init__(self, lm: LoadedModel, sentences: Sequence[str]):
+    def __init__(self, lm: LoadedModel, sentences: Sequence[str], *, truncate: bool = False):
         if lm.inputs != "text":
             raise _wrong_kind(lm, "sentences")
         if not sentences:
@@ -121,7 +124,8 @@ class SentenceInputs:
         for i, sentence in enumerate(self.sentences):
             if not sentence.strip():
                 raise ValueError(f"sentence {i} is empty")
-            ids = list(tok(sentence, add_special_tokens=True)["input_ids"])
+            ids = list(tok(sentence, add_special_tokens=True, truncation=truncate and bool(limit),
+                           max_length=limit if truncate else None)["input_ids"])
             if limit and len(ids) > limit:
                 raise ValueError(f"sentence {i} has {len(ids)} tokens, more than the model's context of {limit}")
             self.token_lists.append(ids)
@@ -142,6 +146,9 @@ class SentenceInputs:
 
     def token_text(self, token_id: int) -> str:
         return self.lm.tokenizer.decode([token_id])
+
+    def token_at(self, index: int, position: int) -> str:
+        return self.token_text(self.token_lists[index][position])
 
     def batches(self, batch_size: int) -> Iterator[PromptBatch]:
         pad = self.lm.tokenizer.pad_token_id or 0

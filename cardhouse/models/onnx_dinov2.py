@@ -119,10 +119,18 @@ def onnx_backbone_output(path: str | Path, pixel_values: torch.Tensor) -> torch.
     return torch.from_numpy(session.run([final[0]], feed)[0])
 
 
+def bit_image_processor():
+    """transformers' BiT image processor class; its PIL variant where transformers has one (the default
+    class asks for torchvision, which cardhouse does not install)."""
+    import transformers
+
+    return getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
+
+
 def dinov2_processor():
     """DINOv2's image processor (the ONNX package ships none): resize the short side to 256 (bicubic),
     crop the centre 224 x 224, scale to [0, 1], normalize with the ImageNet mean and std."""
-    from transformers import BitImageProcessor
+    BitImageProcessor = bit_image_processor()
 
     return BitImageProcessor(do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=True,
                              crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,

@@ -1,0 +1,88 @@
+"""``cardhouse encoder``: massive activations in vision transformers and sentence encoders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..models.loading import BUNDLED
+from .common import app, check_writable_file, clear_errors, console, err, load, writable_folder
+
+ENCODERS = [name for name, b in BUNDLED.items() if b.inputs != "causal"]
+
+
+def _check_kind(model: str, images: str | None, sentences: str | None) -> None:
+    """Before any model time: one kind of input, the kind the (bundled) model reads."""
+    if (images is None) == (sentences is None):
+        raise ValueError("give --images (image models) or --sentences (text encoders)")
+    if model in BUNDLED:
+        reads = BUNDLED[model].inputs
+        given = "image" if images is not None else "text"
+        if reads == "causal":
+            raise ValueError(f"{model} is a decoder LM: use `cardhouse scan` (encoders: {', '.join(ENCODERS)})")
+        if reads != given:
+            raise ValueError(f"{model} reads {'images' if reads == 'image' else 'sentences'}, not "
+                             f"{'images' if given == 'image' else 'sentences'}")
+
+
+@app.command()
+def encoder(model: str = typer.Option("dinov2-s", "--model", "-m",
+                                      help=f"bundled encoder ({', '.join(ENCODERS)}) or a local HF folder"),
+            images: Optional[str] = typer.Option(None, "--images", "-i",
+                                                 help="'builtin' (8 real photographs), an image folder or file"),
+            sentences: Optional[str] = typer.Option(None, "--sentences", "-s",
+                                                    help="'builtin', a text file (one per line) or corpus:NAME"),
+            limit: Optional[int] = typer.Option(None, help="use only the first N images or sentences"),
+            k: int = typer.Option(5, help="top-k FFN neurons of the carrier token"),
+            attack_k: int = typer.Option(2, help="rows zeroed by the top-k attack and its random control"),
+            min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
+            min_ratio: float = typer.Option(1000.0, help="... and > this times the layer median"),
+            relative: bool = typer.Option(False, help="ratio-only criterion (|a| > min-ratio x median)"),
+            pairs: int = typer.Option(200, help="MRPC sentence pairs for the text encoders' measure"),
+            copies: int = typer.Option(4, help="augmented copies per photograph for the retrieval measure"),
+            registers: bool = typer.Option(True, help="also add a test-time register (image models)"),
+            seed: int = typer.Option(0, help="seed of the random-rows control"),
+            batch_size: int = typer.Option(8, help="inputs per forward pass"),
+            out: Path = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNGs"),
+            json_path: Optional[Path] = typer.Option(None, "--json", help="JSON path (default OUT/encoder.json)")):
+    """Massive activations in an encoder: scan, carrier token, massive weights, interventions, attention,
+    the per-patch norm map and test-time registers."""
+    from ..analysis import Criterion
+    from ..encoders.inputs import ImageInputs, SentenceInputs
+    from ..encoders.images import load_images
+    from ..analysis.prompts import load_prompts
+    from ..results import write_result
+    from .encoder_output import print_encoder, plot_encoder
+
+    with clear_errors():
+        _check_kind(model, images, sentences)
+        for name, value in (("--k", k), ("--attack-k", attack_k), ("--pairs", pairs), ("--batch-size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not 1 <= copies <= 5:
+            raise ValueError(f"--copies must be 1..5, got {copies}")
+        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
+        json_path = json_path or writable_folder(out) / "encoder.json"
+        check_writable_file(json_path)
+        writable_folder(out)
+        photos = load_images(images, limit=limit) if images is not None else None
+        texts = load_prompts(sentences, limit=limit) if sentences is not None else None
+        lm = load(model, None)
+        inputs = ImageInputs(lm, photos) if photos is not None else SentenceInputs(lm, texts)
+        if k > lm.blocks.intermediate_size(0) or attack_k > k:
+            raise ValueError(f"--k must be <= {lm.blocks.intermediate_size(0)} and --attack-k <= --k")
+        from ..encoders.analysis import analyze_encoder
+
+        with err.status("analysing") as status:
+            result = analyze_encoder(lm, inputs, criterion=criterion, k=k, attack_k=attack_k, seed=seed,
+                                     batch_size=batch_size, pairs=pairs, copies=copies, registers=registers,
+                                     tick=lambda step: status.update(f"analysing: {step}"))
+        print_encoder(result, console)
+        plots = plot_encoder(result, inputs, out)
+        settings = {"images": images, "sentences": sentences, "limit": limit, "k": k, "attack_k": attack_k,
+                    "criterion": {"min_abs": criterion.min_abs, "min_ratio": criterion.min_ratio},
+                    "pairs": pairs, "copies": copies, "registers": registers, "seed": seed}
+        write_result(json_path, result, model=result["model"], settings=settings, plots=plots)
+        console.print(f"wrote {json_path}, {', '.join(plots.values())}")
