@@ -2,7 +2,7 @@
 
 1. Perplexity throughput: cardhouse's ``perplexity()`` versus lm-eval's rolling loglikelihood.
 2. A k-sweep (one loaded model, one massive-weight search, the corpus tokenized once, and the
-   layers before the attacked one run once per window: ``evaluation.reuse``) versus running
+   layers before the attacked one run once per window: ``capture.reuse``) versus running
    each of its variants from scratch (load, search, tokenize, score the full model).
 
 For 1, both score the same Wikipedia tokens with the same model (SmolLM2-135M, float32, CPU), in

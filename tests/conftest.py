@@ -35,19 +35,19 @@ SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0..3
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
-                 "mixtral", "qwen2_moe"]
+                 "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 VISION_FAMILIES = ["dinov2", "dinov2_with_registers", "vit", "clip_vision_model"]
 ENCODER_TEXT_FAMILIES = ["bert"]  # bidirectional, post-norm
 ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES + ENCODER_TEXT_FAMILIES  # the adapter table's keys
 N_REGISTERS = 2  # register tokens of the tiny DINOv2 with registers
 VARIANTS = ["dinov2_swiglu"]  # same model_type, another FFN layout (DINOv2-giant's SwiGLU)
 ALL_MODELS = ALL_FAMILIES + VARIANTS
-MOE_FAMILIES = ["mixtral", "qwen2_moe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
 
 # the FFN width each family's tiny model is built with (per expert for MoE)
 VISION_MLP_RATIO = 3  # DINOv2 takes an integer ratio: d_mlp = 96
-EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP,
+EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP, "qwen3_moe": MOE_D_MLP,
                                                                 "dinov2": VISION_MLP_RATIO * D_MODEL,
                                                                 "dinov2_with_registers": VISION_MLP_RATIO * D_MODEL}
 
@@ -59,7 +59,7 @@ def d_mlp(lm: LoadedModel) -> int:
     return EXPECTED_D_MLP[lm.family]
 
 
-def text_config(family: str):
+def text_config(family: str, **overrides):
     from transformers import AutoConfig
 
     ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
@@ -69,14 +69,19 @@ def text_config(family: str):
     else:
         kwargs = dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **ids)
-        if family in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+        if family in ("qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"):
             kwargs["head_dim"] = 8  # their defaults (128, 256) would dwarf the model
         if family == "mixtral":
             kwargs.update(num_local_experts=N_EXPERTS, num_experts_per_tok=2)
         if family == "qwen2_moe":
             kwargs.update(num_experts=N_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=MOE_D_MLP,
                           shared_expert_intermediate_size=D_MLP)
-    return AutoConfig.for_model(family, **kwargs)
+        if family == "qwen3_moe":
+            kwargs.update(num_experts=N_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=MOE_D_MLP,
+                          norm_topk_prob=True)
+        if family == "olmoe":
+            kwargs.update(num_experts=N_EXPERTS, num_experts_per_tok=2)
+    return AutoConfig.for_model(family, **kwargs | overrides)
 
 
 def build_text_model(family: str, seed: int = 0):

@@ -264,7 +264,8 @@ def test_cli_trains_the_variants_on_the_real_corpora(tmp_path):
             "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    results = json.loads((tmp_path / "emergence.json").read_text())
+    saved = json.loads((tmp_path / "emergence.json").read_text())
+    results = saved["results"]
     for variant in ("standard", "bias", "sink"):
         run = results["runs"][variant]
         losses = [h["val_loss"] for h in run["history"]]
@@ -282,4 +283,4 @@ def test_cli_trains_the_variants_on_the_real_corpora(tmp_path):
     assert 5.0 < lines["bigram"] < lines["unigram"] < 8.0  # real text: the previous token helps
     carried = smollm2_tokenizer(tmp_path / "tokenizer")  # the run folder's own copy
     assert carried("Summer is warm.")["input_ids"] == tokenizer("Summer is warm.")["input_ids"]
-    assert results["command"].startswith("cardhouse")
+    assert saved["command"].startswith("cardhouse emergence")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (ALL_FAMILIES, BOS_ID, D_MODEL, EXPECTED_D_MLP, MOE_FAMILIES, N_EXPERTS, N_LAYERS,
+from conftest import (ALL_FAMILIES, BOS_ID, D_MLP, D_MODEL, EXPECTED_D_MLP, MOE_D_MLP, MOE_FAMILIES, N_EXPERTS, N_LAYERS,
                       SANDWICH_FAMILIES, TEXT_FAMILIES, build, forward, plant_bos_embedding,
                       plant_massive_weight, sample_inputs, text_config, d_mlp)
 from cardhouse.analysis import Criterion, MassiveWeights, ScanResult, find_massive_weights, scan
@@ -71,14 +71,62 @@ def test_dinov2_layout_follows_its_config(tiny):
     assert len(swiglu.neuron_slices(0)) == 4  # gate and up rows, and their biases
 
 
-def test_qwen2_moe_with_dense_layers_is_refused_clearly():
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_moe_families_mixing_dense_layers_get_a_layout_per_layer(family, tokenizer):
+    """Qwen-MoE with ``mlp_only_layers``: layer 0 is a dense gated FFN, layer 1 an MoE layer; each layer's
+    parts resolve in its own layout (regression: such models were refused)."""
     from transformers import AutoModelForCausalLM
 
-    config = text_config("qwen2_moe")
+    from cardhouse.models.loading import from_pretrained_objects
+
+    config = text_config(family)
     config.mlp_only_layers = [0]
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedModelError, match="mixes dense and Mixture-of-Experts layers"):
-        Blocks.of(model)
+    torch.manual_seed(0)
+    lm = from_pretrained_objects(AutoModelForCausalLM.from_config(config).eval(), tokenizer, bos=True)
+    blocks = lm.blocks
+    assert blocks.is_moe and blocks.moe_layers == [1] and not blocks.is_moe_layer(0)
+    assert blocks.ffn(0).mlp_layout == "gated" and blocks.ffn(1).mlp_layout == "experts"
+    assert blocks.intermediate_size(0) == D_MLP and blocks.intermediate_size(1) == MOE_D_MLP
+    assert blocks.n_experts(0) == 0 and blocks.n_experts(1) == N_EXPERTS
+    assert blocks.down_weight(0).shape == (D_MODEL, D_MLP)
+    store = record_all(lm, sample_inputs(lm), ["mlp.hook_in"])
+    with record(lm.model, [hook_name(0, "mlp.hook_post")]) as post:  # the dense layer has the module boundary
+        forward(lm, sample_inputs(lm))
+    with torch.inference_mode():
+        computed = blocks.intermediate(0, store[hook_name(0, "mlp.hook_in")])
+    torch.testing.assert_close(computed, post[hook_name(0, "mlp.hook_post")], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dense FFN layer"):
+        blocks.check_expert(0, 1)
+    with pytest.raises(ValueError, match="dense FFN layer"):
+        blocks.router_choice(0, store[hook_name(0, "mlp.hook_in")])
+    with pytest.raises(ValueError, match="Mixture-of-Experts.*intermediate"):
+        with hooks(lm.model, {hook_name(1, "mlp.hook_post"): lambda name, t: None}):
+            pass
+
+
+def test_shared_expert_is_addressed_like_a_dense_ffn(tiny):
+    from cardhouse.models.adapters import SHARED
+
+    blocks = tiny("qwen2_moe").blocks
+    shared = blocks.part(0, "mlp").shared_expert
+    assert blocks.intermediate_size(0, SHARED) == D_MLP  # shared_expert_intermediate_size
+    assert blocks.down_weight(0, SHARED) is shared.down_proj.weight
+    assert [t for t, _, _ in blocks.neuron_slices(0, SHARED)] == [shared.gate_proj.weight, shared.up_proj.weight]
+    x = torch.randn(3, D_MODEL)
+    with torch.inference_mode():
+        torch.testing.assert_close(blocks.intermediate(0, x, SHARED),
+                                   nn.functional.silu(shared.gate_proj(x)) * shared.up_proj(x))
+    with pytest.raises(ValueError, match="no shared expert"):
+        tiny("mixtral").blocks.check_expert(0, SHARED)
+
+
+def test_expert_index_out_of_range(tiny):
+    blocks = tiny("mixtral").blocks
+    for bad in (N_EXPERTS, -1):
+        with pytest.raises(IndexError, match=rf"expert {bad} is out of range: layer 0 has experts 0..{N_EXPERTS - 1}"):
+            blocks.neuron_slices(0, bad)
+    with pytest.raises(ValueError, match="dense FFN layer"):
+        tiny("llama").blocks.check_expert(0, 0)
 
 
 def test_moe_needs_an_expert(tiny):
@@ -405,7 +453,7 @@ def test_scan_finds_a_planted_massive_activation(family, tokenizer):
 def test_find_massive_weights_is_well_formed(text_lm):
     mw = find_massive_weights(text_lm, k=4)
     assert isinstance(mw, MassiveWeights)
-    size = d_mlp(text_lm)
+    size = d_mlp(text_lm) if mw.expert != "shared" else D_MLP  # qwen2_moe's shared expert is wider
     assert 0 <= mw.layer < N_LAYERS and 0 <= mw.dim < D_MODEL and mw.intermediate_size == size
     assert mw.k == 4 and len(mw.indices) == 4 == len(set(mw.indices)) == len(mw.activations) == len(mw.rows)
     assert all(0 <= i < size for i in mw.indices)
@@ -417,7 +465,7 @@ def test_find_massive_weights_is_well_formed(text_lm):
     assert mw.super_weight["row"] == mw.dim and mw.super_weight["column"] in mw.indices
     assert [t["layer"] for t in mw.trace] == list(range(N_LAYERS))
     if text_lm.blocks.is_moe:
-        assert 0 <= mw.expert < N_EXPERTS
+        assert mw.expert in [*range(N_EXPERTS), "shared"] and mw.experts[0]["expert"] == mw.expert
     else:
         assert mw.expert is None
     assert mw.to_dict()["n_weights"] == mw.n_weights
@@ -426,7 +474,8 @@ def test_find_massive_weights_is_well_formed(text_lm):
 
 def test_find_massive_weights_k_out_of_range_names_the_size(tiny):
     for family in ("llama", "gpt2", "qwen2_moe"):
-        size = EXPECTED_D_MLP[family]
+        size = find_massive_weights(tiny(family), k=1, n_prompts=2).intermediate_size  # the chosen expert's
+        assert size in {EXPECTED_D_MLP[family], D_MLP}  # qwen2_moe: a routed expert's, or the shared expert's
         for k in (size + 1, 0):
             with pytest.raises(ValueError, match=rf"k={k}.*{size} intermediate"):
                 find_massive_weights(tiny(family), k=k, n_prompts=2)

@@ -248,7 +248,7 @@ def test_training_masks_each_step_and_leaves_base_weights_unchanged(tmp_path, da
     assert config["use_dora"] == (method == "dora") and config["peft_type"] == "LORA"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     saved = json.loads((tmp_path / "finetune.json").read_text())
-    assert saved["macdrop"]["masked_rows"] == ROWS and saved["config"]["method"] == method
+    assert saved["results"]["macdrop"]["masked_rows"] == ROWS and saved["settings"]["config"]["method"] == method
     # the step schedule as applied, step by step
     expected = {t: 0.9 * (1 - t / 6) for t in range(6)}
     assert macdrop_of(result).rates == pytest.approx(expected)

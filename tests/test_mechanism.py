@@ -250,15 +250,15 @@ def test_commands_write_json_and_plots(folder, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["attention", "-m", str(folder), "--limit", "3", "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    data = json.loads((tmp_path / "attention.json").read_text())
+    data = json.loads((tmp_path / "attention.json").read_text())["results"]
     assert data["attention"]["massive_layer"] == 0 and data["map"]["layer"] == 1
     assert (tmp_path / "attention.png").stat().st_size > 0 and (tmp_path / "attention_map.png").stat().st_size > 0
     r = runner.invoke(app, ["trace", "-m", str(folder), "--k", "3", "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "trace.png").exists() and json.loads((tmp_path / "trace.json").read_text())["trace"]["states"]
+    assert (tmp_path / "trace.png").exists() and json.loads((tmp_path / "trace.json").read_text())["results"]["trace"]["states"]
     r = runner.invoke(app, ["position", "-m", str(folder), "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "position.json").read_text())["position"]["summary"]["start"]["role"] == "bos"
+    assert json.loads((tmp_path / "position.json").read_text())["results"]["position"]["summary"]["start"]["role"] == "bos"
 
 
 @pytest.mark.parametrize("args, message", [

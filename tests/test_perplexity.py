@@ -12,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from cardhouse.evaluation import CORPORA, Corpus, build_windows, evaluate_perplexities, perplexity
+from cardhouse.evaluation import CORPORA, Corpus, build_windows, perplexity
+from cardhouse.evaluation.measure import Budget, measurer
+from cardhouse.models.loading import from_pretrained_objects
 
 VOCAB = 128  # covers the shared character tokenizer (about 100 ids)
 BOS = 1
@@ -140,23 +142,22 @@ def test_overflowing_model_gives_inf_without_raising(corpus_ids, break_head):
     assert result.n_predicted_tokens == 99
 
 
-def test_evaluate_perplexities_uses_the_cached_corpus_tokens(model, tokenizer, monkeypatch, tmp_path):
+def test_the_measurer_uses_the_cached_corpus_tokens(model, tokenizer, monkeypatch, tmp_path):
     monkeypatch.setenv("CARDHOUSE_CACHE", str(tmp_path))
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
     monkeypatch.setitem(CORPORA, "tiny", Corpus("tiny", "test text", "this test", lambda: text))
-    results = evaluate_perplexities(model, tokenizer, ["tiny"], context=16, max_tokens=200, bos_id=BOS,
-                                    progress=False)
+    lm = from_pretrained_objects(model, tokenizer, name="tiny", bos=True)
+    assert lm.bos_id == BOS
+    results = measurer(lm, Budget(corpora=["tiny"], context=16, max_tokens=200), progress=False)(lm)
     token_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:200])
     expected = perplexity(model, token_ids, context=16, bos_id=BOS, progress=False)
-    assert list(results) == ["tiny"]
-    assert results["tiny"].n_predicted_tokens == 13 * 15  # 200 // 15 windows
-    assert results["tiny"].nll_sum == pytest.approx(expected.nll_sum, rel=1e-6)
+    assert results == {"ppl_tiny": pytest.approx(expected.ppl, rel=1e-6), "tokens_tiny": 13 * 15}  # 200 // 15 windows
     assert len(list((tmp_path / "tokens").iterdir())) == 1
 
 
-def test_evaluate_perplexities_rejects_an_unknown_corpus_first(model, tokenizer):
+def test_the_budget_rejects_an_unknown_corpus_first():
     with pytest.raises(ValueError, match="unknown corpus 'pg19'"):
-        evaluate_perplexities(model, tokenizer, ["c4", "pg19"], context=16, bos_id=BOS)
+        Budget(corpora=["c4", "pg19"], context=16)
 
 
 @pytest.mark.real
@@ -164,10 +165,10 @@ def test_smollm2_perplexities_on_real_text():
     from cardhouse.models import load_model
 
     lm = load_model("smollm2-135m")
-    results = evaluate_perplexities(lm.model, lm.tokenizer, ["wikipedia", "c4", "austen"], context=512,
-                                    max_tokens=1022, bos_id=lm.tokenizer.bos_token_id, progress=False)
+    results = measurer(lm, Budget(corpora=["wikipedia", "c4", "austen"], context=512, max_tokens=1022),
+                       progress=False)(lm)
     # measured on 2026-11-23 (float32, CPU): 2 windows of [BOS] + 511 tokens per corpus
     expected = {"wikipedia": 24.003, "c4": 25.484, "austen": 27.046}
     for name, ppl in expected.items():
-        assert results[name].n_predicted_tokens == 1022
-        assert results[name].ppl == pytest.approx(ppl, rel=2e-3), name
+        assert results[f"tokens_{name}"] == 1022
+        assert results[f"ppl_{name}"] == pytest.approx(ppl, rel=2e-3), name

@@ -25,7 +25,7 @@ def quick(tmp_path_factory):
     # the README's main command, `cardhouse report` (quick by default), only with another output folder
     result = CliRunner().invoke(app, ["report", "--out", str(folder)])
     assert result.exit_code == 0, result.output
-    return folder, json.loads((folder / "results.json").read_text())
+    return folder, json.loads((folder / "results.json").read_text())["results"]
 
 
 def sections(results):

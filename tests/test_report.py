@@ -32,7 +32,7 @@ def report(tiny, tmp_path_factory):
 
 
 def read(folder: Path) -> tuple[dict, str]:
-    return json.loads((folder / "results.json").read_text()), (folder / "report.html").read_text()
+    return json.loads((folder / "results.json").read_text())["results"], (folder / "report.html").read_text()
 
 
 # ---- the numbers and their formatting ----------------------------------------------------------
@@ -66,7 +66,7 @@ def test_layer_ranges():
 
 def test_report_folder_holds_the_page_the_json_and_every_figure(report):
     folder, results = report
-    assert json.loads((folder / "results.json").read_text()) == results
+    assert json.loads((folder / "results.json").read_text())["results"] == results
     assert results["failures"] == []
     assert [m["name"] for m in results["models"]] == [f"tiny-{f}" for f in FAMILIES]
     for model in results["models"]:
@@ -227,7 +227,7 @@ def check_in_browser(folder: Path, name: str) -> None:
     """Render report.html in Chromium, compare the DOM with results.json, keep a screenshot."""
     from cardhouse.reports.browser import render, screenshot
 
-    results = json.loads((folder / "results.json").read_text())
+    results = json.loads((folder / "results.json").read_text())["results"]
     page = render(folder / "report.html")
     assert problems(page, results) == []
     assert page.sections == [s["key"] for s in results["models"][0]["sections"]] + ["run"]
@@ -251,6 +251,7 @@ def test_report_renders_in_chromium(report, chromium):
 
 def test_attention_section_on_request(tiny, tmp_path):
     from cardhouse.reports.report import OPTIONAL_STEPS
+    from cardhouse.results import write_result
 
     steps = [s for s in STEPS if s.key == "model"] + [OPTIONAL_STEPS["attention"]]
     results = build_report([tiny("llama")], tmp_path / "out", Settings.quick(max_tokens=126, context=64,
@@ -271,6 +272,7 @@ def test_macdrop_section_reads_a_finished_comparison(tiny, tmp_path):
     from cardhouse.evaluation.measure import Budget
     from cardhouse.finetuning import FinetuneConfig, MacDropConfig, compare
     from cardhouse.reports.report import OPTIONAL_STEPS
+    from cardhouse.results import write_result
 
     words = ["red", "green", "blue", "cyan", "gold", "pink", "gray", "teal"]
     data = tmp_path / "records.jsonl"
@@ -282,8 +284,8 @@ def test_macdrop_section_reads_a_finished_comparison(tiny, tmp_path):
     rows = compare(lambda: build("llama"), config, drop, methods=("lora",), schedules=("step",),
                    out=tmp_path / "cmp", budget=Budget(corpora=["wikipedia"], max_tokens=126, context=64),
                    progress=False)
-    (tmp_path / "cmp" / "compare.json").write_text(json.dumps(
-        {"model": "tiny-llama", "config": config.to_dict(), "macdrop": drop.to_dict(), "results": rows}))
+    write_result(tmp_path / "cmp" / "compare.json", rows, model={"name": "tiny-llama"},
+                 settings={"config": config.to_dict(), "macdrop": drop.to_dict()})
 
     steps = [s for s in STEPS if s.key == "model"] + [OPTIONAL_STEPS["macdrop"]]
     settings = Settings.quick(max_tokens=126, context=64, extras=("macdrop",), macdrop=str(tmp_path / "cmp"))

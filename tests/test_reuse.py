@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import N_LAYERS, all_params_digest, forward
-from cardhouse.evaluation.reuse import reuse_prefix
+from cardhouse.capture.reuse import reuse_prefix
 from cardhouse.interventions import zero_rows
 
 LAYER = N_LAYERS - 1  # the tiny models have two layers: reuse skips layer 0

@@ -33,6 +33,9 @@ class Criterion:
     def threshold(self, median: float) -> float:
         return max(self.min_abs, self.min_ratio * median)
 
+    def to_dict(self) -> dict:
+        return {"min_abs": self.min_abs, "min_ratio": self.min_ratio}
+
 
 @dataclass
 class _Welford:

@@ -29,7 +29,7 @@ class MassiveWeights:
     k: int
     indices: list[int]  # top-k intermediate indices of the BOS token in that layer
     activations: list[float]  # the intermediate state at those indices
-    expert: int | None  # the expert the BOS token is routed to (Mixture of Experts)
+    expert: int | str | None  # the expert holding them (Mixture of Experts; "shared" for the shared expert)
     gated: bool
     stable_across_prompts: bool  # same top-k at position 0 in every prompt (by construction: see note)
     rows: list[dict]  # per index: gate/up row norms, W_down column norm and its entry at `dim`
@@ -38,6 +38,7 @@ class MassiveWeights:
     intermediate_size: int
     massive: bool = True  # whether position 0 carries a massive activation at all (see MASSIVE_*)
     notes: list[str] = field(default_factory=list)
+    experts: list[dict] = field(default_factory=list)  # MoE: the carrier's experts in `layer` (analysis.moe.carrier_experts)
 
     @property
     def n_weights(self) -> int:
@@ -69,8 +70,7 @@ def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: i
         return {n: keep for n in names}
 
     names = [hook_name(l, p) for l in range(n_layers) for p in _TRACE_POINTS]
-    if not lm.blocks.is_moe:
-        names += [hook_name(l, "mlp.hook_post") for l in range(n_layers)]
+    names += [hook_name(l, "mlp.hook_post") for l in range(n_layers) if not lm.blocks.is_moe_layer(l)]
     run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
     inverse = torch.argsort(torch.tensor(order))
     return {name: torch.cat(parts)[inverse] for name, parts in rows.items()}, float(torch.cat(magnitudes).median())
@@ -117,17 +117,23 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
             notes.append(f"in layer {layer} attention contributes more than the FFN to dimension {dim}")
     blocks.check_layer(layer)
 
-    expert = None
+    expert, experts = None, []
     mlp_in = at(layer, "mlp.hook_in")
-    if blocks.is_moe:
-        expert = int(blocks.router_choice(layer, mlp_in[0]))
+    if blocks.is_moe_layer(layer):
+        from .moe import carrier_experts
+
+        # of the carrier's routed experts (and the shared one), the one that writes the massive dimension most
+        experts = sorted(carrier_experts(lm, layer, mlp_in[0], dim, k), key=lambda e: -sign * e["contribution"])
+        expert = experts[0]["expert"]
         with torch.inference_mode():
             intermediate = torch.stack([blocks.intermediate(layer, x, expert) for x in mlp_in])
-        notes.append(f"Mixture of Experts: the BOS token is routed to expert {expert}, which holds the massive weights")
+        notes.append(f"Mixture of Experts: the BOS token is routed to experts {[e['expert'] for e in experts]}; "
+                     f"expert {expert} writes the most into dimension {dim} and holds the massive weights")
     else:
         intermediate = at(layer, "mlp.hook_post")
     if not blocks.is_gated:
         notes.append("no gated MLP: the massive-weight rows are the rows of fc_in (one matrix, not two)")
+    intermediate = intermediate.float()
     size = intermediate.shape[-1]
     if not 1 <= k <= size:
         raise ValueError(f"k={k} is out of range: layer {layer} has {size} intermediate indices")
@@ -142,7 +148,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         expert=expert, gated=blocks.is_gated, stable_across_prompts=stable, rows=rows,
         super_weight={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
                       "matrix": "W_down"},
-        trace=trace, intermediate_size=size, massive=massive, notes=notes)
+        trace=trace, intermediate_size=size, massive=massive, notes=notes, experts=experts)
 
 
 def _describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:

@@ -113,8 +113,7 @@ def trace_bos(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int =
     notes = list(mw.notes)
     n_layers = len(blocks)
     points = [hook_name(l, p) for l in range(n_layers) for p in STATES.values()]
-    if not blocks.is_moe:
-        points += [hook_name(l, "mlp.hook_post") for l in range(n_layers)]
+    points += [hook_name(l, "mlp.hook_post") for l in range(n_layers) if not blocks.is_moe_layer(l)]
     ids = tokenize_prompts(lm, prompts)[0]
     with torch.inference_mode(), record(lm.model, points) as store:
         lm.model.base_model(input_ids=torch.tensor([ids]), use_cache=False)
@@ -125,9 +124,9 @@ def trace_bos(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int =
         states.append({"layer": l, **{label: _describe(v, mw.dim, top) for label, v in x.items()}})
     intermediate = []
     if blocks.is_moe:
-        notes.append("Mixture of Experts: the intermediate states per layer are not traced (see massive_weights)")
-    else:
-        for l in range(n_layers):
+        notes.append("Mixture of Experts: the intermediate states of MoE layers are not traced (see massive_weights)")
+    for l in range(n_layers):
+        if not blocks.is_moe_layer(l):
             post = store[hook_name(l, "mlp.hook_post")][0, 0].float()
             values, indices = post.abs().topk(k)
             intermediate.append({"layer": l, "indices": indices.tolist(), "values": [float(post[i]) for i in indices]})

@@ -3,3 +3,4 @@ from .stats import LayerStats, StreamingStats
 from .batches import PromptBatch, batches
 from .run import run_batches, run_inputs, tokenize_prompts
 from .inputs import Inputs, PromptInputs
+from .reuse import PrefixCache, reuse_prefix

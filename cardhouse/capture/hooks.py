@@ -59,7 +59,7 @@ def _module(blocks: Blocks, layer: int, part: str) -> nn.Module:
     if part == "block":
         return blocks.layers[blocks.check_layer(layer)]
     if part == "down":
-        if blocks.is_moe:
+        if blocks.is_moe_layer(layer):
             raise ValueError("mlp.hook_post does not exist for Mixture-of-Experts layers (experts are 3-D "
                              "tensors); use Blocks.intermediate(layer, mlp_input, expert) instead")
         return blocks.mlp_part(layer, "down")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
-                     parse_int_list, writable_folder, write_json)
+                     parse_int_list, writable_folder)
 
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
 TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
@@ -27,28 +27,32 @@ def _budget(corpus, max_tokens, context, tasks, limit):
 def _results_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
-    metrics = [k for k in rows[0] if k.startswith(("ppl_", "acc_"))]
+    from ..evaluation.metrics import metric_keys, metric_of
+
+    metrics = metric_keys(rows[0])
     t = Table(title=title)
     t.add_column("variant")
     for m in metrics:
         t.add_column(m, justify="right")
     for row in rows:
-        t.add_row(row["variant"], *(f"{row[m]:,.2f}" if m.startswith("ppl") else f"{row[m]:.3f}" for m in metrics))
+        t.add_row(row["variant"], *(metric_of(m).format(row[m]) for m in metrics))
     console.print(t)
 
 
-def _measure(lm, variants, budget, json_path: Path | None, title: str, **header) -> None:
+def _measure(lm, variants, budget, json_path: Path | None, title: str, settings: dict | None = None,
+             **extra) -> None:
     """Measure the variants, print the table; the JSON is rewritten after every variant so that an
     interrupted run keeps what it measured (``"complete": false``)."""
     from ..evaluation.measure import measurer
     from ..interventions import run_variants
+    from ..results import write_result
 
     done: list[dict] = []
 
     def save(complete: bool) -> None:
         if json_path:
-            write_json({"model": lm.describe(), "budget": budget.to_dict(), **header, "results": done,
-                        "complete": complete}, json_path)
+            write_result(json_path, done, model=lm.describe(), settings={"budget": budget.to_dict(), **(settings or {})},
+                         complete=complete, **extra)
 
     rows = run_variants(lm, variants, measurer(lm, budget), on_result=lambda row: (done.append(row), save(False)))
     save(True)
@@ -58,7 +62,9 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, **header)
 
 
 @app.command("attack")
-def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, super-weight, or 'all' for the papers' table"),
+def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
+                                                    "their controls random-zero, random-retain, random-weight), or "
+                                                    "'all' for every attack and the activation interventions"),
                model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
                layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
@@ -69,24 +75,28 @@ def attack_cmd(kind: str = typer.Argument(..., help="topk-zero, topk-retain, sup
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
     from ..analysis import find_massive_weights
     from ..analysis import scan as run_scan
-    from ..interventions import CONTROL, attack, intervention, original
+    from ..interventions import ATTACKS, attack, get_attack, intervention, original
 
     with clear_errors():
         check_writable_file(json_path)
-        if kind != "all" and kind not in CONTROL:
-            raise ValueError(f"unknown attack {kind!r}; known: {', '.join(CONTROL)}, all")
+        if kind != "all":
+            try:
+                get_attack(kind)
+            except ValueError as e:
+                raise ValueError(f"{e}, all") from None
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
         chosen = parse_int_list(indices, "--indices")
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
-        kinds = ["topk-zero", "topk-retain", "random-zero", "super-weight"] if kind == "all" else [kind, CONTROL[kind]]
+        kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
             result = run_scan(lm, progress=False)
             variants += [intervention(lm, result, "set-zero"), intervention(lm, result, "set-mean")]
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}",
+                 settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed},
                  massive_weights=mw.to_dict())
 
 
@@ -112,7 +122,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
         _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
-                 scan=result.to_dict())
+                 settings={"intervention": kind, "every_layer": every_layer, "prompts": prompts}, scan=result.to_dict())
 
 
 @app.command("sweep")
@@ -125,19 +135,22 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
     from ..evaluation.measure import measurer
-    from ..interventions.sweep import sweep, sweep_table
+    from ..evaluation.metrics import curve_metrics
+    from ..interventions.sweep import resumable_sweep, sweep_table
     from ..reports import plot_sweep
+    from ..results import write_result
 
     with clear_errors():
         folder = writable_folder(out)
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
-        rows = sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl", ks=parse_int_list(ks, "--ks"),
-                     layer=layer, seed=seed)
-        metrics = [m for m in rows[0] if m.startswith("ppl_") or m == "acc_mean"]
-        curves = {m: sweep_table(rows, m) for m in metrics}
+        rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",
+                               ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed)
+        curves = {m: sweep_table(rows, m) for m in curve_metrics(rows[0])}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
-        write_json({"model": lm.describe(), "budget": budget.to_dict(), "results": rows}, folder / "sweep.json")
+        write_result(folder / "sweep.json", rows, model=lm.describe(),
+                     settings={"budget": budget.to_dict(), "ks": parse_int_list(ks, "--ks"), "layer": layer, "seed": seed},
+                     plots={"sweep": str(png)})
         with (folder / "sweep.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
             writer.writeheader()

@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .._files import write_json  # noqa: F401  (the commands import it from here)
 from .._install import InstallError
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import app, clear_errors, console, err, writable_folder, write_json
+from .common import app, clear_errors, console, err, writable_folder
 
 
 def _fmt(value: float) -> str:
@@ -89,11 +88,9 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
             err.print(f"[yellow]interrupted:[/yellow] run the same command again to resume from the last "
                       f"checkpoint in {out}")
             raise typer.Exit(130)
-        results["command"] = " ".join(["cardhouse"] + sys.argv[1:])
-        write_json(results, out / "emergence.json")
-        console.print(final_table(results))
-        for v, s in results["final"]["summary"].items():
-            r = results["runs"][v]
+        console.print(final_table(results["results"]))
+        for v, s in results["results"]["final"]["summary"].items():
+            r = results["results"]["runs"][v]
             speed = f"{r['tokens_per_second']:,.0f} tokens/s" if r["tokens_per_second"] else "no step trained"
             console.print(f"{v}: {r['parameters']:,} parameters, step {s['step']} ({r['tokens_seen']:,} tokens), "
                           f"held-out loss {s['val_loss']:.3f} (best {s['best_val_loss']:.3f}), largest |a| "

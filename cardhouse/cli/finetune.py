@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder,
-                     write_json)
+from .common import BosOpt, ModelOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
@@ -70,7 +69,9 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                  task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, bos: Optional[bool] = BosOpt,
                  out: Path = typer.Option(Path("cardhouse-out/finetune"), "--out", "-o")):
     """Fine-tune with a LoRA/DoRA adapter (MacDrop on by default), then measure it original vs top-3 zeroed."""
+    from ..evaluation.metrics import metric_keys, metric_of
     from ..finetuning import FinetuneConfig, MacDropConfig, finetune, load_records, robustness
+    from ..results import write_result
     from ..finetuning.macdrop import detect_massive_rows
 
     with clear_errors():
@@ -99,9 +100,11 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                       f"{result.val_loss:.4f}")
         for row in table:
             console.print(f"  {row['variant']:>14s}: " + ", ".join(
-                f"{m} {v:,.4g}" for m, v in row.items() if m == "val_loss" or m.startswith(("ppl_", "acc_"))))
-        write_json({"model": lm.describe(), "finetune": result.to_dict(), "layer": drop.layer,
-                    "massive_rows": drop.rows, "robustness": table}, out / "results.json")
+                f"{m} {metric_of(m).format(row[m])}" for m in metric_keys(row)))
+        write_result(out / "results.json", {"finetune": result.to_dict(), "robustness": table}, model=lm.describe(),
+                     settings={"config": config.to_dict(), "macdrop": drop.to_dict() if macdrop else None,
+                               "layer": drop.layer, "massive_rows": drop.rows,
+                               "budget": budget.to_dict() if budget else None})
         console.print(f"wrote {out / 'adapter'} (PEFT format), {out / 'finetune.json'}, {out / 'results.json'}")
 
 
@@ -129,6 +132,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
     from ..finetuning.macdrop import SCHEDULES
     from ..finetuning.report import comparison_table, plot_comparison
     from ..finetuning.train import METHODS
+    from ..results import write_result
 
     with clear_errors():
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -148,8 +152,15 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         folder = writable_folder(out)
         load_records(data)
         start = time.perf_counter()
+        described = []
+
+        def fresh():  # a new base model for every run; the first one describes the model in compare.json
+            lm = load(model, bos)
+            described.append(lm.describe())
+            return lm
+
         try:
-            results = compare(lambda: load(model, bos), config, drop, methods=tuple(method_list),
+            results = compare(fresh, config, drop, methods=tuple(method_list),
                               schedules=tuple(schedule_list), out=folder, budget=budget)
         except KeyboardInterrupt:
             _interrupted(folder)
@@ -157,7 +168,8 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         title = f"{model}: original vs top-3 zeroing of the massive rows {results[0]['attacked_rows']}"
         console.print(comparison_table(results, title))
         png = plot_comparison(results, folder / "compare.png", title)
-        write_json({"model": model, "config": config.to_dict(), "macdrop": drop.to_dict(),
-                    "budget": budget.to_dict() if budget else None, "seconds": seconds, "results": results},
-                   folder / "compare.json")
+        write_result(folder / "compare.json", results, model=described[0],
+                     settings={"config": config.to_dict(), "macdrop": drop.to_dict(), "methods": method_list,
+                               "schedules": schedule_list, "budget": budget.to_dict() if budget else None},
+                     seconds=seconds)
         console.print(f"wrote {folder / 'compare.json'}, {png} ({seconds / 60:.1f} min)")

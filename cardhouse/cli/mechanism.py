@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder, write_json
-
-
-def _command() -> str:
-    return " ".join(["cardhouse"] + sys.argv[1:])
+from ..results import write_result
+from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder
 
 
 def _fmt(x) -> str:
@@ -85,11 +81,14 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
                  "attention_map": str(plot_attention_map(amap, out / "attention_map.png",
                                                          f"{lm.name}: layer {map_layer}, head {map_head}, "
                                                          f"prompt {prompt_index}"))}
-        write_json({"attention": result.to_dict(),
-                    "map": {"layer": map_layer, "head": map_head, "prompt_index": prompt_index, "tokens": amap.tokens,
-                            "logits": None if amap.logits is None else amap.logits.nan_to_num(float("-inf")).tolist(),
-                            "probs": amap.probs.tolist()},
-                    "plots": plots, "command": _command()}, out / "attention.json")
+        write_result(out / "attention.json", {
+            "attention": result.to_dict(),
+            "map": {"layer": map_layer, "head": map_head, "prompt_index": prompt_index, "tokens": amap.tokens,
+                    "logits": None if amap.logits is None else amap.logits.nan_to_num(float("-inf")).tolist(),
+                    "probs": amap.probs.tolist()}},
+            model=lm.describe(), settings={"prompts": prompts, "limit": limit, "criterion": criterion.to_dict(),
+                                           "threshold": threshold, "attn_implementation": attn_implementation},
+            plots=plots)
         console.print(f"wrote {out / 'attention.json'}, {', '.join(plots.values())}")
 
 
@@ -126,8 +125,9 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
                       style="bold" if row["layer"] == l else None)
         console.print(t)
         plot = plot_trace(result, out / "trace.png")
-        write_json({"trace": result.to_dict(), "plots": {"trace": str(plot)}, "command": _command()},
-                   out / "trace.json")
+        write_result(out / "trace.json", {"trace": result.to_dict()}, model=lm.describe(),
+                     settings={"prompts": prompts, "k": k, "layer": layer, "top": top, "n_prompts": n_prompts},
+                     plots={"trace": str(plot)})
         console.print(f"wrote {out / 'trace.json'}, {plot}")
 
 
@@ -154,6 +154,6 @@ def position(model: str = ModelOpt,
                       "-" if bos_value is None else f"{bos_value:,.1f}", f"{s['second_largest']:,.1f}")
         console.print(t)
         plot = plot_position(study, out / "position.png")
-        write_json({"position": study.to_dict(), "plots": {"position": str(plot)}, "command": _command()},
-                   out / "position.json")
+        write_result(out / "position.json", {"position": study.to_dict()}, model=lm.describe(),
+                     settings={"prompt": text}, plots={"position": str(plot)})
         console.print(f"wrote {out / 'position.json'}, {plot}")

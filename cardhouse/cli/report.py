@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..models.loading import DEFAULT_MODEL
+from ..results import command_line
 from .common import BosOpt, PromptsOpt, app, clear_errors, console, err
 
 
@@ -68,8 +67,7 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
             except ValueError:
                 raise ValueError(f"--ks must be comma-separated integers, got {ks!r}") from None
         settings = (Settings.quick if quick else Settings.full)(**overrides)
-        command = shlex.join(["cardhouse", *sys.argv[1:]])
-        results = build_report(model, out, settings, overwrite=overwrite, command=command)
+        results = build_report(model, out, settings, overwrite=overwrite, command=command_line())
         console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and the PNG plots")
         if results["failures"]:
             for f in results["failures"]:

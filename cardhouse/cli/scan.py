@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, err, load,
-                     writable_folder, write_json)
+                     writable_folder)
 
 
 @app.command()
@@ -27,6 +26,7 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
     from ..analysis import Criterion, find_massive_weights, load_prompts
     from ..analysis import scan as run_scan
     from ..reports import plot_bos_trace, plot_top_magnitudes, scan_tables, weights_table
+    from ..results import write_result
 
     with clear_errors():
         criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
@@ -51,8 +51,10 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
         if weights is not None:
             plots["bos_trace"] = str(plot_bos_trace(weights.trace, weights.dim, weights.layer, out / "bos_trace.png",
                                                     lm.name))
-        write_json({"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
-                    "plots": plots, "command": " ".join(["cardhouse"] + sys.argv[1:])}, json_path)
+        write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None},
+                     model=lm.describe(), settings={"prompts": prompts, "limit": limit, "criterion": criterion.to_dict(),
+                                                    "k": k, "layer": layer, "batch_size": batch_size},
+                     plots=plots)
         console.print(f"wrote {json_path}, {', '.join(plots.values())}")
 
 

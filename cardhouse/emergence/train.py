@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._files import write_atomically, write_json
+from .._files import write_atomically
+from ..results import write_result
 from ..analysis.massive_activations import Criterion, ScanResult, scan
 from ..models.loading import from_pretrained_objects
 from .model import GPT, GPTConfig
@@ -432,9 +433,8 @@ def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = DEF
         plots[f"final_{v}"] = str(plot_top_magnitudes(final, out / f"final_{v}.png",
                                                       f"{v} variant after {r['step']} steps: top |a| per layer"))
     epochs = max(r["tokens_seen"] for r in runs.values()) / len(data.train)
-    results = {"config": _config_dict(config),
-               "data": {"train_tokens": len(data.train), "val_tokens": len(data.val), "baselines": baselines,
+    results = {"data": {"train_tokens": len(data.train), "val_tokens": len(data.val), "baselines": baselines,
                         "corpora": data.corpora, "epochs": epochs},
-               "runs": runs, "final": side_by_side(runs), "plots": plots}
-    write_json(results, out / "emergence.json")
-    return results
+               "runs": runs, "final": side_by_side(runs)}
+    return write_result(out / "emergence.json", results, settings={"config": _config_dict(config),
+                                                                   "variants": list(variants)}, plots=plots)

@@ -1,4 +1,4 @@
-"""One measurement function for every variant: perplexities and, optionally, zero-shot accuracy.
+"""One measurement function for every variant: the registered metrics (``metrics.py``) a budget asks for.
 
 The corpora are tokenized once, so each variant is evaluated on exactly the same tokens.
 """
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..models.loading import LoadedModel
-from .corpora import get_corpus, tokenize_corpus
-from .perplexity import perplexity
+from .corpora import get_corpus
+from .metrics import METRICS
 
 
 @dataclass
@@ -39,21 +39,14 @@ class Budget:
 
 
 def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable[[LoadedModel], dict]:
-    tokens = {name: tokenize_corpus(lm.tokenizer, name, budget.max_tokens) for name in budget.corpora}
+    """One function ``lm -> {key: value}`` measuring every registered metric the budget asks for, on the
+    same prepared inputs (corpus tokens) for every call."""
+    parts = [m for spec in METRICS.values() if spec.measure for m in [spec.measure(lm, budget, progress)] if m]
 
     def measure(lm: LoadedModel) -> dict:
-        out = {}
-        for name, ids in tokens.items():
-            result = perplexity(lm.model, ids, context=budget.context, bos_id=lm.bos_id,
-                                batch_size=budget.batch_size, progress=progress)
-            out[f"ppl_{name}"] = result.ppl
-            out[f"tokens_{name}"] = result.n_predicted_tokens
-        if budget.tasks:
-            from .zeroshot import zero_shot
-
-            scores = zero_shot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit)
-            out.update({f"acc_{t}": scores[t]["acc"] for t in budget.tasks})
-            out["acc_mean"] = scores["mean_acc"]
+        out: dict = {}
+        for part in parts:
+            out.update(part(lm))
         return out
 
     return measure

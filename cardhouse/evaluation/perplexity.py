@@ -108,18 +108,3 @@ def perplexity(model, token_ids: torch.Tensor, *, context: int = 512, bos_id: in
     return PerplexityResult(ppl=_perplexity_from_nll(nll_sum, n_predicted), nll_sum=nll_sum,
                             n_predicted_tokens=n_predicted, n_windows=windows.shape[0], context=context)
 
-
-def evaluate_perplexities(model, tokenizer, corpora: list[str], *, context: int = 512,
-                          max_tokens: int | None = None, bos_id: int | None,
-                          batch_size: int = 4, progress: bool = True) -> dict[str, PerplexityResult]:
-    """Perplexity on each named corpus, from the cached token ids (see ``tokenize_corpus``)."""
-    from .corpora import get_corpus, tokenize_corpus
-
-    for name in corpora:
-        get_corpus(name)  # an unknown name fails before any model time is spent
-    results = {}
-    for name in corpora:
-        token_ids = tokenize_corpus(tokenizer, name, max_tokens=max_tokens)
-        results[name] = perplexity(model, token_ids, context=context, bos_id=bos_id,
-                                   batch_size=batch_size, progress=progress)
-    return results

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluation.metrics import metric_keys, metric_of
 
 VARIANTS = {"": "original", "_attacked": "top-3 zeroed", "_attacked_merged": "top-3 zeroed (merged)"}
 
 
+def suffix_of(row: dict) -> str:
+    """The key suffix of a ``train.robustness`` row's metrics in a comparison row, from its variant's fields."""
+    if row["kind"] == "original":
+        return ""
+    return "_attacked" + ("_merged" if row.get("on") == "merged" else "")
+
+
 def metrics_of(rows: list[dict]) -> list[str]:
-    """Metrics measured original and attacked: val_loss, ppl_<corpus>, acc_<task>."""
-    return [key for key in rows[0] if f"{key}_attacked" in rows[0]]
+    """Registered metrics measured original and attacked: val_loss, ppl_<corpus>, acc_<task>."""
+    return [key for key in metric_keys(rows[0]) if f"{key}_attacked" in rows[0]]
 
 
 def variants_of(rows: list[dict], metric: str) -> list[str]:
@@ -33,7 +41,7 @@ def comparison_table(rows: list[dict], title: str):
     for row in rows:
         cells = []
         for metric in metrics_of(rows):
-            cells += [f"{row[metric + suffix]:,.3f}" for suffix in variants_of(rows, metric)]
+            cells += [metric_of(metric).format(row[metric + suffix]) for suffix in variants_of(rows, metric)]
         table.add_row(row["run"], str(row["steps"]), *cells)
     return table
 
@@ -52,8 +60,9 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
             ax.bar(x + (i - (len(suffixes) - 1) / 2) * width, [r[metric + suffix] for r in rows], width,
                    label=VARIANTS[suffix])
         ax.set_xticks(x, [r["run"] for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title(metric)
-        if metric.startswith("ppl"):
+        spec = metric_of(metric)
+        ax.set_title(spec.label(metric))
+        if spec.log_scale:
             ax.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.9))

@@ -13,7 +13,6 @@ MacDrop writes the original rows back after every step.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -22,12 +21,14 @@ from typing import Callable
 
 import torch
 
-from .._files import write_json
+from ..results import read_result, write_result
 from ..evaluation.measure import Budget, measurer
+from ..evaluation.metrics import metric_keys
 from ..interventions import Variant, original, run_variants, zero_rows
 from ..models.loading import LoadedModel
 from .data import DEFAULT_DATA, collator, load_records, split_records, tokenize_records
 from .macdrop import MacDrop, MacDropConfig, detect_massive_rows
+from .report import suffix_of
 
 METHODS = ("lora", "dora")
 ATTACK_K = 3  # House of Cards Table 4: top-3 zeroing
@@ -150,7 +151,10 @@ def finetune(lm: LoadedModel, config: FinetuneConfig | None = None, macdrop: Mac
                             val_loss_before=before, val_loss=after, steps=trainer.state.global_step,
                             seconds=seconds, n_train=len(train), n_val=len(val),
                             log_history=trainer.state.log_history, trainer=trainer)
-    write_json(result.to_dict(), out / "finetune.json")
+    saved = result.to_dict()
+    write_result(out / "finetune.json", saved, model=lm.describe(),
+                 settings={"config": saved.pop("config"), "macdrop": macdrop.to_dict() if macdrop else None,
+                           "resume": resume})
     return result
 
 
@@ -176,18 +180,19 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
     def measure_with(evaluator):
         return lambda lm: {"val_loss": evaluator.evaluate()["eval_loss"], **ppl(lm)}
 
-    def zeroed(target: LoadedModel, name: str) -> Variant:
-        return Variant(name, f"zero W_up/W_gate rows {rows} of layer {layer}",
-                       lambda: zero_rows(target, layer, rows, expert=expert))
+    def zeroed(target: LoadedModel, on: str | None = None) -> Variant:
+        return Variant("topk-zero", f"zero W_up/W_gate rows {rows} of layer {layer}",
+                       lambda: zero_rows(target, layer, rows, expert=expert), layer, k=len(rows), expert=expert,
+                       indices=tuple(rows), on=on)
 
-    table = run_variants(lm, [original(), zeroed(lm, f"topk-zero k={len(rows)}")], measure_with(trainer))
+    table = run_variants(lm, [original(), zeroed(lm)], measure_with(trainer))
     if not hasattr(trainer.model, "merge_and_unload"):  # no adapter: the rows zeroed were the model's own
         return table
     merged = copy.deepcopy(trainer.model).merge_and_unload()  # the adapter's copy; lm keeps its own
     merged_lm = from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} merged", bos=lm.bos)
     evaluator = Trainer(model=merged, args=trainer.args, eval_dataset=trainer.eval_dataset,
                         data_collator=trainer.data_collator)
-    table += run_variants(merged_lm, [zeroed(merged_lm, f"topk-zero k={len(rows)} merged")], measure_with(evaluator))
+    table += run_variants(merged_lm, [zeroed(merged_lm, "merged")], measure_with(evaluator))
     return table
 
 
@@ -219,7 +224,7 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         folder = out / name
         done = folder / "result.json"
         if done.exists():
-            results.append(json.loads(done.read_text()))
+            results.append(read_result(done)["results"])
             continue
         lm = first if first is not None else load()
         first = None
@@ -231,10 +236,11 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         row = {"run": name, "method": method, "macdrop": schedule is not None, "schedule": schedule,
                "steps": result.steps, "train_seconds": round(result.seconds, 1),
                "val_loss_before": result.val_loss_before}
-        for variant, suffix in zip(table, ("", "_attacked", "_attacked_merged")):
-            row.update({f"{key}{suffix}": value for key, value in variant.items()
-                        if key not in ("variant", "description") and not key.startswith("tokens_")})
+        for variant in table:
+            row.update({f"{key}{suffix_of(variant)}": variant[key] for key in metric_keys(variant)})
         row["attacked_rows"] = rows[:ATTACK_K]
-        write_json(row, done)
+        write_result(done, row, model=lm.describe(), settings={"config": replace(config, method=method).to_dict(),
+                                                               "macdrop": run_config.to_dict() if run_config else None,
+                                                               "budget": budget.to_dict() if budget else None})
         results.append(row)
     return results

@@ -1,4 +1,5 @@
 from .activations import massive_means, set_activations
-from .variants import ATTACKS, CONTROL, INTERVENTIONS, Variant, attack, intervention, original, run_variants
+from .variants import (ATTACKS, INTERVENTIONS, AttackSpec, Edit, Target, Variant, attack, control_of, get_attack,
+                       intervention, original, register_attack, run_variants, sweep_attacks)
 from .weights import (check_indices, overwrite_slices, random_indices, retain_rows, touched_tensors,
                       weights_digest, zero_rows, zero_super_weight)

@@ -1,19 +1,22 @@
-"""House of Cards Fig. 4: the model's quality as k grows, for top-k zeroing and top-k retaining,
-each with its random control. Rows are appended to a JSONL file as they are produced, so an
-interrupted sweep resumes where it stopped.
+"""House of Cards Fig. 4: the model's quality as k grows, for every registered attack that takes k
+(top-k zeroing and retaining), each with its random control.
+
+``sweep`` is pure: it measures the variants and returns the rows. Resuming is an optional sink:
+a ``RowLog`` appends each row to a JSONL file as it is produced, and a sweep given one skips
+the variants already in it, so an interrupted sweep goes on where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
+
+from tqdm.auto import tqdm
 
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
 from ..models.loading import LoadedModel
-from .variants import attack, original, run_variants
-
-KINDS = ("topk-zero", "random-zero", "topk-retain", "random-retain")
+from .variants import Variant, attack, original, run_variants, sweep_attacks
 
 
 def default_ks(size: int) -> list[int]:
@@ -25,58 +28,85 @@ def default_ks(size: int) -> list[int]:
     return sorted(set(ks + [size]))
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by an interruption: that variant is redone
-            break
-    return rows
-
-
-def sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *, ks: list[int] | None = None,
-          layer: int | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
-    size = lm.blocks.intermediate_size(layer if layer is not None else 0)
-    mw: MassiveWeights = find_massive_weights(lm, layer=layer, k=size)  # every index, ranked
-    ks = ks if ks is not None else default_ks(size)
+def sweep_variants(lm: LoadedModel, mw: MassiveWeights, ks: list[int], seed: int = 0) -> list[Variant]:
+    """The original model, then every k-taking attack (and its control) at each k."""
+    size = lm.blocks.intermediate_size(mw.layer)
     bad = [k for k in ks if not 0 <= k <= size]
     if bad:
         raise ValueError(f"k values out of range 0..{size}: {bad}")
-    kept = read_rows(path)
-    if path.exists():  # drop a line cut by an interruption before appending to the file
-        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return [original()] + [attack(lm, mw, kind, k=k, seed=seed) for k in ks for kind in sweep_attacks()]
+
+
+class Sink(Protocol):
+    def rows(self) -> list[dict]: ...
+    def append(self, row: dict) -> None: ...
+
+
+def sweep(lm: LoadedModel, massive_weights: MassiveWeights, measure: Callable[[LoadedModel], dict],
+          ks: list[int] | None = None, *, seed: int = 0, sink: Sink | None = None, progress: bool = True) -> list[dict]:
+    """Measure the sweep's variants; with a ``sink``, skip those it holds and give it each new row.
+
+    ``massive_weights`` must rank enough indices for the largest k (``find_massive_weights(lm,
+    k=size)`` ranks them all). Returns every row, the sink's earlier ones first.
+    """
+    ks = ks if ks is not None else default_ks(massive_weights.intermediate_size)
+    kept = sink.rows() if sink is not None else []
     done = {row["variant"] for row in kept}
-    todo = [] if "original" in done else [original()]
-    for k in ks:
-        for kind in KINDS:
-            variant = attack(lm, mw, kind, k=k, seed=seed)
-            if variant.name not in done:
-                todo.append(variant)
-    with path.open("a") as out:
-        def append(row):
-            out.write(json.dumps({**row, "layer": mw.layer}) + "\n")
-            out.flush()
+    todo = [v for v in sweep_variants(lm, massive_weights, ks, seed) if v.name not in done]
+    new: list[dict] = []
+    with tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress) as bar:
+        def on_result(row: dict) -> None:
+            new.append(row)
+            if sink is not None:
+                sink.append(row)
+            bar.update()
 
-        from tqdm.auto import tqdm
+        run_variants(lm, todo, measure, on_result=on_result)
+    return kept + new
 
-        bar = tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress)
-        run_variants(lm, todo, measure, on_result=lambda row: (append(row), bar.update()))
-        bar.close()
-    return read_rows(path)
+
+class RowLog:
+    """Rows as JSON lines in a file, each flushed as it is appended (the sweep's resume sink)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        kept = self.rows()
+        if self.path.exists():  # drop a line cut by an interruption before appending to the file
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: that variant is redone
+                break
+        return rows
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+
+def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
+                    ks: list[int] | None = None, layer: int | None = None, seed: int = 0,
+                    progress: bool = True) -> list[dict]:
+    """The CLI's sweep: search every index of the layer, then sweep with ``path`` (JSONL) as the resume sink."""
+    size = lm.blocks.intermediate_size(layer if layer is not None else 0)
+    mw = find_massive_weights(lm, layer=layer, k=size)  # every index, ranked
+    return sweep(lm, mw, measure, ks, seed=seed, sink=RowLog(path), progress=progress)
 
 
 def sweep_table(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """kind -> [(k, metric)], with the original model as k = 0 of every curve."""
-    curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in KINDS}
-    base = next((r for r in rows if r["variant"] == "original"), None)
+    """attack -> [(k, metric)] for every k-taking attack, with the original model as k = 0 of every curve."""
+    kinds = sweep_attacks()
+    curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
+    base = next((r for r in rows if r["kind"] == "original"), None)
     for row in rows:
-        if row["variant"] == "original":
-            continue
-        kind, k = row["variant"].split(" k=")
-        curves[kind].append((int(k), row[metric]))
+        if row["kind"] in curves:
+            curves[row["kind"]].append((row["k"], row[metric]))
     for kind in curves:
         if base is not None and not any(k == 0 for k, _ in curves[kind]):
             curves[kind].append((0, base[metric]))

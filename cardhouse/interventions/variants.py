@@ -1,42 +1,178 @@
-"""The papers' model variants, each a named context manager, and a runner that measures them.
+"""The papers' model variants as typed values, the attack registry that builds them, and a runner.
 
-A variant edits the model on entry and restores it bit-identically on exit, so one loaded
-model serves every row of a results table. ``run_variants`` checks that with a digest of
-every parameter after each variant.
+A ``Variant`` edits the model on entry (``apply()`` is a context manager) and restores it
+bit-identically on exit, so one loaded model serves every row of a results table. What it is
+travels as fields (kind, k, layer, expert, indices, control_of, seed), never re-parsed from its
+name. ``run_variants`` measures each one and checks with a digest of every parameter after them.
+
+Every weight attack is one ``AttackSpec`` in ``ATTACKS`` (registered with ``register_attack``):
+the CLI's ``attack all``, the sweep, the report's tables and the plots read the registry, so
+adding an attack is one entry.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable
-
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Iterable, NamedTuple
 
 from ..analysis.massive_activations import ScanResult
 from ..analysis.massive_weights import MassiveWeights
+from ..capture.reuse import reuse_prefix
 from ..models.loading import LoadedModel
 from .activations import massive_means, set_activations
 from .weights import check_indices, random_indices, retain_rows, weights_digest, zero_rows, zero_super_weight
 
-ATTACKS = ("topk-zero", "topk-retain", "random-zero", "random-retain", "super-weight", "random-weight")
 INTERVENTIONS = ("set-zero", "set-mean")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Variant:
-    name: str
+    """One edit of the model. ``name`` ("topk-zero k=2", "super-weight", "original") labels rows;
+    the fields say what it is."""
+
+    kind: str  # "original", a registered attack, an intervention, or a caller's own kind
     description: str
-    apply: Callable[[], ContextManager]
-    first_layer: int | None = None  # the first layer whose computation it changes (None: none)
+    apply: Callable[[], ContextManager] = field(compare=False, repr=False)
+    layer: int | None = None  # the first layer whose computation it changes (None: none)
+    k: int | None = None  # rows attacked, for attacks that take k
+    expert: int | None = None
+    indices: tuple[int, ...] | None = None  # the rows (or W_down column) it edits
+    control_of: str | None = None  # the attack this variant is the random control of
+    seed: int | None = None
+    on: str | None = None  # which copy of the model it edits when not the loaded one (e.g. "merged")
+
+    @property
+    def name(self) -> str:
+        name = self.kind if self.k is None else f"{self.kind} k={self.k}"
+        return name if self.on is None else f"{name} {self.on}"
+
+    @property
+    def first_layer(self) -> int | None:
+        return self.layer
+
+    def to_dict(self) -> dict:
+        """The row fields a results table carries for this variant (``apply`` left out)."""
+        row = {"variant": self.name, "kind": self.kind, "k": self.k, "layer": self.layer, "expert": self.expert,
+               "indices": list(self.indices) if self.indices is not None else None, "control_of": self.control_of,
+               "seed": self.seed, "description": self.description}
+        return row if self.on is None else {**row, "on": self.on}
 
 
 def original() -> Variant:
     return Variant("original", "unedited model", nullcontext)
 
 
+# ---- the attack registry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an attack edit is built from: the layer, the rows ranked by activation, and the seeded controls."""
+
+    lm: LoadedModel
+    layer: int
+    expert: int | None
+    k: int
+    top: list[int]  # the attacked rows (top-k, or the user's indices)
+    random: list[int]  # k seeded random rows avoiding ``top`` while there are enough others
+    super_weight: tuple[int, int]  # (row, column) of W_down
+    random_column: int  # a seeded random W_down column other than the super weight's
+
+
+class Edit(NamedTuple):
+    description: str
+    apply: Callable[[], ContextManager]
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One weight attack: its name, what it does, its random control, and how to build the edit."""
+
+    name: str
+    description: str
+    edit: Callable[[Target], Edit]
+    control: str | None = None  # the registered attack that is this one's random control
+    takes_k: bool = True  # attacks k rows (swept over k; named "NAME k=K")
+    style: str = "o-"  # matplotlib line style in the sweep plot
+
+
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    ATTACKS[spec.name] = spec
+    return spec
+
+
+def get_attack(name: str) -> AttackSpec:
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def control_of(name: str) -> str | None:
+    """The attack whose random control ``name`` is (None if it is no attack's control)."""
+    return next((spec.name for spec in ATTACKS.values() if spec.control == name), None)
+
+
+def sweep_attacks() -> list[str]:
+    """The attacks that take k, in registry order (each followed by its control): the sweep's curves."""
+    return [name for name, spec in ATTACKS.items() if spec.takes_k]
+
+
+def _zero(rows: Callable[[Target], list[int]], what: str) -> Callable[[Target], Edit]:
+    def edit(t: Target) -> Edit:
+        chosen = rows(t)
+        return Edit(f"{what}zero W_up/W_gate rows {chosen} of layer {t.layer}",
+                    lambda: zero_rows(t.lm, t.layer, chosen, expert=t.expert), chosen)
+    return edit
+
+
+def _retain(rows: Callable[[Target], list[int]], what: str) -> Callable[[Target], Edit]:
+    def edit(t: Target) -> Edit:
+        chosen = rows(t)
+        return Edit(f"{what}keep only rows {chosen} of layer {t.layer}'s W_up/W_gate",
+                    lambda: retain_rows(t.lm, t.layer, chosen, expert=t.expert), chosen)
+    return edit
+
+
+def _down_entry(column: Callable[[Target], int], what: str) -> Callable[[Target], Edit]:
+    def edit(t: Target) -> Edit:
+        row, col = t.super_weight[0], column(t)
+        return Edit(f"{what}zero W_down[{row}, {col}] of layer {t.layer}",
+                    lambda: zero_super_weight(t.lm, t.layer, row, col, expert=t.expert), [col])
+    return edit
+
+
+def _top(t: Target) -> list[int]:
+    return t.top
+
+
+def _random(t: Target) -> list[int]:
+    return t.random
+
+
+for _spec in (
+    AttackSpec("topk-zero", "zero the W_up/W_gate rows of the top-k massive indices", _zero(_top, ""),
+               control="random-zero", style="o-"),
+    AttackSpec("random-zero", "control: zero k random rows", _zero(_random, "control: "), style="o:"),
+    AttackSpec("topk-retain", "keep only the top-k rows, zero every other row of the layer", _retain(_top, ""),
+               control="random-retain", style="s-"),
+    AttackSpec("random-retain", "control: keep only k random rows", _retain(_random, "control: "), style="s:"),
+    AttackSpec("super-weight", "zero the super weight W_down[dim, top-1 index]",
+               _down_entry(lambda t: t.super_weight[1], ""), control="random-weight", takes_k=False),
+    AttackSpec("random-weight", "control: zero another entry of the same W_down row",
+               _down_entry(lambda t: t.random_column, "control: "), takes_k=False),
+):
+    register_attack(_spec)
+
+
 def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = None,
            indices: list[int] | None = None, seed: int = 0) -> Variant:
-    """A House of Cards weight attack on layer ``mw.layer`` (``indices`` overrides the top-k)."""
+    """A registered weight attack on layer ``mw.layer`` (``indices`` overrides the top-k)."""
+    spec = get_attack(kind)
     layer, expert = mw.layer, mw.expert
     size = lm.blocks.intermediate_size(layer)
     k = len(indices) if indices is not None else (k if k is not None else mw.k)
@@ -49,27 +185,14 @@ def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = No
             raise ValueError(f"k={k} exceeds the {len(mw.indices)} massive indices found; "
                              f"run find_massive_weights with k >= {k}")
         indices = mw.indices[:k]
-    # the control avoids the massive rows while there are enough others (not for k > size / 2)
-    control = random_indices(size, k, exclude=indices if 2 * k <= size else (), seed=seed)
-    row = mw.super_weight["row"]
-    random_column = random_indices(size, 1, exclude=[mw.super_weight["column"]], seed=seed)[0]
-    table = {
-        "topk-zero": (f"zero W_up/W_gate rows {indices} of layer {layer}", lambda: zero_rows(lm, layer, indices, expert=expert)),
-        "topk-retain": (f"keep only rows {indices} of layer {layer}'s W_up/W_gate", lambda: retain_rows(lm, layer, indices, expert=expert)),
-        "random-zero": (f"control: zero {k} random rows {control} of layer {layer}", lambda: zero_rows(lm, layer, control, expert=expert)),
-        "random-retain": (f"control: keep only {k} random rows of layer {layer}", lambda: retain_rows(lm, layer, control, expert=expert)),
-        "super-weight": (f"zero W_down[{row}, {mw.super_weight['column']}] of layer {layer}",
-                         lambda: zero_super_weight(lm, layer, row, mw.super_weight["column"], expert=expert)),
-        "random-weight": (f"control: zero W_down[{row}, {random_column}] of layer {layer}",
-                          lambda: zero_super_weight(lm, layer, row, random_column, expert=expert)),
-    }
-    if kind not in table:
-        raise ValueError(f"unknown attack {kind!r}; known: {', '.join(table)}")
-    description, apply = table[kind]
-    return Variant(kind if kind.endswith("weight") else f"{kind} k={k}", description, apply, layer)
-
-
-CONTROL = {"topk-zero": "random-zero", "topk-retain": "random-retain", "super-weight": "random-weight"}
+    sw = (mw.super_weight["row"], mw.super_weight["column"])
+    target = Target(lm, layer, expert, k, indices,
+                    # the control avoids the massive rows while there are enough others (not for k > size / 2)
+                    random_indices(size, k, exclude=indices if 2 * k <= size else (), seed=seed),
+                    sw, random_indices(size, 1, exclude=[sw[1]], seed=seed)[0])
+    edit = spec.edit(target)
+    return Variant(kind, edit.description, edit.apply, layer, k if spec.takes_k else None, expert,
+                   tuple(edit.indices), control_of(kind), seed)
 
 
 def intervention(lm: LoadedModel, scan: ScanResult, kind: str, *, every_layer: bool = False) -> Variant:
@@ -87,29 +210,29 @@ def intervention(lm: LoadedModel, scan: ScanResult, kind: str, *, every_layer: b
     threshold = scan.layers[first]["threshold"]
     where = "every massive layer" if every_layer else f"layer {first}"
     return Variant(kind, f"set dims {sorted(values)} to {kind.split('-')[1]} at {where} where |a| > {threshold:.0f}",
-                   lambda: set_activations(lm, layers, values, threshold), min(layers))
+                   lambda: set_activations(lm, layers, values, threshold), min(layers),
+                   indices=tuple(sorted(values)))
 
 
 def run_variants(lm: LoadedModel, variants: Iterable[Variant], measure: Callable[[LoadedModel], dict],
                  on_result: Callable[[dict], None] | None = None, reuse: bool = True) -> list[dict]:
-    """Measure each variant, then check that the weights are back to the original bits.
+    """Measure each variant: one row ``{**variant.to_dict(), **measure(lm)}`` each; then check that the
+    weights are back to the original bits.
 
     With ``reuse``, the layers before the first one any variant changes run once per input
-    (``evaluation.reuse.reuse_prefix``). Hashing every parameter costs seconds, so it is done
+    (``capture.reuse.reuse_prefix``). Hashing every parameter costs seconds, so it is done
     once for the whole run; the unit tests check each edit on its own.
     """
-    from ..evaluation.reuse import reuse_prefix
-
     variants = list(variants)
     params = list(lm.model.parameters())
     before = weights_digest(params)
-    changed = [v.first_layer for v in variants if v.first_layer is not None]
+    changed = [v.layer for v in variants if v.layer is not None]
     results = []
     with reuse_prefix(lm, min(changed)) if reuse and changed else nullcontext():
         for variant in variants:
             with variant.apply():
                 numbers = measure(lm)
-            row = {"variant": variant.name, "description": variant.description, **numbers}
+            row = {**variant.to_dict(), **numbers}
             results.append(row)
             if on_result:
                 on_result(row)

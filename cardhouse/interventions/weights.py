@@ -7,13 +7,13 @@ Ctrl-C. ``weights_digest`` hashes tensors to check it.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..models.digest import weights_digest  # noqa: F401  (part of this module's API)
 from ..models.loading import LoadedModel
 
 
@@ -25,14 +25,6 @@ def check_indices(indices: Sequence[int], size: int, what: str = "index") -> lis
     if bad:
         raise ValueError(f"{what} values out of range 0..{size - 1}: {bad}")
     return indices
-
-
-def weights_digest(tensors: Sequence[torch.Tensor]) -> str:
-    """sha256 over the raw bytes of the tensors: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 SliceValue = float | Callable[[torch.Tensor], torch.Tensor]  # a number, or new values from the original slice

@@ -16,8 +16,11 @@ FFN over two modules, ``intermediate`` and ``output``). ``inputs`` says what the
 or ``"image"`` pixels (CLS, then any register tokens, then the patches row by row).
 
 A family whose FFN layout depends on its config is resolved in ``adapter_for`` (DINOv2 with
-``use_swiglu_ffn`` is gated). Qwen2-MoE's always-on shared expert is not addressed: the
-neuron slices are the routed experts'.
+``use_swiglu_ffn`` is gated). A family that mixes dense and MoE layers (Qwen2/3-MoE's
+``mlp_only_layers``, ``decoder_sparse_step``) names its dense layout in ``dense``: a layer whose FFN
+has no ``router`` is laid out like that (``Blocks.ffn``), decided by the modules, not by config
+arithmetic. An always-on shared expert (Qwen2-MoE) is addressed as expert ``SHARED``, laid out like
+``dense``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ class Adapter:
     mlp_out: str | None = None  # block -> module whose output is the FFN output, where that is not ``mlp``
     post_norm: bool = False  # the residual stream is normalized after each sum (BERT): hooks see normed states
     registers: str | None = None  # config attribute: register tokens after CLS (DINOv2 with registers)
+    # Mixture of Experts (cardhouse/analysis/moe.py): the router returns (logits, top-k weights, top-k experts)
+    experts: str | None = None  # mlp -> the module holding the 3-D expert tensors
+    routing: str | None = None  # how router logits become expert weights (cardhouse/models/routing.py::ROUTINGS)
+    router_norm: str | bool = True  # top-k weights renormalised: always (True), or the router attribute that says so
+    shared_expert: str | None = None  # mlp -> always-on shared expert, laid out like `dense`
+    shared_expert_gate: str | None = None  # mlp -> its sigmoid gate (a [1, d] Linear), if any
+    dense: "Adapter | None" = None  # layout of this family's dense FFN layers and shared expert
+
+
+SHARED = "shared"  # the expert index of an MoE layer's shared expert
 
 
 _LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", resid_mid_norm="post_attention_layernorm",
@@ -64,6 +77,9 @@ _QKVO = dict(q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="o_proj")
 _DINOV2 = dict(layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2", final_norm="layernorm",
                up="fc1", down="fc2", mlp_layout="linear", act="activation_fn", inputs="image", n_kv_heads=None,
                **_QKVO)
+# transformers 5 MoE blocks: router `gate` -> (logits, weights, experts), experts as 3-D tensors
+_MOE = dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj", mlp_layout="experts",
+            act="experts.act_fn", router="gate", experts="experts", routing="softmax-topk")
 
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", **_LLAMA),
@@ -78,11 +94,12 @@ ADAPTERS: dict[str, Adapter] = {
     "gpt2": Adapter("gpt2", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                     final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="conv1d", act="act",
                     n_heads="n_head", n_kv_heads=None),
-    "mixtral": Adapter("mixtral", **dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj",
-                                         mlp_layout="experts", act="experts.act_fn", router="gate")),
-    "qwen2_moe": Adapter("qwen2_moe", **dict(_LLAMA, gate=None, up="experts.gate_up_proj",
-                                             down="experts.down_proj", mlp_layout="experts",
-                                             act="experts.act_fn", router="gate")),
+    "mixtral": Adapter("mixtral", **_MOE),
+    "qwen2_moe": Adapter("qwen2_moe", **dict(_MOE, router_norm="norm_topk_prob", shared_expert="shared_expert",
+                                             shared_expert_gate="shared_expert_gate",
+                                             dense=Adapter("qwen2_moe", **_LLAMA))),
+    "qwen3_moe": Adapter("qwen3_moe", **dict(_MOE, router_norm="norm_topk_prob", dense=Adapter("qwen3_moe", **_LLAMA))),
+    "olmoe": Adapter("olmoe", **dict(_MOE, router_norm="norm_topk_prob")),
     # cardhouse's own from-scratch decoder (cardhouse/emergence/model.py): GPT-2 names, nn.Linear FFN
     "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                        final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act"),
@@ -118,13 +135,6 @@ def adapter_for(model: nn.Module) -> Adapter:
     family = getattr(config, "model_type", None)
     if family in _DINOV2_SWIGLU and getattr(config, "use_swiglu_ffn", False):
         return _DINOV2_SWIGLU[family]
-    if family == "qwen2_moe" and (getattr(config, "mlp_only_layers", None)
-                                  or getattr(config, "decoder_sparse_step", 1) != 1):
-        raise UnsupportedModelError(
-            "this qwen2_moe model mixes dense and Mixture-of-Experts layers (mlp_only_layers="
-            f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step={getattr(config, 'decoder_sparse_step', 1)}); "
-            "cardhouse's adapter table assumes one FFN layout for all layers of a family "
-            "(see cardhouse/models/adapters.py)")
     if family in ADAPTERS:
         return ADAPTERS[family]
     raise UnsupportedModelError(
@@ -132,6 +142,13 @@ def adapter_for(model: nn.Module) -> Adapter:
         "Add one `Adapter(...)` entry to cardhouse/models/adapters.py naming its decoder layers, "
         "norms, attention and MLP projections."
     )
+
+
+def _has(root: nn.Module, path: str | None) -> bool:
+    try:
+        return path is not None and get(root, path) is not None
+    except AttributeError:
+        return False
 
 
 def get(root: nn.Module, path: str):
@@ -167,11 +184,29 @@ class Blocks:
         block = self.layers[self.check_layer(layer)]
         return get(block, getattr(self.adapter, name))
 
-    def mlp_part(self, layer: int, name: str):
-        path = getattr(self.adapter, name)
-        if path.startswith("/"):  # relative to the block: an FFN split over two modules
+    def ffn(self, layer: int) -> Adapter:
+        """The FFN layout of ``layer``: the adapter's own, or its ``dense`` layout where the FFN has no router."""
+        dense = self.adapter.dense
+        return dense if dense is not None and not _has(self.part(layer, "mlp"), self.adapter.router) else self.adapter
+
+    def _ffn(self, layer: int, expert: int | str | None = None) -> tuple[nn.Module, Adapter]:
+        """(module, layout) of the FFN that ``expert`` names in ``layer`` (the shared expert is a dense FFN)."""
+        mlp, layout = self.part(layer, "mlp"), self.ffn(layer)
+        if expert == SHARED:
+            if layout.shared_expert is None:
+                raise ValueError(f"layer {layer} of this {self.adapter.family} model has no shared expert")
+            return get(mlp, layout.shared_expert), layout.dense
+        return mlp, layout
+
+    def mlp_part(self, layer: int, name: str, expert: int | str | None = None):
+        module, layout = self._ffn(layer, expert)
+        path = getattr(layout, name)
+        if path is None:
+            raise ValueError(f"layer {layer}'s FFN has no {name} (it is {'an MoE' if layout.mlp_layout == 'experts' else 'a dense'} "
+                             f"FFN of the {layout.family} adapter in cardhouse/models/adapters.py)")
+        if path.startswith("/"):  # relative to the block: an FFN split over two modules (BERT)
             return get(self.layers[self.check_layer(layer)], path[1:])
-        return get(self.part(layer, "mlp"), path)
+        return get(module, path)
 
     def mlp_out(self, layer: int) -> nn.Module:
         """The module whose output is the FFN's output (before any residual add or post-norm)."""
@@ -198,37 +233,51 @@ class Blocks:
 
     @property
     def is_moe(self) -> bool:
+        """Whether the family has Mixture-of-Experts layers (a mixed model may also have dense ones)."""
         return self.adapter.mlp_layout == "experts"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.ffn(layer).mlp_layout == "experts"
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer for layer in range(len(self)) if self.is_moe_layer(layer)]
+
+    def n_experts(self, layer: int) -> int:
+        """Routed experts of an MoE layer (0 for a dense layer)."""
+        return self.mlp_part(layer, "down").shape[0] if self.is_moe_layer(layer) else 0
 
     @property
     def is_gated(self) -> bool:
         return self.adapter.mlp_layout in ("gated", "fused", "experts")
 
-    def intermediate_size(self, layer: int) -> int:
+    def intermediate_size(self, layer: int, expert: int | str | None = None) -> int:
         """Number of FFN neurons (per expert for MoE): the last axis of W_down as ``[d_model, d_intermediate]``."""
-        if self.is_moe:  # [expert, d_model, d_intermediate]: the same for every expert
+        _, layout = self._ffn(layer, expert)
+        if layout.mlp_layout == "experts":  # [expert, d_model, d_intermediate]: the same for every expert
             return self.mlp_part(layer, "down").shape[-1]
-        return self.down_weight(layer).shape[-1]
+        return self.down_weight(layer, expert).shape[-1]
 
-    def down_weight(self, layer: int, expert: int | None = None) -> torch.Tensor:
+    def down_weight(self, layer: int, expert: int | str | None = None) -> torch.Tensor:
         """W_down as ``[d_model, d_intermediate]`` (a view, whatever the storage layout)."""
-        down = self.mlp_part(layer, "down")
-        if self.adapter.mlp_layout == "experts":
-            return down[self._expert(expert)]
-        if self.adapter.mlp_layout == "conv1d":
+        down = self.mlp_part(layer, "down", expert)
+        layout = self._ffn(layer, expert)[1].mlp_layout
+        if layout == "experts":
+            return down[self._expert(layer, expert)]
+        if layout == "conv1d":
             return down.weight.T
         return down.weight
 
-    def neuron_slices(self, layer: int, expert: int | None = None) -> list[tuple[torch.Tensor, int, int]]:
-        """The tensors that hold the FFN's input-side neuron rows of one layer.
+    def neuron_slices(self, layer: int, expert: int | str | None = None) -> list[tuple[torch.Tensor, int, int]]:
+        """The tensors that hold the FFN's input-side neuron rows of one layer (of one expert for MoE).
 
         Each item is ``(tensor, axis, offset)``: neuron ``i`` is ``tensor.select(axis, offset + i)``.
         These are the 'massive weight' rows of W_up and W_gate (and fc_in's bias where present).
         """
-        layout, n = self.adapter.mlp_layout, self.intermediate_size(layer)
-        up = self.mlp_part(layer, "up")
+        layout, n = self._ffn(layer, expert)[1].mlp_layout, self.intermediate_size(layer, expert)
+        up = self.mlp_part(layer, "up", expert)
         if layout == "gated":
-            gate = self.mlp_part(layer, "gate")
+            gate = self.mlp_part(layer, "gate", expert)
             slices = [(gate.weight, 0, 0), (up.weight, 0, 0)]
             slices += [(m.bias, 0, 0) for m in (gate, up) if m.bias is not None]
             return slices
@@ -240,39 +289,56 @@ class Blocks:
         if layout == "linear":
             return [(up.weight, 0, 0)] + ([(up.bias, 0, 0)] if up.bias is not None else [])
         if layout == "experts":
-            fused = up[self._expert(expert)]
+            fused = up[self._expert(layer, expert)]
             return [(fused, 0, 0), (fused, 0, n)]
         raise ValueError(f"unknown mlp layout {layout!r}")
 
-    def _expert(self, expert: int | None) -> int:
+    def _expert(self, layer: int, expert: int | str | None) -> int:
+        """Check a routed expert index of an MoE layer."""
         if expert is None:
-            raise ValueError("this is a Mixture-of-Experts model: name the expert")
+            raise ValueError(f"layer {layer} is a Mixture-of-Experts layer: name the expert")
+        n = self.n_experts(layer)
+        if not isinstance(expert, int) or not 0 <= expert < n:
+            raise IndexError(f"expert {expert!r} is out of range: layer {layer} has experts 0..{n - 1}")
         return expert
 
-    def intermediate(self, layer: int, mlp_input: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+    def check_expert(self, layer: int, expert: int | str | None) -> int | str | None:
+        """``expert`` if it names an FFN of ``layer`` (None for a dense layer, an index or SHARED for MoE)."""
+        if not self.is_moe_layer(layer):
+            if expert is not None:
+                raise ValueError(f"layer {layer} is a dense FFN layer: it has no expert {expert!r}")
+            return None
+        if expert == SHARED:
+            self._ffn(layer, expert)  # raises where the layer has no shared expert
+            return expert
+        return self._expert(layer, expert)
+
+    def intermediate(self, layer: int, mlp_input: torch.Tensor, expert: int | str | None = None) -> torch.Tensor:
         """act(W_gate x + b) * (W_up x + b) (or act(W_in x + b)): the input of W_down, from the MLP input.
 
         Used where no module boundary exposes that state (MoE experts stored as 3-D tensors).
         Computed the way the model's own forward computes it (biases included).
         """
-        layout = self.adapter.mlp_layout
-        act = self.mlp_part(layer, "act")
-        up = self.mlp_part(layer, "up")
+        layout = self._ffn(layer, expert)[1].mlp_layout
+        act = self.mlp_part(layer, "act", expert)
+        up = self.mlp_part(layer, "up", expert)
         if layout == "gated":
-            return act(self.mlp_part(layer, "gate")(mlp_input)) * up(mlp_input)
+            return act(self.mlp_part(layer, "gate", expert)(mlp_input)) * up(mlp_input)
         if layout == "fused":
             gate, up_states = up(mlp_input).chunk(2, dim=-1)
             return act(gate) * up_states
         if layout in ("conv1d", "linear"):
             return act(up(mlp_input))
         if layout == "experts":
-            fused = up[self._expert(expert)]  # [2 * d_intermediate, d_model]: rows [gate; up]
+            fused = up[self._expert(layer, expert)]  # [2 * d_intermediate, d_model]: rows [gate; up]
             gate, up_states = nn.functional.linear(mlp_input, fused).chunk(2, dim=-1)
             return act(gate) * up_states
         raise ValueError(f"unknown mlp layout {layout!r}")
 
     def router_choice(self, layer: int, mlp_input: torch.Tensor) -> torch.Tensor:
         """Top-1 expert per token of an MoE layer: ``[..., ]`` long tensor."""
+        if not self.is_moe_layer(layer):
+            raise ValueError(f"layer {layer} is a dense FFN layer: it has no router")
         router = self.mlp_part(layer, "router")
         with torch.no_grad():  # an index, never differentiated (and mlp_input may be an inference tensor)
             return (mlp_input @ router.weight.T).argmax(-1)

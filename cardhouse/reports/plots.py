@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..analysis.massive_activations import ScanResult  # noqa: E402
+from ..evaluation.metrics import metric_of  # noqa: E402
+from ..interventions.variants import get_attack  # noqa: E402
 
 
 
@@ -59,15 +61,16 @@ def plot_sweep(curves_by_metric: dict[str, dict[str, list[tuple[int, float]]]], 
     """House of Cards Fig. 4 style: one panel per metric, a curve per attack and its random control."""
     fig, axes = plt.subplots(1, len(curves_by_metric), figsize=(6 * len(curves_by_metric), 3.8), dpi=120,
                              squeeze=False)
-    styles = {"topk-zero": "o-", "random-zero": "o:", "topk-retain": "s-", "random-retain": "s:"}
     for ax, (metric, curves) in zip(axes[0], curves_by_metric.items()):
         for kind, points in curves.items():
             if points:
-                ax.plot([k + 1 for k, _ in points], [v for _, v in points], styles[kind], markersize=3, label=kind)
+                ax.plot([k + 1 for k, _ in points], [v for _, v in points], get_attack(kind).style, markersize=3,
+                        label=kind)
         ax.set_xscale("log")
         ax.set_xlabel("k + 1 (rows of W_up and W_gate)")
-        ax.set_ylabel(metric)
-        if metric.startswith("ppl"):
+        spec = metric_of(metric)
+        ax.set_ylabel(spec.label(metric) if spec else metric)
+        if spec and spec.log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

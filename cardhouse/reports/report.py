@@ -13,7 +13,6 @@ Adding a section (for instance one for another analysis) is one function and one
 from __future__ import annotations
 
 import itertools
-import json
 import platform
 import re
 import tempfile
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 
 from .._files import write_atomically
+from ..results import read_result, write_result
 from ..models.loading import BUNDLED, LoadedModel
 from .encoder_section import encoder_step
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
@@ -268,9 +268,11 @@ def weights_step(ctx: Context) -> Section:
 
 
 def attacks_step(ctx: Context) -> Section:
+    from ..analysis import find_massive_weights
     from ..evaluation.measure import measurer
-    from ..interventions import attack, run_variants
-    from ..interventions.sweep import KINDS, default_ks, sweep, sweep_table
+    from ..evaluation.metrics import metric_keys
+    from ..interventions import ATTACKS, attack, run_variants, sweep_attacks
+    from ..interventions.sweep import default_ks, sweep, sweep_table
     from ..reports.plots import plot_sweep
 
     lm, s, mw = ctx.lm, ctx.settings, ctx.need("weights")
@@ -282,22 +284,21 @@ def attacks_step(ctx: Context) -> Section:
         ctx.tick(f"variant {next(count)}")
         return measure(model)
 
-    with tempfile.TemporaryDirectory() as tmp:  # a fresh sweep, never one resumed from an earlier run
-        rows = sweep(lm, measured, Path(tmp) / "sweep.jsonl", ks=ks, layer=mw.layer, seed=s.seed, progress=False)
-    rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind in ("super-weight", "random-weight")],
+    ranked = find_massive_weights(lm, layer=mw.layer, k=mw.intermediate_size)  # every index, for the sweep
+    rows = sweep(lm, ranked, measured, ks, seed=s.seed, progress=False)  # a fresh sweep, never a resumed one
+    rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind, spec in ATTACKS.items() if not spec.takes_k],
                          measured)
-    metrics = [m for m in rows[0] if m.startswith("ppl_") or m.startswith("acc_")]
-    by_name = {r["variant"]: r for r in rows}
-    base = by_name["original"]
-    chosen = ["original", *(f"{kind} k={s.attack_k}" for kind in KINDS), "super-weight", "random-weight"]
+    metrics = metric_keys(rows[0])
+    base = next(r for r in rows if r["kind"] == "original")
+    chosen = [r for r in rows if r["kind"] == "original" or r["k"] in (None, s.attack_k)]
     first = metrics[0]
     table = Table("Attacks on layer l and their random controls (k = number of rows)",
                   ["variant", "what is changed", *metrics, f"{first} / original"],
-                  [[n, by_name[n]["description"], *(by_name[n][m] for m in metrics), by_name[n][first] / base[first]]
-                   for n in chosen])
-    curves = {m: sweep_table([r for r in rows if "weight" not in r["variant"]], m) for m in metrics}
-    sweep_rows = Table(f"The sweep: {first} as k grows", ["k", *KINDS],
-                       [[k, *(dict(curves[first][kind]).get(k) for kind in KINDS)]
+                  [[r["variant"], r["description"], *(r[m] for m in metrics), r[first] / base[first]] for r in chosen])
+    curves = {m: sweep_table(rows, m) for m in metrics}
+    kinds = sweep_attacks()
+    sweep_rows = Table(f"The sweep: {first} as k grows", ["k", *kinds],
+                       [[k, *(dict(curves[first][kind]).get(k) for kind in kinds)]
                         for k in sorted({k for points in curves[first].values() for k, _ in points})])
     png = plot_sweep(curves, ctx.figure("sweep"), f"{lm.name}: top-k zeroing and retaining, layer {mw.layer}")
     return Section(
@@ -362,9 +363,10 @@ def macdrop_step(ctx: Context) -> Section:
     from ..finetuning.report import metrics_of, plot_comparison
 
     path = compare_json(ctx.settings.macdrop)
-    saved = json.loads(path.read_text())
-    if saved["model"] != ctx.lm.name:
-        return Section(text=[f"The comparison in {path} is of {saved['model']}; none was given for this model."])
+    saved = read_result(path)
+    if saved["model"]["name"] != ctx.lm.name:
+        return Section(text=[f"The comparison in {path} is of {saved['model']['name']}; none was given for this "
+                             "model."])
     rows = saved["results"]
     metrics = metrics_of(rows)
     columns = ["run", "method", "MacDrop schedule", "steps"]
@@ -375,7 +377,7 @@ def macdrop_step(ctx: Context) -> Section:
         cells.append([r["run"], r["method"], r["schedule"] or "no MacDrop", r["steps"]])
         for m in metrics:
             cells[-1] += [r[m], r[f"{m}_attacked"], r[f"{m}_attacked"] / r[m] if r[m] else None]
-    c, drop = saved["config"], saved["macdrop"]
+    c, drop = saved["settings"]["config"], saved["settings"]["macdrop"]
     setup = facts("How they were fine-tuned", {
         "data": c["data"], "records used": c["limit"], "max length": c["max_length"], "batch size": c["batch_size"],
         "gradient accumulation": c["grad_accum"], "learning rate": c["lr"], "epochs": c["epochs"],
@@ -474,7 +476,8 @@ def _write_text(path: Path, text: str) -> None:
 def build_report(models: list[str | LoadedModel], out: str | Path, settings: Settings | None = None, *,
                  overwrite: bool = False, progress: bool = True, command: str | None = None,
                  steps: list[Step] | None = None) -> dict:
-    """Run every step for every model and write the report folder; returns what results.json holds."""
+    """Run every step for every model and write the report folder; returns what results.json holds under
+    ``results`` (the file is the result envelope: model descriptions and settings beside it)."""
     from ..analysis import load_prompts
 
     settings = settings or Settings.quick()
@@ -519,7 +522,9 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
         "run": _run_section(settings, _versions()).to_dict(),
         "models": reports, "failures": failures,
     }
-    _write_text(folder / "results.json", json.dumps(results, indent=2))
+    described = [next((s["data"]["model"] for s in r["sections"] if s["key"] == "model" and s["status"] == "ok"),
+                      {"name": r["name"]}) for r in reports]
+    write_result(folder / "results.json", results, model=described, settings=asdict(settings), command=command)
     _write_text(folder / "report.html", render_page(results, folder))
     return results
 

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from ..interventions.weights import weights_digest
+from ..models.digest import weights_digest
 from ..models.loading import LoadedModel
 
 

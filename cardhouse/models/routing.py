@@ -1,0 +1,61 @@
+"""How a Mixture-of-Experts router turns its logits into expert weights (the adapter's ``routing``).
+
+transformers 5 routers (``mlp.gate``) return ``(logits, top-k weights, top-k experts)``: cardhouse
+records those with hooks and recomputes routing only where it changes it, to route around ablated
+experts. A family with another rule (DeepSeek-V3's sigmoid with group-limited top-k) gets its own
+entry in ``ROUTINGS`` and names it in its adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .adapters import Adapter, Blocks, UnsupportedModelError
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def _softmax_topk(logits: torch.Tensor, top_k: int, normalise: bool, exclude: Sequence[int]):
+    """Mixtral / Qwen-MoE / OLMoE: softmax over every expert, top-k, optionally renormalised; ``exclude``
+    get probability 0, so the others share what they had (route around them)."""
+    masked = logits.float().clone()
+    masked[..., list(exclude)] = float("-inf")
+    probs = torch.softmax(masked, dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+@dataclass(frozen=True)
+class Routing:
+    probabilities: Callable[[torch.Tensor], torch.Tensor]  # logits [..., experts] -> a distribution over experts
+    route: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logits, top_k, normalise, exclude) -> (weights, experts)
+
+
+ROUTINGS: dict[str, Routing] = {"softmax-topk": Routing(_softmax, _softmax_topk)}
+
+
+def routing_of(adapter: Adapter) -> Routing:
+    """The family's routing rule, or a clear error saying which adapter fields to add."""
+    if adapter.mlp_layout != "experts":
+        raise ValueError(f"the {adapter.family} model is dense (no Mixture-of-Experts layers): "
+                         "expert analyses and attacks need an MoE model")
+    if adapter.router is None or adapter.experts is None or adapter.routing not in ROUTINGS:
+        raise UnsupportedModelError(
+            f"the {adapter.family} adapter does not describe its router: set `router` (mlp -> router module "
+            "returning (logits, weights, experts)), `experts` (mlp -> the 3-D expert tensors' module) and "
+            f"`routing` (one of {', '.join(ROUTINGS)}) in its entry of cardhouse/models/adapters.py "
+            f"(now router={adapter.router!r}, experts={adapter.experts!r}, routing={adapter.routing!r})")
+    return ROUTINGS[adapter.routing]
+
+
+def normalises(blocks: Blocks, layer: int) -> bool:
+    """Whether ``layer``'s router renormalises its top-k weights."""
+    norm = blocks.adapter.router_norm
+    return norm if isinstance(norm, bool) else bool(getattr(blocks.mlp_part(layer, "router"), norm))

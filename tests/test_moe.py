@@ -1,0 +1,279 @@
+"""Mixture of Experts on tiny random models of every MoE family, with the ground truth planted.
+
+No trained MoE small enough is reachable offline, so each test model gets, by hand:
+- in layer ``CARRIER_LAYER``, expert ``CARRIER_EXPERT``: neuron ``NEURON`` fires hugely on the BOS
+  token and writes into hidden dimension ``DIM`` (a massive activation), and the router sends BOS
+  to that expert (its router row points along BOS's FFN input);
+- in layer ``SUPER_LAYER``, expert ``SUPER_EXPERT``: a down projection scaled up, so that its outputs
+  are the largest of all experts (a super expert).
+Qwen-MoE models also get a dense first layer (``mlp_only_layers``), which the tools must handle.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, build, forward, sample_inputs, text_config
+from cardhouse.analysis import find_massive_weights
+from cardhouse.capture import hook_name, record
+from cardhouse.analysis.moe import analyze_moe, super_expert_rule
+from cardhouse.interventions.experts import (MOE_ATTACKS, ExpertTarget, expert_attack, prune_experts,
+                                             random_experts, route_around)
+from cardhouse.interventions.weights import zero_rows
+from cardhouse.models.adapters import ADAPTERS, SHARED, UnsupportedModelError
+from cardhouse.models.loading import from_pretrained_objects
+
+N_LAYERS, N_EXPERTS = 4, 8
+CARRIER_LAYER, CARRIER_EXPERT, NEURON, DIM = 1, 2, 5, 7
+SUPER_LAYER, SUPER_EXPERT = 3, 6
+MIXED = {"qwen2_moe", "qwen3_moe"}  # families that may mix dense and MoE layers: layer 0 is dense
+
+
+def build_moe(family: str, tokenizer, seed: int = 0):
+    overrides = dict(num_hidden_layers=N_LAYERS, num_experts_per_tok=2)
+    overrides["num_local_experts" if family == "mixtral" else "num_experts"] = N_EXPERTS
+    if family in MIXED:
+        overrides["mlp_only_layers"] = [0]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(text_config(family, **overrides)).eval()
+    return from_pretrained_objects(model, tokenizer, name=f"tiny-moe-{family}", bos=True)
+
+
+def plant(lm) -> None:
+    blocks = lm.blocks
+    with torch.no_grad():
+        x0 = bos_mlp_input(lm, CARRIER_LAYER)
+        u = x0 / x0.norm()
+        blocks.mlp_part(CARRIER_LAYER, "router").weight[CARRIER_EXPERT] = 3.0 * u  # BOS logit ~17, others ~±3
+        for tensor, axis, offset in blocks.neuron_slices(CARRIER_LAYER, CARRIER_EXPERT):
+            tensor.select(axis, offset + NEURON).copy_(6.0 * u)
+        blocks.down_weight(CARRIER_LAYER, CARRIER_EXPERT)[DIM, NEURON] = 100.0
+        # the super expert: chosen by ordinary tokens (its router row along their mean FFN input), not by BOS ...
+        inputs = sample_inputs(lm)
+        with record(lm.model, [hook_name(SUPER_LAYER, "mlp.hook_in")]) as store:
+            forward(lm, inputs)
+        ordinary = store[hook_name(SUPER_LAYER, "mlp.hook_in")][:, 1:][inputs["attention_mask"][:, 1:].bool()]
+        bos = store[hook_name(SUPER_LAYER, "mlp.hook_in")][0, 0]
+        mean = ordinary.mean(0)
+        mean = mean - (mean @ bos) / (bos @ bos) * bos  # orthogonal to BOS's input: BOS is not sent there
+        blocks.mlp_part(SUPER_LAYER, "router").weight[SUPER_EXPERT] = 2.0 * mean / mean.norm()
+        # ... with outputs ~1e6 (random experts output ~1e-3, the carrier's expert ~1e5 on BOS)
+        blocks.mlp_part(SUPER_LAYER, "down")[SUPER_EXPERT] *= 1e9
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def planted(request, tokenizer):
+    lm = build_moe(request.param, tokenizer)
+    plant(lm)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def analysis(planted):
+    return analyze_moe(planted, k=3, progress=False)
+
+
+def test_the_carrier_expert_and_its_rows_are_found_exactly(planted, analysis):
+    mw = analysis.massive_weights
+    assert mw["massive"] and (mw["layer"], mw["dim"], mw["expert"], mw["indices"][0]) == (CARRIER_LAYER, DIM,
+                                                                                         CARRIER_EXPERT, NEURON)
+    assert abs(mw["activations"][0]) > 100 * abs(mw["activations"][1])
+    experts = {e["expert"]: e for e in mw["experts"]}
+    assert experts[CARRIER_EXPERT]["weight"] > 0.99 and experts[CARRIER_EXPERT]["indices"][0] == NEURON
+    assert len([e for e in experts if e != SHARED]) == 2  # top-2 routing
+    assert (SHARED in experts) == (planted.family == "qwen2_moe")  # the shared expert is listed where it exists
+    others = [abs(e["contribution"]) for e in mw["experts"][1:]]
+    assert mw["experts"][0]["contribution"] > 1e4 and max(others) < 1e-3 * mw["experts"][0]["contribution"]
+    assert mw["super_weight"]["column"] == NEURON and mw["super_weight"]["row"] == DIM
+
+
+def test_router_collapses_exactly_in_the_massive_layer(planted, analysis):
+    layers = list(range(1, N_LAYERS)) if planted.family in MIXED else list(range(N_LAYERS))
+    assert analysis.moe_layers == layers and analysis.n_experts == N_EXPERTS and analysis.top_k == 2
+    assert analysis.collapse_layer == CARRIER_LAYER and analysis.collapsed_layers == [CARRIER_LAYER]
+    by_layer = {r["layer"]: r for r in analysis.router}
+    hit = by_layer[CARRIER_LAYER]
+    assert hit["carrier"]["top1"] > 0.99 and hit["carrier"]["top1_expert"] == CARRIER_EXPERT
+    assert hit["carrier"]["entropy"] < 0.1 and hit["carrier"]["chosen"][CARRIER_EXPERT] == 1.0
+    assert hit["carrier"]["tokens"] == analysis.prompts and hit["ordinary"]["tokens"] > 10 * analysis.prompts
+    assert hit["ordinary"]["top1"] < 0.7 and hit["ordinary"]["entropy"] > 0.5 * hit["max_entropy"]
+    for r in analysis.router:
+        assert sum(r["carrier"]["probs"]) == pytest.approx(1) and sum(r["ordinary"]["probs"]) == pytest.approx(1)
+        assert sum(r["ordinary"]["chosen"]) == pytest.approx(2)  # two experts per token
+        if r["layer"] != CARRIER_LAYER:
+            assert r["carrier"]["top1"] < 0.6
+
+
+def test_super_expert_is_found_exactly(planted, analysis):
+    se = analysis.super_experts
+    assert analysis.flagged == [(SUPER_LAYER, SUPER_EXPERT)]  # the default rule: P99.5 and 1/10 of the layer max
+    assert se["flagged"][0]["max_abs"] > 1e5 and se["flagged"][0]["max_abs"] > se["threshold"]
+    assert len(se["experts"]) == len(analysis.moe_layers) * N_EXPERTS
+    # a looser percentile adds the carrier's expert (its output on BOS is massive too), nothing else:
+    # every other expert is below 1/10 of its layer's largest or below the 95th percentile
+    looser = analyze_moe(planted, percentile=95, progress=False, massive_weights=False)
+    assert set(looser.flagged) == {(SUPER_LAYER, SUPER_EXPERT), (CARRIER_LAYER, CARRIER_EXPERT)}
+    carrier = next(e for e in looser.super_experts["flagged"] if e["layer"] == CARRIER_LAYER)
+    assert carrier["position"] == 0 and carrier["token_id"] == BOS_ID and carrier["dim"] == DIM
+    assert bool(looser.super_experts["shared"]) == (planted.family == "qwen2_moe")
+
+
+def test_super_expert_rule_needs_both_thresholds():
+    maxima = {(0, 0): 100.0, (0, 1): 9.0, (1, 0): 1.0, (1, 1): 0.5} | {(2, e): 0.1 for e in range(100)}
+    flagged, cut = super_expert_rule(maxima, percentile=97, fraction=0.1)
+    assert 0.1 < cut < 0.5  # the 97th percentile of 104 maxima, 100 of them 0.1
+    assert flagged == [(0, 0), (1, 0), (1, 1)]  # (0, 1) is above the percentile but below 1/10 of its layer's 100
+    assert super_expert_rule(maxima, percentile=97, fraction=0.05)[0] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert super_expert_rule(maxima, percentile=97, fraction=0.6)[0] == [(0, 0), (1, 0)]
+    assert super_expert_rule(maxima, percentile=99.5, fraction=0.1)[0] == [(0, 0)]
+    with pytest.raises(ValueError, match="percentile"):
+        super_expert_rule(maxima, percentile=101)
+
+
+def _change(lm, before: torch.Tensor) -> float:
+    """Mean over real tokens of the change of the last hidden state, relative to its mean norm."""
+    inputs = sample_inputs(lm)
+    after = forward(lm, inputs)
+    mask = inputs["attention_mask"].bool()
+    return float((after - before)[mask].norm(dim=-1).mean() / before[mask].norm(dim=-1).mean())
+
+
+def test_attacks_hit_only_the_planted_experts(planted, analysis):
+    """Each attack on the planted expert changes the model's output far more than each of its controls."""
+    from cardhouse.analysis.massive_weights import MassiveWeights
+
+    mw = MassiveWeights(**{k: v for k, v in analysis.massive_weights.items() if k != "n_weights"})
+    target = ExpertTarget.of(mw, analysis.flagged)
+    before = forward(planted, sample_inputs(planted))
+    digest = all_params_digest(planted)
+    changes = {}
+    for attack, controls in MOE_ATTACKS.items():
+        for kind in (attack, *controls):
+            variant = expert_attack(planted, target, kind, k=1)
+            with variant.apply():
+                changes[kind] = _change(planted, before)
+            assert all_params_digest(planted) == digest, kind
+    for attack in ("expert-topk-zero", "expert-ablate", "super-experts"):  # the planted expert breaks the model
+        for control in MOE_ATTACKS[attack]:
+            assert changes[attack] > 0.05 and changes[attack] > 100 * changes[control], (attack, control, changes)
+    # keeping only the massive row of the carrier's expert keeps the model (House of Cards' retaining);
+    # keeping random rows instead breaks it; keeping those rows in another expert leaves the massive one alone
+    assert changes["expert-random-retain"] > 0.05
+    assert changes["expert-random-retain"] > 100 * changes["expert-topk-retain"], changes
+    assert changes["expert-random-retain"] > 100 * changes["expert-other-retain"], changes
+    assert torch.equal(forward(planted, sample_inputs(planted)), before)
+
+
+def test_route_around_renormalises_over_the_other_experts(planted):
+    """BOS goes to the two best experts other than the ablated one, weights renormalised (or not) as the
+    family routes; the router's logits are left alone."""
+    router = planted.blocks.mlp_part(CARRIER_LAYER, "router")
+    x0 = bos_mlp_input(planted, CARRIER_LAYER)[None]
+    with torch.inference_mode():
+        logits, weights, chosen = router(x0)
+        with route_around(planted, CARRIER_LAYER, [CARRIER_EXPERT]):
+            new_logits, new_weights, new_chosen = router(x0)
+    assert CARRIER_EXPERT in chosen[0].tolist() and CARRIER_EXPERT not in new_chosen[0].tolist()
+    assert torch.equal(new_logits, logits)
+    probs = torch.softmax(logits.float(), -1)[0]
+    probs[CARRIER_EXPERT] = 0
+    expected = probs.topk(2)
+    assert new_chosen[0].tolist() == expected.indices.tolist()
+    norm = getattr(router, "norm_topk_prob", True)
+    scale = expected.values.sum() if norm else probs.sum()
+    torch.testing.assert_close(new_weights[0].float(), expected.values / scale)
+    assert not router._forward_hooks
+
+
+def test_every_moe_edit_restores_bit_identical_weights_also_on_error(planted):
+    digest = all_params_digest(planted)
+    edits = [lambda: zero_rows(planted, CARRIER_LAYER, [NEURON, 0], expert=CARRIER_EXPERT),
+             lambda: prune_experts(planted, [(SUPER_LAYER, SUPER_EXPERT), (CARRIER_LAYER, 0)]),
+             lambda: route_around(planted, CARRIER_LAYER, [CARRIER_EXPERT])]
+    for edit in edits:
+        with pytest.raises(KeyError):
+            with edit():
+                forward(planted, sample_inputs(planted))
+                raise KeyError("the body failed")
+        assert all_params_digest(planted) == digest
+        assert not planted.blocks.mlp_part(CARRIER_LAYER, "router")._forward_hooks
+    with prune_experts(planted, [(SUPER_LAYER, SUPER_EXPERT)]):
+        assert torch.all(planted.blocks.mlp_part(SUPER_LAYER, "down")[SUPER_EXPERT] == 0)
+        assert all_params_digest(planted) != digest
+    assert all_params_digest(planted) == digest
+
+
+def test_random_experts_are_other_experts_of_the_same_layers(planted):
+    chosen = [(SUPER_LAYER, SUPER_EXPERT), (CARRIER_LAYER, CARRIER_EXPERT)]
+    for seed in range(5):
+        control = random_experts(planted, chosen, seed=seed)
+        assert [l for l, _ in control] == [SUPER_LAYER, CARRIER_LAYER] and not set(control) & set(chosen)
+
+
+# ---- clear errors -------------------------------------------------------------------------------
+
+
+def test_expert_out_of_range_is_a_clear_error(planted):
+    with pytest.raises(IndexError, match=rf"expert {N_EXPERTS} is out of range.*0..{N_EXPERTS - 1}"):
+        with route_around(planted, CARRIER_LAYER, [N_EXPERTS]):
+            pass
+    with pytest.raises(IndexError, match="out of range"):
+        with prune_experts(planted, [(SUPER_LAYER, -1)]):
+            pass
+    with pytest.raises(ValueError, match="shared expert is not routed"):
+        with route_around(planted, CARRIER_LAYER, [SHARED]):
+            pass
+
+
+def test_moe_attack_on_a_dense_layer_or_model_is_a_clear_error(planted, tiny):
+    if planted.family in MIXED:
+        with pytest.raises(ValueError, match="layer 0 is a dense FFN layer"):
+            with route_around(planted, 0, [0]):
+                pass
+    dense = tiny("llama")
+    with pytest.raises(ValueError, match="dense.*MoE model"):
+        analyze_moe(dense, progress=False)
+    with pytest.raises(ValueError, match="dense.*MoE model"):
+        with prune_experts(dense, [(0, 0)]):
+            pass
+    mw = find_massive_weights(dense, k=2, n_prompts=2)
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts layer"):
+        ExpertTarget.of(mw)
+
+
+def test_unknown_router_layout_names_the_adapter_fields(monkeypatch, tiny):
+    from dataclasses import replace
+
+    lm = tiny("olmoe")
+    monkeypatch.setitem(ADAPTERS, "olmoe", replace(ADAPTERS["olmoe"], routing=None))
+    for call in (lambda: analyze_moe(lm, progress=False), lambda: route_around(lm, 0, [0]).__enter__()):
+        with pytest.raises(UnsupportedModelError, match=r"`router`.*`experts`.*`routing`.*adapters.py"):
+            call()
+
+
+def test_bad_thresholds_fail_before_model_time(planted):
+    with pytest.raises(ValueError, match="percentile"):
+        analyze_moe(planted, percentile=120, progress=False)
+    with pytest.raises(ValueError, match="collapse"):
+        analyze_moe(planted, collapse=0, progress=False)
+
+
+def test_shared_expert_of_a_qwen2_moe_layer_is_a_massive_weight_candidate(tokenizer):
+    """Plant the massive neuron in the shared expert instead: it is found there, as expert 'shared'."""
+    lm = build_moe("qwen2_moe", tokenizer)
+    blocks = lm.blocks
+    x0 = bos_mlp_input(lm, CARRIER_LAYER)
+    u = x0 / x0.norm()
+    with torch.no_grad():
+        for tensor, axis, offset in blocks.neuron_slices(CARRIER_LAYER, SHARED):
+            tensor.select(axis, offset + NEURON).copy_(6.0 * u)
+        blocks.down_weight(CARRIER_LAYER, SHARED)[DIM, NEURON] = 100.0
+    mw = find_massive_weights(lm, k=3)
+    assert (mw.layer, mw.dim, mw.expert, mw.indices[0]) == (CARRIER_LAYER, DIM, SHARED, NEURON)
+    digest = all_params_digest(lm)
+    before = forward(lm, sample_inputs(lm))
+    with zero_rows(lm, mw.layer, mw.indices[:1], expert=SHARED):
+        assert _change(lm, before) > 0.05
+    assert all_params_digest(lm) == digest
