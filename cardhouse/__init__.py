@@ -2,5 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .analysis import Criterion, MassiveWeights, ScanResult, find_massive_weights, load_prompts, scan
+from .analysis import (Criterion, MassiveWeights, MoEAnalysis, ScanResult, analyze_moe, find_massive_weights,
+                       load_prompts, scan)
 from .models import ADAPTERS, LoadedModel, available_models, from_pretrained_objects, load_model

@@ -19,8 +19,8 @@ from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, bui
 from cardhouse.analysis import find_massive_weights
 from cardhouse.capture import hook_name, record
 from cardhouse.analysis.moe import analyze_moe, super_expert_rule
-from cardhouse.interventions.experts import (MOE_ATTACKS, ExpertTarget, expert_attack, prune_experts,
-                                             random_experts, route_around)
+from cardhouse.interventions.experts import (MOE_ATTACKS, ON_OTHER_EXPERT, ExpertTarget, expert_attack,
+                                             prune_experts, random_experts, route_around)
 from cardhouse.interventions.weights import zero_rows
 from cardhouse.models.adapters import ADAPTERS, SHARED, UnsupportedModelError
 from cardhouse.models.loading import from_pretrained_objects
@@ -145,13 +145,15 @@ def test_attacks_hit_only_the_planted_experts(planted, analysis):
     from cardhouse.analysis.massive_weights import MassiveWeights
 
     mw = MassiveWeights(**{k: v for k, v in analysis.massive_weights.items() if k != "n_weights"})
-    target = ExpertTarget.of(mw, analysis.flagged)
+    target = ExpertTarget.build(planted, mw, k=1, super_experts=analysis.flagged)
     before = forward(planted, sample_inputs(planted))
     digest = all_params_digest(planted)
     changes = {}
     for attack, controls in MOE_ATTACKS.items():
         for kind in (attack, *controls):
-            variant = expert_attack(planted, target, kind, k=1)
+            variant = expert_attack(target, kind)
+            assert variant.expert == (None if kind.endswith("experts") else
+                                      target.other if kind in ON_OTHER_EXPERT else CARRIER_EXPERT)
             with variant.apply():
                 changes[kind] = _change(planted, before)
             assert all_params_digest(planted) == digest, kind
@@ -240,7 +242,7 @@ def test_moe_attack_on_a_dense_layer_or_model_is_a_clear_error(planted, tiny):
             pass
     mw = find_massive_weights(dense, k=2, n_prompts=2)
     with pytest.raises(ValueError, match="not a Mixture-of-Experts layer"):
-        ExpertTarget.of(mw)
+        ExpertTarget.build(dense, mw)
 
 
 def test_unknown_router_layout_names_the_adapter_fields(monkeypatch, tiny):

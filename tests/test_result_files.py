@@ -31,7 +31,15 @@ def model_folder(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def written(model_folder, tmp_path_factory):
+def moe_folder(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    build("mixtral", tokenizer).model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def written(model_folder, moe_folder, tmp_path_factory):
     """Run every command once; {kind: [paths of the files it wrote]}."""
     out = tmp_path_factory.mktemp("files")
     mp = pytest.MonkeyPatch()
@@ -63,6 +71,11 @@ def written(model_folder, tmp_path_factory):
                    [out / "report" / "results.json"]),
         "encoder": (["encoder", "-m", encoder_folder, "--images", "builtin", "--limit", "2", "--relative",
                      "--min-ratio", "5", "--copies", "2", "-o", out / "enc"], [out / "enc" / "encoder.json"]),
+        "moe": (["moe", "-m", moe_folder, "--limit", "4", "-o", out / "moe"], [out / "moe" / "moe.json"]),
+        "scan-moe": (["scan", "-m", moe_folder, "--limit", "4", "-o", out / "scan-moe"],
+                     [out / "scan-moe" / "scan.json", out / "scan-moe" / "moe.json"]),
+        "attack-moe": (["attack", "moe", "-m", moe_folder, "--k", "2", *BUDGET, "--json", out / "attack-moe.json"],
+                       [out / "attack-moe.json"]),
     }
     runner = CliRunner()
     files = {}
@@ -108,7 +121,7 @@ def _emergence(out):
 KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "position": ["position"],
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
-        "encoder": ["encoder"]}
+        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "encoder": ["encoder"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():
@@ -124,7 +137,7 @@ def test_each_command_writes_files_its_schemas_accept(written, command):
         validate(data, kind)
         assert data["tool"] == "cardhouse" and isinstance(data["settings"], dict)
         if command != "emergence":  # written by the API: no command line
-            assert data["command"].startswith(f"cardhouse {command}"), data["command"]
+            assert data["command"].startswith(f"cardhouse {command.removesuffix('-moe')}"), data["command"]
 
 
 def test_attack_all_reaches_every_registered_attack_and_its_control(written):
@@ -135,6 +148,15 @@ def test_attack_all_reaches_every_registered_attack_and_its_control(written):
     assert kinds_ == ["original", *ATTACKS, "set-zero", "set-mean"]
     assert {r["kind"]: r["control_of"] for r in rows}["random-retain"] == "topk-retain"
     assert all(r["tokens_tiny"] == 126 for r in rows)
+
+
+def test_attack_moe_reaches_every_moe_attack_and_its_controls(written):
+    from cardhouse.interventions import EXPERT_ATTACKS, MOE_ATTACKS
+
+    rows = json.loads(written["attack-moe"][0].read_text())["results"]
+    assert [r["kind"] for r in rows] == ["original", *(k for a, cs in MOE_ATTACKS.items() for k in (a, *cs))]
+    assert {r["kind"] for r in rows[1:]} == set(EXPERT_ATTACKS)
+    assert {r["kind"]: r["control_of"] for r in rows}["expert-other-zero"] == "expert-topk-zero"
 
 
 def test_every_registered_metric_has_a_key_pattern_in_the_row_schema():

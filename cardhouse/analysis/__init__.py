@@ -1,3 +1,4 @@
 from .massive_activations import Criterion, ScanResult, scan
 from .prompts import builtin_prompts, load_prompts
 from .massive_weights import MassiveWeights, find_massive_weights
+from .moe import MoEAnalysis, analyze_moe

@@ -129,8 +129,10 @@ class _Max:
 
     value: float = 0.0
     where: dict = field(default_factory=dict)
+    tokens: int = 0  # tokens routed to it
 
     def add(self, out: torch.Tensor, rows: torch.Tensor, batch, width: int) -> None:
+        self.tokens += out.shape[0]
         flat = out.abs().float()
         value = float(flat.max()) if flat.numel() else 0.0
         if value > self.value:
@@ -199,8 +201,8 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     token_lists = tokenize_prompts(lm, prompts)
     layers = blocks.moe_layers
     n_experts = {l: blocks.n_experts(l) for l in layers}
-    groups = {l: {g: _Sums(torch.zeros(n_experts[l], dtype=torch.float64), torch.zeros(n_experts[l], dtype=torch.float64))
-                  for g in ("carrier", "ordinary")} for l in layers}
+    zeros = {l: lambda n=n_experts[l]: torch.zeros(n, dtype=torch.float64) for l in layers}
+    groups = {l: {g: _Sums(zeros[l](), zeros[l]()) for g in ("carrier", "ordinary")} for l in layers}
     maxima = {(l, e): _Max() for l in layers for e in range(n_experts[l])}
     shared_max = {l: _Max() for l in layers if blocks.ffn(l).shared_expert}
     top_k = {}
@@ -245,13 +247,16 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     collapsed = [r["layer"] for r in router if r["carrier"]["top1"] >= collapse]
     values = {key: m.value for key, m in maxima.items()}
     flagged, cut = super_expert_rule(values, percentile=percentile, fraction=fraction) if values else ([], 0.0)
-    table = [{"layer": l, "expert": e, "max_abs": m.value, **m.where} for (l, e), m in maxima.items()]
+    table = [{"layer": l, "expert": e, "max_abs": m.value, "tokens": m.tokens, **m.where}
+             for (l, e), m in maxima.items()]
     super_experts = {
         "percentile": percentile, "fraction": fraction, "threshold": cut,
         "layer_max": {str(l): max(values[(l, e)] for e in range(n_experts[l])) for l in layers},
-        "flagged": [{"layer": l, "expert": e, "max_abs": values[(l, e)], **maxima[(l, e)].where} for l, e in flagged],
+        "flagged": [{"layer": l, "expert": e, "max_abs": values[(l, e)], "tokens": maxima[(l, e)].tokens,
+                     **maxima[(l, e)].where} for l, e in flagged],
         "experts": table,
-        "shared": [{"layer": l, "expert": SHARED, "max_abs": m.value, **m.where} for l, m in shared_max.items()],
+        "shared": [{"layer": l, "expert": SHARED, "max_abs": m.value, "tokens": m.tokens, **m.where}
+                   for l, m in shared_max.items()],
     }
     notes = []
     dense = [l for l in range(len(blocks)) if l not in layers]
@@ -269,5 +274,6 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     first = layers[0] if layers else None
     return MoEAnalysis(model=lm.describe(), moe_layers=layers, n_experts=n_experts.get(first, 0),
                        top_k=top_k.get(first, 0), shared_expert=bool(shared_max), prompts=len(prompts), router=router,
-                       collapse=collapse, collapse_layer=collapsed[0] if collapsed else None, collapsed_layers=collapsed,
+                       collapse=collapse, collapse_layer=collapsed[0] if collapsed else None,
+                       collapsed_layers=collapsed,
                        super_experts=super_experts, massive_weights=mw, notes=notes)

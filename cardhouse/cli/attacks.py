@@ -64,15 +64,28 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, settings:
 @app.command("attack")
 def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
                                                     "their controls random-zero, random-retain, random-weight), or "
-                                                    "'all' for every attack and the activation interventions"),
+                                                    "'all' for every attack and the activation interventions; "
+                                                    "Mixture of Experts: expert-topk-zero, expert-topk-retain, "
+                                                    "expert-ablate, super-experts (each with its controls), or "
+                                                    "'moe' for all four"),
                model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
                layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
+               expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
+                                                    "default: the carrier's)"),
+               percentile: Optional[float] = typer.Option(None, help="MoE super experts: percentile rule (99.5)"),
+               fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max "
+                                                        "(0.1)"),
                seed: int = typer.Option(0, help="seed of the random control"),
                corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
                task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
                json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
+    from ..interventions.experts import MOE_ATTACKS
+
+    if kind == "moe" or kind in MOE_ATTACKS:
+        return _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens,
+                           context, task, limit, bos, json_path)
     from ..analysis import find_massive_weights
     from ..analysis import scan as run_scan
     from ..interventions import ATTACKS, attack, get_attack, intervention, original
@@ -83,7 +96,9 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
             try:
                 get_attack(kind)
             except ValueError as e:
-                raise ValueError(f"{e}, all") from None
+                raise ValueError(f"{e}, all; Mixture of Experts: {', '.join(MOE_ATTACKS)}, moe") from None
+        if expert is not None or percentile is not None or fraction is not None:
+            raise ValueError("--expert, --percentile and --fraction are for the Mixture-of-Experts attacks")
         budget = _budget(corpus, max_tokens, context, task, limit)
         lm = load(model, bos)
         chosen = parse_int_list(indices, "--indices")
@@ -98,6 +113,32 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}",
                  settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed},
                  massive_weights=mw.to_dict())
+
+
+def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens, context, task,
+                limit, bos, json_path) -> None:
+    """``attack`` for the Mixture-of-Experts attacks (interventions/experts.py), each beside its controls."""
+    from ..interventions.experts import moe_variants
+    from .moe import check_moe_options
+
+    with clear_errors():
+        check_writable_file(json_path)
+        check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
+        which = expert if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
+        budget = _budget(corpus, max_tokens, context, task, limit)
+        chosen = parse_int_list(indices, "--indices")
+        lm = load(model, bos)
+        variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
+                                            percentile=percentile, fraction=fraction)
+        if not mw.massive:
+            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+        _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
+                 f"rows {target.top}; super experts {target.super_experts}",
+                 settings={"attack": kind, "k": k, "layer": layer, "expert": expert, "indices": chosen, "seed": seed,
+                           "percentile": percentile, "fraction": fraction},
+                 massive_weights=mw.to_dict(),
+                 target={"layer": target.layer, "expert": target.expert, "rows": target.top,
+                         "super_experts": target.super_experts, "random_experts": target.random_experts})
 
 
 @app.command("intervene")

@@ -51,7 +51,15 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
         if weights is not None:
             plots["bos_trace"] = str(plot_bos_trace(weights.trace, weights.dim, weights.layer, out / "bos_trace.png",
                                                     lm.name))
-        write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None},
+        moe = None
+        if lm.blocks.is_moe:  # the MoE section: router collapse, the carrier's experts, super experts (moe.json)
+            from .moe import COLLAPSE, FRACTION, PERCENTILE, run_moe
+
+            analysis, moe_plots = run_moe(lm, texts, out, out / "moe.json", k=k, layer=layer, collapse=COLLAPSE,
+                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size)
+            moe, plots = analysis.to_dict(), plots | {f"moe_{name}": path for name, path in moe_plots.items()}
+        write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
+                                 "moe": moe},
                      model=lm.describe(), settings={"prompts": prompts, "limit": limit, "criterion": criterion.to_dict(),
                                                     "k": k, "layer": layer, "batch_size": batch_size},
                      plots=plots)

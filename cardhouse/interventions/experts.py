@@ -21,6 +21,7 @@ import torch
 from ..models.adapters import SHARED
 from ..models.loading import LoadedModel
 from ..models.routing import normalises, routing_of
+from .variants import AttackSpec, Edit, Variant, original
 from .weights import check_indices, overwrite_slices, random_indices, retain_rows, zero_rows
 
 
@@ -32,7 +33,8 @@ def _check_experts(lm: LoadedModel, layer: int, experts: Sequence[int]) -> list[
         raise ValueError(f"layer {layer} is a dense FFN layer: it has no experts (MoE layers: {blocks.moe_layers})")
     if SHARED in experts:
         raise ValueError("the shared expert is not routed: it cannot be routed around or pruned as an expert")
-    return check_indices([blocks.check_expert(layer, e) for e in experts], blocks.n_experts(layer), f"layer {layer} expert")
+    experts = [blocks.check_expert(layer, e) for e in experts]
+    return check_indices(experts, blocks.n_experts(layer), f"layer {layer} expert")
 
 
 @contextmanager
@@ -97,25 +99,112 @@ def random_experts(lm: LoadedModel, experts: Sequence[tuple[int, int]], seed: in
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertTarget:
-    """What the MoE attacks aim at: the carrier's expert and its massive rows in one layer, and the
-    super experts (from ``analysis.moe``)."""
+    """What the MoE attacks aim at, and their seeded controls: the carrier's expert and its massive rows
+    in one layer, and the super experts (``analysis.moe``)."""
 
+    lm: LoadedModel
     layer: int
-    expert: int | str
-    indices: list[int]
+    expert: int | str  # a routed expert, or SHARED
+    top: list[int]  # the attacked rows of that expert
+    random: list[int]  # as many random rows of the same expert, avoiding ``top`` while there are enough others
+    other: int  # another routed expert of the layer: the same rows there are a control
     super_experts: list[tuple[int, int]]
+    random_experts: list[tuple[int, int]]  # as many random experts, in the same layers
 
     @classmethod
-    def of(cls, mw, super_experts: Sequence[tuple[int, int]] = ()) -> "ExpertTarget":
-        if mw.expert is None:
+    def build(cls, lm: LoadedModel, mw, *, k: int | None = None, expert: int | str | None = None,
+              indices: list[int] | None = None, super_experts=(), seed: int = 0) -> "ExpertTarget":
+        """From ``find_massive_weights``' result; ``expert``/``indices`` override the carrier's expert and rows."""
+        if mw.expert is None and expert is None:
             raise ValueError(f"the massive-weight layer {mw.layer} is not a Mixture-of-Experts layer: "
-                             "expert attacks need the carrier's expert (give --layer of an MoE layer)")
-        return cls(mw.layer, mw.expert, list(mw.indices), list(super_experts))
+                             "expert attacks need the carrier's expert (give the layer of an MoE layer)")
+        layer = mw.layer
+        expert = mw.expert if expert is None else lm.blocks.check_expert(layer, expert)
+        size = lm.blocks.intermediate_size(layer, expert)
+        top = check_indices(indices, size, f"expert {expert} intermediate index") if indices else mw.indices[:k]
+        random_rows = random_indices(size, len(top), exclude=top if 2 * len(top) <= size else (), seed=seed)
+        supers = [tuple(e) for e in super_experts]
+        return cls(lm, layer, expert, top, random_rows, other_expert(lm, layer, expert, seed), supers,
+                   random_experts(lm, supers, seed) if supers else [])
 
 
-# attack -> its controls (the order of a results table)
+def _rows(rows, expert, retain: bool, what: str = ""):
+    def edit(t: ExpertTarget) -> Edit:
+        chosen, which = rows(t), expert(t)
+        if which != t.expert:  # the other expert may be narrower (a shared expert's rows)
+            check_indices(chosen, t.lm.blocks.intermediate_size(t.layer, which), f"expert {which} intermediate index")
+        apply = retain_rows if retain else zero_rows
+        verb = "keep only" if retain else "zero"
+        return Edit(f"{what}{verb} W_up/W_gate rows {chosen} of expert {which}, layer {t.layer}",
+                    lambda: apply(t.lm, t.layer, chosen, expert=which), chosen)
+    return edit
+
+
+def _ablate(expert, what: str = ""):
+    def edit(t: ExpertTarget) -> Edit:
+        which = expert(t)
+        return Edit(f"{what}route around expert {which} of layer {t.layer} (the others share its probability)",
+                    lambda: route_around(t.lm, t.layer, [which]), [])
+    return edit
+
+
+def _prune(experts, what: str = ""):
+    def edit(t: ExpertTarget) -> Edit:
+        chosen = experts(t)
+        if not chosen:
+            raise ValueError("no super experts were flagged: nothing to prune (lower --percentile or --fraction)")
+        return Edit(f"{what}prune experts {chosen} (layer, expert): down projection zeroed",
+                    lambda: prune_experts(t.lm, chosen), [])
+    return edit
+
+
+def _top(t):
+    return t.top
+
+
+def _random(t):
+    return t.random
+
+
+def _carrier(t):
+    return t.expert
+
+
+def _other(t):
+    return t.other
+
+
+# The MoE attacks, registered like the dense ones (``variants.AttackSpec``) in a registry of their own:
+# they need an MoE model and targets the dense attacks do not have (another expert, the super experts), so
+# ``attack all``, the sweep and the report, which read ``ATTACKS`` for any model, leave them out.
+EXPERT_ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
+    AttackSpec("expert-topk-zero", "zero the top-k massive rows inside the carrier's expert",
+               _rows(_top, _carrier, False), control="expert-random-zero"),
+    AttackSpec("expert-random-zero", "control: zero k random rows of the same expert",
+               _rows(_random, _carrier, False, "control: "), style="o:"),
+    AttackSpec("expert-other-zero", "control: zero the same rows of another expert of the layer",
+               _rows(_top, _other, False, "control: "), style="o--"),
+    AttackSpec("expert-topk-retain", "keep only the top-k rows of the carrier's expert",
+               _rows(_top, _carrier, True), control="expert-random-retain", style="s-"),
+    AttackSpec("expert-random-retain", "control: keep only k random rows of the same expert",
+               _rows(_random, _carrier, True, "control: "), style="s:"),
+    AttackSpec("expert-other-retain", "control: keep only the same rows in another expert",
+               _rows(_top, _other, True, "control: "), style="s--"),
+    AttackSpec("expert-ablate", "route around the carrier's expert (renormalise the router over the others)",
+               _ablate(_carrier), control="random-expert-ablate", takes_k=False),
+    AttackSpec("random-expert-ablate", "control: route around another expert of the layer",
+               _ablate(_other, "control: "), takes_k=False),
+    AttackSpec("super-experts", "prune the super experts (Su et al.)", _prune(lambda t: t.super_experts),
+               control="random-experts", takes_k=False),
+    AttackSpec("random-experts", "control: prune as many random experts, in the same layers",
+               _prune(lambda t: t.random_experts, "control: "), takes_k=False),
+)}
+
+ON_OTHER_EXPERT = frozenset({"expert-other-zero", "expert-other-retain", "random-expert-ablate"})  # (_other)
+
+# attack -> its controls, in the order of a results table
 MOE_ATTACKS: dict[str, tuple[str, ...]] = {
     "expert-topk-zero": ("expert-random-zero", "expert-other-zero"),
     "expert-topk-retain": ("expert-random-retain", "expert-other-retain"),
@@ -124,50 +213,47 @@ MOE_ATTACKS: dict[str, tuple[str, ...]] = {
 }
 
 
-def expert_attack(lm: LoadedModel, target: ExpertTarget, kind: str, *, k: int | None = None, seed: int = 0):
-    """One MoE attack or control as a ``Variant`` (see ``MOE_ATTACKS``)."""
-    from .variants import Variant
+def expert_attack(target: ExpertTarget, kind: str, *, seed: int | None = None) -> Variant:
+    """One MoE attack or control of ``EXPERT_ATTACKS`` as a ``Variant``."""
+    if kind not in EXPERT_ATTACKS:
+        raise ValueError(f"unknown MoE attack {kind!r}; known: {', '.join(EXPERT_ATTACKS)}")
+    spec = EXPERT_ATTACKS[kind]
+    edit = spec.edit(target)
+    layers = [target.layer] + [l for l, _ in target.super_experts + target.random_experts]
+    first = min(layers) if kind in ("super-experts", "random-experts") else target.layer
+    control = next((a for a, controls in MOE_ATTACKS.items() if kind in controls), None)
+    expert = None if kind in ("super-experts", "random-experts") else \
+        target.other if kind in ON_OTHER_EXPERT else target.expert
+    return Variant(kind, edit.description, edit.apply, first, len(target.top) if spec.takes_k else None,
+                   expert, tuple(edit.indices), control, seed)
 
-    layer, expert = target.layer, target.expert
-    indices = target.indices[:k] if k is not None else target.indices
-    k = len(indices)
-    size = lm.blocks.intermediate_size(layer, expert)
-    table = {}
-    if kind.startswith("expert-") and kind != "expert-ablate":
-        rows = random_indices(size, k, exclude=indices if 2 * k <= size else (), seed=seed)
-        other = other_expert(lm, layer, expert, seed)
-        check_indices(indices, lm.blocks.intermediate_size(layer, other), f"expert {other} intermediate index")
-        at = f"layer {layer}"
-        table = {
-            "expert-topk-zero": (f"zero rows {indices} of expert {expert}, {at}", lambda: zero_rows(lm, layer, indices, expert=expert)),
-            "expert-random-zero": (f"control: zero random rows {rows} of expert {expert}, {at}",
-                                   lambda: zero_rows(lm, layer, rows, expert=expert)),
-            "expert-other-zero": (f"control: zero rows {indices} of expert {other}, {at}",
-                                  lambda: zero_rows(lm, layer, indices, expert=other)),
-            "expert-topk-retain": (f"keep only rows {indices} of expert {expert}, {at}",
-                                   lambda: retain_rows(lm, layer, indices, expert=expert)),
-            "expert-random-retain": (f"control: keep only random rows {rows} of expert {expert}, {at}",
-                                     lambda: retain_rows(lm, layer, rows, expert=expert)),
-            "expert-other-retain": (f"control: keep only rows {indices} of expert {other}, {at}",
-                                    lambda: retain_rows(lm, layer, indices, expert=other)),
-        }
-    elif kind in ("expert-ablate", "random-expert-ablate"):
-        other = other_expert(lm, layer, expert, seed)
-        table = {
-            "expert-ablate": (f"route around expert {expert} of layer {layer}", lambda: route_around(lm, layer, [expert])),
-            "random-expert-ablate": (f"control: route around expert {other} of layer {layer}",
-                                     lambda: route_around(lm, layer, [other])),
-        }
-    elif kind in ("super-experts", "random-experts"):
-        if not target.super_experts:
-            raise ValueError("no super experts were flagged: nothing to prune (lower --percentile or --fraction)")
-        chosen = target.super_experts if kind == "super-experts" else random_experts(lm, target.super_experts, seed)
-        what = "super experts" if kind == "super-experts" else "control: as many random experts, same layers,"
-        table = {kind: (f"prune {what} {chosen} (down projection zeroed)", lambda: prune_experts(lm, chosen))}
-    known = [*MOE_ATTACKS, *(c for cs in MOE_ATTACKS.values() for c in cs)]
-    if kind not in table:
-        raise ValueError(f"unknown MoE attack {kind!r}; known: {', '.join(known)}")
-    description, apply = table[kind]
-    first = min([layer] + [l for l, _ in target.super_experts]) if kind.endswith("experts") else layer
-    name = f"{kind} k={k}" if "zero" in kind or "retain" in kind else kind
-    return Variant(name, description, apply, first)
+
+def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = None, expert: int | str | None = None,
+                 indices: list[int] | None = None, seed: int = 0, prompts: list[str] | str = "builtin",
+                 percentile: float | None = None, fraction: float | None = None):
+    """The unedited model, then each MoE attack of ``kind`` (one of ``MOE_ATTACKS``, or ``"moe"`` for all)
+    followed by its controls, as ``Variant`` s; and what they aim at (``ExpertTarget``, the massive weights).
+
+    ``layer``/``expert``/``indices`` override the detected massive-weight layer, the carrier's expert and
+    its top-k rows; the super experts are found on ``prompts`` with Su et al.'s rule.
+    """
+    from ..analysis.massive_weights import find_massive_weights
+    from ..analysis.moe import FRACTION, PERCENTILE, analyze_moe
+
+    if kind != "moe" and kind not in MOE_ATTACKS:
+        raise ValueError(f"unknown MoE attack {kind!r}; known: {', '.join(MOE_ATTACKS)}, moe")
+    routing_of(lm.blocks.adapter)  # a dense model or an undescribed router: a clear error before any forward pass
+    kinds = list(MOE_ATTACKS) if kind == "moe" else [kind]
+    if layer is not None:
+        lm.blocks.check_layer(layer)
+    mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer)
+    flagged = []
+    if "super-experts" in kinds:
+        flagged = analyze_moe(lm, prompts, percentile=PERCENTILE if percentile is None else percentile,
+                              fraction=FRACTION if fraction is None else fraction, progress=False,
+                              massive_weights=False).flagged
+        if kind == "moe" and not flagged:
+            kinds.remove("super-experts")  # nothing to prune; asked for alone, it is an error (``_prune``)
+    target = ExpertTarget.build(lm, mw, k=k, expert=expert, indices=indices, super_experts=flagged, seed=seed)
+    variants = [original()] + [expert_attack(target, kd, seed=seed) for a in kinds for kd in (a, *MOE_ATTACKS[a])]
+    return variants, target, mw

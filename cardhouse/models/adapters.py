@@ -202,8 +202,9 @@ class Blocks:
         module, layout = self._ffn(layer, expert)
         path = getattr(layout, name)
         if path is None:
-            raise ValueError(f"layer {layer}'s FFN has no {name} (it is {'an MoE' if layout.mlp_layout == 'experts' else 'a dense'} "
-                             f"FFN of the {layout.family} adapter in cardhouse/models/adapters.py)")
+            kind = "an MoE" if layout.mlp_layout == "experts" else "a dense"
+            raise ValueError(f"layer {layer}'s FFN has no {name} (it is {kind} FFN of the {layout.family} adapter "
+                             "in cardhouse/models/adapters.py)")
         if path.startswith("/"):  # relative to the block: an FFN split over two modules (BERT)
             return get(self.layers[self.check_layer(layer)], path[1:])
         return get(module, path)

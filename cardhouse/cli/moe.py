@@ -1,0 +1,77 @@
+"""``cardhouse moe``: the Mixture-of-Experts picture (router collapse, the carrier's experts, super experts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
+from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, load, \
+    writable_folder
+
+CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
+                                          "reaches this")
+PercentileOpt = typer.Option(PERCENTILE, help="super experts: max |output| above this percentile of all experts' ...")
+FractionOpt = typer.Option(FRACTION, help="... and above this fraction of the largest in their layer")
+
+
+def check_moe_options(collapse: float, percentile: float, fraction: float) -> None:
+    from ..analysis.moe import super_expert_rule
+
+    if not 0 < collapse <= 1:
+        raise ValueError(f"--collapse must be in (0, 1], got {collapse}")
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"--percentile must be in 0..100, got {percentile}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"--fraction must be in 0..1, got {fraction}")
+    super_expert_rule({(0, 0): 1.0}, percentile=percentile, fraction=fraction)
+
+
+def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | None, collapse: float,
+            percentile: float, fraction: float, batch_size: int):
+    """Analyse, print, plot and write ``moe.json``; the analysis and the plot paths."""
+    from ..analysis.moe import analyze_moe
+    from ..reports.moe_plots import plot_router, plot_super_experts
+    from ..reports.moe_tables import moe_tables
+    from ..results import write_result
+
+    analysis = analyze_moe(lm, texts, k=k, layer=layer, collapse=collapse, percentile=percentile, fraction=fraction,
+                           batch_size=batch_size)
+    moe_tables(analysis, console)
+    plots = {"router": str(plot_router(analysis, folder / "moe_router.png")),
+             "super_experts": str(plot_super_experts(analysis, folder / "moe_super_experts.png"))}
+    settings = {"prompts": len(texts), "k": k, "layer": layer, "collapse": collapse, "percentile": percentile,
+                "fraction": fraction}
+    write_result(json_path, analysis.to_dict(), model=lm.describe(), settings=settings, plots=plots)
+    return analysis, plots
+
+
+@app.command("moe")
+def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
+            limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+            k: int = typer.Option(5, help="top-k intermediate indices of the carrier's experts"),
+            layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
+            collapse: float = CollapseOpt, percentile: float = PercentileOpt, fraction: float = FractionOpt,
+            batch_size: int = typer.Option(8, help="prompts per forward pass"), bos: Optional[bool] = BosOpt,
+            out: Path = OutOpt,
+            json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/moe.json)")):
+    """Mixture of Experts: where the router sends the carrier token (House of Cards Fig. 5), the expert that
+    holds the massive weights and its rows (Table 7), and the super experts (Su et al. 2025)."""
+    from ..analysis import load_prompts
+    from ..models.routing import routing_of
+
+    with clear_errors():
+        check_moe_options(collapse, percentile, fraction)
+        folder = writable_folder(out)
+        json_path = json_path or folder / "moe.json"
+        check_writable_file(json_path)
+        texts = load_prompts(prompts, limit=limit)
+        lm = load(model, bos)
+        routing_of(lm.blocks.adapter)  # a dense model or an undescribed router: one clear line
+        if layer is not None:
+            lm.blocks.check_layer(layer)
+        _, plots = run_moe(lm, texts, folder, json_path, k=k, layer=layer, collapse=collapse, percentile=percentile,
+                           fraction=fraction, batch_size=batch_size)
+        console.print(f"wrote {json_path}, {', '.join(plots.values())}")

@@ -1,0 +1,128 @@
+"""``cardhouse moe``, the MoE section of ``cardhouse scan`` and the MoE attacks, end to end on a planted tiny
+Mixtral saved as a Hugging Face folder; their clear errors; moe.json against its schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import BOS_ID, build
+from test_moe import CARRIER_EXPERT, CARRIER_LAYER, DIM, NEURON, N_EXPERTS, SUPER_EXPERT, SUPER_LAYER, build_moe, plant
+from cardhouse.cli import app
+from cardhouse.results import validate
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-moe")
+    lm = build_moe("mixtral", tokenizer)
+    plant(lm)
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_folder(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-dense")
+    lm = build("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_moe_command_writes_the_planted_truth_and_validates(folder, tmp_path):
+    result = run("moe", "--model", folder, "--out", tmp_path, "--k", 3)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "moe.json").read_text())
+    validate(data)
+    validate(data, "moe")
+    r = data["results"]
+    assert r["collapse_layer"] == CARRIER_LAYER and r["collapsed_layers"] == [CARRIER_LAYER]
+    assert [[e["layer"], e["expert"]] for e in r["super_experts"]["flagged"]] == [[SUPER_LAYER, SUPER_EXPERT]]
+    mw = r["massive_weights"]
+    assert (mw["layer"], mw["dim"], mw["expert"], mw["indices"][0]) == (CARRIER_LAYER, DIM, CARRIER_EXPERT, NEURON)
+    assert data["settings"]["percentile"] == 99.5 and data["settings"]["fraction"] == 0.1
+    for png in data["plots"].values():
+        assert (tmp_path / png.split("/")[-1]).stat().st_size > 5000
+    assert "collapses" in result.output and f"{CARRIER_LAYER}" in result.output
+
+
+def test_scan_has_an_moe_section_for_an_moe_model(folder, dense_folder, tmp_path):
+    result = run("scan", "--model", folder, "--out", tmp_path / "moe", "--limit", 8)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "moe" / "scan.json").read_text())
+    assert data["moe"]["collapse_layer"] == CARRIER_LAYER and "moe_router" in data["plots"]
+    assert data["massive_weights"]["expert"] == CARRIER_EXPERT
+    assert "router per MoE layer" in result.output
+    dense = run("scan", "--model", dense_folder, "--out", tmp_path / "dense", "--limit", 4)
+    assert dense.exit_code == 0, dense.output
+    assert json.loads((tmp_path / "dense" / "scan.json").read_text())["moe"] is None
+    assert "router per MoE layer" not in dense.output
+
+
+def test_moe_attacks_beside_their_controls(folder, tmp_path):
+    out = tmp_path / "attack.json"
+    result = run("attack", "moe", "--model", folder, "--k", 1, "--max-tokens", 254, "--context", 128, "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    ppl = {row["variant"]: row["ppl_wikipedia"] for row in data["results"]}
+    assert list(ppl) == ["original", "expert-topk-zero k=1", "expert-random-zero k=1", "expert-other-zero k=1",
+                         "expert-topk-retain k=1", "expert-random-retain k=1", "expert-other-retain k=1",
+                         "expert-ablate", "random-expert-ablate", "super-experts", "random-experts"]
+    assert data["complete"] and data["target"]["super_experts"] == [[SUPER_LAYER, SUPER_EXPERT]]
+    base = ppl["original"]
+
+    def moved(variant):
+        return abs(ppl[variant] / base - 1)
+
+    for attack, controls in {"expert-topk-zero k=1": ["expert-random-zero k=1", "expert-other-zero k=1"],
+                             "expert-ablate": ["random-expert-ablate"],
+                             "expert-random-retain k=1": ["expert-topk-retain k=1"]}.items():
+        for control in controls:
+            assert moved(attack) > 0.01 and moved(attack) > 10 * moved(control), (attack, control, ppl)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["moe", "--percentile", "101"], "--percentile must be in 0..100"),
+    (["moe", "--fraction", "2"], "--fraction must be in 0..1"),
+    (["moe", "--collapse", "0"], "--collapse must be in (0, 1]"),
+    (["attack", "expert-nope"], "unknown attack"),
+    (["attack", "topk-zero", "--expert", "1"], "are for the Mixture-of-Experts attacks"),
+    (["attack", "expert-ablate", "--expert", "x"], "--expert must be comma-separated integers"),
+])
+def test_bad_moe_input_is_one_clear_line_before_loading(args, message):
+    result = run(*args, "--model", "/nonexistent/model")  # never loaded: the error comes first
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_moe_errors_that_need_the_model(folder, dense_folder, tmp_path):
+    budget = ["--max-tokens", 254, "--context", 128]
+    cases = [(["attack", "expert-ablate", "--model", folder, "--expert", N_EXPERTS, *budget],
+              f"expert {N_EXPERTS} is out of range: layer {CARRIER_LAYER} has experts 0..{N_EXPERTS - 1}"),
+             (["attack", "expert-ablate", "--model", dense_folder, "--max-tokens", 254, "--context", 128],
+              "dense (no Mixture-of-Experts layers)"),
+             (["moe", "--model", dense_folder, "--out", tmp_path], "dense (no Mixture-of-Experts layers)"),
+             (["attack", "expert-topk-zero", "--model", folder, "--expert", "shared", "--max-tokens", 254,
+               "--context", 128], "has no shared expert")]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 1, result.output
+        assert message in " ".join(result.output.split()) and "Traceback" not in result.output, result.output
+
+
+def test_bos_token_is_the_carrier(folder, tmp_path):
+    result = run("moe", "--model", folder, "--out", tmp_path, "--percentile", 90, "--limit", 8)
+    assert result.exit_code == 0, result.output
+    flagged = json.loads((tmp_path / "moe.json").read_text())["results"]["super_experts"]["flagged"]
+    carrier = [e for e in flagged if e["layer"] == CARRIER_LAYER]
+    assert carrier and carrier[0]["token_id"] == BOS_ID and carrier[0]["position"] == 0
