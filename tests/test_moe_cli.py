@@ -60,12 +60,13 @@ def test_scan_has_an_moe_section_for_an_moe_model(folder, dense_folder, tmp_path
     result = run("scan", "--model", folder, "--out", tmp_path / "moe", "--limit", 8)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "moe" / "scan.json").read_text())
-    assert data["moe"]["collapse_layer"] == CARRIER_LAYER and "moe_router" in data["plots"]
-    assert data["massive_weights"]["expert"] == CARRIER_EXPERT
+    validate(data, "scan")
+    assert data["results"]["moe"]["collapse_layer"] == CARRIER_LAYER and "moe_router" in data["plots"]
+    assert data["results"]["massive_weights"]["expert"] == CARRIER_EXPERT
     assert "router per MoE layer" in result.output
     dense = run("scan", "--model", dense_folder, "--out", tmp_path / "dense", "--limit", 4)
     assert dense.exit_code == 0, dense.output
-    assert json.loads((tmp_path / "dense" / "scan.json").read_text())["moe"] is None
+    assert json.loads((tmp_path / "dense" / "scan.json").read_text())["results"]["moe"] is None
     assert "router per MoE layer" not in dense.output
 
 
@@ -74,6 +75,7 @@ def test_moe_attacks_beside_their_controls(folder, tmp_path):
     result = run("attack", "moe", "--model", folder, "--k", 1, "--max-tokens", 254, "--context", 128, "--json", out)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
+    validate(data, "attack")
     ppl = {row["variant"]: row["ppl_wikipedia"] for row in data["results"]}
     assert list(ppl) == ["original", "expert-topk-zero k=1", "expert-random-zero k=1", "expert-other-zero k=1",
                          "expert-topk-retain k=1", "expert-random-retain k=1", "expert-other-retain k=1",
@@ -126,3 +128,29 @@ def test_bos_token_is_the_carrier(folder, tmp_path):
     flagged = json.loads((tmp_path / "moe.json").read_text())["results"]["super_experts"]["flagged"]
     carrier = [e for e in flagged if e["layer"] == CARRIER_LAYER]
     assert carrier and carrier[0]["token_id"] == BOS_ID and carrier[0]["position"] == 0
+
+
+def test_report_has_an_moe_section_for_an_moe_model_only(tokenizer, tiny, tmp_path):
+    from cardhouse.reports.browser import parse_page, problems
+    from cardhouse.reports.report import Settings, build_report
+
+    lm = build_moe("mixtral", tokenizer)
+    plant(lm)
+    settings = Settings.quick(max_tokens=126, context=64, ks=(1,), prompt_limit=8)
+    results = build_report([lm, tiny("llama")], tmp_path / "out", settings, progress=False)
+    assert results["failures"] == []
+    moe_model, dense = results["models"]
+    assert [s["key"] for s in dense["sections"]][-1] == "attacks"  # no MoE section for a dense model
+    section = moe_model["sections"][-1]
+    assert section["key"] == "moe" and section["status"] == "ok"
+    summary = dict(section["tables"][0]["rows"])
+    assert summary["carrier routing collapses in layer"] == CARRIER_LAYER
+    assert summary["expert holding the massive weights"] == CARRIER_EXPERT
+    carrier = section["tables"][2]["rows"][0]
+    assert carrier[0] == CARRIER_EXPERT and carrier[3][0] == NEURON
+    assert section["tables"][3]["rows"][0][:2] == [SUPER_LAYER, SUPER_EXPERT]
+    variants = [row[0] for row in section["tables"][4]["rows"]]
+    assert variants[:4] == ["original", "expert-topk-zero k=2", "expert-random-zero k=2", "expert-other-zero k=2"]
+    assert variants[-2:] == ["super-experts", "random-experts"]
+    assert all((tmp_path / "out" / f["file"]).is_file() for f in section["figures"])
+    assert problems(parse_page((tmp_path / "out" / "report.html").read_text()), results) == []

@@ -70,7 +70,7 @@ def test_report_folder_holds_the_page_the_json_and_every_figure(report):
     assert results["failures"] == []
     assert [m["name"] for m in results["models"]] == [f"tiny-{f}" for f in FAMILIES]
     for model in results["models"]:
-        assert [s["key"] for s in model["sections"]] == [step.key for step in STEPS]
+        assert [s["key"] for s in model["sections"]] == [step.key for step in STEPS if step.key != "moe"]  # dense
         assert all(s["status"] == "ok" for s in model["sections"])
         figures = [f["file"] for s in model["sections"] for f in s["figures"]]
         assert len(figures) == 3 and all((folder / f).read_bytes().startswith(b"\x89PNG") for f in figures)

@@ -38,7 +38,8 @@ class MassiveWeights:
     intermediate_size: int
     massive: bool = True  # whether position 0 carries a massive activation at all (see MASSIVE_*)
     notes: list[str] = field(default_factory=list)
-    experts: list[dict] = field(default_factory=list)  # MoE: the carrier's experts in `layer` (analysis.moe.carrier_experts)
+    # MoE: the carrier's experts in `layer`, largest contribution first (analysis.moe.carrier_experts)
+    experts: list[dict] = field(default_factory=list)
 
     @property
     def n_weights(self) -> int:
@@ -125,8 +126,10 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         # of the carrier's routed experts (and the shared one), the one that writes the massive dimension most
         experts = sorted(carrier_experts(lm, layer, mlp_in[0], dim, k), key=lambda e: -sign * e["contribution"])
         expert = experts[0]["expert"]
+        like = blocks.down_weight(layer, expert)  # the stored states are float32 copies: back to the model's dtype
         with torch.inference_mode():
-            intermediate = torch.stack([blocks.intermediate(layer, x, expert) for x in mlp_in])
+            intermediate = torch.stack([blocks.intermediate(layer, x.to(like.device, like.dtype), expert).cpu()
+                                        for x in mlp_in])
         notes.append(f"Mixture of Experts: the BOS token is routed to experts {[e['expert'] for e in experts]}; "
                      f"expert {expert} writes the most into dimension {dim} and holds the massive weights")
     else:

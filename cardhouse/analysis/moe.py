@@ -79,7 +79,8 @@ def carrier_experts(lm: LoadedModel, layer: int, x: torch.Tensor, dim: int, k: i
     layout = blocks.ffn(layer)
     mlp = blocks.part(layer, "mlp")
     with torch.inference_mode():
-        x = x.to(blocks.mlp_part(layer, "down").dtype)
+        down = blocks.mlp_part(layer, "down")
+        x = x.to(device=down.device, dtype=down.dtype)
         _, weights, chosen = blocks.mlp_part(layer, "router")(x[None])
         rows = [(int(e), float(w)) for e, w in zip(chosen[0], weights[0])]
         if layout.shared_expert:
@@ -110,9 +111,11 @@ class _Sums:
     tokens: int = 0
 
     def add(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
-        self.probs += probs.double().sum(0)
-        self.chosen += torch.bincount(chosen.flatten(), minlength=self.chosen.numel()).double()
-        self.entropy += float(_entropy(probs.double()).sum())
+        probs = probs.double()  # float64 sums whatever the model's dtype; kept on the CPU
+        self.probs += probs.sum(0).cpu()
+        n, chosen = self.chosen.numel(), chosen.flatten()
+        self.chosen += torch.bincount(chosen[chosen < n].cpu(), minlength=n).double()  # past-the-end: padding
+        self.entropy += float(_entropy(probs).sum())
         self.top1 += float(probs.max(-1).values.double().sum())
         self.tokens += probs.shape[0]
 
@@ -222,20 +225,21 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
         top_k[layer] = chosen.shape[-1]
         probs = routing.probabilities(logits)
         for name in ("carrier", "ordinary"):
-            groups[layer][name].add(probs[now[name]], chosen[now[name]])
+            rows = now[name].to(probs.device)
+            groups[layer][name].add(probs[rows], chosen[rows.to(chosen.device)])
 
     def on_experts(layer, x, chosen, weights):
-        down, valid = blocks.mlp_part(layer, "down"), now["valid"]
+        down, valid = blocks.mlp_part(layer, "down"), now["valid"].to(chosen.device)
         for expert in chosen[valid].unique().tolist():
             if not 0 <= expert < n_experts[layer]:
                 continue  # some implementations pad with an index past the last expert
             rows = (valid & (chosen == expert).any(-1)).nonzero().flatten()
-            out = blocks.intermediate(layer, x[rows], expert) @ down[expert].T
-            maxima[(layer, expert)].add(out, rows, now["batch"], now["width"])
+            out = blocks.intermediate(layer, x[rows.to(x.device)], expert) @ down[expert].T
+            maxima[(layer, expert)].add(out, rows.cpu(), now["batch"], now["width"])
 
     def on_shared(layer, out):
         rows = now["valid"].nonzero().flatten()
-        shared_max[layer].add(out.reshape(-1, out.shape[-1])[rows], rows, now["batch"], now["width"])
+        shared_max[layer].add(out.reshape(-1, out.shape[-1])[rows.to(out.device)], rows, now["batch"], now["width"])
 
     with moe_hooks(lm, router=on_router, experts=on_experts, shared=on_shared):
         run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="MoE")

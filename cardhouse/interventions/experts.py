@@ -52,7 +52,7 @@ def route_around(lm: LoadedModel, layer: int, experts: Sequence[int]) -> Iterato
         logits, weights, chosen = output[:3]
         if left < chosen.shape[-1]:
             raise ValueError(f"cannot route around {len(experts)} experts: {left} are left for top-{chosen.shape[-1]}")
-        new_weights, new_chosen = routing.route(logits, chosen.shape[-1], norm, experts)
+        new_weights, new_chosen = routing.route(module, logits, chosen.shape[-1], norm, experts)
         return (logits, new_weights.to(weights.dtype), new_chosen.to(chosen.dtype), *output[3:])
 
     handle = router.register_forward_hook(reroute)
@@ -71,7 +71,8 @@ def prune_experts(lm: LoadedModel, experts: Sequence[tuple[int, int]]) -> Iterat
     edits = []
     for layer, chosen in by_layer.items():
         chosen = _check_experts(lm, layer, chosen)
-        edits.append((lm.blocks.mlp_part(layer, "down"), 0, torch.tensor(chosen), 0.0))
+        down = lm.blocks.mlp_part(layer, "down")
+        edits.append((down, 0, torch.tensor(chosen, device=down.device), 0.0))
     with overwrite_slices(edits):
         yield
 

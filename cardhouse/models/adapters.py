@@ -100,6 +100,10 @@ ADAPTERS: dict[str, Adapter] = {
                                              dense=Adapter("qwen2_moe", **_LLAMA))),
     "qwen3_moe": Adapter("qwen3_moe", **dict(_MOE, router_norm="norm_topk_prob", dense=Adapter("qwen3_moe", **_LLAMA))),
     "olmoe": Adapter("olmoe", **dict(_MOE, router_norm="norm_topk_prob")),
+    # multi-head latent attention: no separate q/k/v projections; first_k_dense_replace dense layers
+    "deepseek_v3": Adapter("deepseek_v3", **dict(_MOE, routing="sigmoid-group-topk", router_norm="norm_topk_prob",
+                                                 shared_expert="shared_experts", q_proj=None, k_proj=None, v_proj=None,
+                                                 dense=Adapter("deepseek_v3", **_LLAMA))),
     # cardhouse's own from-scratch decoder (cardhouse/emergence/model.py): GPT-2 names, nn.Linear FFN
     "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                        final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act"),
@@ -337,9 +341,11 @@ class Blocks:
         raise ValueError(f"unknown mlp layout {layout!r}")
 
     def router_choice(self, layer: int, mlp_input: torch.Tensor) -> torch.Tensor:
-        """Top-1 expert per token of an MoE layer: ``[..., ]`` long tensor."""
+        """The expert each token of an MoE layer gives the largest weight, as the model's own router
+        (``(logits, weights, experts)``) chooses: ``[...]`` long tensor."""
         if not self.is_moe_layer(layer):
             raise ValueError(f"layer {layer} is a dense FFN layer: it has no router")
         router = self.mlp_part(layer, "router")
         with torch.no_grad():  # an index, never differentiated (and mlp_input may be an inference tensor)
-            return (mlp_input @ router.weight.T).argmax(-1)
+            _, weights, experts = router(mlp_input.reshape(-1, mlp_input.shape[-1]).to(router.weight.dtype))[:3]
+            return experts.gather(-1, weights.argmax(-1, keepdim=True)).reshape(mlp_input.shape[:-1])

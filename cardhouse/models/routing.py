@@ -20,7 +20,7 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
-def _softmax_topk(logits: torch.Tensor, top_k: int, normalise: bool, exclude: Sequence[int]):
+def _softmax_topk(router, logits: torch.Tensor, top_k: int, normalise: bool, exclude: Sequence[int]):
     """Mixtral / Qwen-MoE / OLMoE: softmax over every expert, top-k, optionally renormalised; ``exclude``
     get probability 0, so the others share what they had (route around them)."""
     masked = logits.float().clone()
@@ -32,13 +32,35 @@ def _softmax_topk(logits: torch.Tensor, top_k: int, normalise: bool, exclude: Se
     return weights, experts
 
 
+def _sigmoid_group_topk(router, logits: torch.Tensor, top_k: int, normalise: bool, exclude: Sequence[int]):
+    """DeepSeek-V3: sigmoid affinities plus a load-balancing bias choose the experts, within the ``topk_group``
+    best of ``n_group`` groups; the weights are the affinities, optionally renormalised, times
+    ``routed_scaling_factor``. ``exclude`` can never be chosen (its choice score is -inf)."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + router.e_score_correction_bias
+    choice[..., list(exclude)] = float("-inf")
+    groups = choice.view(-1, router.num_group, router.num_experts // router.num_group)
+    group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, 1)
+    keep = keep.bool().unsqueeze(-1).expand_as(groups).reshape(choice.shape)
+    experts = choice.masked_fill(~keep, float("-inf")).topk(top_k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if normalise:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, experts
+
+
 @dataclass(frozen=True)
 class Routing:
     probabilities: Callable[[torch.Tensor], torch.Tensor]  # logits [..., experts] -> a distribution over experts
-    route: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logits, top_k, normalise, exclude) -> (weights, experts)
+    # (router module, logits, top_k, normalise, exclude) -> (weights, experts), as the family's router computes them
+    route: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-ROUTINGS: dict[str, Routing] = {"softmax-topk": Routing(_softmax, _softmax_topk)}
+ROUTINGS: dict[str, Routing] = {"softmax-topk": Routing(_softmax, _softmax_topk),
+                                # sigmoid affinities are no distribution: the analyses read the softmax of the same
+                                # logits, which singles out one expert exactly when the logits do
+                                "sigmoid-group-topk": Routing(_softmax, _sigmoid_group_topk)}
 
 
 def routing_of(adapter: Adapter) -> Routing:

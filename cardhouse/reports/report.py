@@ -27,6 +27,7 @@ from ..results import read_result, write_result
 from ..models.loading import BUNDLED, LoadedModel
 from .encoder_section import encoder_step
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
+from .moe_section import is_moe, moe_step
 
 class StepError(RuntimeError):
     """A step cannot run (for instance because a step it needs failed)."""
@@ -132,6 +133,7 @@ class Step:
     key: str
     title: str
     run: Callable[[Context], Section]
+    applies: Callable[[Context], bool] | None = None  # run only for the models it applies to (None: all)
 
 
 # ---- the steps ---------------------------------------------------------------------------------
@@ -402,6 +404,8 @@ STEPS: list[Step] = [
     Step("activations", "Massive activations: dims, layers, tokens", activations_step),
     Step("weights", "Massive weights (House of Cards)", weights_step),
     Step("attacks", "Attacks on the massive weights (House of Cards Fig. 4)", attacks_step),
+    Step("moe", "Mixture of Experts: router collapse, the carrier's expert, super experts (House of Cards Fig. 5)",
+         moe_step, applies=is_moe),
 ]
 
 # An encoder (vision transformer, sentence encoder) gets its own sections: no corpora, no perplexity.
@@ -503,6 +507,9 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                 ctx.tick = lambda detail, step=step, name=name: advance(f"{name}: {step.title} ({detail})", 0)
                 advance(f"{name}: {step.title}", 0)
                 try:
+                    if step.applies is not None and "model" in ctx.done and not step.applies(ctx):
+                        advance(f"{name}: {step.title}", 1)
+                        continue  # e.g. the MoE section of a dense model: no section at all
                     section = step.run(ctx)
                 except Exception as e:  # the page says which step failed and why; the others go on
                     section = Section(error=f"{type(e).__name__}: {e}")
