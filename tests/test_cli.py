@@ -31,7 +31,7 @@ def test_every_command_has_help():
     (["attack", "topk-zero", "--corpus", "nope"], "unknown corpus"),
     (["attack", "topk-zero", "--task", "nope"], "unknown zero-shot task"),
     (["attack", "topk-zero", "--max-tokens", "10"], "must fill at least one window"),
-    (["attack", "topk-zero", "--limit", "0"], "limit must be at least 1"),
+    (["attack", "topk-zero", "--task-limit", "0"], "limit must be at least 1"),
     (["intervene", "set-half"], "unknown intervention"),
     (["download", "no-such-model"], "unknown bundled model"),
     (["scan", "--model", "no-such-model"], "no-such-model"),
@@ -115,3 +115,40 @@ def test_an_interrupted_attack_keeps_its_rows_and_restores_the_weights(tiny, tmp
     data = json.loads(out.read_text())
     assert data["complete"] is False and [r["variant"] for r in data["results"]] == ["original"]
     assert all_params_digest(lm) == digest
+
+
+def _options() -> dict[str, dict[str, str]]:
+    """option name -> {command: its help without the parenthesised defaults}."""
+    import re
+
+    import typer.main
+
+    found: dict[str, dict[str, str]] = {}
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            meaning = re.sub(r"\s*\([^)]*\)", "", getattr(param, "help", None) or "").strip()
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    found.setdefault(opt, {})[name] = meaning
+    return found
+
+
+# names whose meaning is one thing everywhere they appear, kept so by the shared options in cli/common.py
+SHARED = ["--model", "--k", "--layer", "--limit", "--task", "--task-limit", "--corpus", "--context", "--max-tokens",
+          "--min-abs", "--min-ratio", "--relative", "--bos", "--prompts", "--ks"]
+
+
+@pytest.mark.parametrize("option", SHARED)
+def test_one_meaning_per_option_name(option):
+    meanings = _options()[option]
+    assert len(meanings) >= 2, option  # shared by several commands
+    if option == "--seed":
+        meanings.pop("emergence")
+    assert len(set(meanings.values())) == 1, meanings
+
+
+def test_limit_counts_prompts_and_task_limit_zero_shot_examples():
+    options = _options()
+    assert {"scan", "attention"} <= set(options["--limit"]) and "prompts" in options["--limit"]["scan"]
+    assert {"attack", "intervene", "sweep", "report", "finetune", "finetune-compare"} <= set(options["--task-limit"])
+    assert "--records" in {o for o, cmds in options.items() if "finetune" in cmds}

@@ -262,8 +262,8 @@ def test_commands_write_json_and_plots(folder, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["attention", "--layer", "9"], "layer 9 is out of range"),
-    (["attention", "--head", "7"], "head 7 is out of range"),
+    (["attention", "--map-layer", "9"], "layer 9 is out of range"),
+    (["attention", "--map-head", "7"], "head 7 is out of range"),
     (["attention", "--attn-implementation", "sdpa"], "returns no attention probabilities"),
     (["trace", "--layer", "5"], "layer 5 is out of range"),
     (["position", "--prompt", "Hi"], "too short"),

@@ -62,7 +62,8 @@ def test_gemma_sandwich_norms_shrug_off_topk_zeroing():
 
 
 def test_topk_zeroing_costs_zero_shot_accuracy_and_random_control_does_not():
-    # Measured on 2026-11-23 (`cardhouse attack topk-zero --k 5 --task arc_easy --task piqa --limit 200`):
+    # Measured on 2026-11-23 (`cardhouse attack topk-zero --k 5 --task arc_easy --task piqa --limit 200`,
+    # the option now named --task-limit):
     # ARC-Easy 0.515 -> 0.375 under top-5 zeroing, 0.520 under the random-5 control (PIQA 0.630 -> 0.545,
     # 0.630). Standard error at n = 200 is ~0.035: the margins below are ~2 of them.
     lm = load_model("smollm2-135m")

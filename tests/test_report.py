@@ -300,10 +300,10 @@ def test_macdrop_section_reads_a_finished_comparison(tiny, tmp_path):
 
 
 def test_macdrop_section_needs_a_comparison(tmp_path):
-    with pytest.raises(ValueError, match="--macdrop FOLDER"):
+    with pytest.raises(ValueError, match="--macdrop-compare FOLDER"):
         Settings.quick(extras=("macdrop",)).check()
     result = CliRunner().invoke(app, ["report", "--quick", "--out", str(tmp_path / "out"),
-                                      "--macdrop", str(tmp_path / "nothing")])
+                                      "--macdrop-compare", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "no MacDrop comparison" in result.output
 
 

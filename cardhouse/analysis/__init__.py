@@ -1,4 +1,5 @@
-from .massive_activations import Criterion, ScanResult, scan
+from .criterion import Criterion
+from .massive_activations import ScanResult, scan
 from .prompts import builtin_prompts, load_prompts
 from .massive_weights import MassiveWeights, find_massive_weights
 from .moe import MoEAnalysis, analyze_moe

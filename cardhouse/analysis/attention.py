@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..capture import all_hook_names, parse_hook_name, run_batches, tokenize_prompts
 from ..models.loading import LoadedModel
-from .massive_activations import Criterion
+from .criterion import Criterion
 from .prompts import load_prompts
 from .tokens import ROLES, roles, token_strings
 
@@ -111,14 +111,14 @@ def module_hooks(pairs: list[tuple[nn.Module, object]], **kwargs) -> Iterator[No
 
 
 def massive_tokens(lm: LoadedModel, token_lists: list[list[int]], criterion: Criterion = Criterion(), *,
-                   token_ratio: float = 10.0, batch_size: int = 8,
+                   batch_size: int = 8,
                    progress: bool = False) -> tuple[list[list[int]], list[int]]:
     """Set C of each prompt (positions whose residual stream is massive in some layer) and the layers
     where any token is massive.
 
-    A token is massive in a layer if its largest |h| passes ``criterion`` (against the median |h| of its
-    prompt in that layer) and is ``token_ratio`` x the median token's largest |h|: models whose whole
-    residual stream is large (Gemma-3) would otherwise put every token in C.
+    A token is massive in a layer if its largest |h| passes ``criterion.token_cutoff``: the criterion
+    against the median |h| of its prompt in that layer, and ``criterion.token_ratio`` x the median
+    token's largest |h|.
     """
     found: list[set[int]] = [set() for _ in token_lists]
     layers: set[int] = set()
@@ -130,8 +130,8 @@ def massive_tokens(lm: LoadedModel, token_lists: list[list[int]], criterion: Cri
         largest = acts.abs().amax(-1)  # [batch, pos]
         for row, index in enumerate(batch.prompt_index.tolist()):
             valid = batch.attention_mask[row].bool()
-            cutoff = max(criterion.threshold(float(acts[row][valid].abs().median())),
-                         token_ratio * float(largest[row][valid].median()))
+            cutoff = criterion.token_cutoff(float(acts[row][valid].abs().median()),
+                                            float(largest[row][valid].median()))
             hits = ((largest[row] > cutoff) & valid).nonzero().flatten().tolist()
             found[index].update(hits)
             layers.update([layer] if hits else [])
@@ -375,7 +375,7 @@ def _summary(layers: list[dict], massive_layer: int | None) -> dict:
 
 
 def analyze_attention(lm: LoadedModel, prompts: list[str] | str = "builtin", *, criterion: Criterion = Criterion(),
-                      token_ratio: float = 10.0, threshold: float = 0.3, implementation: str = EAGER, batch_size: int = 8,
+                      threshold: float = 0.3, implementation: str = EAGER, batch_size: int = 8,
                       progress: bool = True) -> AttentionResult:
     """Concentration on set C, attention sinks per token group, and the value-update decomposition, per layer and head.
 
@@ -389,8 +389,7 @@ def analyze_attention(lm: LoadedModel, prompts: list[str] | str = "builtin", *, 
     blocks = lm.blocks
     n_layers, (n_heads, n_kv_heads) = len(blocks), blocks.heads
     token_lists = tokenize_prompts(lm, prompts)
-    positions, massive_layers = massive_tokens(lm, token_lists, criterion, token_ratio=token_ratio,
-                                               batch_size=batch_size, progress=progress)
+    positions, massive_layers = massive_tokens(lm, token_lists, criterion, batch_size=batch_size, progress=progress)
     role_lists = [roles(lm.tokenizer, ids, lm.bos_id) for ids in token_lists]
     acc = _Accumulator(n_layers, n_heads, lm.model.config.hidden_size)
     modules = _attention_modules(lm)

@@ -15,26 +15,8 @@ from ..capture.hooks import parse_hook_name
 from ..capture.inputs import role_codes
 from ..capture.stats import OutlierCounter
 from ..models.loading import LoadedModel
+from .criterion import Criterion
 from .prompts import load_prompts
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """|a| > min_abs and |a| > min_ratio x the layer's median |a| (Sun et al.'s rule of thumb)."""
-
-    min_abs: float = 100.0
-    min_ratio: float = 1000.0
-
-    @classmethod
-    def relative(cls, min_ratio: float = 100.0) -> "Criterion":
-        """For models whose magnitudes are smaller (ViTs, small LMs): a ratio to the median only."""
-        return cls(0.0, min_ratio)
-
-    def threshold(self, median: float) -> float:
-        return max(self.min_abs, self.min_ratio * median)
-
-    def to_dict(self) -> dict:
-        return {"min_abs": self.min_abs, "min_ratio": self.min_ratio}
 
 
 @dataclass

@@ -15,10 +15,9 @@ import torch
 
 from ..capture import hook_name, run_batches, tokenize_prompts
 from ..models.loading import LoadedModel
+from .criterion import Criterion
 from .prompts import load_prompts
 
-# Sun et al.'s rule of thumb, applied to the first token's residual vector in the middle layer
-MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0
 _TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in")
 
 
@@ -36,7 +35,7 @@ class MassiveWeights:
     super_weight: dict  # the largest |W_down[dim, i]| over the top-k indices (Yu et al.)
     trace: list[dict]  # per layer at position 0: |h| in `dim` and the attention and FFN contributions
     intermediate_size: int
-    massive: bool = True  # whether position 0 carries a massive activation at all (see MASSIVE_*)
+    massive: bool = True  # whether position 0 carries a massive activation at all (by the criterion)
     notes: list[str] = field(default_factory=list)
     # MoE: the carrier's experts in `layer`, largest contribution first (analysis.moe.carrier_experts)
     experts: list[dict] = field(default_factory=list)
@@ -78,7 +77,8 @@ def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: i
 
 
 def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int = 5,
-                         layer: int | None = None, n_prompts: int = 8, batch_size: int = 8) -> MassiveWeights:
+                         layer: int | None = None, n_prompts: int = 8, batch_size: int = 8,
+                         criterion: Criterion = Criterion()) -> MassiveWeights:
     """Locate layer l, the massive dimension and the BOS token's top-k intermediate indices.
 
     ``layer`` overrides the detected layer. Uses the first ``n_prompts`` prompts: position 0
@@ -106,7 +106,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
                       "max_abs_resid_post": float(post.abs().max()), "top_dim_resid_post": int(post.abs().argmax())})
     middle_state = at(middle, "hook_resid_post")[0]
     peak = float(middle_state[dim].abs())
-    massive = peak > MASSIVE_ABS and peak > MASSIVE_RATIO * median
+    massive = criterion.is_massive(peak, median)  # the first token's residual vector in the middle layer
     if not massive:
         notes.append(f"no massive activation on the first token (layer {middle}: |a| = {peak:.3g} in dim {dim}, "
                      f"{peak / max(median, 1e-30):.3g} x the median): the rows found are the largest, not massive "

@@ -24,6 +24,7 @@ from ..capture import run_batches, tokenize_prompts
 from ..models.adapters import SHARED
 from ..models.loading import LoadedModel
 from ..models.routing import routing_of
+from .criterion import Criterion
 from .prompts import load_prompts
 
 CARRIER = 0  # the carrier token's position: BOS, or the first token without one
@@ -188,7 +189,8 @@ def super_expert_rule(maxima: dict[tuple[int, int], float], *, percentile: float
 
 def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int = 5, layer: int | None = None,
                 collapse: float = COLLAPSE, percentile: float = PERCENTILE, fraction: float = FRACTION,
-                batch_size: int = 8, progress: bool = True, massive_weights: bool = True) -> MoEAnalysis:
+                batch_size: int = 8, progress: bool = True, massive_weights: bool = True,
+                criterion: Criterion = Criterion()) -> MoEAnalysis:
     """Router picture, the carrier's experts in the massive-weight layer, and the super experts.
 
     ``prompts`` is the calibration set (the carrier is position ``CARRIER`` of each prompt; every other
@@ -272,7 +274,7 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     if massive_weights:
         from .massive_weights import find_massive_weights
 
-        mw = find_massive_weights(lm, prompts, k=k, layer=layer, batch_size=batch_size).to_dict()
+        mw = find_massive_weights(lm, prompts, k=k, layer=layer, batch_size=batch_size, criterion=criterion).to_dict()
         if mw["layer"] not in layers:
             notes.append(f"the massive-weight layer {mw['layer']} is a dense FFN layer: no expert holds them")
     first = layers[0] if layers else None

@@ -16,7 +16,7 @@ from ..capture import hook_name, record, run_batches, tokenize_prompts
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import LoadedModel
 from .attention import module_hooks, massive_tokens
-from .massive_activations import Criterion
+from .criterion import Criterion
 from .massive_weights import find_massive_weights
 from .prompts import load_prompts
 
@@ -109,7 +109,8 @@ def trace_bos(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int =
     blocks = lm.blocks
     if not 1 <= top <= lm.model.config.hidden_size:
         raise ValueError(f"top={top} is out of range: the model has {lm.model.config.hidden_size} dimensions")
-    mw = find_massive_weights(lm, prompts, k=k, layer=layer, n_prompts=n_prompts, batch_size=batch_size)
+    mw = find_massive_weights(lm, prompts, k=k, layer=layer, n_prompts=n_prompts, batch_size=batch_size,
+                              criterion=criterion)
     notes = list(mw.notes)
     n_layers = len(blocks)
     points = [hook_name(l, p) for l in range(n_layers) for p in STATES.values()]

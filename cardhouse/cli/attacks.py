@@ -8,20 +8,12 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, ModelOpt, OutOpt, app, check_writable_file, clear_errors, console, err, load,
-                     parse_int_list, writable_folder)
+from .common import (KS_HELP, BosOpt, CorpusOpt, KOpt, PromptsOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, SeedOpt,
+                     TaskLimitOpt, TasksOpt, app, budget_from, check_writable_file, clear_errors, console,
+                     context_opt, err, load, max_tokens_opt, parse_int_list, writable_folder)
 
-CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen, ...)")
-TokensOpt = typer.Option(4096, "--max-tokens", help="corpus tokens per corpus (the evaluation budget)")
-ContextOpt = typer.Option(512, "--context", help="perplexity window length, BOS first")
-TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable)")
-LimitOpt = typer.Option(None, "--limit", help="zero-shot examples per task")
-
-
-def _budget(corpus, max_tokens, context, tasks, limit):
-    from ..evaluation.measure import Budget
-
-    return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=limit)
+TokensOpt = max_tokens_opt(4096)
+ContextOpt = context_opt(512)
 
 
 def _results_table(rows: list[dict], title: str) -> None:
@@ -68,30 +60,31 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
                                                     "Mixture of Experts: expert-topk-zero, expert-topk-retain, "
                                                     "expert-ablate, super-experts (each with its controls), or "
                                                     "'moe' for all four"),
-               model: str = ModelOpt, k: int = typer.Option(5, help="rows to attack"),
-               layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
+               model: str = ModelOpt, k: int = KOpt, layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
                expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
                                                     "default: the carrier's)"),
                percentile: Optional[float] = typer.Option(None, help="MoE super experts: percentile rule (99.5)"),
                fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max "
                                                         "(0.1)"),
-               seed: int = typer.Option(0, help="seed of the random control"),
-               corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-               task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
+               seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt,
+               context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+               min_abs: Optional[float] = MinAbsOpt,
+               min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
     from ..interventions.experts import MOE_ATTACKS
 
     if kind == "moe" or kind in MOE_ATTACKS:
         return _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens,
-                           context, task, limit, bos, json_path)
-    from ..analysis import find_massive_weights
+                           context, task, task_limit, (min_abs, min_ratio, relative), bos, json_path)
+    from ..analysis import Criterion, find_massive_weights
     from ..analysis import scan as run_scan
     from ..interventions import ATTACKS, attack, get_attack, intervention, original
 
     with clear_errors():
         check_writable_file(json_path)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         if kind != "all":
             try:
                 get_attack(kind)
@@ -99,43 +92,46 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
                 raise ValueError(f"{e}, all; Mixture of Experts: {', '.join(MOE_ATTACKS)}, moe") from None
         if expert is not None or percentile is not None or fraction is not None:
             raise ValueError("--expert, --percentile and --fraction are for the Mixture-of-Experts attacks")
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         lm = load(model, bos)
         chosen = parse_int_list(indices, "--indices")
-        mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
+        mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
         kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
-            result = run_scan(lm, progress=False)
+            result = run_scan(lm, criterion=criterion, progress=False)
             variants += [intervention(lm, result, "set-zero"), intervention(lm, result, "set-mean")]
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {mw.layer}, massive indices {mw.indices[:k]}",
-                 settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed},
+                 settings={"attack": kind, "k": k, "layer": layer, "indices": chosen, "seed": seed,
+                           "criterion": criterion.to_dict()},
                  massive_weights=mw.to_dict())
 
 
 def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens, context, task,
-                limit, bos, json_path) -> None:
+                task_limit, criterion_options, bos, json_path) -> None:
     """``attack`` for the Mixture-of-Experts attacks (interventions/experts.py), each beside its controls."""
+    from ..analysis import Criterion
     from ..interventions.experts import moe_variants
     from .moe import check_moe_options
 
     with clear_errors():
         check_writable_file(json_path)
+        criterion = Criterion.from_options(*criterion_options)
         check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
         which = expert if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         chosen = parse_int_list(indices, "--indices")
         lm = load(model, bos)
         variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
-                                            percentile=percentile, fraction=fraction)
+                                            percentile=percentile, fraction=fraction, criterion=criterion)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
                  f"rows {target.top}; super experts {target.super_experts}",
                  settings={"attack": kind, "k": k, "layer": layer, "expert": expert, "indices": chosen, "seed": seed,
-                           "percentile": percentile, "fraction": fraction},
+                           "percentile": percentile, "fraction": fraction, "criterion": criterion.to_dict()},
                  massive_weights=mw.to_dict(),
                  target={"layer": target.layer, "expert": target.expert, "rows": target.top,
                          "super_experts": target.super_experts, "random_experts": target.random_experts})
@@ -144,12 +140,14 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
 @app.command("intervene")
 def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), model: str = ModelOpt,
                   every_layer: bool = typer.Option(False, help="at every layer that has massive activations"),
-                  prompts: str = typer.Option("builtin", help="calibration prompts for the scan (and the mean)"),
+                  prompts: str = PromptsOpt,
                   corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-                  task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt, bos: Optional[bool] = BosOpt,
+                  task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+                  min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                  relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
-    from ..analysis import load_prompts
+    from ..analysis import Criterion, load_prompts
     from ..analysis import scan as run_scan
     from ..interventions import INTERVENTIONS, intervention, original
 
@@ -157,23 +155,25 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
         check_writable_file(json_path)
         if kind not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {kind!r}; known: {', '.join(INTERVENTIONS)}")
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         lm = load(model, bos)
-        result = run_scan(lm, load_prompts(prompts), progress=False)
+        result = run_scan(lm, load_prompts(prompts), criterion=criterion, progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
         _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
-                 settings={"intervention": kind, "every_layer": every_layer, "prompts": prompts}, scan=result.to_dict())
+                 settings={"intervention": kind, "every_layer": every_layer, "prompts": prompts,
+                           "criterion": criterion.to_dict()}, scan=result.to_dict())
 
 
 @app.command("sweep")
-def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help="comma-separated k values "
-              "(default 0,1,2,3,5,10,20,50,... up to the whole layer)"),
-              layer: Optional[int] = typer.Option(None, help="layer (default: detected)"),
-              seed: int = typer.Option(0), corpus: list[str] = CorpusOpt,
-              max_tokens: int = typer.Option(2048, "--max-tokens", help="corpus tokens per corpus and variant"),
-              context: int = ContextOpt, task: list[str] = TasksOpt, limit: Optional[int] = LimitOpt,
-              bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default 0,1,2,"
+                                                                      "3,5,10,20,50,... up to the whole layer)"),
+              layer: Optional[int] = LayerOpt, seed: int = SeedOpt, corpus: list[str] = CorpusOpt,
+              max_tokens: int = max_tokens_opt(2048), context: int = ContextOpt, task: list[str] = TasksOpt,
+              task_limit: Optional[int] = TaskLimitOpt,
+              min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+              relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
     from ..evaluation.measure import measurer
     from ..evaluation.metrics import curve_metrics
@@ -181,16 +181,20 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, help
     from ..reports import plot_sweep
     from ..results import write_result
 
+    from ..analysis import Criterion
+
     with clear_errors():
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         folder = writable_folder(out)
-        budget = _budget(corpus, max_tokens, context, task, limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit)
         lm = load(model, bos)
         rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",
-                               ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed)
+                               ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed, criterion=criterion)
         curves = {m: sweep_table(rows, m) for m in curve_metrics(rows[0])}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
         write_result(folder / "sweep.json", rows, model=lm.describe(),
-                     settings={"budget": budget.to_dict(), "ks": parse_int_list(ks, "--ks"), "layer": layer, "seed": seed},
+                     settings={"budget": budget.to_dict(), "ks": parse_int_list(ks, "--ks"), "layer": layer, "seed": seed,
+                               "criterion": criterion.to_dict()},
                      plots={"sweep": str(png)})
         with (folder / "sweep.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from .._install import InstallError
+from ..analysis.criterion import DEFAULT_MIN_ABS, DEFAULT_MIN_RATIO, RELATIVE_MIN_RATIO
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import BUNDLED, DEFAULT_MODEL, ModelLoadError
 
@@ -18,12 +19,50 @@ app = typer.Typer(help="Find, explain, attack and protect the massive activation
 console = Console(stderr=False)
 err = Console(stderr=True)
 
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                        help=f"bundled name ({', '.join(BUNDLED)}), local HF folder, GGUF file or hub id")
+MODEL_HELP = f"bundled name ({', '.join(BUNDLED)}), local HF folder, GGUF file or hub id"
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP)
 PromptsOpt = typer.Option("builtin", "--prompts", "-p",
                           help="'builtin' (real sentences), a text file (one prompt per line) or corpus:NAME")
 BosOpt = typer.Option(None, "--bos/--no-bos", help="put the BOS token first (default: if the tokenizer has one)")
 OutOpt = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNG outputs")
+# what "massive" means, the same three options on every command that decides it (Criterion.from_options)
+MinAbsOpt = typer.Option(None, "--min-abs", help=f"massive if |a| > this (default {DEFAULT_MIN_ABS:g}) ...")
+MinRatioOpt = typer.Option(None, "--min-ratio", help=f"... and > this times the layer median (default "
+                           f"{DEFAULT_MIN_RATIO:g}; {RELATIVE_MIN_RATIO:g} with --relative)")
+RelativeOpt = typer.Option(False, "--relative", help="ratio-only criterion (|a| > min-ratio x median), for models "
+                           "with smaller magnitudes")
+# the massive weights and the random controls
+K_HELP = "k: the top-k massive rows of layer l (the BOS token's largest intermediate indices)"
+KOpt = typer.Option(5, "--k", help=K_HELP)
+LayerOpt = typer.Option(None, "--layer", help="layer l of the massive weights (default: detected)")
+SeedOpt = typer.Option(0, "--seed", help="seed of the random controls (and of training)")
+# the evaluation budget; each command keeps its own default size (CorpusOpt is the same everywhere)
+CORPUS_HELP, CONTEXT_HELP = "perplexity corpora, repeatable (wikipedia, c4, austen, ...)", "perplexity window length"
+MAX_TOKENS_HELP, KS_HELP = "corpus tokens per corpus, the same for every variant", "comma-separated sweep k values"
+CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
+TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable)")
+TaskLimitOpt = typer.Option(None, "--task-limit", help="zero-shot examples per task (default: all)")
+
+
+def max_tokens_opt(default: int, note: str = "") -> typer.Option:
+    return typer.Option(default, "--max-tokens", help=f"{MAX_TOKENS_HELP}{note}")
+
+
+def context_opt(default: int) -> typer.Option:
+    return typer.Option(default, "--context", help=f"{CONTEXT_HELP} (BOS first)")
+
+
+def budget_from(corpus: list[str], max_tokens: int, context: int, tasks: list[str], task_limit: int | None, *,
+                optional: bool = False):
+    """The evaluation budget of the options (checked now, before any model time); with ``optional``,
+    ``--max-tokens 0`` means no perplexity, and no corpus and no task means no budget (None)."""
+    from ..evaluation.measure import Budget
+
+    if optional and max_tokens == 0:
+        if not tasks:
+            return None
+        corpus = []
+    return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=task_limit)
 
 
 @contextmanager

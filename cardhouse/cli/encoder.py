@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED
-from .common import app, check_writable_file, clear_errors, console, err, load, writable_folder
+from .common import (MinAbsOpt, MinRatioOpt, RelativeOpt, SeedOpt, app, check_writable_file, clear_errors, console,
+                     err, load, writable_folder)
 
 ENCODERS = [name for name, b in BUNDLED.items() if b.inputs != "causal"]
 
@@ -37,13 +38,12 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m",
             limit: Optional[int] = typer.Option(None, help="use only the first N images or sentences"),
             k: int = typer.Option(5, help="top-k FFN neurons of the carrier token"),
             attack_k: int = typer.Option(2, help="rows zeroed by the top-k attack and its random control"),
-            min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
-            min_ratio: float = typer.Option(1000.0, help="... and > this times the layer median"),
-            relative: bool = typer.Option(False, help="ratio-only criterion (|a| > min-ratio x median)"),
+            min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+            relative: bool = RelativeOpt,
             pairs: int = typer.Option(200, help="MRPC sentence pairs for the text encoders' measure"),
             copies: int = typer.Option(4, help="augmented copies per photograph for the retrieval measure"),
             registers: bool = typer.Option(True, help="also add a test-time register (image models)"),
-            seed: int = typer.Option(0, help="seed of the random-rows control"),
+            seed: int = SeedOpt,
             batch_size: int = typer.Option(8, help="inputs per forward pass"),
             out: Path = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNGs"),
             json_path: Optional[Path] = typer.Option(None, "--json", help="JSON path (default OUT/encoder.json)")):
@@ -63,7 +63,7 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m",
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not 1 <= copies <= 5:
             raise ValueError(f"--copies must be 1..5, got {copies}")
-        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         json_path = json_path or writable_folder(out) / "encoder.json"
         check_writable_file(json_path)
         writable_folder(out)
@@ -82,7 +82,7 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m",
         print_encoder(result, console)
         plots = plot_encoder(result, inputs, out)
         settings = {"images": images, "sentences": sentences, "limit": limit, "k": k, "attack_k": attack_k,
-                    "criterion": {"min_abs": criterion.min_abs, "min_ratio": criterion.min_ratio},
+                    "criterion": criterion.to_dict(),
                     "pairs": pairs, "copies": copies, "registers": registers, "seed": seed}
         write_result(json_path, result, model=result["model"], settings=settings, plots=plots)
         console.print(f"wrote {json_path}, {', '.join(plots.values())}")

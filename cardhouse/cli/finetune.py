@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
-from .common import BosOpt, ModelOpt, app, clear_errors, console, err, load, parse_int_list, writable_folder
+from .common import (BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
+                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load,
+                     max_tokens_opt, parse_int_list, writable_folder)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
 TemplateOpt = typer.Option("alpaca", "--template", help="prompt template: alpaca or chat (the tokenizer's)")
-# Paper defaults (House of Cards Table 6); the CPU-sized overrides are --max-length, --limit, --max-steps.
+# Paper defaults (House of Cards Table 6); the CPU-sized overrides are --max-length, --records, --max-steps.
 BatchOpt = typer.Option(8, "--batch-size")
 AccumOpt = typer.Option(4, "--grad-accum", help="gradient accumulation steps")
 LrOpt = typer.Option(1e-4, "--lr")
@@ -20,33 +22,16 @@ EpochsOpt = typer.Option(3.0, "--epochs")
 RankOpt = typer.Option(16, "--rank", help="LoRA rank r (alpha = --lora-alpha)")
 LoraAlphaOpt = typer.Option(16, "--lora-alpha")
 MaxLenOpt = typer.Option(512, "--max-length", help="tokens per example (CPU: 128)")
-LimitOpt = typer.Option(None, "--limit", help="use this many records (CPU: a few hundred)")
+RecordsOpt = typer.Option(None, "--records", help="use this many records (CPU: a few hundred)")
 StepsOpt = typer.Option(-1, "--max-steps", help="optimisation steps (> 0 overrides --epochs; CPU: a few dozen)")
 SaveOpt = typer.Option(50, "--save-steps", help="checkpoint every n steps (for --resume)")
-SeedOpt = typer.Option(0, "--seed")
 P0Opt = typer.Option(0.8, "--p0", help="MacDrop's initial drop rate, in [0, 1]")
 ScheduleOpt = typer.Option("step", "--schedule", help="constant, step, epoch-before, epoch-after, exponential")
 AlphaOpt = typer.Option(None, "--alpha", help="exponential schedule's decay per step (default 3 / total steps)")
 ScopeOpt = typer.Option("massive", "--scope", help="massive rows, non-massive (as many random rows) or all rows")
-KOpt = typer.Option(5, "--k", help="number of massive rows")
-LayerOpt = typer.Option(None, "--layer", help="layer l of the massive rows (default: detected)")
 RowsOpt = typer.Option(None, "--rows", help="comma-separated massive rows, given by hand (needs --layer)")
-CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help="perplexity corpora (wikipedia, c4, austen)")
-TokensOpt = typer.Option(2048, "--max-tokens", help="corpus tokens for perplexity (0: no perplexity)")
-ContextOpt = typer.Option(256, "--context", help="perplexity window length, BOS first")
-TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable; optional)")
-TaskLimitOpt = typer.Option(None, "--task-limit", help="zero-shot examples per task")
-
-
-def _budget(corpus, max_tokens, context, tasks, task_limit):
-    from ..evaluation.measure import Budget
-
-    if max_tokens == 0 and not tasks:
-        return None
-    if 0 < max_tokens < context:
-        raise ValueError(f"--max-tokens ({max_tokens}) must be at least one window (--context {context})")
-    return Budget(corpora=list(corpus) if max_tokens else [], max_tokens=max_tokens, context=context,
-                  tasks=list(tasks), limit=task_limit)
+TokensOpt = max_tokens_opt(2048, " (0: no perplexity)")
+ContextOpt = context_opt(256)
 
 
 def _interrupted(out: Path) -> None:
@@ -62,13 +47,16 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                  scope: str = ScopeOpt, k: int = KOpt, layer: Optional[int] = LayerOpt, rows: Optional[str] = RowsOpt,
                  template: str = TemplateOpt, batch_size: int = BatchOpt, grad_accum: int = AccumOpt,
                  lr: float = LrOpt, epochs: float = EpochsOpt, rank: int = RankOpt, lora_alpha: int = LoraAlphaOpt,
-                 max_length: int = MaxLenOpt, limit: Optional[int] = LimitOpt, max_steps: int = StepsOpt,
+                 max_length: int = MaxLenOpt, records: Optional[int] = RecordsOpt, max_steps: int = StepsOpt,
                  save_steps: int = SaveOpt, seed: int = SeedOpt,
                  resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
                  corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt, context: int = ContextOpt,
-                 task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, bos: Optional[bool] = BosOpt,
+                 task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+                 min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                 relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                  out: Path = typer.Option(Path("cardhouse-out/finetune"), "--out", "-o")):
     """Fine-tune with a LoRA/DoRA adapter (MacDrop on by default), then measure it original vs top-3 zeroed."""
+    from ..analysis import Criterion
     from ..evaluation.metrics import metric_keys, metric_of
     from ..finetuning import FinetuneConfig, MacDropConfig, finetune, load_records, robustness
     from ..results import write_result
@@ -77,18 +65,19 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
     with clear_errors():
         config = FinetuneConfig(method=method, rank=rank, lora_alpha=lora_alpha, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
-                                max_steps=max_steps, limit=limit, template=template, data=data,
+                                max_steps=max_steps, limit=records, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
         drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer,
                              rows=parse_int_list(rows, "--rows"), seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
-        budget = _budget(corpus, max_tokens, context, task, task_limit)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True)
         writable_folder(out)
         load_records(data)  # bad data fails before any model time is spent
         lm = load(model, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
-            drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer)
+            drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer, criterion)
         try:
             result = finetune(lm, config, drop if macdrop else None, out=out, resume=resume)
         except KeyboardInterrupt:
@@ -103,7 +92,7 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                 f"{m} {metric_of(m).format(row[m])}" for m in metric_keys(row)))
         write_result(out / "results.json", {"finetune": result.to_dict(), "robustness": table}, model=lm.describe(),
                      settings={"config": config.to_dict(), "macdrop": drop.to_dict() if macdrop else None,
-                               "layer": drop.layer, "massive_rows": drop.rows,
+                               "layer": drop.layer, "massive_rows": drop.rows, "criterion": criterion.to_dict(),
                                "budget": budget.to_dict() if budget else None})
         console.print(f"wrote {out / 'adapter'} (PEFT format), {out / 'finetune.json'}, {out / 'results.json'}")
 
@@ -117,17 +106,19 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
                 layer: Optional[int] = LayerOpt, rows: Optional[str] = RowsOpt, template: str = TemplateOpt,
                 batch_size: int = BatchOpt, grad_accum: int = AccumOpt, lr: float = LrOpt, epochs: float = EpochsOpt,
                 rank: int = RankOpt, lora_alpha: int = LoraAlphaOpt, max_length: int = MaxLenOpt,
-                limit: Optional[int] = LimitOpt, max_steps: int = StepsOpt, save_steps: int = SaveOpt,
+                records: Optional[int] = RecordsOpt, max_steps: int = StepsOpt, save_steps: int = SaveOpt,
                 seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt,
                 context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
-                bos: Optional[bool] = BosOpt, out: Path = typer.Option(Path("cardhouse-out/finetune-compare"),
-                                                                        "--out", "-o")):
+                min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
+                out: Path = typer.Option(Path("cardhouse-out/finetune-compare"), "--out", "-o")):
     """House of Cards Table 4: LoRA and DoRA, without and with MacDrop (each schedule), original vs top-3 zeroed.
 
     Each run is saved in its own folder under --out; rerunning skips the finished runs.
     """
     import time
 
+    from ..analysis import Criterion
     from ..finetuning import FinetuneConfig, MacDropConfig, compare, load_records
     from ..finetuning.macdrop import SCHEDULES
     from ..finetuning.report import comparison_table, plot_comparison
@@ -142,13 +133,14 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
             if bad or not given:
                 raise ValueError(f"unknown {name} {bad or given}; known: {', '.join(known)}")
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
-                                lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=limit,
+                                lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=records,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
         drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"),
                              seed=seed)
         if drop.rows is not None and drop.layer is None:
             raise ValueError("--rows needs --layer")
-        budget = _budget(corpus, max_tokens, context, task, task_limit)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True)
         folder = writable_folder(out)
         load_records(data)
         start = time.perf_counter()
@@ -161,7 +153,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
 
         try:
             results = compare(fresh, config, drop, methods=tuple(method_list),
-                              schedules=tuple(schedule_list), out=folder, budget=budget)
+                              schedules=tuple(schedule_list), out=folder, budget=budget, criterion=criterion)
         except KeyboardInterrupt:
             _interrupted(folder)
         seconds = time.perf_counter() - start
@@ -170,6 +162,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         png = plot_comparison(results, folder / "compare.png", title)
         write_result(folder / "compare.json", results, model=described[0],
                      settings={"config": config.to_dict(), "macdrop": drop.to_dict(), "methods": method_list,
-                               "schedules": schedule_list, "budget": budget.to_dict() if budget else None},
+                               "schedules": schedule_list, "budget": budget.to_dict() if budget else None,
+                               "criterion": criterion.to_dict()},
                      seconds=seconds)
         console.print(f"wrote {folder / 'compare.json'}, {png} ({seconds / 60:.1f} min)")

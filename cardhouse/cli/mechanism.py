@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..results import write_result
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, clear_errors, console, err, load, writable_folder
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, clear_errors,
+                     console, err, load, writable_folder)
 
 
 def _fmt(x) -> str:
@@ -24,17 +25,16 @@ def _notes(notes: list[str]) -> None:
 @app.command()
 def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
               limit: Optional[int] = typer.Option(16, help="use only the first N prompts"),
-              layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
+              map_layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
                                                              "attention reads massive activations)"),
-              head: Optional[int] = typer.Option(None, help="heat-map head (default: the one most on set C)"),
+              map_head: Optional[int] = typer.Option(None, help="heat-map head (default: the one most on set C)"),
               prompt_index: int = typer.Option(0, help="heat-map prompt (index into the prompts)"),
               threshold: float = typer.Option(0.3, help="a key is a sink in a head if its mean received attention "
                                                         "exceeds this"),
               attn_implementation: str = typer.Option("eager", help="attention implementation for the analysis "
                                                                     "(must return probabilities: eager)"),
-              min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
-              min_ratio: float = typer.Option(1000.0, help="... and > this times the prompt's layer median"),
-              relative: bool = typer.Option(False, help="ratio-only criterion, for models with smaller magnitudes"),
+              min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+              relative: bool = RelativeOpt,
               batch_size: int = typer.Option(8, help="prompts per forward pass"),
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Attention concentration on the massive tokens, attention sinks per token role, the set-C value updates."""
@@ -43,22 +43,24 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
     from ..reports.mechanism_plots import plot_attention, plot_attention_map
 
     with clear_errors():
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         writable_folder(out)
         texts = load_prompts(prompts, limit=limit)
         if not 0 <= prompt_index < len(texts):
             raise IndexError(f"--prompt-index {prompt_index} is out of range: there are {len(texts)} prompts")
         lm = load(model, bos)
-        if layer is not None:  # checked before the long run
-            lm.blocks.check_layer(layer)
-        if head is not None:
-            check_head(lm, head)
-        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
+        if map_layer is not None:  # checked before the long run
+            lm.blocks.check_layer(map_layer)
+        if map_head is not None:
+            check_head(lm, map_head)
         result = analyze_attention(lm, texts, criterion=criterion, threshold=threshold,
                                    implementation=attn_implementation, batch_size=batch_size)
         _notes(result.notes)
         l = result.massive_layer
-        map_layer = layer if layer is not None else min(l + 1, len(lm.blocks) - 1) if l is not None else 0
-        map_head = head if head is not None else default_head(result, map_layer)
+        if map_layer is None:
+            map_layer = min(l + 1, len(lm.blocks) - 1) if l is not None else 0
+        if map_head is None:
+            map_head = default_head(result, map_layer)
         amap = attention_map(lm, texts[prompt_index], map_layer, map_head, implementation=attn_implementation)
         _notes(amap.notes[len(result.notes):] if amap.notes[:len(result.notes)] == result.notes else amap.notes)
 
@@ -94,21 +96,24 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
 
 @app.command()
 def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
-          k: int = typer.Option(5, help="top-k intermediate indices"),
-          layer: Optional[int] = typer.Option(None, help="layer l (default: detected)"),
+          k: int = KOpt,
+          layer: Optional[int] = LayerOpt,
           top: int = typer.Option(3, help="top dimensions reported per state"),
           n_prompts: int = typer.Option(8, help="prompts used (position 0 is the same in all of them)"),
+          min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
           bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """The BOS token's states through the layers (House of Cards Fig. 3) and the q/k/v of the massive tokens."""
+    from ..analysis import Criterion
     from ..analysis.trace import STATES, UPDATES, trace_bos
     from ..reports.mechanism_plots import plot_trace
 
     with clear_errors():
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         writable_folder(out)
         lm = load(model, bos)
         if layer is not None:
             lm.blocks.check_layer(layer)
-        result = trace_bos(lm, prompts, k=k, layer=layer, top=top, n_prompts=n_prompts)
+        result = trace_bos(lm, prompts, k=k, layer=layer, top=top, n_prompts=n_prompts, criterion=criterion)
         _notes(result.notes)
         l = result.layer
         t = Table(title=f"{lm.name}: BOS token, max |x| [top dims] per state (l = {l}, massive dim {result.dim})")
@@ -126,7 +131,8 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
         console.print(t)
         plot = plot_trace(result, out / "trace.png")
         write_result(out / "trace.json", {"trace": result.to_dict()}, model=lm.describe(),
-                     settings={"prompts": prompts, "k": k, "layer": layer, "top": top, "n_prompts": n_prompts},
+                     settings={"prompts": prompts, "k": k, "layer": layer, "top": top, "n_prompts": n_prompts,
+                               "criterion": criterion.to_dict()},
                      plots={"trace": str(plot)})
         console.print(f"wrote {out / 'trace.json'}, {plot}")
 

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
-from .common import BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, load, \
-    writable_folder
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
+                     check_writable_file, clear_errors, console, load, writable_folder)
 
 CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
                                           "reaches this")
@@ -30,7 +30,7 @@ def check_moe_options(collapse: float, percentile: float, fraction: float) -> No
 
 
 def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | None, collapse: float,
-            percentile: float, fraction: float, batch_size: int):
+            percentile: float, fraction: float, batch_size: int, criterion=None):
     """Analyse, print, plot and write ``moe.json``; the analysis and the plot paths."""
     from ..analysis.moe import analyze_moe
     from ..reports.moe_plots import plot_router, plot_super_experts
@@ -38,12 +38,12 @@ def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | No
     from ..results import write_result
 
     analysis = analyze_moe(lm, texts, k=k, layer=layer, collapse=collapse, percentile=percentile, fraction=fraction,
-                           batch_size=batch_size)
+                           batch_size=batch_size, **({"criterion": criterion} if criterion is not None else {}))
     moe_tables(analysis, console)
     plots = {"router": str(plot_router(analysis, folder / "moe_router.png")),
              "super_experts": str(plot_super_experts(analysis, folder / "moe_super_experts.png"))}
     settings = {"prompts": len(texts), "k": k, "layer": layer, "collapse": collapse, "percentile": percentile,
-                "fraction": fraction}
+                "fraction": fraction, "criterion": criterion.to_dict() if criterion is not None else None}
     write_result(json_path, analysis.to_dict(), model=lm.describe(), settings=settings, plots=plots)
     return analysis, plots
 
@@ -51,19 +51,20 @@ def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | No
 @app.command("moe")
 def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
             limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
-            k: int = typer.Option(5, help="top-k intermediate indices of the carrier's experts"),
-            layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
+            k: int = KOpt, layer: Optional[int] = LayerOpt, min_abs: Optional[float] = MinAbsOpt,
+            min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
             collapse: float = CollapseOpt, percentile: float = PercentileOpt, fraction: float = FractionOpt,
             batch_size: int = typer.Option(8, help="prompts per forward pass"), bos: Optional[bool] = BosOpt,
             out: Path = OutOpt,
             json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/moe.json)")):
     """Mixture of Experts: where the router sends the carrier token (House of Cards Fig. 5), the expert that
     holds the massive weights and its rows (Table 7), and the super experts (Su et al. 2025)."""
-    from ..analysis import load_prompts
+    from ..analysis import Criterion, load_prompts
     from ..models.routing import routing_of
 
     with clear_errors():
         check_moe_options(collapse, percentile, fraction)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         folder = writable_folder(out)
         json_path = json_path or folder / "moe.json"
         check_writable_file(json_path)
@@ -73,5 +74,5 @@ def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
         if layer is not None:
             lm.blocks.check_layer(layer)
         _, plots = run_moe(lm, texts, folder, json_path, k=k, layer=layer, collapse=collapse, percentile=percentile,
-                           fraction=fraction, batch_size=batch_size)
+                           fraction=fraction, batch_size=batch_size, criterion=criterion)
         console.print(f"wrote {json_path}, {', '.join(plots.values())}")

@@ -9,13 +9,13 @@ import typer
 
 from ..models.loading import DEFAULT_MODEL
 from ..results import command_line
-from .common import BosOpt, PromptsOpt, app, clear_errors, console, err
+from .common import (CONTEXT_HELP, CORPUS_HELP, K_HELP, KS_HELP, MAX_TOKENS_HELP, MODEL_HELP, BosOpt, LayerOpt, MinAbsOpt, MinRatioOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt,
+                     app, clear_errors, console, err)
 
 
 @app.command("report")
 def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
-                                               help="a model (repeat for a side-by-side page): bundled name, "
-                                                    "local HF folder, GGUF file or hub id"),
+                                               help=f"{MODEL_HELP} (repeat for a side-by-side page)"),
                quick: bool = typer.Option(True, "--quick/--full", help="--quick (default): about a minute per model "
                                           "on a laptop CPU (one corpus, 510 tokens, k in 1, 2, 5); --full: the "
                                           "papers' sets (wikipedia and c4, 2048 tokens each, k from 0 to the whole "
@@ -24,24 +24,23 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                out: Path = typer.Option(Path("cardhouse-report"), "--out", "-o", help="output folder"),
                overwrite: bool = typer.Option(False, help="write into an existing folder, replacing only the "
                                               "report's own files"),
-               seed: int = typer.Option(0, help="seed of the random controls"),
+               seed: int = SeedOpt,
                prompts: str = PromptsOpt,
-               k: Optional[int] = typer.Option(None, help="massive-weight indices listed (default 5)"),
+               k: Optional[int] = typer.Option(None, "--k", help=f"{K_HELP} (default 5)"),
                attack_k: Optional[int] = typer.Option(None, help="rows zeroed or retained in the attack table "
                                                       "(default 2)"),
-               ks: Optional[str] = typer.Option(None, help="comma-separated sweep k values (default: the mode's)"),
-               layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
-               corpus: list[str] = typer.Option([], "--corpus", "-c", help="perplexity corpora (default: the mode's)"),
-               max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="corpus tokens per corpus and "
-                                                        "variant (default: the mode's)"),
-               context: Optional[int] = typer.Option(None, help="perplexity window length (default: the mode's)"),
-               task: list[str] = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval, for "
-                                              "every variant (repeatable; slow)"),
-               limit: Optional[int] = typer.Option(None, help="zero-shot examples per task"),
-               relative: bool = typer.Option(False, help="ratio-only criterion for massive activations"),
+               ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default: the mode's)"),
+               layer: Optional[int] = LayerOpt,
+               corpus: list[str] = typer.Option([], "--corpus", "-c", help=f"{CORPUS_HELP} (default: the mode's)"),
+               max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=f"{MAX_TOKENS_HELP} (default: "
+                                                        "the mode's)"),
+               context: Optional[int] = typer.Option(None, "--context", help=f"{CONTEXT_HELP} (default: the mode's)"),
+               task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
+               min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+               relative: bool = RelativeOpt,
                with_: list[str] = typer.Option([], "--with", help="an extra section by name (repeatable): "
                                                "attention; see docs/report.md"),
-               macdrop: Optional[Path] = typer.Option(None, "--macdrop", help="add the MacDrop section from a "
+               macdrop: Optional[Path] = typer.Option(None, "--macdrop-compare", help="add the MacDrop section from a "
                                                       "finished `cardhouse finetune-compare` output folder"),
                images: str = typer.Option("builtin", "--images", help="image models (e.g. dinov2-s): 'builtin' "
                                           "photographs, a folder or a file"),
@@ -52,8 +51,9 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
     from ..reports.report import Settings, build_report
 
     with clear_errors():
-        overrides = {"prompts": prompts, "images": images, "sentences": sentences, "seed": seed, "bos": bos, "relative": relative, "layer": layer,
-                     "tasks": tuple(task), "limit": limit,
+        overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "min_abs": min_abs,
+                     "min_ratio": min_ratio, "layer": layer, "images": images, "sentences": sentences,
+                     "tasks": tuple(task), "limit": task_limit,
                      "extras": tuple(with_) + (("macdrop",) if macdrop and "macdrop" not in with_ else ()),
                      "macdrop": str(macdrop) if macdrop else None}
         for name, value in (("k", k), ("attack_k", attack_k), ("max_tokens", max_tokens), ("context", context)):

@@ -8,17 +8,14 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
-from .common import (BosOpt, ModelOpt, OutOpt, PromptsOpt, app, check_writable_file, clear_errors, console, err, load,
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, check_writable_file, clear_errors, console, err, load,
                      writable_folder)
 
 
 @app.command()
 def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
-         k: int = typer.Option(5, help="top-k intermediate indices for the massive weights"),
-         layer: Optional[int] = typer.Option(None, help="massive-weight layer (default: detected)"),
-         min_abs: float = typer.Option(100.0, help="massive if |a| > this ..."),
-         min_ratio: float = typer.Option(1000.0, help="... and > this times the layer median"),
-         relative: bool = typer.Option(False, help="ratio-only criterion (|a| > min-ratio x median), for small models"),
+         k: int = KOpt, layer: Optional[int] = LayerOpt,
+         min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
          batch_size: int = typer.Option(8, help="prompts per forward pass"),
          bos: Optional[bool] = BosOpt, out: Path = OutOpt,
          json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/scan.json)")):
@@ -29,7 +26,7 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
     from ..results import write_result
 
     with clear_errors():
-        criterion = Criterion.relative(min_ratio) if relative else Criterion(min_abs, min_ratio)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         json_path = json_path or writable_folder(out) / "scan.json"
         check_writable_file(json_path)
         writable_folder(out)
@@ -41,7 +38,7 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
         scan_tables(result, console)
         weights = None
         try:
-            weights = find_massive_weights(lm, texts, k=k, layer=layer, batch_size=batch_size)
+            weights = find_massive_weights(lm, texts, k=k, layer=layer, batch_size=batch_size, criterion=criterion)
             weights_table(weights, console)
         except ValueError as e:
             if "out of range" in str(e):
@@ -56,7 +53,8 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
             from .moe import COLLAPSE, FRACTION, PERCENTILE, run_moe
 
             analysis, moe_plots = run_moe(lm, texts, out, out / "moe.json", k=k, layer=layer, collapse=COLLAPSE,
-                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size)
+                                          percentile=PERCENTILE, fraction=FRACTION, batch_size=batch_size,
+                                          criterion=criterion)
             moe, plots = analysis.to_dict(), plots | {f"moe_{name}": path for name, path in moe_plots.items()}
         write_result(json_path, {"scan": result.to_dict(), "massive_weights": weights.to_dict() if weights else None,
                                  "moe": moe},

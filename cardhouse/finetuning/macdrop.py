@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..analysis.massive_activations import Criterion
+from ..analysis.criterion import Criterion
 from ..analysis.massive_weights import find_massive_weights
 from ..interventions.weights import check_indices, overwrite_slices, random_indices
 from ..models.adapters import Blocks
@@ -112,18 +112,19 @@ def scope_rows(scope: str, massive: Sequence[int], size: int, *, seed: int = 0) 
     raise ValueError(f"unknown MacDrop scope {scope!r}; known: {', '.join(SCOPES)}")
 
 
-def detect_massive_rows(lm: LoadedModel, k: int = 5, layer: int | None = None) -> tuple[int, list[int], int | None]:
+def detect_massive_rows(lm: LoadedModel, k: int = 5, layer: int | None = None,
+                        criterion: Criterion = Criterion()) -> tuple[int, list[int], int | None]:
     """(layer l, its top-k massive rows, the expert of an MoE) from ``find_massive_weights``.
 
     Refuses when the FFN of layer l writes no massive value into the BOS token's hidden state
-    (|ffn| below Sun et al.'s 100): there are no massive weights to drop.
+    (|ffn| below the criterion's ``min_abs``): there are no massive weights to drop.
     """
-    mw = find_massive_weights(lm, k=k, layer=layer)
+    mw = find_massive_weights(lm, k=k, layer=layer, criterion=criterion)
     written = mw.trace[mw.layer]["ffn"]
-    if abs(written) < Criterion().min_abs:
+    if abs(written) < criterion.min_abs:
         raise NoMassiveWeightsError(
             f"no massive weights detected in {lm.name}: the FFN of layer {mw.layer}, the largest writer, adds only "
-            f"{written:.3g} to the BOS token's dimension {mw.dim} (massive means |a| >= {Criterion().min_abs:g}); "
+            f"{written:.3g} to the BOS token's dimension {mw.dim} (massive means |a| >= {criterion.min_abs:g}); "
             "give the layer and rows yourself (MacDropConfig(layer=..., rows=[...]), --layer/--rows)")
     return mw.layer, mw.indices, mw.expert
 
@@ -153,7 +154,8 @@ class MacDrop(TrainerCallback):
         self._restore: ExitStack | None = None  # open while the rows are masked
 
     @classmethod
-    def for_model(cls, lm: LoadedModel, config: MacDropConfig | None = None, model: nn.Module | None = None) -> "MacDrop":
+    def for_model(cls, lm: LoadedModel, config: MacDropConfig | None = None, model: nn.Module | None = None,
+                  criterion: Criterion = Criterion()) -> "MacDrop":
         """Find the massive rows of ``lm`` (or take ``config.rows``); ``model`` is the PEFT model, if wrapped already."""
         config = config or MacDropConfig()
         if config.rows is not None:
@@ -162,7 +164,7 @@ class MacDrop(TrainerCallback):
                 raise ValueError("give the layer of the massive rows too (MacDropConfig(layer=...), --layer)")
             massive, expert = config.rows, config.expert
         else:
-            layer, massive, expert = detect_massive_rows(lm, config.k, config.layer)
+            layer, massive, expert = detect_massive_rows(lm, config.k, config.layer, criterion)
         return cls(model if model is not None else lm.model, layer, massive, config, expert=expert)
 
     def describe(self) -> dict:

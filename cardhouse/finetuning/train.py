@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..results import read_result, write_result
+from ..analysis.criterion import Criterion
 from ..evaluation.measure import Budget, measurer
 from ..evaluation.metrics import metric_keys
 from ..interventions import Variant, original, run_variants, zero_rows
@@ -202,7 +203,7 @@ def run_name(method: str, schedule: str | None) -> str:
 
 def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: MacDropConfig | None = None, *,
             methods: tuple[str, ...] = METHODS, schedules: tuple[str, ...] = ("step",), out: str | Path,
-            budget: Budget | None = None, progress: bool = True) -> list[dict]:
+            budget: Budget | None = None, progress: bool = True, criterion: Criterion = Criterion()) -> list[dict]:
     """Each method with and without MacDrop (one run per schedule), each evaluated original vs top-3 zeroed.
 
     ``load`` gives a fresh base model for every run (PEFT wraps it in place). A run whose
@@ -213,7 +214,7 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
     macdrop = macdrop or MacDropConfig()
     first = load()
     if macdrop.rows is None:  # find the massive rows once, on the untouched base model
-        layer, rows, expert = detect_massive_rows(first, macdrop.k, macdrop.layer)
+        layer, rows, expert = detect_massive_rows(first, macdrop.k, macdrop.layer, criterion)
         macdrop = replace(macdrop, layer=layer, rows=rows, expert=expert)
     else:
         layer, rows, expert = macdrop.layer, list(macdrop.rows), macdrop.expert

@@ -231,7 +231,7 @@ def expert_attack(target: ExpertTarget, kind: str, *, seed: int | None = None) -
 
 def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = None, expert: int | str | None = None,
                  indices: list[int] | None = None, seed: int = 0, prompts: list[str] | str = "builtin",
-                 percentile: float | None = None, fraction: float | None = None):
+                 percentile: float | None = None, fraction: float | None = None, criterion=None):
     """The unedited model, then each MoE attack of ``kind`` (one of ``MOE_ATTACKS``, or ``"moe"`` for all)
     followed by its controls, as ``Variant`` s; and what they aim at (``ExpertTarget``, the massive weights).
 
@@ -247,7 +247,8 @@ def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = 
     kinds = list(MOE_ATTACKS) if kind == "moe" else [kind]
     if layer is not None:
         lm.blocks.check_layer(layer)
-    mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer)
+    mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer,
+                              **({"criterion": criterion} if criterion is not None else {}))
     flagged = []
     if "super-experts" in kinds:
         flagged = analyze_moe(lm, prompts, percentile=PERCENTILE if percentile is None else percentile,

@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 from tqdm.auto import tqdm
 
+from ..analysis.criterion import Criterion
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
 from ..models.loading import LoadedModel
 from .variants import Variant, attack, original, run_variants, sweep_attacks
@@ -92,10 +93,10 @@ class RowLog:
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
                     ks: list[int] | None = None, layer: int | None = None, seed: int = 0,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, criterion: Criterion = Criterion()) -> list[dict]:
     """The CLI's sweep: search every index of the layer, then sweep with ``path`` (JSONL) as the resume sink."""
     size = lm.blocks.intermediate_size(layer if layer is not None else 0)
-    mw = find_massive_weights(lm, layer=layer, k=size)  # every index, ranked
+    mw = find_massive_weights(lm, layer=layer, k=size, criterion=criterion)  # every index, ranked
     return sweep(lm, mw, measure, ks, seed=seed, sink=RowLog(path), progress=progress)
 
 

@@ -11,7 +11,7 @@ from .html import Figure, Section, Table, facts
 
 
 def encoder_step(ctx) -> Section:
-    from ..analysis import Criterion, load_prompts
+    from ..analysis import load_prompts
     from ..cli.encoder_output import plot_encoder
     from ..encoders.analysis import analyze_encoder
     from ..encoders.images import load_images
@@ -22,8 +22,7 @@ def encoder_step(ctx) -> Section:
         inputs = ImageInputs(lm, load_images(s.images, limit=s.prompt_limit))
     else:
         inputs = SentenceInputs(lm, load_prompts(s.sentences, limit=s.prompt_limit))
-    criterion = Criterion.relative() if s.relative else Criterion()
-    result = analyze_encoder(lm, inputs, criterion=criterion, k=s.k, attack_k=s.attack_k, seed=s.seed,
+    result = analyze_encoder(lm, inputs, criterion=s.criterion, k=s.k, attack_k=s.attack_k, seed=s.seed,
                              pairs=s.pairs, copies=s.copies, tick=ctx.tick)
     plot_encoder(result, inputs, ctx.folder, prefix=ctx.prefix)
     c, mw = result["carrier"], result["massive_weights"]

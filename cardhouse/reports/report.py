@@ -41,6 +41,8 @@ class Settings:
     prompts: str = "builtin"  # builtin, a text file or corpus:NAME (see analysis.load_prompts)
     prompt_limit: int | None = None
     relative: bool = False  # ratio-only criterion for massive activations
+    min_abs: float | None = None  # the criterion's options (None: the default; see Criterion.from_options)
+    min_ratio: float | None = None
     k: int = 5  # massive-weight indices listed
     layer: int | None = None  # massive-weight layer (None: detected)
     attack_k: int = 2  # rows zeroed / retained in the attack table
@@ -68,6 +70,12 @@ class Settings:
     def full(cls, **overrides) -> "Settings":
         return replace(cls(mode="full"), **overrides)
 
+    @property
+    def criterion(self):
+        from ..analysis import Criterion
+
+        return Criterion.from_options(self.min_abs, self.min_ratio, self.relative)
+
     def budget(self):
         from ..evaluation.measure import Budget
 
@@ -82,6 +90,7 @@ class Settings:
             raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
                              f"--context ({self.context}) tokens")
         self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks, the task limit
+        self.criterion  # noqa: B018  (--relative with --min-abs is refused here)
         if not 1 <= self.copies <= 5 or self.pairs < 1:
             raise ValueError(f"copies must be 1..5 and pairs at least 1 (got {self.copies}, {self.pairs})")
         for name, value in (("--k", self.k), ("--attack-k", self.attack_k)):
@@ -95,7 +104,7 @@ class Settings:
                              f"{', '.join(OPTIONAL_STEPS) or 'none yet'}")
         if "macdrop" in self.extras:
             if self.macdrop is None:
-                raise ValueError("the MacDrop section reads a finished comparison: give --macdrop FOLDER "
+                raise ValueError("the MacDrop section reads a finished comparison: give --macdrop-compare FOLDER "
                                  "(the output of `cardhouse finetune-compare`)")
             compare_json(self.macdrop)
 
@@ -188,13 +197,11 @@ def inputs_step(ctx: Context) -> Section:
 
 
 def scan_step(ctx: Context) -> Section:
-    from ..analysis import Criterion, scan
+    from ..analysis import scan
     from ..reports.plots import plot_top_magnitudes
     from ..reports.tables import TABLE1_COLUMNS
 
-    s = ctx.settings
-    criterion = Criterion.relative() if s.relative else Criterion()
-    result = scan(ctx.lm, ctx.prompts, criterion=criterion, progress=False)
+    result = scan(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     ctx.keep("scan", result)
     columns = ["layer", *TABLE1_COLUMNS, "top-1 / median", "massive dims"]
     rows = [[r["layer"], *(r[c] for c in TABLE1_COLUMNS), r["ratio_top1_median"], r["massive_dims"]]
@@ -245,7 +252,7 @@ def weights_step(ctx: Context) -> Section:
     from ..reports.plots import plot_bos_trace
 
     lm, s = ctx.lm, ctx.settings
-    mw = find_massive_weights(lm, ctx.prompts, k=s.k, layer=s.layer)
+    mw = find_massive_weights(lm, ctx.prompts, k=s.k, layer=s.layer, criterion=s.criterion)
     ctx.keep("weights", mw)
     sw = mw.super_weight
     summary = facts("The FFN that writes the massive activation", {
@@ -286,7 +293,7 @@ def attacks_step(ctx: Context) -> Section:
         ctx.tick(f"variant {next(count)}")
         return measure(model)
 
-    ranked = find_massive_weights(lm, layer=mw.layer, k=mw.intermediate_size)  # every index, for the sweep
+    ranked = find_massive_weights(lm, layer=mw.layer, k=mw.intermediate_size, criterion=s.criterion)  # all, ranked
     rows = sweep(lm, ranked, measured, ks, seed=s.seed, progress=False)  # a fresh sweep, never a resumed one
     rows += run_variants(lm, [attack(lm, mw, kind, seed=s.seed) for kind, spec in ATTACKS.items() if not spec.takes_k],
                          measured)
@@ -316,13 +323,10 @@ def attacks_step(ctx: Context) -> Section:
 def attention_step(ctx: Context) -> Section:
     """Sun et al. Sec. 4: the tokens that carry massive activations (set C) as attention sinks, and the
     set-C part of each attention output as an implicit bias (``analysis.attention``)."""
-    from ..analysis import Criterion
     from ..analysis.attention import MASSIVE, analyze_attention
     from .mechanism_plots import plot_attention
 
-    s = ctx.settings
-    criterion = Criterion.relative() if s.relative else Criterion()
-    result = analyze_attention(ctx.lm, ctx.prompts, criterion=criterion, progress=False)
+    result = analyze_attention(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     mean = lambda values: sum(values) / len(values)  # noqa: E731  over heads
     summary = Table("Layers up to l against the layers after it (means over layers)",
                     ["layers", "which", "attention share on set C", "sink heads: set C", "sink heads: BOS",
