@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED
-from .common import (MinAbsOpt, MinRatioOpt, RelativeOpt, SeedOpt, app, check_writable_file, clear_errors, console,
+from .common import (K_HELP, MODEL_HELP, MinAbsOpt, MinRatioOpt, RelativeOpt, SeedOpt, app, check_writable_file, clear_errors, console,
                      err, load, writable_folder)
 
 ENCODERS = [name for name, b in BUNDLED.items() if b.inputs != "causal"]
@@ -29,14 +29,13 @@ def _check_kind(model: str, images: str | None, sentences: str | None) -> None:
 
 
 @app.command()
-def encoder(model: str = typer.Option("dinov2-s", "--model", "-m",
-                                      help=f"bundled encoder ({', '.join(ENCODERS)}) or a local HF folder"),
+def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HELP),
             images: Optional[str] = typer.Option(None, "--images", "-i",
                                                  help="'builtin' (8 real photographs), an image folder or file"),
             sentences: Optional[str] = typer.Option(None, "--sentences", "-s",
                                                     help="'builtin', a text file (one per line) or corpus:NAME"),
-            limit: Optional[int] = typer.Option(None, help="use only the first N images or sentences"),
-            k: int = typer.Option(5, help="top-k FFN neurons of the carrier token"),
+            limit: Optional[int] = typer.Option(None, help="use only the first N prompts (images or sentences)"),
+            k: int = typer.Option(5, "--k", help=f"{K_HELP.split(' (')[0]} (the carrier token's largest FFN neurons)"),
             attack_k: int = typer.Option(2, help="rows zeroed by the top-k attack and its random control"),
             min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
             relative: bool = RelativeOpt,
@@ -47,8 +46,9 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m",
             batch_size: int = typer.Option(8, help="inputs per forward pass"),
             out: Path = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNGs"),
             json_path: Optional[Path] = typer.Option(None, "--json", help="JSON path (default OUT/encoder.json)")):
-    """Massive activations in an encoder: scan, carrier token, massive weights, interventions, attention,
-    the per-patch norm map and test-time registers."""
+    """Massive activations in an encoder (image models: --images; sentence encoders: --sentences; bundled:
+    dinov2-s, minilm-l6): scan, carrier token, massive weights, interventions, attention, the per-patch
+    norm map and test-time registers."""
     from ..analysis import Criterion
     from ..encoders.inputs import ImageInputs, SentenceInputs
     from ..encoders.images import load_images

@@ -27,7 +27,7 @@ import torch
 
 from ..analysis.attention import _probabilities, eager_attention, module_hooks
 from ..analysis.massive_activations import Criterion, ScanResult, scan_inputs
-from ..analysis.massive_weights import MASSIVE_ABS, MASSIVE_RATIO, MassiveWeights, _describe_rows
+from ..analysis.massive_weights import MassiveWeights, _describe_rows
 from ..capture import hook_name, run_inputs
 from ..interventions.activations import set_activations
 from ..interventions.weights import random_indices, zero_rows
@@ -90,7 +90,7 @@ def find_carrier(scan: ScanResult, inputs, profile: dict[str, torch.Tensor]) -> 
     return Carrier(layer=best["layer"], dim=top["dim"], role=roles.most_common(1)[0][0], positions=positions,
                    token=inputs.token_at(0, positions[0]), value=mean,
                    ratio=best["ratio_top1_median"],
-                   massive=best["top-1"] > MASSIVE_ABS and best["ratio_top1_median"] > MASSIVE_RATIO)
+                   massive=Criterion().is_massive(best["top-1"], best["median"]))  # the papers' own rule
 
 
 def across_inputs(profile: dict[str, torch.Tensor], carrier: Carrier, position: int | None = None) -> list[dict]:
