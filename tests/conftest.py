@@ -35,22 +35,26 @@ SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0..3
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
-                 "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
-VISION_FAMILIES = ["dinov2", "dinov2_with_registers", "vit", "clip_vision_model"]
-ENCODER_TEXT_FAMILIES = ["bert"]  # bidirectional, post-norm
-ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES + ENCODER_TEXT_FAMILIES  # the adapter table's keys
-N_REGISTERS = 2  # register tokens of the tiny DINOv2 with registers
+                 "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+VISION_FAMILIES = ["dinov2"]
+ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES  # the adapter table's keys
 VARIANTS = ["dinov2_swiglu"]  # same model_type, another FFN layout (DINOv2-giant's SwiGLU)
 ALL_MODELS = ALL_FAMILIES + VARIANTS
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
+# encoders: image models beside DINOv2, and BERT (bidirectional attention, post-norm blocks)
+VISION_FAMILIES += ["dinov2_with_registers", "vit", "clip_vision_model"]
+ENCODER_TEXT_FAMILIES = ["bert"]
+ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES + ENCODER_TEXT_FAMILIES  # the adapter table's keys
+ALL_MODELS = ALL_FAMILIES + VARIANTS
+N_REGISTERS = 2  # register tokens of the tiny DINOv2 with registers
 
 # the FFN width each family's tiny model is built with (per expert for MoE)
 VISION_MLP_RATIO = 3  # DINOv2 takes an integer ratio: d_mlp = 96
 EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP, "qwen3_moe": MOE_D_MLP,
-                                                                "deepseek_v3": MOE_D_MLP,
-                                                                "dinov2": VISION_MLP_RATIO * D_MODEL,
-                                                                "dinov2_with_registers": VISION_MLP_RATIO * D_MODEL}
+                                                                "deepseek_v2": MOE_D_MLP, "deepseek_v3": MOE_D_MLP,
+                                                                "dinov2": VISION_MLP_RATIO * D_MODEL}
+EXPECTED_D_MLP["dinov2_with_registers"] = VISION_MLP_RATIO * D_MODEL
 
 
 def d_mlp(lm: LoadedModel) -> int:
@@ -82,11 +86,13 @@ def text_config(family: str, **overrides):
                           norm_topk_prob=True)
         if family == "olmoe":
             kwargs.update(num_experts=N_EXPERTS, num_experts_per_tok=2)
-        if family == "deepseek_v3":  # two groups of experts, the best one used; one shared expert; MLA attention
+        if family in ("deepseek_v2", "deepseek_v3"):  # two groups of experts, the best one used; one shared
             kwargs.update(n_routed_experts=N_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=MOE_D_MLP,
                           n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None,
                           kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-                          num_key_value_heads=4)
+                          num_key_value_heads=4)  # expert, multi-head latent attention
+        if family == "deepseek_v2":
+            kwargs.update(topk_method="group_limited_greedy")
     return AutoConfig.for_model(family, **kwargs | overrides)
 
 

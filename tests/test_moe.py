@@ -28,16 +28,17 @@ from cardhouse.models.loading import from_pretrained_objects
 N_LAYERS, N_EXPERTS = 4, 8
 CARRIER_LAYER, CARRIER_EXPERT, NEURON, DIM = 1, 2, 5, 7
 SUPER_LAYER, SUPER_EXPERT = 3, 6
-MIXED = {"qwen2_moe", "qwen3_moe", "deepseek_v3"}  # families that may mix dense and MoE layers: layer 0 is dense
-SHARED_FAMILIES = {"qwen2_moe", "deepseek_v3"}
+MIXED = {"qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}  # may mix dense and MoE layers: layer 0 is dense
+SHARED_FAMILIES = {"qwen2_moe", "deepseek_v2", "deepseek_v3"}
 
 
 def build_moe(family: str, tokenizer, seed: int = 0):
     overrides = dict(num_hidden_layers=N_LAYERS, num_experts_per_tok=2)
-    experts = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}.get(family, "num_experts")
+    experts = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts",
+               "deepseek_v3": "n_routed_experts"}.get(family, "num_experts")
     overrides[experts] = N_EXPERTS
     if family in MIXED:
-        overrides |= {"deepseek_v3": {"first_k_dense_replace": 1}}.get(family, {"mlp_only_layers": [0]})
+        overrides |= {"first_k_dense_replace": 1} if family.startswith("deepseek") else {"mlp_only_layers": [0]}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(text_config(family, **overrides)).eval()
     return from_pretrained_objects(model, tokenizer, name=f"tiny-moe-{family}", bos=True)

@@ -154,3 +154,25 @@ def test_report_has_an_moe_section_for_an_moe_model_only(tokenizer, tiny, tmp_pa
     assert variants[-2:] == ["super-experts", "random-experts"]
     assert all((tmp_path / "out" / f["file"]).is_file() for f in section["figures"])
     assert problems(parse_page((tmp_path / "out" / "report.html").read_text()), results) == []
+
+
+def test_readme_moe_commands_are_valid_command_lines(tmp_path, monkeypatch):
+    """The MoE section's commands for the real models parse (every option exists): run with the model
+    replaced by a missing folder, each fails on loading that model and on nothing else."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)  # their output folders are made before the model is loaded
+    section = readme[readme.index("## Mixture of Experts"):readme.index("## The report")]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    lines = [line for line in block.splitlines() if line.strip()]
+    models = {shlex.split(line)[shlex.split(line).index("-m") + 1] for line in lines}
+    assert len(lines) == 4 and models == {"mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B"}
+    for line in lines:
+        args = shlex.split(line)[1:]
+        args[args.index("-m") + 1] = "/nonexistent/moe-model"
+        result = run(*args)
+        assert result.exit_code == 1 and "/nonexistent/moe-model" in result.output, (line, result.output)
+        assert "No such option" not in result.output and "Traceback" not in result.output

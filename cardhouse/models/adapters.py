@@ -101,6 +101,9 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen3_moe": Adapter("qwen3_moe", **dict(_MOE, router_norm="norm_topk_prob", dense=Adapter("qwen3_moe", **_LLAMA))),
     "olmoe": Adapter("olmoe", **dict(_MOE, router_norm="norm_topk_prob")),
     # multi-head latent attention: no separate q/k/v projections; first_k_dense_replace dense layers
+    "deepseek_v2": Adapter("deepseek_v2", **dict(_MOE, routing="softmax-group-greedy", router_norm=False,
+                                                 shared_expert="shared_experts", q_proj=None, k_proj=None, v_proj=None,
+                                                 dense=Adapter("deepseek_v2", **_LLAMA))),
     "deepseek_v3": Adapter("deepseek_v3", **dict(_MOE, routing="sigmoid-group-topk", router_norm="norm_topk_prob",
                                                  shared_expert="shared_experts", q_proj=None, k_proj=None, v_proj=None,
                                                  dense=Adapter("deepseek_v3", **_LLAMA))),

@@ -2,8 +2,8 @@
 
 transformers 5 routers (``mlp.gate``) return ``(logits, top-k weights, top-k experts)``: cardhouse
 records those with hooks and recomputes routing only where it changes it, to route around ablated
-experts. A family with another rule (DeepSeek-V3's sigmoid with group-limited top-k) gets its own
-entry in ``ROUTINGS`` and names it in its adapter.
+experts. A family with another rule (DeepSeek's group-limited top-k) gets its own
+entry in ``ROUTINGS`` and names it in its adapter (DeepSeek-V2 and -V3 have theirs).
 """
 
 from __future__ import annotations
@@ -50,6 +50,24 @@ def _sigmoid_group_topk(router, logits: torch.Tensor, top_k: int, normalise: boo
     return weights * router.routed_scaling_factor, experts
 
 
+def _softmax_group_greedy(router, logits: torch.Tensor, top_k: int, normalise: bool, exclude: Sequence[int]):
+    """DeepSeek-V2: softmax over every expert (``exclude`` at probability 0, the others renormalised), then
+    the greedy top-k, or with ``topk_method="group_limited_greedy"`` the top-k within the ``topk_group``
+    groups whose best expert scores highest; weights times ``routed_scaling_factor``."""
+    masked = logits.float().clone()
+    masked[..., list(exclude)] = float("-inf")
+    scores = torch.softmax(masked, dim=-1)
+    if router.topk_method == "group_limited_greedy":
+        groups = scores.view(-1, router.num_group, router.num_experts // router.num_group)
+        best = groups.max(dim=-1).values.topk(router.topk_group, dim=-1).indices
+        keep = torch.zeros_like(groups[..., 0]).scatter_(1, best, 1).bool().unsqueeze(-1).expand_as(groups)
+        scores = scores.masked_fill(~keep.reshape(scores.shape), 0.0)
+    weights, experts = torch.topk(scores, top_k, dim=-1)
+    if normalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * router.routed_scaling_factor, experts
+
+
 @dataclass(frozen=True)
 class Routing:
     probabilities: Callable[[torch.Tensor], torch.Tensor]  # logits [..., experts] -> a distribution over experts
@@ -58,6 +76,7 @@ class Routing:
 
 
 ROUTINGS: dict[str, Routing] = {"softmax-topk": Routing(_softmax, _softmax_topk),
+                                "softmax-group-greedy": Routing(_softmax, _softmax_group_greedy),
                                 # sigmoid affinities are no distribution: the analyses read the softmax of the same
                                 # logits, which singles out one expert exactly when the logits do
                                 "sigmoid-group-topk": Routing(_softmax, _sigmoid_group_topk)}
