@@ -1,5 +1,5 @@
 from .criterion import Criterion
-from .massive_activations import ScanResult, scan
+from .massive_activations import ActivationOverflow, ScanResult, scan
 from .prompts import builtin_prompts, load_prompts
 from .massive_weights import MassiveWeights, find_massive_weights
 from .moe import MoEAnalysis, analyze_moe

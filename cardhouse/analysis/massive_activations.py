@@ -10,6 +10,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ..capture import Inputs, PromptInputs, StreamingStats, all_hook_names, hook_name, run_inputs
 from ..capture.hooks import parse_hook_name
 from ..capture.inputs import role_codes
@@ -36,6 +38,10 @@ class _Welford:
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+
+class ActivationOverflow(ValueError):
+    """The activations are not finite: the model's dtype cannot hold them (float16 tops out at 65,504)."""
 
 
 @dataclass
@@ -99,11 +105,14 @@ def scan_inputs(lm: LoadedModel, inputs: Inputs, *, criterion: Criterion = Crite
     role_names, role_lists = inputs.role_names, inputs.role_lists
     strings: dict[int, str] = {}
     current: dict = {}
+    overflow: set[int] = set()  # layers with a non-finite activation
 
     def observe(name, acts):
         layer, _ = parse_hook_name(name)
         batch = current["batch"]
         mags, flat = stats.update(layer, acts, batch.attention_mask, batch.input_ids, batch.prompt_index)
+        if not bool(torch.isfinite(mags[:, 0]).all()):  # topk puts inf and nan first: one look per prompt
+            overflow.add(layer)
         cutoff = criterion.threshold(stats.median(layer))
         for row, col in (mags > cutoff).nonzero().tolist():
             pos, dim = divmod(int(flat[row, col]), d)
@@ -135,8 +144,25 @@ def scan_inputs(lm: LoadedModel, inputs: Inputs, *, criterion: Criterion = Crite
 
     run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=progress,
                desc="scan", after_batch=after_batch)
+    if overflow:
+        dtype = lm.describe()["dtype"]
+        limit = f" (|a| > {torch.finfo(getattr(torch, dtype)).max:,.0f} cannot be stored)" if dtype != "float32" else ""
+        raise ActivationOverflow(
+            f"the activations overflow {dtype} from layer {min(overflow)} on{limit}: {point} is not finite "
+            f"in layers {_ranges(sorted(overflow))}; run with --dtype bfloat16 or float32")
     return _summarize(lm, inputs, point, criterion, stats, values, role_hits, role_present, token_hits, strings,
                       outliers)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _summarize(lm, inputs, point, criterion, stats, values, role_hits, role_present, token_hits, strings,

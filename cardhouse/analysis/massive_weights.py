@@ -9,6 +9,7 @@ the massive weights, and the matching W_down columns carry them into the massive
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,7 +18,9 @@ from ..capture import hook_name, run_batches, tokenize_prompts
 from ..models.loading import LoadedModel
 from .criterion import Criterion
 from .prompts import load_prompts
+from .tokens import roles
 
+CARRIER_SHARE = 0.5  # position 0 stays the carrier while its |a| is at least this share of the largest
 _TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in")
 
 
@@ -30,15 +33,18 @@ class MassiveWeights:
     activations: list[float]  # the intermediate state at those indices
     expert: int | str | None  # the expert holding them (Mixture of Experts; "shared" for the shared expert)
     gated: bool
-    stable_across_prompts: bool  # same top-k at position 0 in every prompt (by construction: see note)
+    stable_across_prompts: bool  # same top-k at the carrier token in every prompt
     rows: list[dict]  # per index: gate/up row norms, W_down column norm and its entry at `dim`
     super_weight: dict  # the largest |W_down[dim, i]| over the top-k indices (Yu et al.)
-    trace: list[dict]  # per layer at position 0: |h| in `dim` and the attention and FFN contributions
+    trace: list[dict]  # per layer at the carrier token: |h| in `dim` and the attention and FFN contributions
     intermediate_size: int
-    massive: bool = True  # whether position 0 carries a massive activation at all (by the criterion)
+    massive: bool = True  # whether the carrier token holds a massive activation at all (by the criterion)
     notes: list[str] = field(default_factory=list)
     # MoE: the carrier's experts in `layer`, largest contribution first (analysis.moe.carrier_experts)
     experts: list[dict] = field(default_factory=list)
+    # the token whose state is searched: per prompt its position, its text in the first prompt,
+    # and how many prompts give it each role (bos, first token, first delimiter, other)
+    carrier: dict = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -49,23 +55,45 @@ class MassiveWeights:
         return {**asdict(self), "n_weights": self.n_weights}
 
 
-def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: int, median_layer: int
-               ) -> tuple[dict[str, torch.Tensor], float]:
-    """Hidden states at position 0 for every prompt (name -> [prompt, width]), and the median
-    |a| over every token of ``median_layer``'s residual stream (the scale "massive" is measured against)."""
-    token_lists = tokenize_prompts(lm, prompts)
-    rows: dict[str, list[torch.Tensor]] = {}
-    order: list[int] = []
+def _locate_carriers(lm: LoadedModel, token_lists: list[list[int]], layer: int, batch_size: int
+                     ) -> tuple[list[int], list[float], list[float], float]:
+    """Per prompt, the position whose residual state in ``layer`` holds the largest |a|, that |a| and
+    the largest |a| at position 0; and the median |a| over every token of the layer (the scale
+    "massive" is measured against)."""
+    name = hook_name(layer, "hook_resid_post")
+    found: dict[int, tuple[int, float, float]] = {}
     magnitudes: list[torch.Tensor] = []
-    median_name = hook_name(median_layer, "hook_resid_post")
 
     def hooks_for(batch):
-        order.extend(batch.prompt_index.tolist())
+        def keep(_, acts):
+            real = batch.attention_mask.bool().to(acts.device)
+            peak = acts.abs().float().amax(-1).masked_fill(~real, -1.0)  # [prompt, pos]
+            best, where = peak.max(1)
+            for row, index in enumerate(batch.prompt_index.tolist()):
+                found[index] = (int(where[row]), float(best[row]), float(peak[row, 0]))
+            magnitudes.append(acts[real].abs().float().flatten().cpu())
+
+        return {name: keep}
+
+    run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
+    rows = [found[i] for i in range(len(token_lists))]
+    return ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            float(torch.cat(magnitudes).median()))
+
+
+def _states_at(lm: LoadedModel, token_lists: list[list[int]], positions: list[int], n_layers: int,
+               batch_size: int) -> dict[str, torch.Tensor]:
+    """Every hook point's state at one position of each prompt: name -> [prompt, width] (float32)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    order: list[int] = []
+
+    def hooks_for(batch):
+        index = batch.prompt_index.tolist()
+        order.extend(index)
+        where = torch.tensor([positions[i] for i in index])
 
         def keep(name, acts):
-            rows.setdefault(name, []).append(acts[:, 0].float().clone())
-            if name == median_name:
-                magnitudes.append(acts[batch.attention_mask.bool()].abs().float().flatten())
+            rows.setdefault(name, []).append(acts[torch.arange(len(index), device=acts.device), where.to(acts.device)].float())
 
         return {n: keep for n in names}
 
@@ -73,16 +101,18 @@ def _position0(lm: LoadedModel, prompts: list[str], n_layers: int, batch_size: i
     names += [hook_name(l, "mlp.hook_post") for l in range(n_layers) if not lm.blocks.is_moe_layer(l)]
     run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
     inverse = torch.argsort(torch.tensor(order))
-    return {name: torch.cat(parts)[inverse] for name, parts in rows.items()}, float(torch.cat(magnitudes).median())
+    return {name: torch.cat(parts)[inverse] for name, parts in rows.items()}
 
 
 def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int = 5,
                          layer: int | None = None, n_prompts: int = 8, batch_size: int = 8,
                          criterion: Criterion = Criterion()) -> MassiveWeights:
-    """Locate layer l, the massive dimension and the BOS token's top-k intermediate indices.
+    """Locate layer l, the massive dimension and the carrier token's top-k intermediate indices.
 
-    ``layer`` overrides the detected layer. Uses the first ``n_prompts`` prompts: position 0
-    sees only itself under causal attention, so more prompts cannot change it.
+    The carrier is, per prompt, position 0 (BOS, or the first token) when it holds a massive |a| in
+    the middle layer of at least half the prompt's largest, else the token with the largest one
+    (the first delimiter or first word of models trained without BOS, e.g. Qwen2.5).
+    ``layer`` overrides the detected layer. Uses the first ``n_prompts`` prompts.
     """
     blocks = lm.blocks
     n_layers = len(blocks)
@@ -92,7 +122,31 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     if lm.bos_id is None:
         notes.append("no BOS token is put first: position 0 holds each prompt's first token")
     middle = n_layers // 2
-    states, median = _position0(lm, prompts[:n_prompts], n_layers, batch_size, middle)
+    token_lists = tokenize_prompts(lm, prompts[:n_prompts])
+    where, peaks, first, median = _locate_carriers(lm, token_lists, middle, batch_size)
+
+    def is_massive(value: float) -> bool:
+        return criterion.is_massive(value, median)
+
+    # per prompt: position 0 when it is massive and at least half the largest (BOS, as in most models,
+    # also when a delimiter carries one as large); else the token with the largest massive activation
+    # (models trained without BOS); else position 0, where nothing is massive
+    positions = [0 if is_massive(v0) and v0 >= CARRIER_SHARE * v or not is_massive(v) else p
+                 for p, v, v0 in zip(where, peaks, first)]
+    carrier_roles = [roles(lm.tokenizer, ids, lm.bos_id)[p] for ids, p in zip(token_lists, positions)]
+    carrier = {"positions": positions, "token": lm.tokenizer.decode([token_lists[0][positions[0]]]),
+               "roles": dict(Counter(carrier_roles))}
+    if positions[0] != 0:
+        notes.append(f"the massive activation sits on {carrier['token']!r} (position {positions[0]} of the first "
+                     f"prompt; roles {carrier['roles']}), not on position 0: the search follows that token")
+    states = _states_at(lm, token_lists, positions, n_layers, batch_size)
+    broken = [l for l in range(n_layers) if not torch.isfinite(states[hook_name(l, "hook_resid_post")]).all()]
+    if broken:
+        from .massive_activations import ActivationOverflow
+
+        dtype = lm.describe()["dtype"]
+        raise ActivationOverflow(f"the activations overflow {dtype} from layer {broken[0]} on: the carrier token's "
+                                 "residual state is not finite; run with --dtype bfloat16 or float32")
 
     def at(l, point):  # [prompt, width]
         return states[hook_name(l, point)]
@@ -106,7 +160,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
                       "max_abs_resid_post": float(post.abs().max()), "top_dim_resid_post": int(post.abs().argmax())})
     middle_state = at(middle, "hook_resid_post")[0]
     peak = float(middle_state[dim].abs())
-    massive = criterion.is_massive(peak, median)  # the first token's residual vector in the middle layer
+    massive = is_massive(peak)
     if not massive:
         notes.append(f"no massive activation on the first token (layer {middle}: |a| = {peak:.3g} in dim {dim}, "
                      f"{peak / max(median, 1e-30):.3g} x the median): the rows found are the largest, not massive "
@@ -151,7 +205,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         expert=expert, gated=blocks.is_gated, stable_across_prompts=stable, rows=rows,
         super_weight={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
                       "matrix": "W_down"},
-        trace=trace, intermediate_size=size, massive=massive, notes=notes, experts=experts)
+        trace=trace, intermediate_size=size, massive=massive, notes=notes, carrier=carrier, experts=experts)
 
 
 def _describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:

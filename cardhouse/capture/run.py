@@ -49,6 +49,7 @@ def run_inputs(lm: LoadedModel, batch_iter: Iterable[PromptBatch], n_batches: in
     body = lm.model.base_model
     for batch in tqdm(batch_iter, total=n_batches, desc=desc, disable=not progress, unit="batch", leave=False):
         with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
-            body(**batch.model_kwargs)
+            device = lm.device  # hooks see tensors there; the batch (ids, mask, index) stays on the CPU
+            body(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.model_kwargs.items()})
         if after_batch is not None:
             after_batch(batch)

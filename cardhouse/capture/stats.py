@@ -64,7 +64,9 @@ class StreamingStats:
         Returns each prompt's top-k flat indices into ``pos * d`` and their |a|, for callers
         that look closer at the largest values: ``(values [batch, k], flat_index [batch, k])``.
         """
-        pad = ~mask.bool()
+        # reduced where the activations are (any device), in float32 whatever the model dtype;
+        # the running sums live on the CPU in float64
+        pad = ~mask.bool().to(acts.device)
         mag = acts.detach().abs().float().masked_fill_(pad[..., None], 0.0)  # [batch, pos, d]
         # values beyond the histogram's range count in its end bins instead of being dropped
         logs = mag.clamp(10 ** LOG10_MIN, 10 ** LOG10_MAX).log10_()
@@ -72,10 +74,10 @@ class StreamingStats:
         bins = logs.sub_(LOG10_MIN).mul_(BINS / (LOG10_MAX - LOG10_MIN)).to(torch.int32).clamp_(0, BINS - 1)
         counts = torch.bincount(bins.flatten(), minlength=BINS).double()
         counts[0] -= float(pad.sum()) * mag.shape[-1]  # padding fell into the lowest bin
-        self.hist[layer] += counts
+        self.hist[layer] += counts.cpu()
         flat = mag.flatten(1)
         k = min(self.top_k, flat.shape[1])
-        values, index = flat.topk(k, dim=1)
+        values, index = (t.cpu() for t in flat.topk(k, dim=1))
         self.rank_sum[layer, :k] += values.double().sum(0)
         self.prompts[layer] += acts.shape[0]
         self._keep_largest(layer, acts, mask, values, index, token_ids, prompt_index)
@@ -148,8 +150,8 @@ class OutlierCounter:
         self.tokens = torch.zeros(self.n_layers, dtype=torch.long)
 
     def update(self, layer: int, acts: torch.Tensor, mask: torch.Tensor) -> None:
-        over = (acts.detach().abs() >= self.threshold) & mask.bool()[..., None]  # [batch, pos, d]
-        self.over[layer] += over.sum((0, 1))
+        over = (acts.detach().abs() >= self.threshold) & mask.bool().to(acts.device)[..., None]  # [batch, pos, d]
+        self.over[layer] += over.sum((0, 1)).cpu()
         self.tokens[layer] += int(mask.sum())
 
     def outlier_features(self, min_layer_share: float = 0.25, min_token_share: float = 0.06) -> dict:

@@ -10,7 +10,7 @@ import typer
 
 from .common import (KS_HELP, BosOpt, CorpusOpt, KOpt, PromptsOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, SeedOpt,
                      TaskLimitOpt, TasksOpt, app, budget_from, check_writable_file, clear_errors, console,
-                     context_opt, err, load, max_tokens_opt, parse_int_list, writable_folder)
+                     context_opt, err, load, load_options, max_tokens_opt, parse_int_list, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
 ContextOpt = context_opt(512)
@@ -54,6 +54,7 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, settings:
 
 
 @app.command("attack")
+@load_options
 def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
                                                     "their controls random-zero, random-retain, random-weight), or "
                                                     "'all' for every attack and the activation interventions; "
@@ -138,6 +139,7 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
 
 
 @app.command("intervene")
+@load_options
 def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), model: str = ModelOpt,
                   every_layer: bool = typer.Option(False, help="at every layer that has massive activations"),
                   prompts: str = PromptsOpt,
@@ -167,6 +169,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
 
 
 @app.command("sweep")
+@load_options
 def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default 0,1,2,"
                                                                       "3,5,10,20,50,... up to the whole layer)"),
               layer: Optional[int] = LayerOpt, seed: int = SeedOpt, corpus: list[str] = CorpusOpt,

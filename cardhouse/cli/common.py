@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -104,8 +108,61 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
         raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
+# ---- where and how the model is loaded: the same options on every command that loads one ----------
+
+_LOAD_OPTIONS = [  # (parameter, annotation, typer option)
+    ("dtype", str, typer.Option("float32", "--dtype", help="auto (the checkpoint's own dtype on a GPU, float32 "
+                                "on a CPU), float32, bfloat16 or float16", rich_help_panel="Model placement")),
+    ("device", str, typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto (the first GPU, else "
+                                 "MPS, else the CPU)", rich_help_panel="Model placement")),
+    ("device_map", Optional[str], typer.Option(None, "--device-map", help="spread the model over several GPUs, "
+                                               "the CPU and the disk through accelerate: auto, balanced or "
+                                               "sequential", rich_help_panel="Model placement")),
+    ("max_memory", Optional[str], typer.Option(None, "--max-memory", help="memory per device for --device-map, "
+                                               "e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)",
+                                               rich_help_panel="Model placement")),
+    ("offload_folder", Optional[Path], typer.Option(None, "--offload-folder", help="where --device-map keeps "
+                                                    "the weights it offloads to disk",
+                                                    rich_help_panel="Model placement")),
+]
+_placement: ContextVar[dict] = ContextVar("cardhouse_placement", default={})
+
+
+def load_options(command):
+    """Give ``command`` the model-placement options (``--dtype``, ``--device``, ``--device-map``,
+    ``--max-memory``, ``--offload-folder``); ``load`` uses them. Bad values end with one ``error:``
+    line before the command starts."""
+    signature = inspect.signature(command, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+             for name, annotation, option in _LOAD_OPTIONS]
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from ..models.placement import Placement
+
+        chosen = {name: kwargs.pop(name) for name, _, _ in _LOAD_OPTIONS}
+        chosen["offload_folder"] = str(chosen["offload_folder"]) if chosen["offload_folder"] else None
+        with clear_errors():
+            Placement.of(**chosen)  # checked here, before any work
+        token = _placement.set(chosen)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _placement.reset(token)
+
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    run.__annotations__ = {**{n: p.annotation for n, p in signature.parameters.items()},
+                           **{name: annotation for name, annotation, _ in _LOAD_OPTIONS}}
+    return run
+
+
+def placement_options() -> dict:
+    """The placement options of the command being run (``load_model`` keywords)."""
+    return dict(_placement.get())
+
+
 def load(model: str, bos: bool | None):
     from ..models import load_model
 
     with err.status(f"loading {model}"):
-        return load_model(model, bos=bos)
+        return load_model(model, bos=bos, **placement_options())

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
-                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load,
+                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load, load_options,
                      max_tokens_opt, parse_int_list, writable_folder)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
@@ -41,6 +41,7 @@ def _interrupted(out: Path) -> None:
 
 
 @app.command("finetune")
+@load_options
 def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer.Option("lora", help="lora or dora"),
                  macdrop: bool = typer.Option(True, "--macdrop/--no-macdrop", help="MacDrop on the massive rows"),
                  p0: float = P0Opt, schedule: str = ScheduleOpt, alpha: Optional[float] = AlphaOpt,
@@ -98,6 +99,7 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
 
 
 @app.command("finetune-compare")
+@load_options
 def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
                 methods: str = typer.Option("lora,dora", help="comma-separated: lora, dora"),
                 schedules: str = typer.Option("constant,step,epoch-before,epoch-after,exponential",

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..results import write_result
 from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, clear_errors,
-                     console, err, load, writable_folder)
+                     console, err, load, load_options, writable_folder)
 
 
 def _fmt(x) -> str:
@@ -23,6 +23,7 @@ def _notes(notes: list[str]) -> None:
 
 
 @app.command()
+@load_options
 def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
               limit: Optional[int] = typer.Option(16, help="use only the first N prompts"),
               map_layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
@@ -95,6 +96,7 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
 
 
 @app.command()
+@load_options
 def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
           k: int = KOpt,
           layer: Optional[int] = LayerOpt,
@@ -138,6 +140,7 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
 
 
 @app.command()
+@load_options
 def position(model: str = ModelOpt,
              prompt: Optional[str] = typer.Option(None, help="the prompt (default: the first built-in sentence)"),
              out: Path = OutOpt):

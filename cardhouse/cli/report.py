@@ -10,10 +10,11 @@ import typer
 from ..models.loading import DEFAULT_MODEL
 from ..results import command_line
 from .common import (CONTEXT_HELP, CORPUS_HELP, K_HELP, KS_HELP, MAX_TOKENS_HELP, MODEL_HELP, BosOpt, LayerOpt, MinAbsOpt, MinRatioOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt,
-                     app, clear_errors, console, err)
+                     app, clear_errors, console, err, load_options, placement_options)
 
 
 @app.command("report")
+@load_options
 def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                                help=f"{MODEL_HELP} (repeat for a side-by-side page)"),
                quick: bool = typer.Option(True, "--quick/--full", help="--quick (default): about a minute per model "
@@ -55,7 +56,7 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                      "min_ratio": min_ratio, "layer": layer, "images": images, "sentences": sentences,
                      "tasks": tuple(task), "limit": task_limit,
                      "extras": tuple(with_) + (("macdrop",) if macdrop and "macdrop" not in with_ else ()),
-                     "macdrop": str(macdrop) if macdrop else None}
+                     "macdrop": str(macdrop) if macdrop else None, "load": placement_options()}
         for name, value in (("k", k), ("attack_k", attack_k), ("max_tokens", max_tokens), ("context", context)):
             if value is not None:
                 overrides[name] = value

@@ -9,10 +9,11 @@ import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, check_writable_file, clear_errors, console, err, load,
-                     writable_folder)
+                     load_options, writable_folder)
 
 
 @app.command()
+@load_options
 def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
          k: int = KOpt, layer: Optional[int] = LayerOpt,
          min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,

@@ -65,8 +65,8 @@ def token_profile(lm: LoadedModel, inputs, dim: int, *, batch_size: int = 8) -> 
     def keep(name, acts):
         layer = int(name.split(".")[1])
         mask = current["batch"].attention_mask.bool()
-        values[layer].append(acts[..., dim].float().masked_fill(~mask, float("nan")))
-        norms[layer].append(acts.float().norm(dim=-1).masked_fill(~mask, float("nan")))
+        values[layer].append(acts[..., dim].float().cpu().masked_fill(~mask, float("nan")))
+        norms[layer].append(acts.float().norm(dim=-1).cpu().masked_fill(~mask, float("nan")))
 
     def hooks_for(batch):
         current["batch"] = batch
@@ -118,7 +118,7 @@ def carrier_weights(lm: LoadedModel, inputs, carrier: Carrier, *, k: int = 5, ba
         at = torch.tensor([carrier.positions[i] for i in batch.prompt_index.tolist()])
 
         def keep(name, acts):
-            kept.setdefault(name, []).append(acts[rows, at].float().clone())
+            kept.setdefault(name, []).append(acts[rows, at].float().cpu().clone())
 
         return {hook_name(l, p): keep for l in range(n_layers) for p in points}
 
@@ -168,7 +168,7 @@ def attention_on_carrier(lm: LoadedModel, inputs, carrier: Carrier, *, batch_siz
 
     def on_layer(layer):
         def hook(module, args, output):
-            probs = _probabilities(output, "eager").float()  # [batch, head, query, key]
+            probs = _probabilities(output, "eager").float().cpu()  # [batch, head, query, key]
             batch = current["batch"]
             valid = batch.attention_mask.bool()
             for row, index in enumerate(batch.prompt_index.tolist()):

@@ -24,14 +24,15 @@ def features(lm: LoadedModel, inputs, *, batch_size: int = 8, patches: bool = Fa
     body, pooled, grids = lm.model.base_model, [], []
     with torch.inference_mode():
         for batch in inputs.batches(batch_size):
-            out = body(**batch.model_kwargs)
-            states = out.last_hidden_state
+            kwargs = {k: v.to(lm.device) if isinstance(v, torch.Tensor) else v for k, v in batch.model_kwargs.items()}
+            out = body(**kwargs)
+            states = out.last_hidden_state.float().cpu()
             if lm.inputs == "text":
-                mask = batch.attention_mask[..., None].to(states.dtype)
+                mask = batch.attention_mask[..., None].to(states.dtype)  # the batch stays on the CPU
                 mean = (states * mask).sum(1) / mask.sum(1)
                 pooled.append(torch.nn.functional.normalize(mean, dim=-1))
             elif lm.family == "clip_vision_model":
-                pooled.append(out.pooler_output)
+                pooled.append(out.pooler_output.float().cpu())
             else:
                 pooled.append(states[:, 0])
             if patches:

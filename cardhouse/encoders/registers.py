@@ -27,7 +27,7 @@ def test_time_register(lm: LoadedModel, layer: int, neurons: list[int]) -> Itera
     if lm.inputs != "image":
         raise ValueError(f"test-time registers are for image models; {lm.name} reads {lm.inputs} tokens")
     lm.blocks.check_layer(layer)
-    index = torch.tensor(neurons, dtype=torch.long)
+    index = torch.tensor(neurons, dtype=torch.long, device=lm.device)
     seen = {"passes": 0}
 
     def append(name, x):  # [batch, pos, d] -> [batch, pos + 1, d]
@@ -52,7 +52,7 @@ def _norms(lm, inputs, batch_size) -> torch.Tensor:
     parts = {l: [] for l in range(len(lm.blocks))}
 
     def keep(name, x):
-        parts[int(name.split(".")[1])].append(x.float().norm(dim=-1))
+        parts[int(name.split(".")[1])].append(x.float().norm(dim=-1).cpu())
 
     run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size),
                lambda batch: {hook_name(l, "hook_resid_post"): keep for l in parts}, progress=False)

@@ -63,7 +63,9 @@ def build_windows(token_ids: torch.Tensor, *, context: int, bos_id: int | None,
 
 
 def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    from ..models.placement import input_device
+
+    return input_device(model)
 
 
 def _batch_nll_sum(model, windows_batch: torch.LongTensor) -> float:

@@ -157,12 +157,14 @@ def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | 
     tasks = check_tasks(list(PAPER_TASKS if tasks is None else tasks))
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from ..models.placement import input_device
     from lm_eval.tasks import TaskManager
 
     task_manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
     with_bos = bos_first_tokenizer(tokenizer)
     lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
-    lm = HFLM(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(model.device),
+    lm = HFLM(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(input_device(model)),
               add_bos_token=True if with_bos is not None else None)
     output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
                              log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,

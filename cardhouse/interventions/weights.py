@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..models.digest import weights_digest  # noqa: F401  (part of this module's API)
+from ..models import offload
 from ..models.loading import LoadedModel
 
 
@@ -38,6 +39,8 @@ def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, Slic
     try:
         with torch.no_grad():
             for tensor, axis, index, value in edits:
+                offload.hold(tensor)  # a weight accelerate offloaded to disk stays editable until restored
+                index = index.to(tensor.device)
                 original = tensor.index_select(axis, index)  # a copy
                 saved.append((tensor, axis, index, original))
                 if callable(value):
@@ -49,6 +52,7 @@ def overwrite_slices(edits: Sequence[tuple[torch.Tensor, int, torch.Tensor, Slic
         with torch.no_grad():
             for tensor, axis, index, original in reversed(saved):
                 tensor.index_copy_(axis, index, original)
+                offload.release(tensor)
 
 
 def _neuron_edits(lm: LoadedModel, layer: int, neurons: Sequence[int], expert: int | None):

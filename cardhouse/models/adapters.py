@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .offload import home
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -159,9 +161,11 @@ def _has(root: nn.Module, path: str | None) -> bool:
 
 
 def get(root: nn.Module, path: str):
-    for name in path.split("."):
+    """The module or tensor at ``path``; a tensor accelerate offloaded is returned from where it keeps it."""
+    parent, _, last = path.rpartition(".")
+    for name in filter(None, parent.split(".")):
         root = getattr(root, name)
-    return root
+    return home(root, last)
 
 
 @dataclass
@@ -273,8 +277,8 @@ class Blocks:
         if layout == "experts":
             return down[self._expert(layer, expert)]
         if layout == "conv1d":
-            return down.weight.T
-        return down.weight
+            return home(down, "weight").T
+        return home(down, "weight")
 
     def neuron_slices(self, layer: int, expert: int | str | None = None) -> list[tuple[torch.Tensor, int, int]]:
         """The tensors that hold the FFN's input-side neuron rows of one layer (of one expert for MoE).
@@ -286,16 +290,16 @@ class Blocks:
         up = self.mlp_part(layer, "up", expert)
         if layout == "gated":
             gate = self.mlp_part(layer, "gate", expert)
-            slices = [(gate.weight, 0, 0), (up.weight, 0, 0)]
-            slices += [(m.bias, 0, 0) for m in (gate, up) if m.bias is not None]
+            slices = [(home(gate, "weight"), 0, 0), (home(up, "weight"), 0, 0)]
+            slices += [(home(m, "bias"), 0, 0) for m in (gate, up) if m.bias is not None]
             return slices
         if layout == "fused":
-            slices = [(up.weight, 0, 0), (up.weight, 0, n)]
-            return slices + ([(up.bias, 0, 0), (up.bias, 0, n)] if up.bias is not None else [])
+            slices = [(home(up, "weight"), 0, 0), (home(up, "weight"), 0, n)]
+            return slices + ([(home(up, "bias"), 0, 0), (home(up, "bias"), 0, n)] if up.bias is not None else [])
         if layout == "conv1d":
-            return [(up.weight, 1, 0), (up.bias, 0, 0)]
+            return [(home(up, "weight"), 1, 0), (home(up, "bias"), 0, 0)]
         if layout == "linear":
-            return [(up.weight, 0, 0)] + ([(up.bias, 0, 0)] if up.bias is not None else [])
+            return [(home(up, "weight"), 0, 0)] + ([(home(up, "bias"), 0, 0)] if up.bias is not None else [])
         if layout == "experts":
             fused = up[self._expert(layer, expert)]
             return [(fused, 0, 0), (fused, 0, n)]
@@ -339,7 +343,7 @@ class Blocks:
             return act(up(mlp_input))
         if layout == "experts":
             fused = up[self._expert(layer, expert)]  # [2 * d_intermediate, d_model]: rows [gate; up]
-            gate, up_states = nn.functional.linear(mlp_input, fused).chunk(2, dim=-1)
+            gate, up_states = nn.functional.linear(mlp_input, fused.to(mlp_input.device, mlp_input.dtype)).chunk(2, dim=-1)
             return act(gate) * up_states
         raise ValueError(f"unknown mlp layout {layout!r}")
 

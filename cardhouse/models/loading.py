@@ -22,6 +22,7 @@ from torch import nn
 
 from .._install import cache_dir, ensure_module
 from .adapters import ADAPTERS, Blocks, adapter_for
+from .placement import Placement, input_device, model_dtype
 
 CACHE_FORMAT = 1  # bump when the cached layout changes
 
@@ -108,6 +109,11 @@ class LoadedModel:
         return Blocks.of(self.model)
 
     @property
+    def device(self) -> torch.device:
+        """Where inputs go (the embedding's device; accelerate moves them on between its blocks)."""
+        return input_device(self.model)
+
+    @property
     def inputs(self) -> str:
         """What the model reads: "causal" (decoder tokens), "text" (encoder tokens) or "image" (pixels)."""
         return adapter_for(self.model).inputs
@@ -129,7 +135,7 @@ class LoadedModel:
     def describe(self) -> dict:
         n_params = sum(p.numel() for p in self.model.parameters())
         return {"name": self.name, "family": self.family, "source": self.source,
-                "parameters": n_params, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "parameters": n_params, "dtype": str(model_dtype(self.model)).replace("torch.", ""), "device": str(self.device),
                 "layers": len(self.blocks), "d_model": self.model.config.hidden_size,
                 "bos_token": self.tokenizer.bos_token if self.bos else None, **self.info}
 
@@ -149,23 +155,30 @@ def _cache_key(gguf: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _load_auto(path: str | Path, dtype: torch.dtype, **kwargs):
+def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if "gguf_file" not in kwargs:
         adapter = ADAPTERS.get(AutoConfig.from_pretrained(path, **kwargs).model_type)
         if adapter is not None and adapter.inputs != "causal":
-            return _load_encoder(path, dtype, adapter.inputs, **kwargs)
+            return _load_encoder(path, dtype, adapter.inputs, placement, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if placement is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    else:  # dtype "auto" needs the checkpoint's own dtype, which only its config knows
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        model = AutoModelForCausalLM.from_pretrained(path, **placement.from_pretrained_kwargs(own), **kwargs)
     return model.eval(), tokenizer
 
 
-def _load_encoder(path: str | Path, dtype: torch.dtype, inputs: str, **kwargs):
+def _load_encoder(path: str | Path, dtype: torch.dtype | None, inputs: str, placement: Placement | None = None,
+                  **kwargs):
     """An encoder body (no task head) with its tokenizer, or its image processor for image models."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+    placed = placement.from_pretrained_kwargs() if placement is not None else {"dtype": dtype}
+    model = AutoModel.from_pretrained(path, **placed, **kwargs)
     processor = AutoImageProcessor.from_pretrained(path, **kwargs) if inputs == "image" else \
         AutoTokenizer.from_pretrained(path, **kwargs)
     return model.eval(), processor
@@ -188,14 +201,15 @@ def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True):
-    """Load a GGUF file, dequantized, through a safetensors cache."""
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True,
+              placement: Placement | None = None):
+    """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked)."""
     path = Path(path)
     _check_gguf(path)
     folder = cache_dir("models") / f"{path.stem}-{_cache_key(path)}"
     if use_cache and (folder / "COMPLETE").exists():
         try:
-            return _load_auto(folder, dtype)
+            return _load_auto(folder, dtype, placement)
         except Exception as err:  # a damaged cache is ours to rebuild
             warnings.warn(f"the cached copy in {folder} is unreadable ({err}); rebuilding it from {path.name}")
             shutil.rmtree(folder, ignore_errors=True)
@@ -206,41 +220,78 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
         raise ModelLoadError(f"could not read the GGUF file {path} (corrupt or truncated?): {err}") from err
     if use_cache:
         _save_cache(model, tokenizer, folder)
+        if placement is not None and placement != Placement():
+            return _load_auto(folder, dtype, placement)  # placed from the cache like every later load
     return model, tokenizer
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               bos: bool | None = None, use_cache: bool = True) -> LoadedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
+               bos: bool | None = None, use_cache: bool = True, device: str = "cpu",
+               device_map: str | None = None, max_memory: str | dict | None = None,
+               offload_folder: str | Path | None = None) -> LoadedModel:
     """Load a bundled model name, a local Hugging Face folder, a GGUF file or a hub id.
 
     ``bos``: put the BOS token first (default: when the tokenizer has one).
+    ``dtype``: float32, bfloat16, float16 or "auto" (the checkpoint's own on a GPU, float32 on a CPU);
+    ``device``: cpu, cuda, cuda:N, mps or auto; ``device_map`` ("auto", ...), ``max_memory``
+    ({0: "20GiB", "cpu": "60GiB"} or "0=20GiB,cpu=60GiB") and ``offload_folder`` place the weights
+    through accelerate, across GPUs, the CPU and the disk (see ``models.placement``).
     """
+    placement = Placement.of(dtype, device, device_map, max_memory, offload_folder)  # bad requests fail first
+    dtype = placement.torch_dtype()
     if name_or_path in BUNDLED and BUNDLED[name_or_path].locate_folder is not None:
-        model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype)
+        model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype, placement)
         source = f"bundled: {BUNDLED[name_or_path].description}"
     elif name_or_path in BUNDLED:
         gguf = BUNDLED[name_or_path].locate_gguf()
-        model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache)
+        model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache, placement=placement)
         source = f"bundled: {BUNDLED[name_or_path].description}"
     elif Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file():
-        model, tokenizer = load_gguf(name_or_path, dtype=dtype, use_cache=use_cache)
+        model, tokenizer = load_gguf(name_or_path, dtype=dtype, use_cache=use_cache, placement=placement)
         source = f"gguf: {name_or_path}"
     elif Path(name_or_path).is_dir():
         try:
-            model, tokenizer = _load_auto(name_or_path, dtype)
+            model, tokenizer = _load_auto(name_or_path, dtype, placement)
         except Exception as err:
             raise ModelLoadError(f"could not load the model folder {name_or_path}: {err}") from err
         source = f"folder: {name_or_path}"
     else:
         try:
-            model, tokenizer = _load_auto(name_or_path, dtype)
+            model, tokenizer = _load_auto(name_or_path, dtype, placement)
         except Exception as err:
             raise ModelLoadError(
                 f"{name_or_path!r} is not a bundled model ({', '.join(BUNDLED)}), a local folder, a GGUF file "
                 f"or a reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
         source = f"hub: {name_or_path}"
     adapter_for(model)  # fail early, naming the family, when it is not supported
-    return from_pretrained_objects(model, tokenizer, name=name_or_path, source=source, bos=bos)
+    lm = from_pretrained_objects(model, tokenizer, name=name_or_path, source=source, bos=bos)
+    lm.info["placement"] = placement.to_dict()
+    return lm
+
+
+def default_bos(tokenizer) -> bool:
+    """Whether the model saw a BOS token first in training, as its tokenizer tells: it adds BOS when
+    encoding (``add_bos_token``, or its post-processor: Gemma, Llama-3), or its chat template opens
+    with the BOS token (SmolLM2's ``<|im_start|>``). A tokenizer without a BOS token (Qwen2.5) gets
+    none, and so does one whose chat template shows a training format without BOS first; a
+    tokenizer that says nothing either way keeps BOS first (massive activations form there)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos_id is None:
+        return False
+    add = getattr(tokenizer, "add_bos_token", None)
+    try:
+        if add is True or tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id]:
+            return True
+    except Exception:  # a tokenizer that cannot encode a bare string here: ask the template
+        pass
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+            return str(text).startswith(bos)
+        except Exception:  # a template that needs more than one user message: no evidence either way
+            pass
+    return True
 
 
 def from_pretrained_objects(model: nn.Module, tokenizer, *, name: str = "custom", source: str = "in memory",
@@ -248,7 +299,7 @@ def from_pretrained_objects(model: nn.Module, tokenizer, *, name: str = "custom"
     """Wrap an already loaded model and tokenizer (e.g. a tiny random model in a test)."""
     has_bos = getattr(tokenizer, "bos_token_id", None) is not None
     if bos is None:
-        bos = has_bos
+        bos = default_bos(tokenizer) if tokenizer is not None else False
     if bos and not has_bos:
         warnings.warn(f"the tokenizer of {name} has no BOS token: position 0 holds the prompt's first token")
         bos = False

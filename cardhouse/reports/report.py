@@ -56,6 +56,7 @@ class Settings:
     bos: bool | None = None
     extras: tuple[str, ...] = ()  # names of OPTIONAL_STEPS to run
     macdrop: str | None = None  # a `cardhouse finetune-compare` folder (or its compare.json), for "macdrop"
+    load: dict = field(default_factory=dict)  # load_model placement keywords (dtype, device, device_map, ...)
     images: str = "builtin"  # image models: builtin photographs, a folder or a file
     sentences: str = "builtin"  # text encoders: builtin, a text file or corpus:NAME
     pairs: int = 200  # text encoders: MRPC sentence pairs of the rank-agreement measure
@@ -158,7 +159,7 @@ def model_step(ctx: Context) -> Section:
 
         hf_logging.disable_progress_bar()  # the report shows one progress display, its own
         try:
-            lm = load_model(ctx.source, bos=ctx.settings.bos)
+            lm = load_model(ctx.source, bos=ctx.settings.bos, **ctx.settings.load)
         finally:
             hf_logging.enable_progress_bar()
     ctx.keep("model", lm)
@@ -470,6 +471,8 @@ def _run_section(settings: Settings, versions: dict) -> Section:
     def shown(value):
         if isinstance(value, tuple):  # k values stay numbers; names become one string
             return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
+        if isinstance(value, dict):  # the placement: dtype=bfloat16, device=cuda, ...
+            return ", ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "default"
         return value
 
     return Section(key="run", title="Run: settings, versions, command",
