@@ -96,11 +96,12 @@ def text_config(family: str, **overrides):
     return AutoConfig.for_model(family, **kwargs | overrides)
 
 
-def build_text_model(family: str, seed: int = 0):
+def build_text_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(text_config(family))
+    layers = {"n_layer" if family == "gpt2" else "num_hidden_layers": n_layers}
+    model = AutoModelForCausalLM.from_config(text_config(family, **layers))
     assert model.config.model_type == family
     return model.eval()
 
@@ -161,7 +162,7 @@ def build_tokenizer():
                                    unk_token=UNK)
 
 
-def build(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
+def build(family: str, tokenizer=None, seed: int = 0, n_layers: int = N_LAYERS) -> LoadedModel:
     """A fresh tiny LoadedModel of ``family`` or of a variant (image models: no processor, feed them
     ``pixel_values``; BERT: its own [CLS]/[SEP] tokenizer)."""
     if family in VISION_FAMILIES + VARIANTS:
@@ -172,7 +173,8 @@ def build(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
         return from_pretrained_objects(build_encoder_model(seed), build_encoder_tokenizer(), name=f"tiny-{family}",
                                        bos=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    return from_pretrained_objects(build_text_model(family, seed), tokenizer, name=f"tiny-{family}", bos=True)
+    model = build_text_model(family, seed, n_layers)
+    return from_pretrained_objects(model, tokenizer, name=f"tiny-{family}", bos=True)
 
 
 def sample_inputs(lm: LoadedModel, seed: int = 0) -> dict:

@@ -464,7 +464,9 @@ def test_find_massive_weights_is_well_formed(text_lm):
     assert mw.gated == text_lm.blocks.is_gated
     assert mw.n_weights == (2 if mw.gated else 1) * 4 * D_MODEL
     assert [r["index"] for r in mw.rows] == mw.indices
-    assert mw.super_weight["row"] == mw.dim and mw.super_weight["column"] in mw.indices
+    # Yu et al.'s super weight: the FFN output's largest dim, the largest intermediate index (position 0)
+    assert 0 <= mw.super_weight["row"] < D_MODEL and mw.super_weight["column"] == mw.indices[0]
+    assert mw.largest_down_entry["row"] == mw.dim and mw.largest_down_entry["column"] in mw.indices
     assert [t["layer"] for t in mw.trace] == list(range(N_LAYERS))
     if text_lm.blocks.is_moe:
         assert mw.expert in [*range(N_EXPERTS), "shared"] and mw.experts[0]["expert"] == mw.expert
@@ -494,6 +496,7 @@ def test_find_massive_weights_recovers_planted_rows(family, tokenizer):
     assert mw.stable_across_prompts
     assert mw.super_weight == {"layer": 0, "row": 7, "column": 5, "value": pytest.approx(plant["down"]),
                                "matrix": "W_down"}
+    assert mw.largest_down_entry == mw.super_weight  # here the largest entry of the row is the super weight too
     assert abs(mw.activations[0]) > 10 * abs(mw.activations[1])
     assert mw.expert == plant["bos_expert"]
     if family not in SANDWICH_FAMILIES:

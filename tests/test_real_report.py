@@ -42,12 +42,14 @@ def test_quick_report_shows_the_massive_activation_and_its_weights(quick):
     assert scan["roles"]["bos"] == {"prompts_with_massive": 32, "prompts_with_role": 32}
     mw = s["weights"]["data"]["massive_weights"]
     assert mw["layer"] == 11 and mw["dim"] == 507 and set(mw["indices"][:2]) == {1229, 1487}
-    assert mw["super_weight"]["row"] == 507 and mw["super_weight"]["column"] == 1487
+    assert mw["super_weight"]["row"] == 507 and mw["super_weight"]["column"] == 1229  # Yu et al.'s definition
+    assert mw["largest_down_entry"]["column"] == 1487
     # and the page says so, in the tables a reader sees
     page = parse_page((folder / "report.html").read_text())
     weights = dict(page.tables["m0-weights-t0"])
     assert weights["layer l"] == "11" and weights["hidden dim"] == "507"
     assert weights["top-k indices"].startswith(("1229, 1487", "1487, 1229"))
+    assert weights["super weight (Yu et al.)"] == "W_down[507, 1229]"
     assert dict(page.tables["m0-activations-t0"])["layers"] == "11–27"
 
 

@@ -78,7 +78,9 @@ def test_massive_weights_of_layer_11(lm):
     assert mw.indices == [1229, 1487, 874, 926, 1010]
     assert mw.activations[0] > 2500 and mw.activations[1] > 900 and abs(mw.activations[2]) < 50
     assert mw.stable_across_prompts
-    assert mw.super_weight["row"] == 507 and mw.super_weight["column"] == 1487
+    # Yu et al.'s super weight sits on the largest input (1229); 1487 holds the row's largest entry of the top-k
+    assert mw.super_weight["row"] == 507 and mw.super_weight["column"] == 1229
+    assert mw.largest_down_entry["row"] == 507 and mw.largest_down_entry["column"] == 1487
     assert mw.n_weights == 2 * 5 * 576
     assert mw.massive and not mw.notes  # regression: the ratio once used the BOS vector's own median (~50)
 

@@ -93,7 +93,7 @@ def test_page_shows_the_model_facts_and_the_attack_rows(report):
         assert facts["name"] == model["name"] and facts["layers"] == "2" and facts["hidden size"] == "32"
         attack_rows = [row[0] for row in page.tables[f"m{i}-attacks-t0"]]
         assert attack_rows == ["original", "topk-zero k=2", "random-zero k=2", "topk-retain k=2",
-                               "random-retain k=2", "super-weight", "random-weight"]
+                               "random-retain k=2", "super-weight", "largest-down-entry", "random-weight"]
 
 
 def test_page_is_self_contained_and_needs_no_javascript(report):

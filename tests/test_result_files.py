@@ -76,6 +76,8 @@ def written(model_folder, moe_folder, tmp_path_factory):
                      [out / "scan-moe" / "scan.json", out / "scan-moe" / "moe.json"]),
         "attack-moe": (["attack", "moe", "-m", moe_folder, "--k", "2", *BUDGET, "--json", out / "attack-moe.json"],
                        [out / "attack-moe.json"]),
+        "super-weight": (["super-weight", "-m", m, "--ratio", "1.5", "--candidates", "1", "--controls", "1",
+                          "--no-lines", *BUDGET, "-o", out / "sw"], [out / "sw" / "super_weight.json"]),
     }
     runner = CliRunner()
     files = {}
@@ -121,7 +123,8 @@ def _emergence(out):
 KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "position": ["position"],
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
-        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "encoder": ["encoder"]}
+        "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "super-weight": ["super_weight"],
+        "encoder": ["encoder"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():

@@ -21,7 +21,7 @@ from .prompts import load_prompts
 from .tokens import roles
 
 CARRIER_SHARE = 0.5  # position 0 stays the carrier while its |a| is at least this share of the largest
-_TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in")
+_TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in", "mlp.hook_out")
 
 
 @dataclass
@@ -35,7 +35,8 @@ class MassiveWeights:
     gated: bool
     stable_across_prompts: bool  # same top-k at the carrier token in every prompt
     rows: list[dict]  # per index: gate/up row norms, W_down column norm and its entry at `dim`
-    super_weight: dict  # the largest |W_down[dim, i]| over the top-k indices (Yu et al.)
+    super_weight: dict  # Yu et al.'s on the carrier token: W_down[largest |FFN output|, largest |input|] of layer l
+    largest_down_entry: dict  # the largest |W_down[dim, i]| over the top-k indices (not the super weight)
     trace: list[dict]  # per layer at the carrier token: |h| in `dim` and the attention and FFN contributions
     intermediate_size: int
     massive: bool = True  # whether the carrier token holds a massive activation at all (by the criterion)
@@ -200,11 +201,15 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     with torch.no_grad():
         rows = _describe_rows(lm, layer, expert, indices, dim)
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
+    # Yu et al.: the row of the down projection's output spike, the column of its input spike (carrier token)
+    sw_row, sw_column = int(at(layer, "mlp.hook_out")[0].abs().argmax()), indices[0]
+    sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
     return MassiveWeights(
         layer=layer, dim=dim, k=k, indices=indices, activations=[float(intermediate[0, i]) for i in indices],
         expert=expert, gated=blocks.is_gated, stable_across_prompts=stable, rows=rows,
-        super_weight={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
-                      "matrix": "W_down"},
+        super_weight={"layer": layer, "row": sw_row, "column": sw_column, "value": sw_value, "matrix": "W_down"},
+        largest_down_entry={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
+                            "matrix": "W_down"},
         trace=trace, intermediate_size=size, massive=massive, notes=notes, carrier=carrier, experts=experts)
 
 

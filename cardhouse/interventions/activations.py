@@ -51,3 +51,21 @@ def massive_means(scan: ScanResult, layer: int) -> dict[int, float]:
         total[0] += v["mean"] * v["count"]
         total[1] += v["count"]
     return {dim: s / n for dim, (s, n) in sums.items() if n}
+
+
+@contextmanager
+def pin_ffn_output(lm: LoadedModel, layer: int, dim: int, value: float, position: int = 0) -> Iterator[None]:
+    """Set the FFN output of ``layer`` (its down projection's output) at [``position``, ``dim``] to ``value``
+    on every input: Yu et al.'s restoration of the super activation after the super weight is zeroed."""
+    lm.blocks.check_layer(layer)
+    check_indices([dim], lm.model.config.hidden_size, "hidden dim")
+
+    def pin(name, acts):
+        if acts.shape[1] <= position:
+            return None
+        acts = acts.clone()
+        acts[:, position, dim] = value
+        return acts
+
+    with hooks(lm.model, {hook_name(layer, "mlp.hook_out"): pin}):
+        yield

@@ -76,8 +76,9 @@ class Target:
     k: int
     top: list[int]  # the attacked rows (top-k, or the user's indices)
     random: list[int]  # k seeded random rows avoiding ``top`` while there are enough others
-    super_weight: tuple[int, int]  # (row, column) of W_down
+    super_weight: tuple[int, int]  # (row, column) of W_down (Yu et al.: output spike x input spike)
     random_column: int  # a seeded random W_down column other than the super weight's
+    largest_down_entry: tuple[int, int] | None = None  # the largest |W_down[dim, i]| over the top-k
 
 
 class Edit(NamedTuple):
@@ -146,6 +147,12 @@ def _down_entry(column: Callable[[Target], int], what: str) -> Callable[[Target]
     return edit
 
 
+def _largest_down_entry(t: Target) -> Edit:
+    row, col = t.largest_down_entry
+    return Edit(f"zero the largest down entry W_down[{row}, {col}] of layer {t.layer}",
+                lambda: zero_super_weight(t.lm, t.layer, row, col, expert=t.expert), [col])
+
+
 def _top(t: Target) -> list[int]:
     return t.top
 
@@ -161,8 +168,10 @@ for _spec in (
     AttackSpec("topk-retain", "keep only the top-k rows, zero every other row of the layer", _retain(_top, ""),
                control="random-retain", style="s-"),
     AttackSpec("random-retain", "control: keep only k random rows", _retain(_random, "control: "), style="s:"),
-    AttackSpec("super-weight", "zero the super weight W_down[dim, top-1 index]",
+    AttackSpec("super-weight", "zero the super weight (Yu et al.): W_down[output spike, input spike] of layer l",
                _down_entry(lambda t: t.super_weight[1], ""), control="random-weight", takes_k=False),
+    AttackSpec("largest-down-entry", "zero the largest W_down[dim, i] over the top-k indices (not the super weight)",
+               _largest_down_entry, takes_k=False),
     AttackSpec("random-weight", "control: zero another entry of the same W_down row",
                _down_entry(lambda t: t.random_column, "control: "), takes_k=False),
 ):
@@ -189,7 +198,8 @@ def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = No
     target = Target(lm, layer, expert, k, indices,
                     # the control avoids the massive rows while there are enough others (not for k > size / 2)
                     random_indices(size, k, exclude=indices if 2 * k <= size else (), seed=seed),
-                    sw, random_indices(size, 1, exclude=[sw[1]], seed=seed)[0])
+                    sw, random_indices(size, 1, exclude=[sw[1]], seed=seed)[0],
+                    (mw.largest_down_entry["row"], mw.largest_down_entry["column"]))
     edit = spec.edit(target)
     return Variant(kind, edit.description, edit.apply, layer, k if spec.takes_k else None, expert,
                    tuple(edit.indices), control_of(kind), seed)

@@ -98,10 +98,24 @@ def random_indices(size: int, k: int, *, exclude: Sequence[int] = (), seed: int 
 @contextmanager
 def zero_super_weight(lm: LoadedModel, layer: int, row: int, column: int, *,
                       expert: int | None = None) -> Iterator[None]:
-    """Zero one entry of W_down (the "super weight" of Yu et al.)."""
+    """Zero one entry W_down[row, column] (a super weight of Yu et al. when it is one: see
+    ``cardhouse.analysis.super_weight``)."""
     down = lm.blocks.down_weight(layer, expert)  # [d_model, d_intermediate] view
     check_indices([row], down.shape[0], "W_down row")
     check_indices([column], down.shape[1], "W_down column")
     flat_row = down[row]  # a view: writing to it writes the parameter
     with overwrite_slices([(flat_row, 0, torch.tensor([column]), 0.0)]):
+        yield
+
+
+@contextmanager
+def zero_down_line(lm: LoadedModel, layer: int, *, row: int | None = None, column: int | None = None,
+                   expert: int | None = None) -> Iterator[None]:
+    """Zero a whole row (one hidden dim's weights) or a whole column (one intermediate channel's) of W_down."""
+    if (row is None) == (column is None):
+        raise ValueError("give exactly one of row or column")
+    down = lm.blocks.down_weight(layer, expert)  # [d_model, d_intermediate] view
+    axis, index = (0, row) if row is not None else (1, column)
+    check_indices([index], down.shape[axis], "W_down row" if axis == 0 else "W_down column")
+    with overwrite_slices([(down, axis, torch.tensor([index]), 0.0)]):
         yield

@@ -259,7 +259,9 @@ def weights_step(ctx: Context) -> Section:
     summary = facts("The FFN that writes the massive activation", {
         "layer l": mw.layer, "hidden dim": mw.dim, "top-k indices": mw.indices, "intermediate size":
         mw.intermediate_size, "expert": mw.expert, "gated FFN": mw.gated, "weights in the top-k rows": mw.n_weights,
-        "super weight": f"W_down[{sw['row']}, {sw['column']}]", "super weight value": sw["value"],
+        "super weight (Yu et al.)": f"W_down[{sw['row']}, {sw['column']}]", "super weight value": sw["value"],
+        "largest W_down entry of the top-k": f"W_down[{mw.largest_down_entry['row']}, "
+                                            f"{mw.largest_down_entry['column']}]",
         "same top-k in every prompt": mw.stable_across_prompts})
     norm_keys = [k for k in mw.rows[0] if k.endswith("_norm")]
     rows = Table("The top-k intermediate indices of the position-0 token in layer l, and their weights",

@@ -65,8 +65,10 @@ def weights_table(mw: MassiveWeights, console: Console) -> None:
     for row, act in zip(mw.rows, mw.activations):
         t.add_row(str(row["index"]), _num(act), *(_num(row[k]) for k in keys), f"{row['down_at_dim']:.3f}")
     console.print(t)
-    sw = mw.super_weight
-    console.print(f"Super weight: W_down[{sw['row']}, {sw['column']}] = {sw['value']:.4f} in layer {sw['layer']}. "
+    sw, big = mw.super_weight, mw.largest_down_entry
+    console.print(f"Super weight (Yu et al.: the down projection's output spike x input spike on the first token): "
+                  f"W_down[{sw['row']}, {sw['column']}] = {sw['value']:.4f} in layer {sw['layer']}; the largest "
+                  f"entry of W_down[{big['row']}, top-k]: W_down[{big['row']}, {big['column']}] = {big['value']:.4f}. "
                   f"Top-{mw.k} indices the same in every prompt: {mw.stable_across_prompts} "
                   "(position 0 sees only itself under causal attention, so this holds by construction).")
     for note in mw.notes:
