@@ -144,14 +144,21 @@ def carrier_weights(lm: LoadedModel, inputs, carrier: Carrier, *, k: int = 5, ba
     with torch.no_grad():
         rows = _describe_rows(lm, layer, None, indices, dim)
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
+    # Yu et al.'s super weight at the carrier token: the row of the FFN output's spike, the column of its input's
+    sw_row = int(at[hook_name(layer, "mlp.hook_out")][0].abs().argmax())
+    sw_value = float(blocks.down_weight(layer)[sw_row, indices[0]].detach())
     notes = [f"the carrier is the {carrier.role} token ({carrier.token!r} in the first input), dim {dim}"]
     if not blocks.is_gated:
         notes.append("no gated MLP: the massive-weight rows are the rows of fc_in (one matrix, not two)")
     return MassiveWeights(
         layer=layer, dim=dim, k=k, indices=indices, activations=[float(intermediate[0, i]) for i in indices],
         expert=None, gated=blocks.is_gated, stable_across_prompts=all(set(t.tolist()) == set(indices) for t in top),
-        rows=rows, super_weight={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
+        rows=rows, super_weight={"layer": layer, "row": sw_row, "column": indices[0], "value": sw_value,
                                  "matrix": "W_down"},
+        largest_down_entry={"layer": layer, "row": dim, "column": best["index"], "value": best["down_at_dim"],
+                            "matrix": "W_down"},
+        carrier={"positions": carrier.positions, "token": carrier.token,
+                 "roles": dict(Counter(inputs.role_lists[i][p] for i, p in enumerate(carrier.positions)))},
         trace=trace, intermediate_size=size, massive=carrier.massive, notes=notes)
 
 
