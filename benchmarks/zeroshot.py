@@ -1,0 +1,140 @@
+"""Zero-shot speed of the cardhouse lm-eval backend against lm-eval's HFLM, side by side in one run.
+
+1. Items per second on the same items of each task (ARC-Easy, PIQA, HellaSwag) and the same
+   model (SmolLM2-135M, float32, CPU), through ``loglikelihood`` of either backend; the
+   log-likelihoods are compared too (largest difference, identical choices). Goal: >= 2x.
+2. A 6-variant zero-shot sweep (original, top-2 zeroing and its random control, top-5
+   retaining and its control, the super weight) with the backend inside ``run_variants``
+   (one model; the layers before the attacked one run once per input: ``capture.reuse``)
+   against the same variants one by one through ``zero_shot(backend="hflm")``. Goal: >= 3x.
+
+The two sides alternate ``--repeats`` times and the best time of each counts, so that a noisy
+shared CPU penalises neither side.
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python benchmarks/zeroshot.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections import defaultdict
+
+
+def best_time(fn, repeats: int):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def choices(requests, answers) -> dict:
+    per_doc = defaultdict(list)
+    for request, (loglikelihood, _) in zip(requests, answers):
+        per_doc[request.doc_id].append((loglikelihood, request.idx))
+    return {doc: max(scores)[1] for doc, scores in per_doc.items()}
+
+
+def items_per_second(lm, args) -> None:
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from cardhouse.evaluation.lm_backend import CardhouseLM
+    from cardhouse.evaluation.zeroshot import bos_first_tokenizer, write_task_yamls
+
+    tokenizer = bos_first_tokenizer(lm.tokenizer)
+    hflm = HFLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=args.hflm_batch_size,
+                device="cpu", add_bos_token=True)
+    ours = CardhouseLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=args.batch_size,
+                       add_bos_token=True)
+    manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
+    print(f"items/s, {args.limit} items per task (HFLM batch {args.hflm_batch_size}, cardhouse batch {args.batch_size})")
+    print(f"{'task':<10} {'requests':>8} {'HFLM':>8} {'cardhouse':>10} {'ratio':>6} {'max |d| nats':>13} same choices")
+    for name, task in manager.load(args.tasks)["tasks"].items():
+        task.build_all_requests(limit=args.limit)
+        requests = task.instances
+        times = {"hflm": float("inf"), "cardhouse": float("inf")}
+        answers = {}
+        for _ in range(args.repeats):
+            for side, backend in (("cardhouse", ours), ("hflm", hflm)):
+                seconds, answers[side] = best_time(lambda: backend.loglikelihood(requests, disable_tqdm=True), 1)
+                times[side] = min(times[side], seconds)
+        worst = max(abs(a[0] - b[0]) for a, b in zip(answers["hflm"], answers["cardhouse"]))
+        same = choices(requests, answers["hflm"]) == choices(requests, answers["cardhouse"])
+        rate = {side: args.limit / seconds for side, seconds in times.items()}
+        print(f"{name:<10} {len(requests):>8} {rate['hflm']:>8.2f} {rate['cardhouse']:>10.2f} "
+              f"{rate['cardhouse'] / rate['hflm']:>5.2f}x {worst:>13.1e} {same}", flush=True)
+
+
+def sweep_versus_one_by_one(lm, args) -> None:
+    from cardhouse.analysis import find_massive_weights
+    from cardhouse.evaluation import zero_shot
+    from cardhouse.interventions import attack, original, run_variants
+
+    mw = find_massive_weights(lm, k=5)
+    variants = [original(), attack(lm, mw, "topk-zero", k=2), attack(lm, mw, "random-zero", k=2),
+                attack(lm, mw, "topk-retain", k=5), attack(lm, mw, "random-retain", k=5),
+                attack(lm, mw, "super-weight")]
+    tasks = args.sweep_tasks
+
+    def measure(backend):
+        def scores(lm):
+            result = zero_shot(lm.model, lm.tokenizer, tasks, limit=args.sweep_limit, backend=backend)
+            return {f"acc_{t}": result[t]["acc"] for t in tasks}
+        return scores
+
+    def swept():
+        return run_variants(lm, variants, measure("cardhouse"))
+
+    def one_by_one():
+        rows = []
+        for variant in variants:
+            with variant.apply():
+                rows.append({"variant": variant.name, **measure("hflm")(lm)})
+        return rows
+
+    times, rows = {"sweep": float("inf"), "hflm": float("inf")}, {}
+    for _ in range(args.repeats):
+        for side, fn in (("sweep", swept), ("hflm", one_by_one)):
+            seconds, rows[side] = best_time(fn, 1)
+            times[side] = min(times[side], seconds)
+    same = all(a[k] == b[k] for a, b in zip(rows["sweep"], rows["hflm"]) for k in a if k.startswith("acc_"))
+    print(f"\n6-variant zero-shot sweep ({', '.join(tasks)}, {args.sweep_limit} items each, layer {mw.layer})")
+    for row in rows["sweep"]:
+        print(f"  {row['variant']:<22} " + " ".join(f"{k}={row[k]:.3f}" for k in row if k.startswith("acc_")))
+    print(f"sweep with the cardhouse backend: {times['sweep']:.1f} s; one by one with HFLM: {times['hflm']:.1f} s; "
+          f"ratio {times['hflm'] / times['sweep']:.2f}x; identical accuracies: {same}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["items", "sweep", "all"], default="all")
+    parser.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
+    parser.add_argument("--limit", type=int, default=40, help="items per task for part 1")
+    parser.add_argument("--sweep-tasks", nargs="+", default=["arc_easy", "piqa"])
+    parser.add_argument("--sweep-limit", type=int, default=20, help="items per task and variant for part 2")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--hflm-batch-size", type=int, default=8, help="what cardhouse used before the backend")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from cardhouse.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model("smollm2-135m")
+    with torch.inference_mode():
+        if args.part in ("items", "all"):
+            items_per_second(lm, args)
+        if args.part in ("sweep", "all"):
+            sweep_versus_one_by_one(lm, args)
+
+
+if __name__ == "__main__":
+    main()

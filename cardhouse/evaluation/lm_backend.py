@@ -1,0 +1,284 @@
+"""A faster lm-evaluation-harness backend for an in-memory causal LM: ``lm_eval --model cardhouse``.
+
+``CardhouseLM`` is lm-eval's own ``HFLM`` with one method replaced, ``_loglikelihood_tokens``,
+the one that runs the model. Everything that decides *what* is scored is HFLM's: the
+tokenization (context/continuation split, BOS, empty contexts), left-truncation to the
+model's maximum length, ``loglikelihood_rolling``'s windows and greedy ``generate_until``.
+So the log-likelihoods are HFLM's, computed with less work:
+
+- Requests whose model inputs share a prefix are grouped (sorted by tokens, a request joins
+  its neighbour's group while that costs fewer token positions than running it apart): the
+  2-5 choices of a multiple-choice item share their context, and WinoGrande's share the
+  sentence start. Identical inputs (one-token answers) run once.
+- Each group's shared prefix runs once into a ``DynamicCache``, without the LM head (the prefix
+  stops before the first scored position). Then every member's remaining tokens (its last
+  context token and its continuation) run against its group's cached keys and values, and the
+  LM head and log-softmax only see those.
+- Padding is small because the two passes are batched apart: prefixes sorted by length,
+  right-padded (causal: a real token never sees the padding); then the members sorted by
+  suffix length, each row's cache gathered from its group's with the gap up to the longest
+  prefix of the batch masked out, and explicit position ids. A model with a sliding window
+  only gathers rows whose padded width stays inside the window (a gap would shift it); longer
+  inputs run in one piece, as HFLM runs them.
+
+Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
+before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
+same keys and values (``capture.reuse`` keys cached passes by the cache's contents).
+
+lm-eval's command line finds the backend once this module is imported::
+
+    python -m cardhouse.evaluation.lm_backend run --model cardhouse \\
+        --model_args pretrained=smollm2-135m --tasks arc_easy --include_path "$(cardhouse-tasks)"
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
+# the method this backend replaces, as lm-eval's HFLM declares it
+_EXPECTED_SIGNATURE = ["self", "requests", "disable_tqdm", "override_bs"]
+
+
+class UnsupportedLmEvalError(ValueError):
+    pass
+
+
+def check_lm_eval(version: str | None = None) -> str:
+    """The installed lm-eval version, if this backend supports it; a clear error otherwise."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    version = version or lm_eval.__version__
+    hint = (f"the cardhouse backend supports lm-eval {SUPPORTED_LM_EVAL} (install it with "
+            f"pip install 'lm-eval[hf]{SUPPORTED_LM_EVAL}'), or use backend='hflm' (--backend hflm)")
+    if Version(version) not in SpecifierSet(SUPPORTED_LM_EVAL):
+        raise UnsupportedLmEvalError(f"lm-eval {version} is installed; {hint}")
+    params = list(inspect.signature(HFLM._loglikelihood_tokens).parameters)
+    if params != _EXPECTED_SIGNATURE:
+        raise UnsupportedLmEvalError(f"lm-eval {version}'s HFLM._loglikelihood_tokens takes {params}, "
+                                     f"not {_EXPECTED_SIGNATURE}; {hint}")
+    return version
+
+
+@dataclass
+class _Row:
+    """One distinct model input and what is scored on it (its last ``span`` positions)."""
+
+    tokens: tuple[int, ...]
+    span: int = 0
+    requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, continuation)
+
+    @property
+    def first_scored(self) -> int:
+        return len(self.tokens) - self.span
+
+
+@dataclass
+class _Group:
+    rows: list[_Row]
+    prefix: int  # tokens run once for every row
+
+    @property
+    def suffix(self) -> int:
+        return max(len(row.tokens) for row in self.rows) - self.prefix
+
+    def cost(self) -> int:  # token positions computed: the prefix once, then each row's suffix
+        return self.prefix + sum(len(row.tokens) - self.prefix for row in self.rows)
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def plan_groups(rows: list[_Row]) -> list[_Group]:
+    """Group rows (sorted by tokens, so a shared prefix means neighbours) where sharing saves work.
+
+    A row joins the group before it if that saves token positions and keeps at least half of the
+    group's prefix: a template shared by every item ("Question:") must not swallow the contexts
+    that items really share.
+    """
+    groups: list[_Group] = []
+    for row in sorted(rows, key=lambda r: r.tokens):
+        if groups:
+            last = groups[-1]
+            shared = min(last.prefix, _common_prefix(last.rows[0].tokens, row.tokens), row.first_scored)
+            joined = _Group(last.rows + [row], shared)
+            if 2 * shared >= last.prefix and joined.cost() < last.cost() + len(row.tokens):
+                groups[-1] = joined
+                continue
+        groups.append(_Group([row], row.first_scored))
+    return groups
+
+
+def _batches(items: list, size, limit: int, fits=lambda batch: True) -> list[list]:
+    """Consecutive items, at most ``limit`` (counted by ``size``) a batch, each batch passing ``fits``."""
+    batches: list[list] = []
+    for item in items:
+        if batches and sum(map(size, batches[-1])) + size(item) <= limit and fits(batches[-1] + [item]):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def _sliding_window(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5 renamed past_key_values to cache
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _load_pretrained(name: str):
+    from ..models import load_model
+    from .zeroshot import bos_first_tokenizer
+
+    lm = load_model(name)
+    with_bos = bos_first_tokenizer(lm.tokenizer)
+    return lm.model, with_bos if with_bos is not None else lm.tokenizer, with_bos is not None
+
+
+@register_model("cardhouse")
+class CardhouseLM(HFLM):
+    """HFLM's requests and tokenization, scored from shared prefixes (see the module docstring)."""
+
+    def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 32, **kwargs):
+        check_lm_eval()
+        if isinstance(pretrained, str):  # a cardhouse model name, folder or GGUF file: load it our way
+            pretrained, loaded_tokenizer, bos = _load_pretrained(pretrained)
+            tokenizer = tokenizer or loaded_tokenizer
+            if bos:
+                kwargs.setdefault("add_bos_token", True)
+        if not str(batch_size).isdigit():
+            raise ValueError(f"the cardhouse backend needs an integer batch size, got {batch_size!r}")
+        from ..models.placement import input_device
+
+        kwargs.setdefault("device", str(input_device(pretrained)))
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
+        self._window = _sliding_window(self.model.config)
+        self._cache_kwarg = _cache_kwarg(self.model)
+        self._pad = self.tokenizer.pad_token_id or 0
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from tqdm.auto import tqdm
+
+        rows: dict[tuple[int, ...], _Row] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            assert len(context) > 0 and 0 < len(continuation) <= self.max_length  # as HFLM
+            # HFLM's input: left-truncated to max_length + 1 tokens, the last one is never fed
+            tokens = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+            row = rows.setdefault(tokens, _Row(tokens))
+            row.span = max(row.span, len(continuation))
+            row.requests.append((index, continuation))
+        groups = plan_groups(list(rows.values()))
+        if self._window:  # inputs too long for a gathered cache under a sliding window run in one piece
+            groups = [g for group in groups for g in ([group] if group.prefix + group.suffix < self._window
+                                                      else [_Group([row], 0) for row in group.rows])]
+        answers: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                   desc="Running loglikelihood requests (cardhouse)")
+        batch_size = override_bs or self.batch_size
+        # longest prefixes first (as HFLM: a memory error shows at once); the chunk bounds the cached prefixes
+        for chunk in _batches(sorted(groups, key=lambda g: g.prefix, reverse=True), lambda g: 1, 8 * batch_size):
+            for row, log_probs in self._score_chunk(chunk, batch_size):
+                for index, continuation in row.requests:
+                    answers[index] = answer = self._answer(log_probs[-len(continuation):], continuation)
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                    bar.update(1)
+        bar.close()
+        return answers
+
+    def _answer(self, log_probs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        target = torch.tensor(continuation, dtype=torch.long, device=log_probs.device)
+        greedy = bool((log_probs.argmax(dim=-1) == target).all())
+        return float(log_probs.gather(1, target[:, None]).sum()), greedy
+
+    def _call(self, **inputs):
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            return self.model(**inputs)
+
+    def _run_prefixes(self, groups: list[_Group], batch_size: int) -> dict[int, list[tuple[torch.Tensor, ...]]]:
+        """id(group) -> its prefix's (keys, values) per layer, from right-padded batches of prefixes."""
+        from transformers import DynamicCache
+
+        cached = {}
+        for batch in _batches([g for g in groups if g.prefix], lambda g: 1, batch_size):
+            width = batch[0].prefix  # sorted: the first is the longest
+            ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
+            for i, group in enumerate(batch):
+                ids[i, :group.prefix] = torch.tensor(group.rows[0].tokens[:group.prefix])
+            cache = DynamicCache(config=self.model.config)
+            self._call(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            for i, group in enumerate(batch):
+                cached[id(group)] = [(layer.keys[i:i + 1, :, :group.prefix], layer.values[i:i + 1, :, :group.prefix])
+                                     for layer in cache.layers]
+        return cached
+
+    def _gathered_cache(self, parts: list, width: int):
+        """One cache row per member: its group's prefix, zero-padded to ``width`` (the gap is masked)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        template = next(p for p in parts if p is not None)
+        for layer, (keys, values) in enumerate(template):
+            def gather(which, like):
+                return torch.cat([F.pad(p[layer][which], (0, 0, 0, width - p[layer][which].shape[2])) if p is not None
+                                  else like.new_zeros(like.shape[:2] + (width, like.shape[3])) for p in parts])
+            cache.update(gather(0, keys), gather(1, values), layer)
+        return cache
+
+    def _score_chunk(self, groups: list[_Group], batch_size: int):
+        """Run the chunk's prefixes, then its members' suffixes (sorted by length) against them."""
+        cached = self._run_prefixes(groups, batch_size)
+        members = sorted(((group, row) for group in groups for row in group.rows),
+                         key=lambda m: len(m[1].tokens) - m[0].prefix, reverse=True)
+
+        def fits(batch):  # a gap in a sliding-window cache would shift the window
+            width = max(g.prefix for g, _ in batch)
+            return self._window is None or width == 0 or width + len(batch[0][1].tokens) - batch[0][0].prefix < self._window
+
+        for batch in _batches(members, lambda m: 1, batch_size, fits):
+            width = max(group.prefix for group, _ in batch)
+            length = len(batch[0][1].tokens) - batch[0][0].prefix
+            ids = torch.full((len(batch), length), self._pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width + length), dtype=torch.long)
+            for r, (group, row) in enumerate(batch):
+                suffix = row.tokens[group.prefix:]
+                ids[r, :len(suffix)] = torch.tensor(suffix)
+                mask[r, :group.prefix] = 1  # the group's prefix, not the gap after it
+                mask[r, width:width + len(suffix)] = 1
+            positions = torch.tensor([g.prefix for g, _ in batch])[:, None] + torch.arange(length)
+            inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                      "position_ids": positions.to(self.device)}
+            if width:
+                inputs[self._cache_kwarg] = self._gathered_cache([cached.get(id(g)) for g, _ in batch], width)
+            logits = self._call(**inputs, use_cache=bool(width)).logits
+            for r, (group, row) in enumerate(batch):
+                end = len(row.tokens) - group.prefix
+                yield row, F.log_softmax(logits[r, end - row.span:end], dim=-1, dtype=self.softmax_dtype)
+
+if __name__ == "__main__":  # lm-eval's own command line, with the cardhouse backend registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

