@@ -106,7 +106,8 @@ def build_text_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
     return model.eval()
 
 
-def build_vision_model(seed: int = 0, swiglu: bool = False, family: str = "dinov2"):
+def build_vision_model(seed: int = 0, swiglu: bool = False, n_layers: int = N_LAYERS,
+                       family: str = "dinov2"):
     from transformers import AutoConfig, AutoModel
 
     if family.startswith("dinov2"):
@@ -116,7 +117,7 @@ def build_vision_model(seed: int = 0, swiglu: bool = False, family: str = "dinov
             kwargs["num_register_tokens"] = N_REGISTERS
     else:
         kwargs = dict(intermediate_size=D_MLP)
-    config = AutoConfig.for_model(family, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+    config = AutoConfig.for_model(family, hidden_size=D_MODEL, num_hidden_layers=n_layers, num_attention_heads=4,
                                   image_size=28, patch_size=14, **kwargs)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config).eval()
@@ -166,7 +167,7 @@ def build(family: str, tokenizer=None, seed: int = 0, n_layers: int = N_LAYERS) 
     """A fresh tiny LoadedModel of ``family`` or of a variant (image models: no processor, feed them
     ``pixel_values``; BERT: its own [CLS]/[SEP] tokenizer)."""
     if family in VISION_FAMILIES + VARIANTS:
-        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu",
+        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu", n_layers=n_layers,
                                    family="dinov2" if family == "dinov2_swiglu" else family)
         return from_pretrained_objects(model, None, name=f"tiny-{family}", bos=False)
     if family in ENCODER_TEXT_FAMILIES:

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from conftest import (ALL_FAMILIES, BOS_ID, D_MLP, D_MODEL, EXPECTED_D_MLP, MOE_D_MLP, MOE_FAMILIES, N_EXPERTS,
-                      N_LAYERS,
-                      SANDWICH_FAMILIES, TEXT_FAMILIES, build, forward, plant_bos_embedding,
+                      N_LAYERS, SANDWICH_FAMILIES, TEXT_FAMILIES, build, forward, plant_bos_embedding,
                       plant_massive_weight, sample_inputs, text_config, d_mlp)
 from cardhouse.analysis import Criterion, MassiveWeights, ScanResult, find_massive_weights, scan
 from cardhouse.analysis.prompts import builtin_prompts

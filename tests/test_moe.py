@@ -21,7 +21,7 @@ from cardhouse.capture import hook_name, record
 from cardhouse.analysis.moe import analyze_moe, super_expert_rule
 from cardhouse.interventions.experts import (EXPERT_ATTACKS, MOE_ATTACKS, ON_OTHER_EXPERT, ExpertTarget, expert_attack,
                                              prune_experts, random_experts, route_around)
-from cardhouse.interventions.weights import zero_rows
+from cardhouse.interventions.weights import weights_digest, zero_rows
 from cardhouse.models.adapters import ADAPTERS, SHARED, UnsupportedModelError
 from cardhouse.models.loading import from_pretrained_objects
 
@@ -306,3 +306,57 @@ def test_bfloat16_model_gives_the_same_truth_and_restores_every_edit(family, tok
         with expert_attack(target, kind).apply():
             forward(lm, sample_inputs(lm))
         assert all_params_digest(lm) == digest, kind
+
+
+def test_massive_weights_in_a_dense_layer_of_a_mixed_model(tokenizer):
+    """Qwen2-MoE with a dense layer 0 that writes the massive activation: found there, with no expert;
+    the MoE analysis says so and the expert attacks refuse clearly."""
+    lm = build_moe("qwen2_moe", tokenizer)
+    blocks = lm.blocks
+    x0 = bos_mlp_input(lm, 0)
+    with torch.no_grad():
+        for tensor, axis, offset in blocks.neuron_slices(0):
+            tensor.select(axis, offset + NEURON).copy_(6.0 * x0 / x0.norm())
+        blocks.down_weight(0)[DIM, NEURON] = 100.0
+    a = analyze_moe(lm, k=3, progress=False)
+    mw = a.massive_weights
+    assert (mw["layer"], mw["dim"], mw["expert"], mw["indices"][0], mw["experts"]) == (0, DIM, None, NEURON, [])
+    assert any("massive-weight layer 0 is a dense FFN layer" in n for n in a.notes)
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts layer"):
+        ExpertTarget.build(lm, find_massive_weights(lm, k=3))
+
+
+def test_dispatched_with_disk_offload_gives_the_same_analysis_and_edits(tokenizer, tmp_path):
+    """accelerate keeps block 0 on the CPU and the rest on disk: the MoE analysis is the in-memory one,
+    pruning and routing around act as in memory and restore the offloaded weights bit-identically."""
+    from test_placement import split_map
+
+    from cardhouse.models import load_model
+
+    ref = build_moe("mixtral", tokenizer)
+    plant(ref)
+    ref.model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    lm = load_model(str(tmp_path / "ckpt"), bos=True, device_map=split_map(ref), offload_folder=tmp_path / "off")
+    assert lm.blocks.mlp_part(SUPER_LAYER, "experts").down_proj.is_meta  # really offloaded
+    a, b = analyze_moe(lm, k=3, progress=False), analyze_moe(ref, k=3, progress=False)
+    assert (a.collapse_layer, a.flagged, a.massive_weights["expert"], a.massive_weights["indices"]) == \
+        (b.collapse_layer, b.flagged, b.massive_weights["expert"], b.massive_weights["indices"])
+    for x, y in zip(a.super_experts["experts"], b.super_experts["experts"]):
+        assert x["max_abs"] == pytest.approx(y["max_abs"], rel=1e-5)
+    ids = torch.tensor([[BOS_ID, 40, 41, 42, 43, 44, 45]])
+
+    def logits(model):
+        with torch.inference_mode():
+            return model.model(input_ids=ids).logits
+
+    def digest():
+        return all_params_digest(ref), weights_digest([lm.blocks.mlp_part(l, "down") for l in range(N_LAYERS)])
+
+    clean, before = logits(lm), digest()
+    for edit in (lambda m: prune_experts(m, [(SUPER_LAYER, SUPER_EXPERT)]),
+                 lambda m: route_around(m, CARRIER_LAYER, [CARRIER_EXPERT])):
+        with edit(lm), edit(ref):
+            torch.testing.assert_close(logits(lm), logits(ref))
+            assert not torch.allclose(logits(lm), clean)
+        assert digest() == before and torch.equal(logits(lm), clean)

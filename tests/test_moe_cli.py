@@ -170,9 +170,23 @@ def test_readme_moe_commands_are_valid_command_lines(tmp_path, monkeypatch):
     lines = [line for line in block.splitlines() if line.strip()]
     models = {shlex.split(line)[shlex.split(line).index("-m") + 1] for line in lines}
     assert len(lines) == 4 and models == {"mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B"}
+    import torch
+
     for line in lines:
         args = shlex.split(line)[1:]
         args[args.index("-m") + 1] = "/nonexistent/moe-model"
+        if not torch.cuda.is_available():  # GPU placements are refused up front here: run them on the CPU
+            args = [a for a, prev in zip(args, [""] + args) if "--max-memory" not in (a, prev)]
+            args = [("cpu" if prev == "--device" else a) for a, prev in zip(args, [""] + args)]
         result = run(*args)
         assert result.exit_code == 1 and "/nonexistent/moe-model" in result.output, (line, result.output)
         assert "No such option" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.real
+def test_real_dense_model_has_no_moe_section_and_moe_is_a_clear_error(tmp_path):
+    result = run("moe", "-m", "smollm2-135m", "-o", tmp_path)
+    assert result.exit_code == 1 and "dense (no Mixture-of-Experts layers)" in " ".join(result.output.split())
+    assert not (tmp_path / "moe.json").exists()
+    result = run("attack", "expert-ablate", "-m", "smollm2-135m", "--max-tokens", 511)
+    assert result.exit_code == 1 and "Traceback" not in result.output

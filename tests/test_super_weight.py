@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import (BOS_ID, MOE_FAMILIES, SANDWICH_FAMILIES, TEXT_FAMILIES, all_params_digest, build,
-                      plant_massive_weight)
+from conftest import (BOS_ID, MOE_FAMILIES, SANDWICH_FAMILIES, TEXT_FAMILIES, VARIANTS, VISION_FAMILIES,
+                      all_params_digest, build, plant_massive_weight)
 from cardhouse.analysis.super_weight import check_coordinate, find_super_weights
 from cardhouse.interventions import weights_digest
 from cardhouse.interventions.activations import pin_ffn_output
@@ -125,6 +125,34 @@ def test_super_weights_planted_in_two_layers_are_both_found(family, tokenizer):
     scan = find_super_weights(lm, PROMPTS)
     assert [sw.coordinate for sw in scan.super_weights] == [(0, ROW, HUGE), (2, 3, 11)]
     assert [row["layer"] for row in scan.layers if row["spike"]] == [0, 2]
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES + VARIANTS)
+def test_vision_encoder_super_weight_from_images(family):
+    """DINOv2 (plain and SwiGLU FFN): a channel planted to fire hugely on the CLS token of layer 1 and to write
+    hidden dim ROW; the detection runs on pixel values."""
+    from cardhouse.capture import hook_name, record
+
+    lm = build(family, n_layers=DEEP)
+    images = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    name = hook_name(1, "mlp.hook_in")
+    with torch.inference_mode(), record(lm.model, [name]) as store:
+        lm.model(pixel_values=images)
+    cls = store[name][0, 0].clone()  # the CLS token of the first image
+    digest = all_params_digest(lm)
+    with torch.no_grad():
+        for tensor, axis, offset in lm.blocks.neuron_slices(1):
+            row = tensor.select(axis, offset + HUGE)
+            row.copy_(8.0 * cls / cls.norm() if row.dim() == 1 else torch.zeros(()))
+        lm.blocks.down_weight(1)[ROW, HUGE] = 20.0
+    assert all_params_digest(lm) != digest
+    with pytest.raises(ValueError, match="give images"):
+        find_super_weights(lm)
+    scan = find_super_weights(lm, images=images)
+    assert [sw.coordinate for sw in scan.super_weights] == [(1, ROW, HUGE)]
+    sw = scan.super_weights[0]
+    assert sw.carrier["position"] == 0 and sw.carrier["token"] is None and sw.share > 0.9
+    assert scan.prompts == 4 and scan.tokens == 4 * 5  # CLS + 2 x 2 patches per image
 
 
 def test_candidates_and_controls(tokenizer):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from ..capture import run_batches, tokenize_prompts
 from ..models.adapters import SHARED
@@ -110,6 +111,10 @@ class _Sums:
     entropy: float = 0.0
     top1: float = 0.0
     tokens: int = 0
+
+    @classmethod
+    def empty(cls, n_experts: int) -> "_Sums":
+        return cls(torch.zeros(n_experts, dtype=torch.float64), torch.zeros(n_experts, dtype=torch.float64))
 
     def add(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         probs = probs.double()  # float64 sums whatever the model's dtype; kept on the CPU
@@ -206,8 +211,7 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     token_lists = tokenize_prompts(lm, prompts)
     layers = blocks.moe_layers
     n_experts = {l: blocks.n_experts(l) for l in layers}
-    zeros = {l: lambda n=n_experts[l]: torch.zeros(n, dtype=torch.float64) for l in layers}
-    groups = {l: {g: _Sums(zeros[l](), zeros[l]()) for g in ("carrier", "ordinary")} for l in layers}
+    groups = {l: {g: _Sums.empty(n_experts[l]) for g in ("carrier", "ordinary")} for l in layers}
     maxima = {(l, e): _Max() for l in layers for e in range(n_experts[l])}
     shared_max = {l: _Max() for l in layers if blocks.ffn(l).shared_expert}
     top_k = {}
@@ -231,12 +235,16 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
             groups[layer][name].add(probs[rows], chosen[rows.to(chosen.device)])
 
     def on_experts(layer, x, chosen, weights):
-        down, valid = blocks.mlp_part(layer, "down"), now["valid"].to(chosen.device)
+        # Blocks.intermediate's computation, with the 3-D tensors fetched once per call: a model dispatched by
+        # accelerate keeps them on the CPU or on disk between forward passes (``get`` finds them there)
+        fused, down = blocks.mlp_part(layer, "up"), blocks.mlp_part(layer, "down")
+        act, valid = blocks.mlp_part(layer, "act"), now["valid"].to(chosen.device)
         for expert in chosen[valid].unique().tolist():
             if not 0 <= expert < n_experts[layer]:
                 continue  # some implementations pad with an index past the last expert
             rows = (valid & (chosen == expert).any(-1)).nonzero().flatten()
-            out = blocks.intermediate(layer, x[rows.to(x.device)], expert) @ down[expert].T
+            gate, up = nn.functional.linear(x[rows.to(x.device)], fused[expert].to(x.device)).chunk(2, dim=-1)
+            out = nn.functional.linear(act(gate) * up, down[expert].to(x.device))
             maxima[(layer, expert)].add(out, rows.cpu(), now["batch"], now["width"])
 
     def on_shared(layer, out):

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..capture import hook_name, run_batches, tokenize_prompts
+from tqdm.auto import tqdm
+
+from ..capture import PromptBatch, hook_name, hooks, run_batches, tokenize_prompts
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import LoadedModel
 from .prompts import load_prompts
@@ -122,9 +124,9 @@ def check_coordinate(lm: LoadedModel, layer: int, row: int, column: int) -> tupl
     return layer, row, column
 
 
-def _update(spike: Spike, acts: torch.Tensor, mask: torch.Tensor, batch) -> tuple[int, int] | None:
+def _update(spike: Spike, acts: torch.Tensor, mask: torch.Tensor | None, batch) -> tuple[int, int] | None:
     """Fold a batch's largest |value| into ``spike``; return (row, position) if it is a new maximum."""
-    magnitude = acts.abs().float() * mask[..., None]
+    magnitude = acts.abs().float() if mask is None else acts.abs().float() * mask[..., None]
     flat = int(magnitude.argmax())
     b, rest = divmod(flat, magnitude.shape[1] * magnitude.shape[2])
     p, i = divmod(rest, magnitude.shape[2])
@@ -132,22 +134,22 @@ def _update(spike: Spike, acts: torch.Tensor, mask: torch.Tensor, batch) -> tupl
         return None
     spike.value, spike.index = float(acts[b, p, i]), i
     spike.prompt, spike.position = int(batch.prompt_index[b]), p
-    spike.token_id = int(batch.input_ids[b, p])
+    spike.token_id = int(batch.input_ids[b, p]) if batch.input_ids is not None else -1  # images: no token ids
     return b, p
 
 
-def down_maxima(lm: LoadedModel, prompts: list[str], *, batch_size: int = 8, progress: bool = False
-                ) -> tuple[list[_LayerMax], int]:
-    """One pass over the prompts: per layer, the largest |input| and |output| of W_down (streamed
-    maxima, memory independent of the number of prompts), and the input vector on the output spike's token."""
+def down_maxima(lm: LoadedModel, prompts: list[str] | None = None, *, images: torch.Tensor | None = None,
+                batch_size: int = 8, progress: bool = False) -> tuple[list[_LayerMax], int]:
+    """One pass over the prompts (or, for a vision encoder, the images' ``pixel_values``): per layer, the
+    largest |input| and |output| of W_down (streamed maxima, memory independent of the number of
+    inputs), and the input vector on the output spike's token."""
     check_dense_down(lm)
     n_layers = len(lm.blocks)
     maxima = [_LayerMax() for _ in range(n_layers)]
     tokens = [0]
 
     def hooks_for(batch):
-        mask = batch.attention_mask.float()
-        tokens[0] += int(batch.attention_mask.sum())
+        mask = batch.attention_mask.float() if batch.attention_mask is not None else None
         inputs: dict[int, torch.Tensor] = {}
 
         def on_input(name, acts):  # fires before the same layer's output hook
@@ -157,6 +159,8 @@ def down_maxima(lm: LoadedModel, prompts: list[str], *, batch_size: int = 8, pro
 
         def on_output(name, acts):
             layer = int(name.split(".")[1])
+            if layer == 0:
+                tokens[0] += int(mask.sum()) if mask is not None else acts.shape[0] * acts.shape[1]
             new = _update(maxima[layer].output, acts, mask, batch)
             if new is not None:
                 maxima[layer].carrier_input = inputs[layer][new].float().clone()
@@ -165,13 +169,21 @@ def down_maxima(lm: LoadedModel, prompts: list[str], *, batch_size: int = 8, pro
         # the FFN's output is its down projection's output in every dense layout (Gemma's post-norm comes after)
         return fns | {hook_name(l, "mlp.hook_out"): on_output for l in range(n_layers)}
 
-    run_batches(lm, tokenize_prompts(lm, prompts), hooks_for, batch_size=batch_size, progress=progress,
-                desc="down projections")
+    if images is None:
+        run_batches(lm, tokenize_prompts(lm, prompts), hooks_for, batch_size=batch_size, progress=progress,
+                    desc="down projections")
+    else:
+        for start in tqdm(range(0, len(images), batch_size), desc="down projections", disable=not progress,
+                          leave=False):
+            pixels = images[start:start + batch_size]
+            batch = PromptBatch(None, None, torch.arange(start, start + len(pixels)))  # every patch is real
+            with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
+                lm.model(pixel_values=pixels)
     return maxima, tokens[0]
 
 
 def _token(lm: LoadedModel, token_id: int) -> str | None:
-    return lm.tokenizer.decode([token_id]) if lm.tokenizer is not None else None
+    return lm.tokenizer.decode([token_id]) if lm.tokenizer is not None and token_id >= 0 else None
 
 
 def _contributions(down_row: torch.Tensor, carrier_input: torch.Tensor, output: float, top: int) -> list[dict]:
@@ -184,21 +196,29 @@ def _contributions(down_row: torch.Tensor, carrier_input: torch.Tensor, output: 
 
 def find_super_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", *, ratio: float = DEFAULT_RATIO,
                        n_prompts: int | None = None, batch_size: int = 8, top: int = 10,
-                       progress: bool = False) -> SuperWeightScan:
+                       images: torch.Tensor | None = None, progress: bool = False) -> SuperWeightScan:
     """Detect the super weights as Yu et al. do, in every layer where both ends of W_down spike.
 
     A layer spikes when its largest |input| of W_down is more than ``ratio`` times the median over
     layers of that maximum, and the same holds for its largest |output|. ``top``: how many of the
-    massive row's channel contributions W_down[r, j] * a_j to keep (ranked by magnitude).
+    massive row's channel contributions W_down[r, j] * a_j to keep (ranked by magnitude). A vision
+    encoder (no tokenizer) takes ``images``, a ``[N, 3, H, W]`` tensor of pixel values, instead of prompts.
     """
     if ratio <= 1:
         raise ValueError(f"ratio must be greater than 1 (a spike above the median layer), got {ratio}")
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
-    if isinstance(prompts, str):
-        prompts = load_prompts(prompts)
-    prompts = prompts[:n_prompts] if n_prompts else prompts
-    maxima, tokens = down_maxima(lm, prompts, batch_size=batch_size, progress=progress)
+    if images is not None:
+        images = images[:n_prompts] if n_prompts else images
+        count = len(images)
+    elif lm.tokenizer is None:
+        raise ValueError("this model has no tokenizer (a vision encoder?): give images, a [N, 3, H, W] tensor "
+                         "of pixel values, instead of prompts")
+    else:
+        prompts = load_prompts(prompts) if isinstance(prompts, str) else prompts
+        prompts = prompts[:n_prompts] if n_prompts else prompts
+        count = len(prompts)
+    maxima, tokens = down_maxima(lm, prompts, images=images, batch_size=batch_size, progress=progress)
     median_in = statistics.median(m.input.magnitude for m in maxima)
     median_out = statistics.median(m.output.magnitude for m in maxima)
     layers, found = [], []
@@ -217,7 +237,7 @@ def find_super_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", *,
             found.append(_super_weight(lm, layer, m, in_ratio, out_ratio, top))
     notes = [] if found else [f"no layer's down projection spikes at both ends (> {ratio:g} x the median over "
                               "layers): no super weight by this criterion; try a lower --ratio"]
-    return SuperWeightScan(layers, found, ratio, median_in, median_out, len(prompts), tokens, notes)
+    return SuperWeightScan(layers, found, ratio, median_in, median_out, count, tokens, notes)
 
 
 def _super_weight(lm: LoadedModel, layer: int, m: _LayerMax, in_ratio: float, out_ratio: float,

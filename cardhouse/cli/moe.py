@@ -9,7 +9,7 @@ import typer
 
 from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
 from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
-                     check_writable_file, clear_errors, console, load, writable_folder)
+                     check_writable_file, clear_errors, console, load, load_options, writable_folder)
 
 CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
                                           "reaches this")
@@ -49,6 +49,7 @@ def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | No
 
 
 @app.command("moe")
+@load_options
 def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
             limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
             k: int = KOpt, layer: Optional[int] = LayerOpt, min_abs: Optional[float] = MinAbsOpt,
