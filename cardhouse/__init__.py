@@ -1,6 +1,6 @@
 """cardhouse: find, explain, attack and protect the massive activations and massive weights of transformers."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .analysis import (Criterion, MassiveWeights, MoEAnalysis, ScanResult, analyze_moe, find_massive_weights,
                        load_prompts, scan)

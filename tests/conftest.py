@@ -203,6 +203,13 @@ def forward(lm: LoadedModel, inputs: dict) -> torch.Tensor:
         return lm.model.base_model(**inputs).last_hidden_state
 
 
+def save_folder(lm: LoadedModel, path):
+    """Save a tiny model and its tokenizer as a Hugging Face folder (what the commands load with --model)."""
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
 def all_params_digest(lm: LoadedModel) -> str:
     from cardhouse.interventions import weights_digest
 

@@ -30,12 +30,12 @@ def test_every_command_has_help():
     (["attack", "no-such-attack"], "unknown attack"),
     (["attack", "topk-zero", "--corpus", "nope"], "unknown corpus"),
     (["attack", "topk-zero", "--task", "nope"], "unknown zero-shot task"),
-    (["attack", "topk-zero", "--max-tokens", "10"], "must fill at least one window"),
-    (["attack", "topk-zero", "--task-limit", "0"], "limit must be at least 1"),
+    (["attack", "topk-zero", "--max-tokens", "10"], "--max-tokens must be an integer >= 511"),
+    (["attack", "topk-zero", "--task-limit", "0"], "--task-limit must be an integer >= 1"),
     (["intervene", "set-half"], "unknown intervention"),
     (["download", "no-such-model"], "unknown bundled model"),
     (["scan", "--model", "no-such-model"], "no-such-model"),
-    (["attack", "topk-zero", "--json", "/proc/forbidden/out.json"], "output folder"),
+    (["attack", "topk-zero", "--json", "/proc/forbidden/out.json"], "--json must be a writable folder"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = run(*args)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cardhouse.evaluation import CORPORA, Corpus, available_corpora, load_text, tokenize_corpus
-from cardhouse.evaluation import corpora as corpora_module
+from cardhouse.data import corpora as corpora_module
 
 TINY_TEXT = "The quick brown fox jumps over the lazy dog.\n\nSummer is warm and the nights are short."
 

@@ -98,14 +98,15 @@ def test_bundled_alpaca_records():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--p0", "1.5"], "p0 must be in [0, 1]"),
+    (["--p0", "1.5"], "--p0 must be a number in 0.0..1.0"),
     (["--schedule", "cosine"], "unknown MacDrop schedule"),
     (["--scope", "rows"], "unknown MacDrop scope"),
     (["--method", "qlora"], "unknown method"),
     (["--data", "{bad}"], "record 2 of bad.json has no 'output'"),
     (["--data", "{csv}"], "unknown data format '.csv'"),
 ])
-def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
+def test_cli_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
+    from saved_models import save_tiny
     from typer.testing import CliRunner
 
     from cardhouse.cli import app
@@ -114,7 +115,10 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     csv = write(tmp_path, "a.csv", "instruction,output\n")
     args = [a.format(bad=bad, csv=csv) for a in args]
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["finetune", "--model", "/nonexistent-model", "-o", str(out), *args])
+    model = save_tiny(tmp_path / "model", plant=False)
+    monkeypatch.setattr("cardhouse.models.loading._load_auto", lambda *a, **k: pytest.fail("weights loaded"))
+    result = CliRunner().invoke(app, ["finetune", "--model", str(model), "--max-length", "64", "--context", "64",
+                                      "-o", str(out), *args])
     assert result.exit_code == 1
     assert "error:" in result.output and message in " ".join(result.output.split())
-    assert not out.exists() or not any(out.iterdir())  # nothing written; the model was never loaded
+    assert not out.exists()  # nothing written; the model was never loaded

@@ -17,6 +17,15 @@ def test_not_a_gguf_file(tmp_path):
 
 
 def test_folder_without_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="has no config.json"):  # was five lines about tokenizers
+        load_model(str(tmp_path))
+
+
+def test_folder_with_a_config_but_no_weights(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="could not load the model folder"):
         load_model(str(tmp_path))
 

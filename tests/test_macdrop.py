@@ -287,6 +287,7 @@ def test_compare_command_end_to_end_and_resumable(tmp_path, data_file):
 
     folder = tmp_path / "model"
     lm = build("llama")
+    lm.model.config.max_position_embeddings = 256  # --max-length 200 must fit (RoPE: no position table)
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     out = tmp_path / "compare"

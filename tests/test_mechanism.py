@@ -262,10 +262,10 @@ def test_commands_write_json_and_plots(folder, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["attention", "--map-layer", "9"], "layer 9 is out of range"),
-    (["attention", "--map-head", "7"], "head 7 is out of range"),
-    (["attention", "--attn-implementation", "sdpa"], "returns no attention probabilities"),
-    (["trace", "--layer", "5"], "layer 5 is out of range"),
+    (["attention", "--map-layer", "9"], "--map-layer must be an integer in 0..1, got 9"),
+    (["attention", "--map-head", "7"], "--map-head must be an integer in 0..3, got 7"),
+    (["attention", "--attn-implementation", "sdpa"], "--attn-implementation must be 'eager'"),
+    (["trace", "--layer", "5"], "--layer must be an integer in 0..1, got 5"),
     (["position", "--prompt", "Hi"], "too short"),
 ])
 def test_commands_bad_input_is_one_clear_error(folder, tmp_path, args, message):

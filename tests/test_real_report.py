@@ -61,6 +61,12 @@ def test_quick_report_attack_and_random_control(quick):
     assert abs(ppl["random-zero k=2"] / ppl["original"] - 1) < 0.05
     assert ppl["random-retain k=2"] > 2.0 * ppl["topk-retain k=2"]
 
+    # the page opens with it: dim 507 on BOS, written by layer 11, top-2 zeroing breaks the model, its control not
+    opening = results["findings"]
+    row = dict(zip(opening["tables"][0]["columns"], opening["tables"][0]["rows"][0]))
+    assert row["massive dims"] == [507] and row["FFN layer l"] == 11 and row["carried by"].startswith("bos")
+    assert "top-2 rows breaks the model" in opening["text"][0] and "the control, barely changes it" in opening["text"][0]
+
 
 def test_quick_report_renders_in_chromium(quick, chromium):  # noqa: F811
     folder, _ = quick

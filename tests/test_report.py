@@ -96,6 +96,24 @@ def test_page_shows_the_model_facts_and_the_attack_rows(report):
                                "random-retain k=2", "super-weight", "largest-down-entry", "random-weight"]
 
 
+def test_the_page_opens_with_its_findings(report):
+    folder, results = report
+    opening = results["findings"]
+    table = opening["tables"][0]
+    assert [row[0] for row in table["rows"]] == [m["name"] for m in results["models"]]
+    assert [t.split(":")[0] for t in opening["text"]] == [m["name"] for m in results["models"]]
+    assert all("Zeroing those top-2 rows" in t for t in opening["text"])
+    for i, model in enumerate(results["models"]):
+        attacks = next(s for s in model["sections"] if s["key"] == "attacks")["tables"][0]["rows"]
+        by_name = {row[0]: row for row in attacks}
+        row = dict(zip(table["columns"], table["rows"][i]))
+        # the same numbers as the attack table: original, top-2 zeroed, its random control
+        assert [row["perplexity"], row["top-2 zeroed"], row["2 random rows zeroed"]] == \
+            [by_name["original"][2], by_name["topk-zero k=2"][2], by_name["random-zero k=2"][2]]
+    page = read(folder)[1]
+    assert page.index('id="findings"') < page.index('id="model"')  # before the detailed sections
+
+
 def test_page_is_self_contained_and_needs_no_javascript(report):
     folder, _ = report
     text = read(folder)[1]
@@ -180,13 +198,25 @@ def test_a_failed_step_is_on_the_page_and_the_other_sections_are_written(tiny, t
 
 
 def test_a_model_that_does_not_load_fails_its_steps_only(tiny, tmp_path):
+    from transformers import AutoConfig
+
+    broken = tmp_path / "config-only"  # its config passes the checks; its weights are missing
+    AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128).save_pretrained(broken)
     steps = [s for s in STEPS if s.key in ("model", "scan")]
-    results = build_report([tiny("llama"), str(tmp_path / "no-such-model.gguf")], tmp_path / "out", TINY,
-                           progress=False, steps=steps)
+    results = build_report([tiny("llama"), str(broken)], tmp_path / "out", TINY, progress=False, steps=steps)
     ok, bad = results["models"]
     assert all(s["status"] == "ok" for s in ok["sections"])
-    assert "GGUF file not found" in bad["sections"][0]["error"]
+    assert "could not load the model folder" in bad["sections"][0]["error"]
     assert "needs the 'model' step" in bad["sections"][1]["error"]
+
+
+def test_a_model_path_that_does_not_exist_stops_the_report_before_anything_runs(tiny, tmp_path):
+    from cardhouse.models.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="model path not found"):
+        build_report([tiny("llama"), str(tmp_path / "no-such-model.gguf")], tmp_path / "out", TINY, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the command line --------------------------------------------------------------------------------
@@ -230,7 +260,7 @@ def check_in_browser(folder: Path, name: str) -> None:
     results = json.loads((folder / "results.json").read_text())["results"]
     page = render(folder / "report.html")
     assert problems(page, results) == []
-    assert page.sections == [s["key"] for s in results["models"][0]["sections"]] + ["run"]
+    assert page.sections == ["findings"] + [s["key"] for s in results["models"][0]["sections"]] + ["run"]
     n_figures = sum(len(s["figures"]) for m in results["models"] for s in m["sections"])
     assert len(page.images) == n_figures > 0
     assert all(int(img["data-natural-width"]) > 0 for img in page.images)  # every image decoded

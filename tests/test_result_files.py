@@ -8,11 +8,11 @@ import re
 
 import jsonschema
 import pytest
-from conftest import build, plant_bos_embedding
+from conftest import build, plant_bos_embedding, save_folder
 from typer.testing import CliRunner
 
 from cardhouse.cli import app
-from cardhouse.evaluation.corpora import CORPORA, Corpus
+from cardhouse.data.corpora import CORPORA, Corpus
 from cardhouse.evaluation.metrics import METRICS
 from cardhouse.results import SCHEMAS, kinds, load_schema, validate
 
@@ -24,10 +24,8 @@ BUDGET = ["--corpus", "tiny", "--max-tokens", "126", "--context", "64"]
 def model_folder(tmp_path_factory, tokenizer):
     lm = build("llama", tokenizer)
     plant_bos_embedding(lm)  # massive on BOS in every layer: the interventions have something to act on
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    lm.model.config.max_position_embeddings = 256  # fine-tuning's --max-length 200 must fit (it is checked)
+    return save_folder(lm, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -261,7 +261,7 @@ def saved(lm, folder):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ratio", "1"], "--ratio must be greater than 1"),
+    (["--ratio", "1"], "--ratio must be a number > 1.0"),
     (["--pairs", "7"], "pairs of 7 candidates take 21 variants, more than the budget of 15"),
     (["--pairs", "4", "--max-pairs", "5"], "pairs of 4 candidates take 6 variants"),
     (["--weight", "11:507"], "LAYER:ROW:COLUMN"),
@@ -279,7 +279,7 @@ def test_cli_refuses_a_model_without_one_down_projection_and_a_bad_coordinate(to
     result = cli("super-weight", "--model", moe, "--no-damage", "--out", tmp_path)
     assert result.exit_code == 1 and "Mixture of Experts" in result.output, result.output
     dense = saved(build("llama", tokenizer), tmp_path / "dense")
-    result = cli("super-weight", "--model", dense, "--weight", "0:999:1", "--out", tmp_path)
+    result = cli("super-weight", "--model", dense, "--weight", "0:999:1", "--no-damage", "--out", tmp_path)
     assert result.exit_code == 1 and "W_down row 999 is out of range" in result.output, result.output
     assert not (tmp_path / "super_weight.json").exists()
 

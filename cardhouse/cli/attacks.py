@@ -8,9 +8,10 @@ from typing import Optional
 
 import typer
 
-from .common import (KS_HELP, BosOpt, CorpusOpt, KOpt, PromptsOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, SeedOpt,
-                     TaskLimitOpt, TasksOpt, app, budget_from, check_writable_file, clear_errors, console,
-                     context_opt, err, load, load_options, max_tokens_opt, parse_int_list, writable_folder)
+from ..validation import validate
+from .common import (KS_HELP, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt,
+                     RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt,
+                     err, load, load_options, max_tokens_opt, parse_int_list, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
 ContextOpt = context_opt(512)
@@ -84,8 +85,6 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
     from ..interventions import ATTACKS, attack, get_attack, intervention, original
 
     with clear_errors():
-        check_writable_file(json_path)
-        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         if kind != "all":
             try:
                 get_attack(kind)
@@ -93,9 +92,12 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
                 raise ValueError(f"{e}, all; Mixture of Experts: {', '.join(MOE_ATTACKS)}, moe") from None
         if expert is not None or percentile is not None or fraction is not None:
             raise ValueError("--expert, --percentile and --fraction are for the Mixture-of-Experts attacks")
+        checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
+                           max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
-        lm = load(model, bos)
-        chosen = parse_int_list(indices, "--indices")
+        chosen = checked.options["indices"]
+        lm = load(checked, bos)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
         if not mw.massive:
             err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
@@ -115,16 +117,20 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
     """``attack`` for the Mixture-of-Experts attacks (interventions/experts.py), each beside its controls."""
     from ..analysis import Criterion
     from ..interventions.experts import moe_variants
+    from ..models.routing import routing_of
     from .moe import check_moe_options
 
     with clear_errors():
-        check_writable_file(json_path)
-        criterion = Criterion.from_options(*criterion_options)
         check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
         which = expert if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
+        checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
+                           max_tokens=max_tokens, task_limit=task_limit, percentile=percentile, fraction=fraction,
+                           min_abs=criterion_options[0], min_ratio=criterion_options[1])
+        criterion = Criterion.from_options(*criterion_options)
+        routing_of(checked.spec.blocks.adapter)  # a dense model is refused from its config
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
-        chosen = parse_int_list(indices, "--indices")
-        lm = load(model, bos)
+        chosen = checked.options["indices"]
+        lm = load(checked, bos)
         variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
                                             percentile=percentile, fraction=fraction, criterion=criterion)
         if not mw.massive:
@@ -149,18 +155,19 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
                   relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                   json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
-    from ..analysis import Criterion, load_prompts
+    from ..analysis import Criterion
     from ..analysis import scan as run_scan
     from ..interventions import INTERVENTIONS, intervention, original
 
     with clear_errors():
-        check_writable_file(json_path)
         if kind not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {kind!r}; known: {', '.join(INTERVENTIONS)}")
+        checked = validate(model, prompts=prompts, files={"--json": json_path}, context=context,
+                           max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
-        lm = load(model, bos)
-        result = run_scan(lm, load_prompts(prompts), criterion=criterion, progress=False)
+        lm = load(checked, bos)
+        result = run_scan(lm, checked.prompts, criterion=criterion, progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
         variants = [original()] + [intervention(lm, result, kd, every_layer=every_layer) for kd in [kind] + others]
         _measure(lm, variants, budget, json_path, f"{lm.name}: massive dims {result.dims} at layer {result.first_layer}",
@@ -180,23 +187,29 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
     """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
     from ..evaluation.measure import measurer
     from ..evaluation.metrics import curve_metrics
-    from ..interventions.sweep import resumable_sweep, sweep_table
+    from ..analysis import Criterion
+    from ..interventions.sweep import resumable_sweep, sweep_settings, sweep_table
+    from ..journal import Journal
     from ..reports import plot_sweep
     from ..results import write_result
 
-    from ..analysis import Criterion
-
     with clear_errors():
+        checked = validate(model, folders={"--out": out}, ks=ks, layer=layer, context=context, max_tokens=max_tokens,
+                           task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        folder = writable_folder(out)
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
-        lm = load(model, bos)
+        # rows of an earlier run under other settings are refused now, before the weights load
+        Journal(out / "sweep.jsonl", {}).check(sweep_settings(model, layer=layer, seed=seed, criterion=criterion,
+                                                              **budget.to_dict()))
+        folder = writable_folder(out)
+        lm = load(checked, bos)
         rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",
-                               ks=parse_int_list(ks, "--ks"), layer=layer, seed=seed, criterion=criterion)
+                               ks=checked.options["ks"], layer=layer, seed=seed, criterion=criterion,
+                               settings=budget.to_dict())
         curves = {m: sweep_table(rows, m) for m in curve_metrics(rows[0])}
         png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
         write_result(folder / "sweep.json", rows, model=lm.describe(),
-                     settings={"budget": budget.to_dict(), "ks": parse_int_list(ks, "--ks"), "layer": layer, "seed": seed,
+                     settings={"budget": budget.to_dict(), "ks": checked.options["ks"], "layer": layer, "seed": seed,
                                "criterion": criterion.to_dict()},
                      plots={"sweep": str(png)})
         with (folder / "sweep.csv").open("w", newline="") as f:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .._install import InstallError
 from ..analysis.criterion import DEFAULT_MIN_ABS, DEFAULT_MIN_RATIO, RELATIVE_MIN_RATIO
@@ -76,7 +77,8 @@ def clear_errors():
         yield
     except (ValueError, IndexError, FileNotFoundError, ModelLoadError, UnsupportedModelError, InstallError,
             PermissionError, OSError) as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
+        # one line, never wrapped, and the message is not read as markup (it may hold "[1, 2]")
+        err.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -88,14 +90,6 @@ def writable_folder(path: Path) -> Path:
     if not os.access(path, os.W_OK):
         raise PermissionError(f"the output folder {path} is not writable")
     return path
-
-
-def check_writable_file(path: Path | None) -> None:
-    if path is None:
-        return
-    writable_folder(path.parent if str(path.parent) else Path("."))
-    if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(f"{path} is not writable")
 
 
 def parse_int_list(text: str | None, option: str) -> list[int] | None:
@@ -161,8 +155,12 @@ def placement_options() -> dict:
     return dict(_placement.get())
 
 
-def load(model: str, bos: bool | None):
-    from ..models import load_model
+def load(checked, bos: bool | None):
+    """The weights of a model that ``cardhouse.validation.validate`` accepted (the only way a command gets them),
+    placed as the command's placement options say."""
+    from ..validation import Checked
 
-    with err.status(f"loading {model}"):
-        return load_model(model, bos=bos, **placement_options())
+    if not isinstance(checked, Checked):
+        raise TypeError("validate the options first: load(cardhouse.validation.validate(model, ...), bos)")
+    with err.status(f"loading {checked.spec.source}"):
+        return checked.load(bos, **placement_options())

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..validation import validate
 from .common import app, clear_errors, console, err, writable_folder
 
 
@@ -66,6 +67,9 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
     from ..emergence import config_with, run
 
     with clear_errors():
+        validate(None, folders={"--out": out}, steps=steps, every=every, n_layer=n_layer, n_head=n_head,
+                 n_embd=n_embd, block_size=block_size, batch_size=batch_size, lr=lr, warmup=warmup, threads=threads,
+                 stop_at=stop_at)
         if threads:
             torch.set_num_threads(threads)
         names = tuple(v.strip() for v in variants.split(",") if v.strip())
@@ -74,7 +78,7 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
                           corpora=tuple(c.strip() for c in corpora.split(",")) if corpora else None)
         for name in names:
             cfg.model_config(1, name)  # an unknown variant fails before anything is written
-        from ..evaluation.corpora import get_corpus
+        from ..data.corpora import get_corpus
 
         for name in cfg.corpora:
             get_corpus(name)

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
+from ..validation import validate
 from .common import (BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
                      TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load, load_options,
-                     max_tokens_opt, parse_int_list, writable_folder)
+                     max_tokens_opt, writable_folder)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
@@ -32,6 +33,13 @@ ScopeOpt = typer.Option("massive", "--scope", help="massive rows, non-massive (a
 RowsOpt = typer.Option(None, "--rows", help="comma-separated massive rows, given by hand (needs --layer)")
 TokensOpt = max_tokens_opt(2048, " (0: no perplexity)")
 ContextOpt = context_opt(256)
+
+
+def _validate(model: str, out: Path, own_checks, **options):
+    """The options both fine-tuning commands share, against the model's config (before it loads)."""
+    if options["rows"] is not None and options["layer"] is None:
+        raise ValueError("--rows needs --layer (the layer of the massive rows)")
+    return validate(model, folders={"--out": out}, also=own_checks, **options)
 
 
 def _interrupted(out: Path) -> None:
@@ -63,20 +71,28 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
     from ..results import write_result
     from ..finetuning.macdrop import detect_massive_rows
 
-    with clear_errors():
+    def own_checks():
         config = FinetuneConfig(method=method, rank=rank, lora_alpha=lora_alpha, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
                                 max_steps=max_steps, limit=records, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer,
-                             rows=parse_int_list(rows, "--rows"), seed=seed)
-        if drop.rows is not None and drop.layer is None:
-            raise ValueError("--rows needs --layer")
+        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True)
-        writable_folder(out)
         load_records(data)  # bad data fails before any model time is spent
-        lm = load(model, bos)
+        return config, drop, criterion, budget
+
+    with clear_errors():
+        checked = _validate(model, out, own_checks, k=k, layer=layer, rows=rows, batch_size=batch_size,
+                            grad_accum=grad_accum, lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha,
+                            max_length=max_length, records=records, max_steps=max_steps, save_steps=save_steps,
+                            p0=p0, alpha=alpha, context=context if max_tokens else None,
+                            finetune_max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs,
+                            min_ratio=min_ratio)
+        config, drop, criterion, budget = checked.own
+        drop.rows = checked.options["rows"]
+        writable_folder(out)
+        lm = load(checked, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
             drop.layer, drop.rows, drop.expert = detect_massive_rows(lm, k, layer, criterion)
         try:
@@ -127,9 +143,10 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
     from ..finetuning.train import METHODS
     from ..results import write_result
 
-    with clear_errors():
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        schedule_list = [s.strip() for s in schedules.split(",") if s.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    schedule_list = [s.strip() for s in schedules.split(",") if s.strip()]
+
+    def own_checks():
         for name, given, known in (("method", method_list, METHODS), ("schedule", schedule_list, SCHEDULES)):
             bad = [x for x in given if x not in known]
             if bad or not given:
@@ -137,19 +154,27 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
                                 lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=records,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, rows=parse_int_list(rows, "--rows"),
-                             seed=seed)
-        if drop.rows is not None and drop.layer is None:
-            raise ValueError("--rows needs --layer")
+        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True)
-        folder = writable_folder(out)
         load_records(data)
+        return config, drop, criterion, budget
+
+    with clear_errors():
+        checked = _validate(model, out, own_checks, k=k, layer=layer, rows=rows, batch_size=batch_size,
+                            grad_accum=grad_accum, lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha,
+                            max_length=max_length, records=records, max_steps=max_steps, save_steps=save_steps,
+                            p0=p0, alpha=alpha, context=context if max_tokens else None,
+                            finetune_max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs,
+                            min_ratio=min_ratio)
+        config, drop, criterion, budget = checked.own
+        drop.rows = checked.options["rows"]
+        folder = writable_folder(out)
         start = time.perf_counter()
         described = []
 
         def fresh():  # a new base model for every run; the first one describes the model in compare.json
-            lm = load(model, bos)
+            lm = load(checked, bos)
             described.append(lm.describe())
             return lm
 

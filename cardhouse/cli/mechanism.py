@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from ..results import write_result
-from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, clear_errors,
-                     console, err, load, load_options, writable_folder)
+from ..validation import validate
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
+                     clear_errors, console, err, load, load_options, writable_folder)
 
 
 def _fmt(x) -> str:
@@ -39,21 +40,21 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
               batch_size: int = typer.Option(8, help="prompts per forward pass"),
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Attention concentration on the massive tokens, attention sinks per token role, the set-C value updates."""
-    from ..analysis import Criterion, load_prompts
-    from ..analysis.attention import analyze_attention, attention_map, check_head, default_head
+    from ..analysis import Criterion
+    from ..analysis.attention import analyze_attention, attention_map, default_head
     from ..reports.mechanism_plots import plot_attention, plot_attention_map
 
     with clear_errors():
+        if attn_implementation != "eager":
+            raise ValueError(f"--attn-implementation must be 'eager' (the analysis needs the attention "
+                             f"probabilities), got {attn_implementation!r}")
+        checked = validate(model, prompts=prompts, prompt_limit=limit, folders={"--out": out}, map_layer=map_layer,
+                           map_head=map_head, prompt_index=prompt_index, threshold=threshold, min_abs=min_abs,
+                           min_ratio=min_ratio, batch_size=batch_size)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        texts = checked.prompts
         writable_folder(out)
-        texts = load_prompts(prompts, limit=limit)
-        if not 0 <= prompt_index < len(texts):
-            raise IndexError(f"--prompt-index {prompt_index} is out of range: there are {len(texts)} prompts")
-        lm = load(model, bos)
-        if map_layer is not None:  # checked before the long run
-            lm.blocks.check_layer(map_layer)
-        if map_head is not None:
-            check_head(lm, map_head)
+        lm = load(checked, bos)
         result = analyze_attention(lm, texts, criterion=criterion, threshold=threshold,
                                    implementation=attn_implementation, batch_size=batch_size)
         _notes(result.notes)
@@ -110,12 +111,12 @@ def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
     from ..reports.mechanism_plots import plot_trace
 
     with clear_errors():
+        checked = validate(model, prompts=prompts, folders={"--out": out}, k=k, layer=layer, top=top,
+                           n_prompts=n_prompts, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         writable_folder(out)
-        lm = load(model, bos)
-        if layer is not None:
-            lm.blocks.check_layer(layer)
-        result = trace_bos(lm, prompts, k=k, layer=layer, top=top, n_prompts=n_prompts, criterion=criterion)
+        lm = load(checked, bos)
+        result = trace_bos(lm, checked.prompts, k=k, layer=layer, top=top, n_prompts=n_prompts, criterion=criterion)
         _notes(result.notes)
         l = result.layer
         t = Table(title=f"{lm.name}: BOS token, max |x| [top dims] per state (l = {l}, massive dim {result.dim})")
@@ -150,9 +151,12 @@ def position(model: str = ModelOpt,
     from ..reports.mechanism_plots import plot_position
 
     with clear_errors():
+        if prompt is not None and not prompt.strip():
+            raise ValueError("--prompt must hold some text, got an empty prompt")
+        checked = validate(model, folders={"--out": out})
         writable_folder(out)
         text = prompt if prompt is not None else load_prompts()[0]
-        lm = load(model, None)
+        lm = load(checked, None)
         study = position_study(lm, text)
         t = Table(title=f"{lm.name}: largest |h| at layer {study.reference_layer} with BOS placed ({text!r})")
         for c in ("BOS", "carrier", "position", "dim", "value", "BOS h[dim]", "next largest"):

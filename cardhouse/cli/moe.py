@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
+from ..validation import validate
 from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
-                     check_writable_file, clear_errors, console, load, load_options, writable_folder)
+                     clear_errors, console, load, load_options, writable_folder)
 
 CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
                                           "reaches this")
@@ -60,20 +61,20 @@ def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
             json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/moe.json)")):
     """Mixture of Experts: where the router sends the carrier token (House of Cards Fig. 5), the expert that
     holds the massive weights and its rows (Table 7), and the super experts (Su et al. 2025)."""
-    from ..analysis import Criterion, load_prompts
+    from ..analysis import Criterion
     from ..models.routing import routing_of
 
     with clear_errors():
         check_moe_options(collapse, percentile, fraction)
+        json_path = json_path or out / "moe.json"
+        checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--json": json_path},
+                           folders={"--out": out}, k=k, layer=layer, batch_size=batch_size, collapse=collapse,
+                           percentile=percentile, fraction=fraction, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        routing_of(checked.spec.blocks.adapter)  # a dense model or an undescribed router: refused from the config
+        texts = checked.prompts
         folder = writable_folder(out)
-        json_path = json_path or folder / "moe.json"
-        check_writable_file(json_path)
-        texts = load_prompts(prompts, limit=limit)
-        lm = load(model, bos)
-        routing_of(lm.blocks.adapter)  # a dense model or an undescribed router: one clear line
-        if layer is not None:
-            lm.blocks.check_layer(layer)
+        lm = load(checked, bos)
         _, plots = run_moe(lm, texts, folder, json_path, k=k, layer=layer, collapse=collapse, percentile=percentile,
                            fraction=fraction, batch_size=batch_size, criterion=criterion)
         console.print(f"wrote {json_path}, {', '.join(plots.values())}")

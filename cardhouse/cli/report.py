@@ -50,6 +50,7 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                bos: Optional[bool] = BosOpt):
     """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots."""
     from ..reports.report import Settings, build_report
+    from ..validation import check_options
 
     with clear_errors():
         overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "min_abs": min_abs,
@@ -63,10 +64,7 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
         if corpus:
             overrides["corpora"] = tuple(corpus)
         if ks:
-            try:
-                overrides["ks"] = tuple(int(x) for x in ks.split(",") if x.strip())
-            except ValueError:
-                raise ValueError(f"--ks must be comma-separated integers, got {ks!r}") from None
+            overrides["ks"] = tuple(check_options(ks=ks)["ks"])  # against each model's size in build_report
         settings = (Settings.quick if quick else Settings.full)(**overrides)
         results = build_report(model, out, settings, overwrite=overwrite, command=command_line())
         console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and the PNG plots")

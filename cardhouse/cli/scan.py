@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED, DEFAULT_MODEL
-from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app, check_writable_file, clear_errors, console, err, load,
-                     load_options, writable_folder)
+from ..validation import validate
+from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
+                     clear_errors, console, err, load, load_options, writable_folder)
 
 
 @app.command()
@@ -21,18 +22,20 @@ def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] 
          bos: Optional[bool] = BosOpt, out: Path = OutOpt,
          json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/scan.json)")):
     """Find the massive activations (dims, layers, tokens) and the massive weights that create them."""
-    from ..analysis import Criterion, find_massive_weights, load_prompts
+    from ..analysis import Criterion, find_massive_weights
     from ..analysis import scan as run_scan
     from ..reports import plot_bos_trace, plot_top_magnitudes, scan_tables, weights_table
     from ..results import write_result
 
     with clear_errors():
+        json_path = json_path or out / "scan.json"
+        checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--json": json_path},
+                           folders={"--out": out}, k=k, layer=layer, min_abs=min_abs, min_ratio=min_ratio,
+                           batch_size=batch_size)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        json_path = json_path or writable_folder(out) / "scan.json"
-        check_writable_file(json_path)
+        texts = checked.prompts
         writable_folder(out)
-        texts = load_prompts(prompts, limit=limit)
-        lm = load(model, bos)
+        lm = load(checked, bos)
         if lm.bos_id is None:
             err.print("[yellow]warning:[/yellow] no BOS token first: position 0 holds each prompt's first token")
         result = run_scan(lm, texts, criterion=criterion, batch_size=batch_size)

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from .common import (BosOpt, CorpusOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app, check_writable_file, clear_errors,
-                     console, context_opt, load, max_tokens_opt, writable_folder)
+from ..validation import validate
+from .common import (BosOpt, CorpusOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app, clear_errors, console, context_opt,
+                     load, max_tokens_opt, writable_folder)
 
 
 def parse_weights(texts: list[str]) -> list[tuple[int, int, int]]:
@@ -51,29 +52,30 @@ def super_weight_cmd(
         json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results (default OUT/super_weight.json)")):
     """Find the super weights (Yu et al. 2024: where W_down's input and output spikes meet), each channel's
     contribution to the super activation, and the damage of zeroing each candidate against random controls."""
-    from ..analysis.prompts import load_prompts
     from ..analysis.super_weight import check_coordinate, check_dense_down, find_super_weights
     from ..evaluation.measure import Budget, measurer
+    from ..models.offload import shapes_only
     from ..interventions.damage import Candidate, check_pairs, rank_damage
     from ..reports.super_weight import plot_super_weights, super_weight_tables
     from ..results import write_result
     from tqdm.auto import tqdm
 
     with clear_errors():
-        json_path = json_path or writable_folder(out) / "super_weight.json"
-        check_writable_file(json_path)
-        writable_folder(out)
-        if ratio <= 1:
-            raise ValueError(f"--ratio must be greater than 1, got {ratio}")
-        if candidates < 1 or controls < 0 or top < 1:
-            raise ValueError("--candidates and --top must be at least 1, --controls at least 0")
-        check_pairs(pairs, max_pairs)
+        json_path = json_path or out / "super_weight.json"
         chosen = parse_weights(weight)
+        checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--json": json_path},
+                           folders={"--out": out}, ratio=ratio, contributions=top, candidates=candidates,
+                           controls=controls, pairs=pairs, max_pairs=max_pairs, batch_size=batch_size,
+                           context=context if damage else None, max_tokens=max_tokens if damage else None)
+        check_pairs(pairs, max_pairs)
         budget = Budget(corpora=list(corpus), max_tokens=max_tokens, context=context) if damage else None
-        texts = load_prompts(prompts, limit=limit)
-        lm = load(model, bos)
-        check_dense_down(lm)
-        extra = [Candidate(f"given {l}:{r}:{c}", "scalar", *check_coordinate(lm, l, r, c)) for l, r, c in chosen]
+        with shapes_only():  # the family and the given coordinates, from the config's shapes
+            check_dense_down(checked.spec)
+            given = [check_coordinate(checked.spec, l, r, c) for l, r, c in chosen]
+        texts = checked.prompts
+        writable_folder(out)
+        lm = load(checked, bos)
+        extra = [Candidate(f"given {l}:{r}:{c}", "scalar", l, r, c) for l, r, c in given]
         scan = find_super_weights(lm, texts, ratio=ratio, top=top, batch_size=batch_size, progress=True)
         settings = {"prompts": prompts, "limit": limit, "ratio": ratio, "top": top, "candidates": candidates,
                     "controls": controls, "lines": lines, "pairs": pairs, "restore": restore, "weights": weight,

@@ -22,8 +22,11 @@ from tqdm.auto import tqdm
 from .._files import write_atomically
 from ..results import write_result
 from ..analysis.massive_activations import Criterion, ScanResult, scan
-from ..models.loading import from_pretrained_objects
+from ..data.corpora import tokenize_corpus
+from ..models.loading import BUNDLED, from_pretrained_objects, gguf_cache_folder
+from ..reports.plots import plot_top_magnitudes
 from .model import GPT, GPTConfig
+from .report import plot_curves, side_by_side
 
 # variant -> what its attention has before the sequence's keys (GPTConfig fields)
 VARIANTS: dict[str, dict[str, bool]] = {
@@ -106,13 +109,11 @@ def smollm2_tokenizer(folder: Path | None = None):
     """
     from transformers import AutoTokenizer
 
-    from .._install import cache_dir
-    from ..models.loading import BUNDLED, _cache_key
 
     if folder is not None and (Path(folder) / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)
     gguf = BUNDLED["smollm2-135m"].locate_gguf()
-    cached = cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"  # where load_model keeps it
+    cached = gguf_cache_folder(gguf)  # where load_model keeps it
     if (cached / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
@@ -133,8 +134,6 @@ def split_tokens(per_corpus: dict[str, torch.Tensor], val_fraction: float) -> To
 
 
 def load_data(tokenizer, config: TrainConfig) -> TokenData:
-    from ..evaluation.corpora import tokenize_corpus
-
     return split_tokens({name: tokenize_corpus(tokenizer, name) for name in config.corpora}, config.val_fraction)
 
 
@@ -414,9 +413,6 @@ def run(config: TrainConfig, out: str | Path, *, variants: tuple[str, ...] = DEF
 
     One folder per variant under ``out`` holds its checkpoint.
     """
-    from ..reports.plots import plot_top_magnitudes
-    from .report import plot_curves, side_by_side
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for variant in variants:

@@ -1,6 +1,6 @@
 """Evaluation: perplexity on real text and zero-shot accuracy through lm-evaluation-harness."""
 
-from .corpora import CORPORA, Corpus, available_corpora, get_corpus, load_text, prepare_corpora, tokenize_corpus
+from ..data.corpora import CORPORA, Corpus, available_corpora, get_corpus, load_text, prepare_corpora, tokenize_corpus
 from .metrics import METRICS, MetricSpec, metric_keys, metric_of, register_metric
 from .perplexity import PerplexityResult, build_windows, perplexity
 from .zeroshot import PAPER_TASKS, ZERO_SHOT_TASKS, prepare_zero_shot_data, zero_shot

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..models.loading import LoadedModel
-from .corpora import get_corpus
+from ..data.corpora import get_corpus
 from .metrics import METRICS
+from .zeroshot import check_settings
 
 
 @dataclass
@@ -27,8 +28,6 @@ class Budget:
         for name in self.corpora:
             get_corpus(name)  # an unknown name raises, listing the known ones
         if self.tasks:
-            from .zeroshot import check_settings
-
             check_settings(self.tasks, backend=self.backend)
         if self.corpora and self.max_tokens < self.context - 1:
             raise ValueError(f"max_tokens ({self.max_tokens}) must fill at least one window (context {self.context})")
@@ -42,6 +41,10 @@ class Budget:
 def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable[[LoadedModel], dict]:
     """One function ``lm -> {key: value}`` measuring every registered metric the budget asks for, on the
     same prepared inputs (corpus tokens) for every call."""
+    from ..models.spec import spec_of
+    from ..validation import check_options
+
+    check_options(spec_of(lm), context=budget.context)  # a window longer than the model's positions fails here
     parts = [m for spec in METRICS.values() if spec.measure for m in [spec.measure(lm, budget, progress)] if m]
 
     def measure(lm: LoadedModel) -> dict:

@@ -17,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ..data.corpora import tokenize_corpus
 from ..models.loading import LoadedModel
+from .perplexity import perplexity
+from .zeroshot import zero_shot
 
 if TYPE_CHECKING:  # the budget module imports this one
     from .measure import Budget
@@ -76,9 +79,6 @@ def metric_keys(row: dict, keys: Iterable[str] | None = None) -> list[str]:
 
 
 def _perplexity(lm: LoadedModel, budget: "Budget", progress: bool) -> Measure | None:
-    from .corpora import tokenize_corpus
-    from .perplexity import perplexity
-
     if not budget.corpora:
         return None
     tokens = {name: tokenize_corpus(lm.tokenizer, name, budget.max_tokens) for name in budget.corpora}
@@ -100,8 +100,6 @@ def _zero_shot(lm: LoadedModel, budget: "Budget", progress: bool) -> Measure | N
         return None
 
     def measure(lm: LoadedModel) -> dict:
-        from .zeroshot import zero_shot
-
         scores = zero_shot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit, backend=budget.backend)
         return {**{ACC.key(t): scores[t]["acc"] for t in budget.tasks}, ACC_MEAN.key(): scores["mean_acc"]}
 

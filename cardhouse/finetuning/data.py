@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from ..evaluation.corpora import LLAMAFACTORY_REQUIREMENT, _read_sdist_member
+from ..data.corpora import LLAMAFACTORY_REQUIREMENT, read_sdist_member
 from ..models.loading import LoadedModel
 
 ALPACA_MEMBER_SUFFIX = "/data/alpaca_en_demo.json"
@@ -80,7 +80,7 @@ def parse_records(text: str, name: str, fmt: str) -> list[dict]:
 def load_records(source: str | Path = DEFAULT_DATA) -> list[dict]:
     """``"alpaca"`` (the bundled 999 Alpaca records) or the path of a .json / .jsonl file."""
     if str(source) == DEFAULT_DATA:
-        text = _read_sdist_member(LLAMAFACTORY_REQUIREMENT, ALPACA_MEMBER_SUFFIX).decode("utf-8")
+        text = read_sdist_member(LLAMAFACTORY_REQUIREMENT, ALPACA_MEMBER_SUFFIX).decode("utf-8")
         return parse_records(text, "alpaca_en_demo.json", "json")
     path = Path(source)
     if not path.is_file():

@@ -26,7 +26,7 @@ from ..analysis.criterion import Criterion
 from ..evaluation.measure import Budget, measurer
 from ..evaluation.metrics import metric_keys
 from ..interventions import Variant, original, run_variants, zero_rows
-from ..models.loading import LoadedModel
+from ..models.loading import LoadedModel, from_pretrained_objects
 from .data import DEFAULT_DATA, collator, load_records, split_records, tokenize_records
 from .macdrop import MacDrop, MacDropConfig, detect_massive_rows
 from .report import suffix_of
@@ -172,8 +172,6 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
       restored along the adapter's direction: the two attacks differ for DoRA.
     """
     from transformers import Trainer
-
-    from ..models.loading import from_pretrained_objects
 
     rows = list(massive[:k])
     ppl = measurer(lm, budget, progress=progress) if budget is not None else (lambda lm: {})

@@ -2,8 +2,9 @@
 (top-k zeroing and retaining), each with its random control.
 
 ``sweep`` is pure: it measures the variants and returns the rows. Resuming is an optional sink:
-a ``RowLog`` appends each row to a JSONL file as it is produced, and a sweep given one skips
-the variants already in it, so an interrupted sweep goes on where it stopped.
+a ``cardhouse.journal.Journal`` appends each row to a JSONL file as it is produced, and a sweep given
+one skips the variants already in it, so an interrupted sweep goes on where it stopped; the journal
+holds the settings the rows were measured under and refuses to resume under other ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def default_ks(size: int) -> list[int]:
 def sweep_variants(lm: LoadedModel, mw: MassiveWeights, ks: list[int], seed: int = 0) -> list[Variant]:
     """The original model, then every k-taking attack (and its control) at each k."""
     size = lm.blocks.intermediate_size(mw.layer)
+    ks = list(dict.fromkeys(ks))  # --ks 2,2 measures k = 2 once
     bad = [k for k in ks if not 0 <= k <= size]
     if bad:
         raise ValueError(f"k values out of range 0..{size}: {bad}")
@@ -66,38 +68,57 @@ def sweep(lm: LoadedModel, massive_weights: MassiveWeights, measure: Callable[[L
     return kept + new
 
 
-class RowLog:
-    """Rows as JSON lines in a file, each flushed as it is appended (the sweep's resume sink)."""
+def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, criterion: Criterion = Criterion(),
+                   **measured) -> dict:
+    """What a sweep's rows depend on that is known before the weights load: the model's name, the layer,
+    the seed, the massive criterion, the cardhouse version and what ``measured`` says about the
+    measurement (corpora, tokens, context, tasks, limit)."""
+    from .. import __version__
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        kept = self.rows()
-        if self.path.exists():  # drop a line cut by an interruption before appending to the file
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return {"model": model, "layer": layer, "seed": seed, "cardhouse": __version__, "criterion": criterion.to_dict(),
+            **measured}
 
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by an interruption: that variant is redone
-                break
-        return rows
 
-    def append(self, row: dict) -> None:
-        with self.path.open("a") as out:
-            out.write(json.dumps(row) + "\n")
+def model_settings(lm: LoadedModel) -> dict:
+    """... and what is known once they have: where they came from, their digest, BOS first or not."""
+    from .weights import weights_digest
+
+    params = [p for _, p in sorted(lm.model.named_parameters())]
+    return {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
 
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
                     ks: list[int] | None = None, layer: int | None = None, seed: int = 0,
-                    progress: bool = True, criterion: Criterion = Criterion()) -> list[dict]:
-    """The CLI's sweep: search every index of the layer, then sweep with ``path`` (JSONL) as the resume sink."""
+                    progress: bool = True, criterion: Criterion = Criterion(), settings: dict | None = None
+                    ) -> list[dict]:
+    """The CLI's sweep: search every index of the layer, then sweep with ``path`` (JSONL) as the resume sink.
+
+    ``settings``: what ``measure`` depends on (e.g. ``Budget.to_dict()``); with the model, its weights, the
+    layer, the seed, the criterion and the cardhouse version they decide whether the rows in ``path`` are
+    resumed or refused (``cardhouse.journal.SettingsMismatch``, raised before anything is measured)."""
+    from ..journal import Journal
+
+    journal = Journal(path, {**sweep_settings(lm.name, layer=layer, seed=seed, criterion=criterion,
+                                              **(settings or {})), **model_settings(lm)})
+    journal.rows()  # refuse rows measured under other settings before the search
     size = lm.blocks.intermediate_size(layer if layer is not None else 0)
     mw = find_massive_weights(lm, layer=layer, k=size, criterion=criterion)  # every index, ranked
-    return sweep(lm, mw, measure, ks, seed=seed, sink=RowLog(path), progress=progress)
+    return sweep(lm, mw, measure, ks, seed=seed, sink=journal, progress=progress)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a sweep file, whatever its settings (the header line is skipped)."""
+    from ..journal import HEADER
+
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if HEADER not in row:
+            rows.append(row)
+    return rows
 
 
 def sweep_table(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:

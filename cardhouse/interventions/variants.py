@@ -123,20 +123,17 @@ def sweep_attacks() -> list[str]:
     return [name for name, spec in ATTACKS.items() if spec.takes_k]
 
 
-def _zero(rows: Callable[[Target], list[int]], what: str) -> Callable[[Target], Edit]:
+def _row_edit(rows: Callable[[Target], list[int]], editor: Callable, what: str) -> Callable[[Target], Edit]:
+    """An edit of W_up/W_gate rows ``rows(target)`` by ``editor`` (``zero_rows`` or ``retain_rows``)."""
     def edit(t: Target) -> Edit:
         chosen = rows(t)
-        return Edit(f"{what}zero W_up/W_gate rows {chosen} of layer {t.layer}",
-                    lambda: zero_rows(t.lm, t.layer, chosen, expert=t.expert), chosen)
+        return Edit(what.format(rows=chosen, layer=t.layer), lambda: editor(t.lm, t.layer, chosen, expert=t.expert),
+                    chosen)
     return edit
 
 
-def _retain(rows: Callable[[Target], list[int]], what: str) -> Callable[[Target], Edit]:
-    def edit(t: Target) -> Edit:
-        chosen = rows(t)
-        return Edit(f"{what}keep only rows {chosen} of layer {t.layer}'s W_up/W_gate",
-                    lambda: retain_rows(t.lm, t.layer, chosen, expert=t.expert), chosen)
-    return edit
+ZERO = "zero W_up/W_gate rows {rows} of layer {layer}"
+RETAIN = "keep only rows {rows} of layer {layer}'s W_up/W_gate"
 
 
 def _down_entry(column: Callable[[Target], int], what: str) -> Callable[[Target], Edit]:
@@ -162,12 +159,14 @@ def _random(t: Target) -> list[int]:
 
 
 for _spec in (
-    AttackSpec("topk-zero", "zero the W_up/W_gate rows of the top-k massive indices", _zero(_top, ""),
+    AttackSpec("topk-zero", "zero the W_up/W_gate rows of the top-k massive indices", _row_edit(_top, zero_rows, ZERO),
                control="random-zero", style="o-"),
-    AttackSpec("random-zero", "control: zero k random rows", _zero(_random, "control: "), style="o:"),
-    AttackSpec("topk-retain", "keep only the top-k rows, zero every other row of the layer", _retain(_top, ""),
-               control="random-retain", style="s-"),
-    AttackSpec("random-retain", "control: keep only k random rows", _retain(_random, "control: "), style="s:"),
+    AttackSpec("random-zero", "control: zero k random rows", _row_edit(_random, zero_rows, "control: " + ZERO),
+               style="o:"),
+    AttackSpec("topk-retain", "keep only the top-k rows, zero every other row of the layer",
+               _row_edit(_top, retain_rows, RETAIN), control="random-retain", style="s-"),
+    AttackSpec("random-retain", "control: keep only k random rows", _row_edit(_random, retain_rows, "control: " + RETAIN),
+               style="s:"),
     AttackSpec("super-weight", "zero the super weight (Yu et al.): W_down[output spike, input spike] of layer l",
                _down_entry(lambda t: t.super_weight[1], ""), control="random-weight", takes_k=False),
     AttackSpec("largest-down-entry", "zero the largest W_down[dim, i] over the top-k indices (not the super weight)",

@@ -155,6 +155,12 @@ def _cache_key(gguf: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def gguf_cache_folder(gguf: str | Path) -> Path:
+    """Where ``load_gguf`` keeps the dequantized copy of a GGUF file (its tokenizer too)."""
+    gguf = Path(gguf)
+    return cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
+
+
 def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -185,8 +191,11 @@ def _load_encoder(path: str | Path, dtype: torch.dtype | None, inputs: str, plac
 
 
 def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
-    """Write the dequantized model atomically: a half-written cache is never used."""
+    """Write the dequantized model atomically (a half-written cache is never used) and sealed with
+    the checksum of every file (a copy damaged in place later is never used either)."""
     from safetensors.torch import save_model
+
+    from .integrity import seal
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,7 +205,7 @@ def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
     tokenizer.save_pretrained(tmp)
-    (tmp / "COMPLETE").write_text("ok")
+    seal(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -204,15 +213,20 @@ def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True,
               placement: Placement | None = None):
     """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked)."""
+    from .integrity import broken
+
     path = Path(path)
     _check_gguf(path)
-    folder = cache_dir("models") / f"{path.stem}-{_cache_key(path)}"
+    folder = gguf_cache_folder(path)
     if use_cache and (folder / "COMPLETE").exists():
         try:
-            return _load_auto(folder, dtype, placement)
+            why = broken(folder)
+            if why is None:
+                return _load_auto(folder, dtype, placement)
         except Exception as err:  # a damaged cache is ours to rebuild
-            warnings.warn(f"the cached copy in {folder} is unreadable ({err}); rebuilding it from {path.name}")
-            shutil.rmtree(folder, ignore_errors=True)
+            why = f"it is unreadable ({err})"
+        warnings.warn(f"the cached copy in {folder} is not used: {why}; rebuilding it from {path.name}")
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"cardhouse: dequantizing {path.name} (once; later loads use the cache)", file=sys.stderr)
     try:
         model, tokenizer = _load_auto(path.parent, dtype, gguf_file=path.name)
@@ -237,7 +251,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     ({0: "20GiB", "cpu": "60GiB"} or "0=20GiB,cpu=60GiB") and ``offload_folder`` place the weights
     through accelerate, across GPUs, the CPU and the disk (see ``models.placement``).
     """
+    from .spec import probe
+
     placement = Placement.of(dtype, device, device_map, max_memory, offload_folder)  # bad requests fail first
+    probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     dtype = placement.torch_dtype()
     if name_or_path in BUNDLED and BUNDLED[name_or_path].locate_folder is not None:
         model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype, placement)

@@ -17,11 +17,25 @@ model reads the same bits as before, and only the tensors being edited are held 
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 _disk_copies: dict[int, list] = {}  # id(copy of a disk-offloaded tensor) -> [state_dict, key, edits in progress]
+_shapes_only: ContextVar[bool] = ContextVar("cardhouse_shapes_only", default=False)
+
+
+@contextmanager
+def shapes_only():
+    """Within it, a meta tensor without an offload hook is returned as it is: a model built on the meta device
+    on purpose, to read its shapes from the config (``models.spec``), rather than one that failed to load."""
+    token = _shapes_only.set(True)
+    try:
+        yield
+    finally:
+        _shapes_only.reset(token)
 
 
 def _offload_hook(module: nn.Module):
@@ -43,6 +57,8 @@ def home(module: nn.Module, name: str) -> torch.Tensor:
     if not (isinstance(tensor, torch.Tensor) and tensor.is_meta):
         return tensor
     hook = _offload_hook(module)
+    if hook is None and _shapes_only.get():
+        return tensor
     if hook is None:
         raise ValueError(f"{type(module).__name__}.{name} is on the meta device and no accelerate offload "
                          "hook holds it: the model was not fully loaded")

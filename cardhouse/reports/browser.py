@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from .._install import InstallError, apt_install
+from .html import format_cell
 
 EXECUTABLES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DEBIAN_PACKAGE = "chromium"
@@ -155,7 +156,6 @@ def render(html: str | Path, *, timeout: float = 120) -> Page:
 
 
 def _cell_problem(text: str, value) -> str | None:
-    from .html import format_cell
 
     if text != format_cell(value):
         return f"shows {text!r}, results.json holds {value!r}"
@@ -172,12 +172,13 @@ def problems(page: Page, results: dict) -> list[str]:
     """Everything in which the page differs from results.json, or would not show as it should."""
     found = []
     sections = [(i, s) for i, model in enumerate(results["models"]) for s in model["sections"]]
-    for i, s in sections + [(0, results["run"])]:
+    opening = [(0, results["findings"])] if "findings" in results else []
+    for i, s in sections + opening + [(0, results["run"])]:
         where = f"model {i}, section {s['key']}"
         if s["key"] not in page.sections:
             found.append(f"{where}: no such section on the page")
             continue
-        if s["key"] != "run" and str(i) not in page.articles[s["key"]]:
+        if s["key"] not in ("run", "findings") and str(i) not in page.articles[s["key"]]:
             found.append(f"{where}: the model's column is missing")
         if s["error"] and s["key"] not in page.failed_steps:
             found.append(f"{where}: the step failed but the page does not say so")

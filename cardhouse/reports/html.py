@@ -173,6 +173,10 @@ def render_page(results: dict, folder: str | Path) -> str:
            f"<header><h1>{_esc(results['title'])}</h1><p>{_esc(results['summary'])}</p>",
            "<nav>" + "".join(f'<a href="#{_esc(k)}">{_esc(t)}</a>' for k, t in keys + [("run", "Run")]) + "</nav>",
            "</header>"]
+    opening = results.get("findings")  # what was found, before the detailed sections
+    if opening is not None:
+        out.append(f'<section id="findings" data-section="findings"><h2>{_esc(opening["title"])}</h2>'
+                   f"{_section_body(opening, 0)}</section>")
     failures = results["failures"]
     if failures:
         items = "".join(f"<li>{_esc(f['model'])}: step “{_esc(f['title'])}” failed: {_esc(f['error'])}</li>"

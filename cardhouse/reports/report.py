@@ -23,11 +23,27 @@ from typing import Callable
 import torch
 
 from .._files import write_atomically
-from ..results import read_result, write_result
+from .._version import __version__
+from ..analysis import Criterion, find_massive_weights, load_prompts, scan
+from ..analysis.attention import MASSIVE, analyze_attention
+from ..capture import tokenize_prompts
+from ..data.corpora import get_corpus, tokenize_corpus
+from ..evaluation.measure import Budget, measurer
+from ..evaluation.metrics import metric_keys
+from ..evaluation.perplexity import build_windows
+from ..finetuning.report import metrics_of, plot_comparison
+from ..interventions import ATTACKS, attack, run_variants, sweep_attacks
+from ..interventions.sweep import default_ks, sweep, sweep_table
+from ..models import load_model
 from ..models.loading import BUNDLED, LoadedModel
+from ..results import read_result, write_result
 from .encoder_section import encoder_step
+from .findings import findings
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
+from .mechanism_plots import plot_attention
 from .moe_section import is_moe, moe_step
+from .plots import plot_bos_trace, plot_sweep, plot_top_magnitudes
+from .tables import TABLE1_COLUMNS
 
 class StepError(RuntimeError):
     """A step cannot run (for instance because a step it needs failed)."""
@@ -73,13 +89,9 @@ class Settings:
 
     @property
     def criterion(self):
-        from ..analysis import Criterion
-
         return Criterion.from_options(self.min_abs, self.min_ratio, self.relative)
 
     def budget(self):
-        from ..evaluation.measure import Budget
-
         return Budget(corpora=list(self.corpora), max_tokens=self.max_tokens, context=self.context,
                       tasks=list(self.tasks), limit=self.limit)
 
@@ -90,15 +102,13 @@ class Settings:
         if self.context < 2 or self.max_tokens < self.context:
             raise ValueError(f"--max-tokens ({self.max_tokens}) must hold at least one window of "
                              f"--context ({self.context}) tokens")
-        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks, the task limit
+        from ..validation import check_settings
+
+        check_settings(None, self)  # the ranges that need no model (build_report checks each model's too)
+        self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks
         self.criterion  # noqa: B018  (--relative with --min-abs is refused here)
         if not 1 <= self.copies <= 5 or self.pairs < 1:
             raise ValueError(f"copies must be 1..5 and pairs at least 1 (got {self.copies}, {self.pairs})")
-        for name, value in (("--k", self.k), ("--attack-k", self.attack_k)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.ks is not None and any(k < 0 for k in self.ks):
-            raise ValueError(f"sweep k values must be >= 0, got {list(self.ks)}")
         unknown = [e for e in self.extras if e not in OPTIONAL_STEPS]
         if unknown:
             raise ValueError(f"unknown extra section {', '.join(unknown)}; available: "
@@ -150,8 +160,6 @@ class Step:
 
 
 def model_step(ctx: Context) -> Section:
-    from ..models import load_model
-
     if isinstance(ctx.source, LoadedModel):
         lm = ctx.source
     else:
@@ -172,10 +180,6 @@ def model_step(ctx: Context) -> Section:
 
 
 def inputs_step(ctx: Context) -> Section:
-    from ..capture import tokenize_prompts
-    from ..evaluation.corpora import get_corpus, tokenize_corpus
-    from ..evaluation.perplexity import build_windows
-
     lm, s = ctx.lm, ctx.settings
     token_lists = tokenize_prompts(lm, ctx.prompts)
     prompts = facts("Prompts of the scan and the massive-weight search",
@@ -198,10 +202,6 @@ def inputs_step(ctx: Context) -> Section:
 
 
 def scan_step(ctx: Context) -> Section:
-    from ..analysis import scan
-    from ..reports.plots import plot_top_magnitudes
-    from ..reports.tables import TABLE1_COLUMNS
-
     result = scan(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     ctx.keep("scan", result)
     columns = ["layer", *TABLE1_COLUMNS, "top-1 / median", "massive dims"]
@@ -249,9 +249,6 @@ def activations_step(ctx: Context) -> Section:
 
 
 def weights_step(ctx: Context) -> Section:
-    from ..analysis import find_massive_weights
-    from ..reports.plots import plot_bos_trace
-
     lm, s = ctx.lm, ctx.settings
     mw = find_massive_weights(lm, ctx.prompts, k=s.k, layer=s.layer, criterion=s.criterion)
     ctx.keep("weights", mw)
@@ -280,13 +277,6 @@ def weights_step(ctx: Context) -> Section:
 
 
 def attacks_step(ctx: Context) -> Section:
-    from ..analysis import find_massive_weights
-    from ..evaluation.measure import measurer
-    from ..evaluation.metrics import metric_keys
-    from ..interventions import ATTACKS, attack, run_variants, sweep_attacks
-    from ..interventions.sweep import default_ks, sweep, sweep_table
-    from ..reports.plots import plot_sweep
-
     lm, s, mw = ctx.lm, ctx.settings, ctx.need("weights")
     ks = sorted({*(s.ks if s.ks is not None else default_ks(mw.intermediate_size)), s.attack_k})
     measure = measurer(lm, s.budget(), progress=False)
@@ -326,9 +316,6 @@ def attacks_step(ctx: Context) -> Section:
 def attention_step(ctx: Context) -> Section:
     """Sun et al. Sec. 4: the tokens that carry massive activations (set C) as attention sinks, and the
     set-C part of each attention output as an implicit bias (``analysis.attention``)."""
-    from ..analysis.attention import MASSIVE, analyze_attention
-    from .mechanism_plots import plot_attention
-
     result = analyze_attention(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     mean = lambda values: sum(values) / len(values)  # noqa: E731  over heads
     summary = Table("Layers up to l against the layers after it (means over layers)",
@@ -369,8 +356,6 @@ def compare_json(path: str | Path) -> Path:
 def macdrop_step(ctx: Context) -> Section:
     """House of Cards Table 4, from a finished ``cardhouse finetune-compare`` run (fine-tuning takes far
     longer than a report, so the report reads its results rather than starting it)."""
-    from ..finetuning.report import metrics_of, plot_comparison
-
     path = compare_json(ctx.settings.macdrop)
     saved = read_result(path)
     if saved["model"]["name"] != ctx.lm.name:
@@ -462,8 +447,6 @@ def _versions() -> dict:
     import matplotlib
     import transformers
 
-    from .. import __version__
-
     return {"cardhouse": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "matplotlib": matplotlib.__version__,
             "platform": platform.platform()}
@@ -491,7 +474,8 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                  steps: list[Step] | None = None) -> dict:
     """Run every step for every model and write the report folder; returns what results.json holds under
     ``results`` (the file is the result envelope: model descriptions and settings beside it)."""
-    from ..analysis import load_prompts
+    from ..models.spec import probe, spec_of
+    from ..validation import check_settings
 
     settings = settings or Settings.quick()
     if not models:
@@ -501,6 +485,8 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
     default = steps is None
     steps = steps if steps is not None else STEPS + [OPTIONAL_STEPS[name] for name in settings.extras]
     plans = [ENCODER_STEPS if default and is_encoder(m) else steps for m in models]
+    for model in models:  # every model's config against the settings, before any weights load
+        check_settings(spec_of(model) if isinstance(model, LoadedModel) else probe(str(model)), settings)
     folder = prepare_folder(out, overwrite)
 
     names = [m.name if isinstance(m, LoadedModel) else str(m) for m in models]
@@ -535,6 +521,7 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                    "are attacked, next to random controls.",
         "command": command or f"python -c 'from cardhouse.reports.report import build_report; ...'  "
                               f"# models {names}, settings {asdict(settings)}",
+        "findings": findings(reports, settings.attack_k).to_dict(),
         "run": _run_section(settings, _versions()).to_dict(),
         "models": reports, "failures": failures,
     }
