@@ -325,7 +325,7 @@ def test_cli_encoder_on_sentences(tmp_path):
     text.write_text("\n".join(SENTENCES))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["encoder", "-m", folder, "--sentences", str(text), "--relative",
-                                      "--min-ratio", "5", "--pairs", "12", "-o", str(out)])
+                                      "--min-ratio", "5", "--mrpc-pairs", "12", "-o", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "encoder.json").read_text())
     validate(data, "encoder")

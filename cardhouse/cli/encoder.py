@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED
-from .common import (K_HELP, MODEL_HELP, MinAbsOpt, MinRatioOpt, RelativeOpt, SeedOpt, app, check_writable_file, clear_errors, console,
-                     err, load, writable_folder)
+from .common import (K_HELP, MODEL_HELP, MinAbsOpt, MinRatioOpt, RelativeOpt, SeedOpt, app, clear_errors, console,
+                     err, load, load_options, writable_folder)
 
 ENCODERS = [name for name, b in BUNDLED.items() if b.inputs != "causal"]
 
@@ -29,6 +29,7 @@ def _check_kind(model: str, images: str | None, sentences: str | None) -> None:
 
 
 @app.command()
+@load_options
 def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HELP),
             images: Optional[str] = typer.Option(None, "--images", "-i",
                                                  help="'builtin' (8 real photographs), an image folder or file"),
@@ -39,7 +40,7 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HE
             attack_k: int = typer.Option(2, help="rows zeroed by the top-k attack and its random control"),
             min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
             relative: bool = RelativeOpt,
-            pairs: int = typer.Option(200, help="MRPC sentence pairs for the text encoders' measure"),
+            pairs: int = typer.Option(200, "--mrpc-pairs", help="MRPC sentence pairs of the text encoders' measure"),
             copies: int = typer.Option(4, help="augmented copies per photograph for the retrieval measure"),
             registers: bool = typer.Option(True, help="also add a test-time register (image models)"),
             seed: int = SeedOpt,
@@ -54,25 +55,28 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HE
     from ..encoders.images import load_images
     from ..analysis.prompts import load_prompts
     from ..results import write_result
+    from ..validation import validate
     from .encoder_output import print_encoder, plot_encoder
 
     with clear_errors():
         _check_kind(model, images, sentences)
-        for name, value in (("--k", k), ("--attack-k", attack_k), ("--pairs", pairs), ("--batch-size", batch_size)):
+        for name, value in (("--mrpc-pairs", pairs),):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not 1 <= copies <= 5:
             raise ValueError(f"--copies must be 1..5, got {copies}")
-        criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        json_path = json_path or writable_folder(out) / "encoder.json"
-        check_writable_file(json_path)
-        writable_folder(out)
+        if attack_k > k:
+            raise ValueError(f"--attack-k ({attack_k}) must be <= --k ({k}): the attack zeroes the top rows found")
+        json_path = json_path or out / "encoder.json"
+        # the inputs first (cheap, and a folder without images should not wait for a model)
         photos = load_images(images, limit=limit) if images is not None else None
         texts = load_prompts(sentences, limit=limit) if sentences is not None else None
-        lm = load(model, None)
+        checked = validate(model, prompt_limit=limit, files={"--json": json_path}, folders={"--out": out}, k=k,
+                           attack_k=attack_k, min_abs=min_abs, min_ratio=min_ratio, batch_size=batch_size)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
+        writable_folder(out)
+        lm = load(checked, None)
         inputs = ImageInputs(lm, photos) if photos is not None else SentenceInputs(lm, texts)
-        if k > lm.blocks.intermediate_size(0) or attack_k > k:
-            raise ValueError(f"--k must be <= {lm.blocks.intermediate_size(0)} and --attack-k <= --k")
         from ..encoders.analysis import analyze_encoder
 
         with err.status("analysing") as status:
