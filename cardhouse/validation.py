@@ -121,6 +121,8 @@ RULES: dict[str, Rule] = {
     "controls": Rule("--controls", 0),
     "pairs": Rule("--pairs", 2, also=(0,), why=lambda spec, v: "0: no pairs; else the candidates paired"),
     "max_pairs": Rule("--max-pairs", 1),
+    "copies": Rule("--copies", 1, 5),  # cardhouse encoder: augmented copies per photograph (encoders.images)
+    "mrpc_pairs": Rule("--mrpc-pairs", 1),
     # Mixture of Experts (cardhouse moe, the MoE attacks)
     "collapse": Rule("--collapse", 0.0, 1.0, kind=float, low_open=True),
     "percentile": Rule("--percentile", 0.0, 100.0, kind=float),

@@ -17,6 +17,7 @@ LAYERS = [
     ("data",),
     ("analysis", "evaluation"),
     ("interventions",),
+    ("encoders",),
     ("finetuning",),
     ("reports",),
     ("emergence",),

@@ -14,12 +14,19 @@ from .common import (K_HELP, MODEL_HELP, MinAbsOpt, MinRatioOpt, RelativeOpt, Se
 ENCODERS = [name for name, b in BUNDLED.items() if b.inputs != "causal"]
 
 
-def _check_kind(model: str, images: str | None, sentences: str | None) -> None:
-    """Before any model time: one kind of input, the kind the (bundled) model reads."""
+def _check_kind(model: str, images: str | None, sentences: str | None, spec=None) -> None:
+    """Before any weights load: one kind of input, the kind the model reads (bundled: known by name;
+    else from its config, ``spec``)."""
     if (images is None) == (sentences is None):
         raise ValueError("give --images (image models) or --sentences (text encoders)")
-    if model in BUNDLED:
-        reads = BUNDLED[model].inputs
+    reads = BUNDLED[model].inputs if model in BUNDLED else None
+    if reads is None and spec is not None:
+        from types import SimpleNamespace
+
+        from ..models.adapters import adapter_for
+
+        reads = adapter_for(SimpleNamespace(config=spec.config)).inputs
+    if reads is not None:
         given = "image" if images is not None else "text"
         if reads == "causal":
             raise ValueError(f"{model} is a decoder LM: use `cardhouse scan` (encoders: {', '.join(ENCODERS)})")
@@ -56,23 +63,20 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HE
     from ..analysis.prompts import load_prompts
     from ..results import write_result
     from ..validation import validate
-    from .encoder_output import print_encoder, plot_encoder
+    from ..reports.encoder_plots import plot_encoder
+    from .encoder_output import print_encoder
 
     with clear_errors():
         _check_kind(model, images, sentences)
-        for name, value in (("--mrpc-pairs", pairs),):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if not 1 <= copies <= 5:
-            raise ValueError(f"--copies must be 1..5, got {copies}")
         if attack_k > k:
             raise ValueError(f"--attack-k ({attack_k}) must be <= --k ({k}): the attack zeroes the top rows found")
         json_path = json_path or out / "encoder.json"
-        # the inputs first (cheap, and a folder without images should not wait for a model)
+        checked = validate(model, prompt_limit=limit, files={"--json": json_path}, folders={"--out": out}, k=k,
+                           attack_k=attack_k, min_abs=min_abs, min_ratio=min_ratio, batch_size=batch_size,
+                           copies=copies, mrpc_pairs=pairs)
+        _check_kind(model, images, sentences, checked.spec)
         photos = load_images(images, limit=limit) if images is not None else None
         texts = load_prompts(sentences, limit=limit) if sentences is not None else None
-        checked = validate(model, prompt_limit=limit, files={"--json": json_path}, folders={"--out": out}, k=k,
-                           attack_k=attack_k, min_abs=min_abs, min_ratio=min_ratio, batch_size=batch_size)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         writable_folder(out)
         lm = load(checked, None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
 
@@ -46,18 +44,3 @@ def print_encoder(result: dict, console: Console) -> None:
                       f"patch max/median {_num(last['without']['patch_max_over_median'])} -> "
                       f"{_num(last['with']['patch_max_over_median'])} (layer {last['layer']}); output cosine "
                       f"{_num(r['measures']['with']['cos_mean'])}.")
-
-
-def plot_encoder(result: dict, inputs, out: Path, prefix: str = "") -> dict[str, str]:
-    from ..analysis.massive_activations import ScanResult
-    from ..reports.encoder_plots import plot_carrier, plot_norm_maps
-    from ..reports.plots import plot_top_magnitudes
-
-    out = Path(out)
-    plots = {"top_magnitudes": str(plot_top_magnitudes(ScanResult(**result["scan"]), out / f"{prefix}scan.png")),
-             "carrier": str(plot_carrier(result, out / f"{prefix}carrier.png"))}
-    if "norm_maps" in result:
-        plots["norm_maps"] = str(plot_norm_maps(inputs, result["norm_maps"]["maps"], out / f"{prefix}norm_map.png",
-                                                title=f"{result['model']['name']}: each patch token's norm after "
-                                                      f"layer {result['norm_maps']['layer']}"))
-    return plots

@@ -70,3 +70,18 @@ def plot_carrier(result: dict, path: str | Path) -> Path:
     right.grid(alpha=0.3, which="both")
     right.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_encoder(result: dict, inputs, out: Path, prefix: str = "") -> dict[str, str]:
+    """The scan, carrier and (image models) norm-map figures of an ``analyze_encoder`` result, in ``out``."""
+    from ..analysis.massive_activations import ScanResult
+    from .plots import plot_top_magnitudes
+
+    out = Path(out)
+    plots = {"top_magnitudes": str(plot_top_magnitudes(ScanResult(**result["scan"]), out / f"{prefix}scan.png")),
+             "carrier": str(plot_carrier(result, out / f"{prefix}carrier.png"))}
+    if "norm_maps" in result:
+        plots["norm_maps"] = str(plot_norm_maps(inputs, result["norm_maps"]["maps"], out / f"{prefix}norm_map.png",
+                                                title=f"{result['model']['name']}: each patch token's norm after "
+                                                      f"layer {result['norm_maps']['layer']}"))
+    return plots

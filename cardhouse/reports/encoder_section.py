@@ -12,7 +12,7 @@ from .html import Figure, Section, Table, facts
 
 def encoder_step(ctx) -> Section:
     from ..analysis import load_prompts
-    from ..cli.encoder_output import plot_encoder
+    from .encoder_plots import plot_encoder
     from ..encoders.analysis import analyze_encoder
     from ..encoders.images import load_images
     from ..encoders.inputs import ImageInputs, SentenceInputs

@@ -486,7 +486,8 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
     steps = steps if steps is not None else STEPS + [OPTIONAL_STEPS[name] for name in settings.extras]
     plans = [ENCODER_STEPS if default and is_encoder(m) else steps for m in models]
     for model in models:  # every model's config against the settings, before any weights load
-        check_settings(spec_of(model) if isinstance(model, LoadedModel) else probe(str(model)), settings)
+        if not is_encoder(model):  # the settings checked are the LM steps' (context, corpora, k sweep)
+            check_settings(spec_of(model) if isinstance(model, LoadedModel) else probe(str(model)), settings)
     folder = prepare_folder(out, overwrite)
 
     names = [m.name if isinstance(m, LoadedModel) else str(m) for m in models]
