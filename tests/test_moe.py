@@ -6,7 +6,8 @@ No trained MoE small enough is reachable offline, so each test model gets, by ha
   to that expert (its router row points along BOS's FFN input);
 - in layer ``SUPER_LAYER``, expert ``SUPER_EXPERT``: a down projection scaled up, so that its outputs
   are the largest of all experts (a super expert).
-Qwen-MoE models also get a dense first layer (``mlp_only_layers``), which the tools must handle.
+Qwen-MoE and DeepSeek models also get a dense first layer (``mlp_only_layers``, ``first_k_dense_replace``),
+which the tools must handle.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, build, forward, sample_inputs, text_config
+from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, forward, sample_inputs, text_config
 from cardhouse.analysis import find_massive_weights
 from cardhouse.capture import hook_name, record
 from cardhouse.analysis.moe import analyze_moe, super_expert_rule
