@@ -137,6 +137,7 @@ RULES: dict[str, Rule] = {
     "warmup": Rule("--warmup", 0),
     "threads": Rule("--threads", 1),
     "stop_at": Rule("--stop-at", 0),
+    "tokens": Rule("--tokens", 1),  # cardhouse memory
 }
 
 _DESCRIBE = {int: "an integer", float: "a number", list: "comma-separated integers"}

@@ -59,6 +59,14 @@ P = f"2..{CONTEXT}"
 
 # command line, the words the error line must hold (the option and its allowed range, or what is wrong)
 CASES = [
+    # memory (issue 15)
+    ("memory M --tokens 0", ["--tokens", ">= 1", "got 0"]),
+    ("memory M --dtype float8", ["unknown dtype 'float8'"]),
+    ("memory {models}/no-config", ["cannot read the config"]),
+    ("scan -m M --device-map everywhere", ["unknown --device-map 'everywhere'"]),
+    ("scan -m M --max-memory cpu=lots --device-map auto", ["--max-memory", "cannot read the size 'lots'"]),
+    ("scan -m M --stream --device-map auto", ["--stream", "--device-map"]),
+    ("attack topk-zero -m M --stream", ["--stream serves scan"]),
     # scan (fix 4: --limit 0 used all prompts, --limit -3 all but 3, --batch-size 0 crashed)
     ("scan -m M --limit 0", ["--limit", ">= 1", "got 0"]),
     ("scan -m M --limit -3", ["--limit", ">= 1"]),

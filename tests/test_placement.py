@@ -249,3 +249,45 @@ def test_gpu_with_cpu_offload_edits_restore(tmp_path):
     with zero_rows(ref, 1, [1, 3]), zero_rows(lm, 1, [1, 3]):
         assert abs(ppl(lm) / ppl(ref) - 1) <= 1e-5
     assert abs(ppl(lm) / ppl(ref) - 1) <= 1e-5
+
+
+# ---- checkpoints where users keep them: pytorch_model.bin only without pickled code ------------------
+
+
+class _Evil:
+    def __reduce__(self):  # unpickling this would run code
+        return (print, ("pickled code ran",))
+
+
+def test_pytorch_model_bin_loads_its_tensors_and_refuses_pickled_code(tmp_path):
+    ref = save_planted("llama", tmp_path / "st")
+    ref.model.config.save_pretrained(tmp_path / "bin")
+    ref.tokenizer.save_pretrained(tmp_path / "bin")
+    torch.save({k: v.clone() for k, v in ref.model.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+    assert (tmp_path / "bin" / "pytorch_model.bin").is_file()
+    lm = load_model(str(tmp_path / "bin"), bos=True)
+    assert abs(ppl(lm) / ppl(ref) - 1) <= 1e-6
+    state = torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True)
+    state["evil"] = _Evil()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    from cardhouse.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="(?i)weights_only|unpickl|unsupported global"):
+        load_model(str(tmp_path / "bin"), bos=True)
+
+
+def test_remote_code_is_never_trusted_silently(tmp_path):
+    save_planted("llama", tmp_path)
+    import json
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    from cardhouse.models import ModelLoadError
+
+    try:
+        lm = load_model(str(tmp_path), bos=True)  # the model's own class, never the folder's code
+        assert type(lm.model).__name__ == "LlamaForCausalLM"
+    except ModelLoadError as e:
+        assert "trust_remote_code" in str(e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -104,10 +105,10 @@ def scan_inputs(lm: LoadedModel, inputs: Inputs, *, criterion: Criterion = Crite
     token_hits: Counter = Counter()
     role_names, role_lists = inputs.role_names, inputs.role_lists
     strings: dict[int, str] = {}
-    current: dict = {}
+    per_batch: dict[int, dict] = {}  # a batch's own state: streamed runs visit (layer, batch) block by block
     overflow: set[int] = set()  # layers with a non-finite activation
 
-    def observe(name, acts):
+    def observe(current, name, acts):
         layer, _ = parse_hook_name(name)
         batch = current["batch"]
         mags, flat = stats.update(layer, acts, batch.attention_mask, batch.input_ids, batch.prompt_index)
@@ -120,17 +121,19 @@ def scan_inputs(lm: LoadedModel, inputs: Inputs, *, criterion: Criterion = Crite
             values[(layer, dim, role)].add(float(acts[row, pos, dim]))
             current["carriers"].add((row, pos))
 
-    def count_outliers(name, acts):
+    def count_outliers(current, name, acts):
         outliers.update(parse_hook_name(name)[0], acts, current["batch"].attention_mask)
 
     def hooks_for(batch):
-        current.update(batch=batch, carriers=set(),
-                       codes=role_codes([role_lists[i] for i in batch.prompt_index.tolist()],
-                                        batch.input_ids.shape[1], role_names, role_names[-1]))
-        return {**{name: observe for name in names},
-                **{hook_name(layer, "mlp.hook_in"): count_outliers for layer in range(len(names))}}
+        current = per_batch[id(batch)] = dict(
+            batch=batch, carriers=set(),
+            codes=role_codes([role_lists[i] for i in batch.prompt_index.tolist()], batch.input_ids.shape[1],
+                             role_names, role_names[-1]))
+        return {**{name: partial(observe, current) for name in names},
+                **{hook_name(layer, "mlp.hook_in"): partial(count_outliers, current) for layer in range(len(names))}}
 
     def after_batch(batch):
+        current = per_batch.pop(id(batch))
         per_prompt_roles = defaultdict(set)
         for row, pos in current["carriers"]:  # (row, position) carrying a massive activation in some layer
             token_id = int(batch.input_ids[row, pos])

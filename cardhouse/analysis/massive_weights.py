@@ -10,6 +10,7 @@ the massive weights, and the matching W_down columns carry them into the massive
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -198,12 +199,15 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     top = intermediate.abs().topk(k, dim=-1).indices  # [prompt, k]
     stable = all(set(t.tolist()) == set(top[0].tolist()) for t in top)
     indices = top[0].tolist()
-    with torch.no_grad():
-        rows = _describe_rows(lm, layer, expert, indices, dim)
-    best = max(rows, key=lambda r: abs(r["down_at_dim"]))
+    from ..models.streaming import streamer_of
+
+    streamer = streamer_of(lm.model)  # a streamed model reads the block whose rows are described
     # Yu et al.: the row of the down projection's output spike, the column of its input spike (carrier token)
     sw_row, sw_column = int(at(layer, "mlp.hook_out")[0].abs().argmax()), indices[0]
-    sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
+    with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):
+        rows = _describe_rows(lm, layer, expert, indices, dim)
+        sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
+    best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     return MassiveWeights(
         layer=layer, dim=dim, k=k, indices=indices, activations=[float(intermediate[0, i]) for i in indices],
         expert=expert, gated=blocks.is_gated, stable_across_prompts=stable, rows=rows,

@@ -37,7 +37,11 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
                 hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, batch_size: int = 8,
                 progress: bool = True, desc: str = "forward",
                 after_batch: Callable[[PromptBatch], None] | None = None) -> None:
-    """Forward every batch through the model body (no LM head: the analyses need none)."""
+    """Forward every batch through the model body (no LM head: the analyses need none).
+
+    A streamed model (``load_model(..., stream=True)``) runs block by block instead: ``hooks_for``
+    is called once per batch, its hooks fire block by block, and ``after_batch`` runs for every
+    batch after the last block."""
     run_inputs(lm, batches(token_lists, batch_size), -(-len(token_lists) // batch_size), hooks_for,
                progress=progress, desc=desc, after_batch=after_batch)
 
@@ -46,10 +50,33 @@ def run_inputs(lm: LoadedModel, batch_iter: Iterable[PromptBatch], n_batches: in
                hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, progress: bool = True,
                desc: str = "forward", after_batch: Callable[[PromptBatch], None] | None = None) -> None:
     """Forward batches of any input kind (``batch.model_kwargs``: tokens or pixels) with hooks attached."""
+    from ..models.streaming import streamer_of
+
+    streamer = streamer_of(lm.model)
+    if streamer is not None:
+        return _run_streamed(streamer, list(batch_iter), hooks_for, progress, after_batch)
     body = lm.model.base_model
     for batch in tqdm(batch_iter, total=n_batches, desc=desc, disable=not progress, unit="batch", leave=False):
         with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
             device = lm.device  # hooks see tensors there; the batch (ids, mask, index) stays on the CPU
             body(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.model_kwargs.items()})
         if after_batch is not None:
+            after_batch(batch)
+
+
+def _run_streamed(streamer, prompt_batches, hooks_for, progress, after_batch) -> None:
+    from .hooks import parse_hook_name
+
+    inputs = [{"input_ids": b.input_ids.to(streamer.device), "attention_mask": b.attention_mask.to(streamer.device)}
+              for b in prompt_batches]
+    by_layer = []  # per batch: layer -> its named hooks
+    for batch in prompt_batches:
+        named: dict[int, dict] = {}
+        for name, fn in hooks_for(batch).items():
+            named.setdefault(parse_hook_name(name)[0], {})[name] = fn
+        by_layer.append(named)
+    streamer.run(inputs, hooks_for=lambda layer, i: hooks(streamer.model, by_layer[i].get(layer, {})),
+                 progress=progress)
+    if after_batch is not None:
+        for batch in prompt_batches:
             after_batch(batch)

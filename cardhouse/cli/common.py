@@ -118,8 +118,14 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
     ("offload_folder", Optional[Path], typer.Option(None, "--offload-folder", help="where --device-map keeps "
                                                     "the weights it offloads to disk",
                                                     rich_help_panel="Model placement")),
+    ("stream", bool, typer.Option(False, "--stream", help="for checkpoints larger than memory: read one decoder "
+                                  "block at a time from the safetensors files and run every prompt through it. "
+                                  "Needs about one block + the embeddings and head + the hidden states "
+                                  "(prompts x tokens x d_model x dtype bytes) in memory, and no extra disk; "
+                                  "see `cardhouse memory` for the figures of a config", rich_help_panel="Model placement")),
 ]
 _placement: ContextVar[dict] = ContextVar("cardhouse_placement", default={})
+STREAMED_COMMANDS = {"scan"}  # the commands whose every step runs block by block
 
 
 def load_options(command):
@@ -137,7 +143,13 @@ def load_options(command):
         chosen = {name: kwargs.pop(name) for name, _, _ in _LOAD_OPTIONS}
         chosen["offload_folder"] = str(chosen["offload_folder"]) if chosen["offload_folder"] else None
         with clear_errors():
-            Placement.of(**chosen)  # checked here, before any work
+            Placement.of(**{k: v for k, v in chosen.items() if k != "stream"})  # checked here, before any work
+            if chosen["stream"] and chosen["device_map"]:
+                raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
+            if chosen["stream"] and command.__name__ not in STREAMED_COMMANDS:
+                raise ValueError(f"--stream serves {', '.join(sorted(STREAMED_COMMANDS))} (and the Python API's "
+                                 "streamed perplexity and attack variants) so far; use --device-map auto with "
+                                 "--max-memory and --offload-folder for this command")
         token = _placement.set(chosen)
         try:
             return command(*args, **kwargs)

@@ -97,6 +97,13 @@ def perplexity(model, token_ids: torch.Tensor, *, context: int = 512, bos_id: in
     Non-overlapping windows of ``context`` tokens (layout in the module docstring), ``batch_size``
     windows per forward pass, losses summed in float64.
     """
+    from ..models.streaming import streamer_of
+
+    if streamer_of(model) is not None:  # loaded with stream=True: block by block
+        from .streamed import streamed_perplexity
+
+        return streamed_perplexity(streamer_of(model), token_ids, context=context, bos_id=bos_id,
+                                   max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
     device = _model_device(model)
     nll_sum = 0.0

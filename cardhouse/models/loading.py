@@ -242,7 +242,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
                bos: bool | None = None, use_cache: bool = True, device: str = "cpu",
                device_map: str | None = None, max_memory: str | dict | None = None,
-               offload_folder: str | Path | None = None) -> LoadedModel:
+               offload_folder: str | Path | None = None, stream: bool = False) -> LoadedModel:
     """Load a bundled model name, a local Hugging Face folder, a GGUF file or a hub id.
 
     ``bos``: put the BOS token first (default: when the tokenizer has one).
@@ -250,12 +250,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     ``device``: cpu, cuda, cuda:N, mps or auto; ``device_map`` ("auto", ...), ``max_memory``
     ({0: "20GiB", "cpu": "60GiB"} or "0=20GiB,cpu=60GiB") and ``offload_folder`` place the weights
     through accelerate, across GPUs, the CPU and the disk (see ``models.placement``).
+    ``stream``: keep only a meta-device skeleton and read one decoder block at a time from the
+    checkpoint while the analyses run (``models.streaming``), for checkpoints larger than memory.
     """
     from .spec import probe
 
     placement = Placement.of(dtype, device, device_map, max_memory, offload_folder)  # bad requests fail first
     probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     dtype = placement.torch_dtype()
+    if stream:
+        return _load_streamed(name_or_path, placement, bos, use_cache)
     if name_or_path in BUNDLED and BUNDLED[name_or_path].locate_folder is not None:
         model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype, placement)
         source = f"bundled: {BUNDLED[name_or_path].description}"
@@ -283,6 +287,43 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     adapter_for(model)  # fail early, naming the family, when it is not supported
     lm = from_pretrained_objects(model, tokenizer, name=name_or_path, source=source, bos=bos)
     lm.info["placement"] = placement.to_dict()
+    return lm
+
+
+def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, use_cache: bool) -> LoadedModel:
+    """A streamed model: the skeleton of a safetensors checkpoint folder (a bundled model or a GGUF
+    file is read through its dequantized safetensors cache, which is written once if missing)."""
+    from transformers import AutoTokenizer
+
+    from .streaming import stream_skeleton
+
+    if placement.device_map is not None:
+        raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
+    gguf = (BUNDLED[name_or_path].locate_gguf() if name_or_path in BUNDLED
+            else Path(name_or_path) if Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file() else None)
+    if gguf is not None:
+        _check_gguf(gguf)
+        folder = cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
+        if not (folder / "COMPLETE").exists():
+            load_gguf(gguf, use_cache=use_cache)  # dequantized whole, once (a GGUF is streamed from its cache)
+    elif Path(name_or_path).is_dir():
+        folder = Path(name_or_path)
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception as err:
+            raise ModelLoadError(f"{name_or_path!r} is not a bundled model, a folder, a GGUF file or a hub id in the "
+                                 f"local Hugging Face cache (--stream reads files, it downloads nothing): {err}") from err
+    try:
+        streamer = stream_skeleton(folder, placement.torch_dtype(), placement.resolved_device())
+    except (FileNotFoundError, KeyError, OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot stream {folder}: {err}") from err
+    adapter_for(streamer.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = from_pretrained_objects(streamer.model, tokenizer, name=name_or_path, source=f"streamed: {folder}", bos=bos)
+    lm.info["placement"] = placement.to_dict() | {"stream": True}
     return lm
 
 

@@ -1,0 +1,72 @@
+"""Perplexity of a streamed model (``load_model(..., stream=True)``), and of attack variants that
+share the blocks before the attacked layer.
+
+The windows' hidden states go through the checkpoint block by block (``models.streaming``); a
+weight attack edits its block as it is loaded. For several variants, the states entering the
+first attacked layer are computed once and every variant continues from them (what
+``capture.reuse.reuse_prefix`` does for a model in memory).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Mapping
+
+import torch
+
+from .perplexity import PerplexityResult, _perplexity_from_nll, build_windows
+
+# a variant: (the layer whose block it edits, a function returning the edit's context manager), or
+# None for the unedited model
+Variant = tuple[int, Callable[[], object]] | None
+
+
+def _inputs(streamer, windows: torch.Tensor, batch_size: int) -> list[dict]:
+    return [{"input_ids": windows[s:s + batch_size].to(streamer.device)} for s in range(0, len(windows), batch_size)]
+
+
+def _nll(streamer, inputs: list[dict], states: list[torch.Tensor]) -> float:
+    import torch.nn.functional as F
+
+    total = 0.0
+    with torch.inference_mode():
+        for batch, state in zip(inputs, states):
+            logits = streamer.run_head(batch, state)
+            targets = batch["input_ids"][:, 1:]
+            for window_logits, window_targets in zip(logits[:, :-1], targets):
+                total += float(F.cross_entropy(window_logits.float(), window_targets, reduction="sum").double())
+    return total
+
+
+def _result(nll_sum: float, windows: torch.Tensor, context: int) -> PerplexityResult:
+    n = windows.shape[0] * (context - 1)
+    return PerplexityResult(ppl=_perplexity_from_nll(nll_sum, n), nll_sum=nll_sum, n_predicted_tokens=n,
+                            n_windows=windows.shape[0], context=context)
+
+
+def streamed_perplexity(streamer, token_ids: torch.Tensor, *, context: int = 512, bos_id: int | None,
+                        max_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+    """``evaluation.perplexity`` for a streamed model: the same windows, each block read once."""
+    windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
+    inputs = _inputs(streamer, windows, batch_size)
+    return _result(_nll(streamer, inputs, streamer.run(inputs, progress=progress)), windows, context)
+
+
+def streamed_variants(streamer, token_ids: torch.Tensor, variants: Mapping[str, Variant], *, context: int = 512,
+                      bos_id: int | None, max_tokens: int | None = None, batch_size: int = 4,
+                      share_prefix: bool = True, progress: bool = True) -> dict[str, PerplexityResult]:
+    """Perplexity of each variant on the same windows. With ``share_prefix`` the blocks before the
+    first edited layer run once for all variants; without it every variant runs from scratch."""
+    windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
+    inputs = _inputs(streamer, windows, batch_size)
+    edited = [v[0] for v in variants.values() if v is not None]
+    start = min(edited) if edited and share_prefix else 0
+    prefix = streamer.run(inputs, stop=start, progress=progress) if start else None
+    results = {}
+    for name, variant in variants.items():
+        def edit(layer, variant=variant):
+            return variant[1]() if variant is not None and layer == variant[0] else nullcontext()
+
+        states = streamer.run(inputs, start=start, states=prefix, edit=edit, progress=progress)
+        results[name] = _result(_nll(streamer, inputs, states), windows, context)
+    return results

@@ -1,0 +1,54 @@
+"""How much memory a model needs, computed from its config (before anything is loaded).
+
+``requirements(config, dtype)`` gives the bytes of the whole model, of its largest decoder block
+and of everything outside the blocks (embeddings, head), for an ordinary load, for
+``--device-map`` (the whole model spread over the devices and disk) and for ``--stream`` (one
+block + the rest + the hidden states of the batch set). The count is exact for the families in
+the adapter table: a skeleton is built on the meta device and its parameters counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .placement import DTYPES
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Requirements:
+    dtype: str
+    parameters: int
+    model_bytes: int  # every weight in ``dtype``: an ordinary load (and the sum over --device-map's devices)
+    block_bytes: int  # the largest decoder block
+    rest_bytes: int  # embeddings, final norm, head (a tied head counted once)
+    hidden_bytes: int  # hidden states of ``tokens`` tokens (prompts x length) in ``dtype``
+    stream_bytes: int  # --stream: block + rest + hidden states (x2: the block's input and output)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), **{k.replace("_bytes", "_gib"): round(v / GiB, 2)
+                                   for k, v in asdict(self).items() if k.endswith("_bytes")}}
+
+
+def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 * 512) -> Requirements:
+    """Memory of ``config`` (a transformers config) in ``dtype`` with ``tokens`` hidden states kept."""
+    import accelerate
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import Blocks
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with accelerate.init_empty_weights(include_buffers=True):  # nothing is allocated
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    size = torch.tensor([], dtype=dtype).element_size()
+    layers = Blocks.of(model).layers
+    total = sum(p.numel() for p in model.parameters())
+    in_blocks = sum(p.numel() for p in layers.parameters())
+    block = max(sum(p.numel() for p in b.parameters()) for b in layers)
+    hidden = tokens * config.hidden_size * size
+    name = str(dtype).replace("torch.", "")
+    return Requirements(name, total, total * size, block * size, (total - in_blocks) * size, hidden,
+                        block * size + (total - in_blocks) * size + 2 * hidden)

@@ -1,0 +1,284 @@
+"""Layer streaming: checkpoints larger than memory, one decoder block at a time.
+
+The model is built as a skeleton on the meta device (accelerate's ``init_empty_weights``; buffers
+such as rotary frequencies are computed for real). Everything outside the decoder blocks (the
+embeddings, final norm, head) is loaded once; block l is read from the checkpoint
+(``safetensors.safe_open``, shard by shard through the index JSON), run over *every* batch, and
+freed before block l + 1 is read. Peak memory is about one block, the non-block modules and the
+hidden states of all batches (kept in the model dtype).
+
+The model's own forward does the work, so every family's masks, rotary embeddings and scalings
+are computed as usual: while block l is loaded, the other blocks pass their input through, block
+l's input is replaced by the hidden state stored for the batch, and its output is stored and the
+pass stopped. The head pass replaces the final norm's input the same way and returns the logits.
+Hooks named ``blocks.{l}.*`` (attached by the caller, ``capture.run``) fire while block l runs.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import Blocks, get
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the block being streamed has produced its output."""
+
+
+class CheckpointReader:
+    """Tensors of a Hugging Face safetensors checkpoint folder, one at a time (single file or shards)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            weight_map = {k: "model.safetensors" for k in _header(self.folder / "model.safetensors")}
+        else:
+            raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json: "
+                                    "--stream reads safetensors checkpoints")
+        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"the checkpoint index names shards that are missing from {self.folder}: "
+                                    f"{', '.join(missing)}")
+        self.weight_map: dict[str, str] = weight_map
+        self._headers: dict[str, tuple[int, dict]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from its byte range of the shard (no memory map: mapped pages that were
+        read would count as resident memory, up to the whole checkpoint)."""
+        file = self.weight_map[name]
+        if file not in self._headers:
+            self._headers[file] = _header_with_offset(self.folder / file)
+        start, header = self._headers[file]
+        info = header[name]
+        begin, end = info["data_offsets"]
+        data = bytearray(end - begin)
+        with open(self.folder / file, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(data)
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name} in {file} has dtype {info['dtype']}, which cardhouse cannot read")
+        if not data:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self._headers.clear()
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header_with_offset(path: Path) -> tuple[int, dict]:
+    """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def _header(path: Path) -> dict:
+    return _header_with_offset(path)[1]
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter ``name`` of ``module`` (meta or real) by ``value``."""
+    owner, _, leaf = name.rpartition(".")
+    target = get(module, owner) if owner else module
+    target._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+@dataclass
+class Streamer:
+    """A skeleton model and the checkpoint its blocks are read from."""
+
+    model: nn.Module
+    reader: CheckpointReader
+    dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tuple_output: bool = False  # older decoder layers return (hidden_states, ...)
+    loaded: int | None = None  # the block in memory
+
+    @property
+    def blocks(self) -> Blocks:
+        return Blocks.of(self.model)
+
+    def block_prefix(self, layer: int) -> str:
+        return f"{self.blocks.adapter.layers}.{layer}."
+
+    def check(self) -> None:
+        """Every parameter the config asks for is in the checkpoint (a clear error before any compute)."""
+        alias = self._tied()
+        missing = [n for n, _ in self.model.named_parameters(remove_duplicate=False)
+                   if n not in self.reader and alias.get(n) not in self.reader]
+        if missing:
+            raise FileNotFoundError(f"the checkpoint in {self.reader.folder} lacks {len(missing)} tensors the "
+                                    f"config needs (config/checkpoint mismatch?): {', '.join(missing[:5])}"
+                                    + (" ..." if len(missing) > 5 else ""))
+
+    def _tied(self) -> dict[str, str]:
+        """Tied input and output embeddings: each name -> the other (a checkpoint stores one of them)."""
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or not getattr(self.model.config, "tie_word_embeddings", False):
+            return {}
+        names = {m: n + ".weight" for n, m in self.model.named_modules() if m is head or m is embed}
+        return {names[head]: names[embed], names[embed]: names[head]} if len(names) == 2 else {}
+
+    def load_rest(self) -> None:
+        """Load every parameter outside the decoder blocks (embeddings, final norm, head)."""
+        prefix = self.blocks.adapter.layers + "."
+        alias = self._tied()
+        done = set()
+        for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
+            if name.startswith(prefix) or alias.get(name) in done:
+                continue
+            stored = name if name in self.reader else alias[name]
+            _set(self.model, name, self.reader.tensor(stored).to(self.device, self.dtype))
+            done.add(name)
+        if alias:
+            self.model.tie_weights()
+        self.reader.close()
+
+    @contextmanager
+    def block(self, layer: int) -> Iterator[nn.Module]:
+        """Block ``layer`` read from the checkpoint for the duration, then freed (back to meta)."""
+        module = self.blocks.layers[layer]
+        prefix = self.block_prefix(layer)
+        try:
+            for name, _ in list(module.named_parameters()):
+                _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
+            self.reader.close()
+            self.loaded = layer
+            yield module
+        finally:
+            self.loaded = None
+            for name, param in list(module.named_parameters()):
+                _set(module, name, torch.empty_like(param, device="meta"))
+
+    # ---- forward passes ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _only(self, layer: int | None) -> Iterator[None]:
+        """Every block but ``layer`` passes its input through (None: all of them)."""
+        layers = self.blocks.layers
+
+        def pass_through(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) if self.tuple_output else hidden
+
+        with ExitStack() as stack:
+            for j, block in enumerate(layers):
+                if j != layer:
+                    block.forward = pass_through  # an instance attribute shadows the class method
+                    stack.callback(delattr, block, "forward")
+            yield
+
+    def run_block(self, layer: int, batch: dict, state: torch.Tensor | None, hooks=None) -> torch.Tensor:
+        """The hidden states leaving block ``layer`` (loaded) for one batch whose states entering it are
+        ``state`` (None for block 0: the model's own embedding). ``hooks``: a context manager that
+        attaches the caller's hooks on that block (``capture.hooks``), entered around the pass."""
+        module = self.blocks.layers[layer]
+        out: dict = {}
+
+        def inject(mod, args, kwargs):
+            if state is None:
+                return None
+            return ((state,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": state})
+
+        def stop(mod, args, output):
+            self.tuple_output = isinstance(output, tuple)
+            out["h"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+
+        with self._only(layer), (hooks if hooks is not None else nullcontext()), ExitStack() as stack:
+            stack.callback(module.register_forward_pre_hook(inject, with_kwargs=True, prepend=True).remove)
+            stack.callback(module.register_forward_hook(stop).remove)  # after the named hooks
+            try:
+                self.model.base_model(**batch, use_cache=False)
+            except _Stop:
+                pass
+        return out["h"]
+
+    def run_head(self, batch: dict, state: torch.Tensor) -> torch.Tensor:
+        """The logits from the hidden states leaving the last block."""
+        norm = get(self.model, self.blocks.adapter.final_norm)
+
+        def inject(mod, args, kwargs):
+            return ((state,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": state})
+
+        with self._only(None), ExitStack() as stack:
+            stack.callback(norm.register_forward_pre_hook(inject, with_kwargs=True).remove)
+            return self.model(**batch, use_cache=False).logits
+
+    def run(self, batches: Sequence[dict], *, hooks_for: Callable[[int, int], dict] | None = None,
+            start: int = 0, states: list[torch.Tensor] | None = None, stop: int | None = None,
+            edit: Callable[[int], object] | None = None, progress: bool = True) -> list[torch.Tensor]:
+        """Run ``batches`` through blocks ``start``..``stop - 1``, block-major: each block is read once.
+
+        ``states``: the hidden states entering block ``start`` (None: from the embeddings);
+        ``hooks_for(layer, batch index)``: a context manager attaching hooks, or None; ``edit(layer)``: a context manager applied
+        while that block is loaded (a weight attack edits the block as it is loaded).
+        Returns the hidden states leaving the last block run, per batch.
+        """
+        from tqdm.auto import tqdm
+
+        stop = len(self.blocks) if stop is None else stop
+        states = list(states) if states is not None else [None] * len(batches)
+        with torch.inference_mode():
+            for layer in tqdm(range(start, stop), desc="blocks", unit="block", disable=not progress, leave=False):
+                with self.block(layer), (edit(layer) if edit else nullcontext()):
+                    for i, batch in enumerate(batches):
+                        states[i] = self.run_block(layer, batch, states[i], hooks_for(layer, i) if hooks_for else None)
+        return states
+
+
+def stream_skeleton(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Streamer:
+    """The meta-device skeleton of the checkpoint in ``folder`` with its non-block modules loaded."""
+    import accelerate
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reader = CheckpointReader(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with accelerate.init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    streamer = Streamer(model.eval(), reader, dtype, torch.device(device))
+    if streamer.blocks.is_moe:
+        raise ValueError(f"--stream does not read Mixture-of-Experts checkpoints ({config.model_type}): "
+                         "transformers renames and fuses their expert tensors while loading; use --device-map "
+                         "auto with --max-memory and --offload-folder instead")
+    streamer.check()
+    streamer.load_rest()
+    model._cardhouse_streamer = streamer  # perplexity and run_batches find it here
+    return streamer
+
+
+def streamer_of(model: nn.Module) -> Streamer | None:
+    return getattr(model, "_cardhouse_streamer", None)
+
+
+def block_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of the largest decoder block, bytes of everything else) in ``dtype``."""
+    blocks = Blocks.of(model)
+    size = torch.tensor([], dtype=dtype).element_size()
+    largest = max(sum(p.numel() for p in block.parameters()) for block in blocks.layers) * size
+    total = sum(p.numel() for p in model.parameters()) * size
+    return largest, total - sum(p.numel() for p in blocks.layers.parameters()) * size
+
+
+__all__ = ["CheckpointReader", "Streamer", "block_bytes", "stream_skeleton", "streamer_of"]

@@ -1,0 +1,145 @@
+"""Layer streaming (issue 15): one decoder block at a time from the checkpoint gives what an ordinary
+load gives — the same scan, massive weights and perplexities (float32, relative difference <= 1e-5) —
+and attack variants that share the blocks before the attacked layer score as if run from scratch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MOE_FAMILIES, TEXT_FAMILIES, build, build_text_model, plant_massive_weight, text_config
+from typer.testing import CliRunner
+
+from cardhouse.analysis import find_massive_weights, scan
+from cardhouse.cli import app
+from cardhouse.evaluation.perplexity import perplexity
+from cardhouse.evaluation.streamed import streamed_variants
+from cardhouse.interventions import zero_rows, zero_super_weight
+from cardhouse.models import ModelLoadError, load_model
+from cardhouse.models.memory import requirements
+from cardhouse.models.streaming import streamer_of
+
+DENSE = [f for f in TEXT_FAMILIES if f not in MOE_FAMILIES]
+IDS = torch.randint(4, 99, (256,), generator=torch.Generator().manual_seed(0))
+
+
+def save(family, folder, **kwargs):
+    lm = build(family)
+    plant_massive_weight(lm, layer=0, neuron=5, dim=7)
+    lm.model.save_pretrained(folder, **kwargs)
+    lm.tokenizer.save_pretrained(folder)
+    return lm
+
+
+def ppl(lm) -> float:
+    return perplexity(lm.model, IDS, context=64, bos_id=lm.bos_id, progress=False).ppl
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a / b - 1) <= 1e-5
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_streamed_equals_ordinary(family, tmp_path):
+    save(family, tmp_path, max_shard_size="20KB")  # several shards and an index JSON
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ordinary, streamed = load_model(str(tmp_path), bos=True), load_model(str(tmp_path), bos=True, stream=True)
+    assert streamer_of(streamed.model) is not None
+    assert all(p.is_meta for p in streamed.blocks.layers.parameters())  # no block is kept in memory
+    a, b = scan(ordinary, progress=False).to_dict(), scan(streamed, progress=False).to_dict()
+    assert a["massive_layers"] and {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in b.items()
+                                                                                 if k != "model"}
+    assert find_massive_weights(ordinary, k=3).to_dict() == find_massive_weights(streamed, k=3).to_dict()
+    assert close(ppl(streamed), ppl(ordinary))
+    assert all(p.is_meta for p in streamed.blocks.layers.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "phi3"])
+def test_streamed_attack_variants_share_the_prefix(family, tmp_path):
+    """The edited block is edited as it is loaded; variants sharing blocks 0..l-1 score exactly as the
+    same variants run from scratch, and as the attacks on the model in memory."""
+    save(family, tmp_path)
+    ordinary, streamed = load_model(str(tmp_path), bos=True), load_model(str(tmp_path), bos=True, stream=True)
+    variants = {"original": None,
+                "zero": (1, lambda: zero_rows(streamed, 1, [1, 2, 3])),
+                "retain": (1, lambda: zero_rows(streamed, 1, list(range(10, 40)))),
+                "super": (1, lambda: zero_super_weight(streamed, 1, 7, 5))}
+    kw = dict(context=64, bos_id=streamed.bos_id, progress=False)
+    shared = streamed_variants(streamer_of(streamed.model), IDS, variants, **kw)
+    scratch = streamed_variants(streamer_of(streamed.model), IDS, variants, share_prefix=False, **kw)
+    expected = {"original": ppl(ordinary)}
+    for name, edit in (("zero", lambda: zero_rows(ordinary, 1, [1, 2, 3])),
+                       ("retain", lambda: zero_rows(ordinary, 1, list(range(10, 40)))),
+                       ("super", lambda: zero_super_weight(ordinary, 1, 7, 5))):
+        with edit():
+            expected[name] = ppl(ordinary)
+    for name in variants:
+        assert close(shared[name].ppl, scratch[name].ppl) and close(shared[name].ppl, expected[name]), name
+    assert len({round(r.ppl, 6) for r in shared.values()}) >= 3  # the attacks change something
+
+
+def test_streaming_refuses_what_it_cannot_read(tmp_path):
+    save("llama", tmp_path / "ok", max_shard_size="20KB")
+    index = json.loads((tmp_path / "ok" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "ok" / shard).unlink()
+    with pytest.raises(ModelLoadError, match=f"shards that are missing.*{shard}"):
+        load_model(str(tmp_path / "ok"), stream=True)
+    save("llama", tmp_path / "cut")
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    (tmp_path / "cut" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match="lacks .* tensors the config needs.*model.layers.2"):
+        load_model(str(tmp_path / "cut"), stream=True)
+    save("mixtral", tmp_path / "moe")
+    with pytest.raises(ModelLoadError, match="Mixture-of-Experts"):
+        load_model(str(tmp_path / "moe"), stream=True)
+
+
+def test_scan_command_streams_and_other_commands_say_they_do_not(tmp_path):
+    save("llama", tmp_path / "ckpt")
+    runner = CliRunner()
+    result = runner.invoke(app, ["scan", "-m", str(tmp_path / "ckpt"), "--stream", "--limit", "4", "-o",
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert data["model"]["placement"]["stream"] is True and data["results"]["scan"]["massive_layers"]
+    result = runner.invoke(app, ["attack", "topk-zero", "-m", str(tmp_path / "ckpt"), "--stream"])
+    assert result.exit_code == 1 and "error: --stream serves scan" in result.output
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_memory_requirements_count_every_parameter(family):
+    model = build_text_model(family)
+    r = requirements(text_config(family), "bfloat16", tokens=100)
+    assert r.parameters == sum(p.numel() for p in model.parameters())
+    assert r.model_bytes == 2 * r.parameters and r.hidden_bytes == 100 * model.config.hidden_size * 2
+    assert 0 < r.block_bytes < r.model_bytes and r.stream_bytes == r.block_bytes + r.rest_bytes + 2 * r.hidden_bytes
+
+
+def test_memory_of_llama3_8b_and_70b_configs():
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=128256, num_key_value_heads=8, tie_word_embeddings=False)
+    small = requirements(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, **base), "bfloat16")
+    big = requirements(LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                   num_attention_heads=64, **base), "bfloat16")
+    assert small.parameters == 8_030_261_248 and big.parameters == 70_553_706_496  # Llama-3-8B / 70B
+    assert round(small.model_bytes / 2**30, 1) == 15.0 and round(big.model_bytes / 2**30, 1) == 131.4
+    assert big.stream_bytes < 6 * 2**30  # a 70B streamed fits a 32 GB laptop
+
+
+@pytest.mark.real
+def test_smollm2_streamed_equals_ordinary():
+    ordinary, streamed = load_model("smollm2-135m"), load_model("smollm2-135m", stream=True)
+    a, b = scan(ordinary, progress=False), scan(streamed, progress=False)
+    assert a.dims == b.dims == [507] and a.massive_layers == b.massive_layers and a.roles == b.roles
+    assert [l["top_entries"][:3] for l in a.layers] == [l["top_entries"][:3] for l in b.layers]
+    ma, mb = find_massive_weights(ordinary), find_massive_weights(streamed)
+    assert (ma.layer, ma.dim, ma.indices, ma.super_weight) == (mb.layer, mb.dim, mb.indices, mb.super_weight)
+    from cardhouse.evaluation.corpora import tokenize_corpus
+
+    ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
+    p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]
+    assert close(p[1], p[0]), p
