@@ -11,18 +11,19 @@ import cardhouse
 # lowest first; packages in one tuple are peers that must not import each other
 LAYERS = [
     ("_version", "_files", "_install"),
-    ("results",),
+    ("results", "journal"),
     ("models",),
     ("capture",),
     ("data",),
     ("analysis", "evaluation"),
+    ("validation",),
     ("interventions",),
     ("encoders",),
     ("finetuning",),
     ("reports",),
     ("emergence",),
     ("cli",),
-    ("__init__",),  # the package's own namespace: the Python API's short names
+    ("__init__", "__main__"),  # the package's own namespace: the Python API's short names
 ]
 RANK = {name: i for i, tier in enumerate(LAYERS) for name in tier}
 ROOT = Path(cardhouse.__file__).parent

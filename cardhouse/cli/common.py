@@ -80,6 +80,10 @@ def clear_errors():
         # one line, never wrapped, and the message is not read as markup (it may hold "[1, 2]")
         err.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         raise typer.Exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: every result file is written atomically, so none is left half-written
+        err.print(Text.assemble(("interrupted", "bold yellow"), ": no result file was left half-written"),
+                  soft_wrap=True)
+        raise typer.Exit(130)
 
 
 def writable_folder(path: Path) -> Path:

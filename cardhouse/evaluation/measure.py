@@ -42,9 +42,8 @@ def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable
     """One function ``lm -> {key: value}`` measuring every registered metric the budget asks for, on the
     same prepared inputs (corpus tokens) for every call."""
     from ..models.spec import spec_of
-    from ..validation import check_options
 
-    check_options(spec_of(lm), context=budget.context)  # a window longer than the model's positions fails here
+    spec_of(lm).check_positions(budget.context)  # a window longer than the model's positions fails here
     parts = [m for spec in METRICS.values() if spec.measure for m in [spec.measure(lm, budget, progress)] if m]
 
     def measure(lm: LoadedModel) -> dict:

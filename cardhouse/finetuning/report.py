@@ -67,6 +67,11 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", ncol=2, frameon=False)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .._files import write_atomically
+
+    path = Path(path)
+    try:  # atomically, like every result file: never a cut PNG in the place of one
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return path

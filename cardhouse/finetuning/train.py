@@ -131,8 +131,9 @@ def finetune(lm: LoadedModel, config: FinetuneConfig | None = None, macdrop: Mac
     train = tokenize_records(lm, train_records, template=config.template, max_length=config.max_length)
     val = tokenize_records(lm, val_records, template=config.template, max_length=config.max_length)
     checkpoints = out / "checkpoints"
-    if resume and not any(checkpoints.glob("checkpoint-*")):
-        raise FileNotFoundError(f"nothing to resume: no checkpoint in {checkpoints}")
+    last = last_complete_checkpoint(checkpoints)
+    if resume and last is None:
+        raise FileNotFoundError(f"nothing to resume: no complete checkpoint in {checkpoints}")
     dropper = MacDrop.for_model(lm, macdrop) if macdrop is not None else None  # before PEFT wraps the layers
 
     model = get_peft_model(lm.model, lora_config(config))
@@ -142,7 +143,7 @@ def finetune(lm: LoadedModel, config: FinetuneConfig | None = None, macdrop: Mac
     before = trainer.evaluate()["eval_loss"] if evaluate_before and not resume else None
     start = time.perf_counter()
     with dropper if dropper is not None else nullcontext():  # rows restored on error and Ctrl-C too
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=str(last) if resume else None)
     seconds = time.perf_counter() - start
     after = trainer.evaluate()["eval_loss"]
     lm.model.eval()
@@ -195,6 +196,15 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
     return table
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing. ``trainer_state.json`` is the last file it writes;
+    a checkpoint cut by a crash while saving lacks it, and resuming from it would start without the optimizer
+    state or from step 0 without a word (transformers' ``get_last_checkpoint`` takes the newest folder)."""
+    done = [p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+            and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def run_name(method: str, schedule: str | None) -> str:
     return method if schedule is None else f"{method}+macdrop-{schedule}"
 
@@ -228,7 +238,7 @@ def compare(load: Callable[[], LoadedModel], config: FinetuneConfig, macdrop: Ma
         lm = first if first is not None else load()
         first = None
         run_config = replace(macdrop, schedule=schedule) if schedule else None
-        resume = any((folder / "checkpoints").glob("checkpoint-*"))  # an interrupted run goes on
+        resume = last_complete_checkpoint(folder / "checkpoints") is not None  # an interrupted run goes on
         result = finetune(lm, replace(config, method=method), run_config, out=folder, progress=progress,
                           resume=resume)
         table = robustness(lm, result.trainer, layer, rows, expert=expert, budget=budget)

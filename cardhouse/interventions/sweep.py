@@ -73,7 +73,7 @@ def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, crite
     """What a sweep's rows depend on that is known before the weights load: the model's name, the layer,
     the seed, the massive criterion, the cardhouse version and what ``measured`` says about the
     measurement (corpora, tokens, context, tasks, limit)."""
-    from .. import __version__
+    from .._version import __version__
 
     return {"model": model, "layer": layer, "seed": seed, "cardhouse": __version__, "criterion": criterion.to_dict(),
             **measured}

@@ -74,6 +74,14 @@ class ModelSpec:
                 return value
         return None
 
+    def check_positions(self, length: int, flag: str = "--context") -> int:
+        """A window of ``length`` positions must fit the model (the same message as ``cardhouse.validation``'s)."""
+        limit = self.max_positions
+        if limit is not None and not 2 <= length <= limit:
+            raise ValueError(f"{flag} must be an integer in 2..{limit}, got {length} ({self.source} takes at most "
+                             f"{limit} positions)")
+        return length
+
     @property
     def identity(self) -> dict:
         """Which model this is, without its weights: enough to tell two models apart in a result file."""

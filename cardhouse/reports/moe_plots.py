@@ -40,10 +40,7 @@ def plot_router(analysis: MoEAnalysis, path: str | Path, title: str | None = Non
     collapse = (f"carrier collapses in layer {analysis.collapse_layer}" if analysis.collapse_layer is not None
                 else f"no layer where the carrier's top-1 probability reaches {analysis.collapse}")
     fig.suptitle(title or f"{analysis.model['name']}: router probabilities ({collapse})", fontsize=10, y=1.04)
-    path = Path(path)
-    fig.savefig(path, bbox_inches="tight")  # tight_layout does not know the shared colour bar
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, layout=False, bbox_inches="tight")  # tight_layout does not know the colour bar
 
 
 def plot_super_experts(analysis: MoEAnalysis, path: str | Path, title: str | None = None) -> Path:

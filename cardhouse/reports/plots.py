@@ -15,12 +15,18 @@ from ..interventions.variants import get_attack  # noqa: E402
 
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive)."""
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, layout: bool = True, **savefig) -> Path:
+    """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive). Written
+    atomically like every result file: a full disk or a kill never leaves a cut PNG in the place of one."""
+    from .._files import write_atomically
+
+    if layout:
+        fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig))
+    finally:
+        plt.close(fig)
     return path
 
 def plot_top_magnitudes(scan: ScanResult, path: str | Path, title: str | None = None) -> Path:
