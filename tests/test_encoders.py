@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from conftest import D_MODEL, ENCODER_TEXT_FAMILIES, N_LAYERS, N_REGISTERS, VISION_FAMILIES, all_params_digest, build
 from cardhouse.analysis import Criterion
 from cardhouse.analysis.massive_activations import scan_inputs
-from cardhouse.capture import PromptInputs, hook_name, record
+from cardhouse.analysis.tokens import PromptInputs
+from cardhouse.capture import hook_name, record
 from cardhouse.cli import app
 from cardhouse.encoders import ImageInputs, SentenceInputs, augmented, builtin_photos, encoder_inputs, load_images
 from cardhouse.encoders.analysis import (analyze_encoder, attention_on_carrier, carrier_weights, find_carrier,

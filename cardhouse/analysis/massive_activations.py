@@ -13,13 +13,14 @@ from functools import partial
 
 import torch
 
-from ..capture import Inputs, PromptInputs, StreamingStats, all_hook_names, hook_name, run_inputs
+from ..capture import Inputs, StreamingStats, all_hook_names, hook_name, run_inputs
 from ..capture.hooks import parse_hook_name
 from ..capture.inputs import role_codes
 from ..capture.stats import OutlierCounter
 from ..models.loading import LoadedModel
 from .criterion import Criterion
 from .prompts import load_prompts
+from .tokens import PromptInputs
 
 
 @dataclass
