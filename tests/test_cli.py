@@ -59,7 +59,7 @@ def test_attack_writes_the_attack_and_its_control(tmp_path):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("indices, message", [("1229,1229", "duplicates"), ("1229,99999", "out of range")])
+@pytest.mark.parametrize("indices, message", [("1229,1229", "repeated"), ("1229,99999", "out of range")])
 def test_attack_rejects_bad_indices(tmp_path, indices, message):
     out = tmp_path / "attack.json"
     result = run("attack", "topk-zero", "--indices", indices, "--max-tokens", "511", "--json", out)
@@ -72,7 +72,9 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
     args = ("sweep", "--ks", "2", "--max-tokens", "511", "--out", tmp_path)
     first = run(*args)
     assert first.exit_code == 0, first.output
-    rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    from cardhouse.interventions.sweep import read_rows
+
+    rows = read_rows(tmp_path / "sweep.jsonl")  # the rows after the settings line
     assert [r["variant"] for r in rows] == ["original", "topk-zero k=2", "random-zero k=2",
                                            "topk-retain k=2", "random-retain k=2"]
     assert (tmp_path / "sweep.png").stat().st_size > 0
@@ -85,7 +87,7 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
     (tmp_path / "sweep.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     second = run(*args)
     assert second.exit_code == 0, second.output
-    again = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    again = read_rows(tmp_path / "sweep.jsonl")
     assert [r["variant"] for r in again] == [r["variant"] for r in rows]
     assert again[-1]["ppl_wikipedia"] == rows[-1]["ppl_wikipedia"]
 

@@ -143,3 +143,17 @@ def test_smollm2_streamed_equals_ordinary():
     ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
     p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]
     assert close(p[1], p[0]), p
+
+
+@pytest.mark.real
+def test_gemma3_streamed_equals_ordinary():
+    ordinary, streamed = load_model("gemma3-270m"), load_model("gemma3-270m", stream=True)
+    a, b = scan(ordinary, progress=False), scan(streamed, progress=False)
+    assert a.dims == b.dims and a.massive_layers == b.massive_layers and a.roles == b.roles
+    ma, mb = find_massive_weights(ordinary), find_massive_weights(streamed)
+    assert (ma.layer, ma.dim, ma.indices) == (mb.layer, mb.dim, mb.indices)
+    from cardhouse.evaluation.corpora import tokenize_corpus
+
+    ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
+    p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]
+    assert close(p[1], p[0]), p
