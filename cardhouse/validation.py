@@ -98,6 +98,8 @@ RULES: dict[str, Rule] = {
     "prompt_limit": Rule("--limit", 1),
     "records": Rule("--records", 2, why=lambda spec, v: "one record to train on and one to validate"),
     "task_limit": Rule("--task-limit", 1),
+    "n_items": Rule("--n", 1),
+    "max_new_tokens": Rule("--max-new-tokens", 1),
     "batch_size": Rule("--batch-size", 1),
     "n_prompts": Rule("--n-prompts", 1),
     "prompt_index": Rule("--prompt-index", 0, lambda spec, v: v.get("n_texts", 0) - 1 if "n_texts" in v else None,

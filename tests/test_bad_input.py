@@ -109,6 +109,12 @@ CASES = [
     ("intervene set-zero -m M --context 256", ["--context", P]),
     ("intervene set-zero -m M --context 64 --task-limit 0", ["--task-limit", ">= 1"]),
     ("intervene set-zero -m M --context 64 --prompts {models}/latin1.txt", ["latin1.txt", "not UTF-8"]),
+    # longctx and generate (issue 16)
+    ("longctx -m M --n 0", ["--n", ">= 1", "got 0"]),
+    ("longctx -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
+    ("longctx -m M --k 49", ["--k", R, "48 FFN neurons"]),
+    ("generate -m M --n 0", ["--n", ">= 1"]),
+    ("generate -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
     # sweep (fix 1's --ks 2,2 is in test_sweep_resume.py: it is deduplicated, not refused)
     ("sweep -m M --ks 49 --context 64", ["--ks", f"0..{D_MLP}", "out of range: 49"]),
     ("sweep -m M --ks -1 --context 64", ["--ks", f"0..{D_MLP}"]),

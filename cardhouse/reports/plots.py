@@ -82,3 +82,28 @@ def plot_sweep(curves_by_metric: dict[str, dict[str, list[tuple[int, float]]]], 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_longctx(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Retrieval accuracy by context length (x) and needle depth (y): one heat map per task and variant."""
+    kinds = list(dict.fromkeys(c["kind"] for c in rows[0]["cells"]))
+    lengths = sorted({c["length"] for c in rows[0]["cells"]})
+    depths = sorted({c["depth"] for c in rows[0]["cells"]})
+    fig, axes = plt.subplots(len(kinds), len(rows), figsize=(2.6 * len(rows) + 1, 2.4 * len(kinds) + 0.6), dpi=120,
+                             squeeze=False)
+    for col, row in enumerate(rows):
+        for r, kind in enumerate(kinds):
+            grid = [[next(c["accuracy"] for c in row["cells"] if (c["kind"], c["length"], c["depth"]) == (kind, n, d))
+                     for n in lengths] for d in depths]
+            ax = axes[r][col]
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title(f"{row['variant']}\n{kind}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("depth")
+            if r == len(kinds) - 1:
+                ax.set_xlabel("context length")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)

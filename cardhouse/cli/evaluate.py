@@ -1,0 +1,146 @@
+"""Evaluations beyond perplexity and zero-shot accuracy: long-context retrieval and generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..validation import validate
+from .common import BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
+
+AdapterOpt = typer.Option(None, "--adapter", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
+                                                   "evaluate too, alone and under the attack")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _variants(lm, k: int, seed: int):
+    """The unedited model, top-k zeroing of the massive weights and its random control."""
+    from ..analysis import find_massive_weights
+    from ..interventions import attack, original
+
+    mw = find_massive_weights(lm, k=k)
+    return mw, [original(), attack(lm, mw, "topk-zero", k=k, seed=seed), attack(lm, mw, "random-zero", k=k, seed=seed)]
+
+
+def with_adapter(lm, folder: Path):
+    """A copy of ``lm`` with the PEFT adapter in ``folder`` merged into its weights."""
+    import copy
+
+    from peft import PeftModel
+
+    from ..models.loading import from_pretrained_objects
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no PEFT adapter (adapter_config.json); give cardhouse finetune's "
+                                "OUT/adapter folder")
+    merged = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(folder)).merge_and_unload()
+    return from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} + {Path(folder).name}",
+                                   bos=lm.bos_id is not None)
+
+
+def _run(lm, k: int, seed: int, adapter: Path | None, measure) -> list[dict]:
+    """Measure the original model, the attack and its control; with an adapter, it alone and attacked."""
+    from ..interventions import run_variants
+
+    mw, variants = _variants(lm, k, seed)
+    rows = run_variants(lm, variants, measure)
+    if adapter is not None:
+        from ..interventions import attack, original
+
+        tuned = with_adapter(lm, adapter)
+        for row in run_variants(tuned, [original(), attack(tuned, mw, "topk-zero", k=k, seed=seed)], measure):
+            rows.append({**row, "variant": f"adapter: {row['variant']}", "adapter": str(adapter)})
+    return rows
+
+
+@app.command("longctx")
+def longctx_cmd(model: str = ModelOpt,
+                kind: list[str] = typer.Option(["passkey", "needle"], "--kind", help="passkey and/or needle"),
+                lengths: str = typer.Option("256,512,1024", help="context lengths in tokens (up to the model's maximum)"),
+                depths: str = typer.Option("0,0.25,0.5,0.75,1", help="where the needle sits (0: start, 1: end)"),
+                n: int = typer.Option(2, "--n", help="prompts per task, length and depth"),
+                haystack: str = typer.Option("austen", "--haystack", help="the filler text: a bundled corpus (austen, "
+                                                                           "wikipedia, ...)"),
+                k: int = KOpt, seed: int = SeedOpt, max_new_tokens: int = typer.Option(8, help="greedy answer length"),
+                adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+    """Long-context retrieval (a LongBench stand-in): passkey and needle-in-a-haystack accuracy by context length
+    and depth, for the original model, top-k zeroing and its random control (and a fine-tuned adapter, e.g. MacDrop's)."""
+    from ..evaluation import longctx
+    from ..evaluation.corpora import get_corpus
+    from ..reports.plots import plot_longctx
+    from ..results import write_result
+    from .common import parse_int_list
+
+    with clear_errors():
+        checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
+        get_corpus(haystack)
+        sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
+        folder = writable_folder(out)
+        lm = load(checked, bos)
+        items = longctx.build_items(lm, list(kind), sizes, where, n, corpus=haystack, seed=seed,
+                                    max_new_tokens=max_new_tokens)  # checks first
+        rows = _run(lm, k, seed, adapter, longctx.measurer(lm, items, max_new_tokens=max_new_tokens, progress=True))
+        png = plot_longctx(rows, folder / "longctx.png", f"{lm.name}: retrieval accuracy ({haystack} haystack)")
+        write_result(folder / "longctx.json", rows, model=lm.describe(), plots={"longctx": str(png)},
+                     settings={"tasks": list(kind), "lengths": sizes, "depths": where, "n": n, "corpus": haystack,
+                               "k": k, "seed": seed, "max_new_tokens": max_new_tokens,
+                               "adapter": str(adapter) if adapter else None, **longctx.describe(items)})
+        _table(rows, list(kind), sizes)
+        console.print(f"wrote {folder / 'longctx.json'}, {png}")
+
+
+def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
+    from rich.table import Table
+
+    t = Table(title="retrieval accuracy (mean over depths)")
+    t.add_column("variant")
+    for kind in kinds:
+        for length in lengths:
+            t.add_column(f"{kind} {length}", justify="right")
+    for row in rows:
+        cells = {(c["kind"], c["length"]): [] for c in row["cells"]}
+        for c in row["cells"]:
+            cells[(c["kind"], c["length"])].append(c["accuracy"])
+        t.add_row(row["variant"], *(f"{sum(v) / len(v):.2f}" for kind in kinds for length in lengths
+                                    for v in [cells[(kind, length)]]))
+    console.print(t)
+
+
+@app.command("generate")
+def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="held-out Alpaca records"),
+                 max_new_tokens: int = typer.Option(64, help="greedy answer length"), k: int = KOpt,
+                 seed: int = SeedOpt, adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt,
+                 out: Path = OutOpt):
+    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions scored against their
+    references with ROUGE-L and chrF, plus the reference's log-likelihood; no model judge is used."""
+    from ..finetuning import generation
+    from ..results import write_result
+
+    with clear_errors():
+        checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
+        records = generation.held_out_records(n)
+        folder = writable_folder(out)
+        lm = load(checked, bos)
+        rows = _run(lm, k, seed, adapter, generation.measurer(records, max_new_tokens, progress=True))
+        write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
+                     settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "records": "alpaca "
+                               "validation split (finetuning.data.split_records defaults)",
+                               "adapter": str(adapter) if adapter else None})
+        from rich.table import Table
+
+        t = Table(title=f"{lm.name}: greedy answers to {n} held-out Alpaca instructions")
+        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token"):
+            t.add_column(column, justify="left" if column == "variant" else "right")
+        for row in rows:
+            t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}")
+        console.print(t)
+        console.print(f"note: {generation.NO_JUDGE}")
+        console.print(f"wrote {folder / 'generation.json'}")

@@ -1,0 +1,66 @@
+"""Generation scoring: the metrics are the packages' own (ROUGE-L from rouge-score, chrF from sacrebleu),
+greedy decoding is deterministic, and the held-out records are the ones fine-tuning never trains on."""
+
+from __future__ import annotations
+
+import pytest
+
+from cardhouse.finetuning import generation
+
+
+def test_rouge_l_is_rouge_scores_on_fixed_strings():
+    from rouge_score import rouge_scorer
+
+    # LCS "the cat on the mat": 5 of 6 tokens each way
+    assert generation.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for prediction, reference in [("Paris is the capital of France.", "The capital of France is Paris."),
+                                  ("running dogs", "the dog runs"), ("", "anything")]:
+        assert generation.rouge_l(prediction, reference) == scorer.score(reference, prediction)["rougeL"].fmeasure
+    # stemmed: [run, dog] against [the, dog, run]: LCS 1, P = 1/2, R = 1/3
+    assert generation.rouge_l("running dogs", "the dog runs") == pytest.approx(0.4)
+
+
+def test_chrf_is_sacrebleus_on_fixed_strings():
+    from sacrebleu.metrics import CHRF
+
+    for prediction, reference in [("Paris is the capital of France.", "The capital of France is Paris."),
+                                  ("a b c", "x y z")]:
+        assert generation.chrf(prediction, reference) == CHRF().sentence_score(prediction, [reference]).score
+    assert generation.chrf("identical text", "identical text") == pytest.approx(100.0)
+    assert generation.chrf("a b c", "x y z") == 0.0
+
+
+def test_greedy_decoding_is_deterministic(tiny):
+    lm = tiny("llama")
+    record = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    first = generation.greedy_answer(lm, record, max_new_tokens=12)
+    assert first == generation.greedy_answer(lm, record, max_new_tokens=12)
+    assert len(lm.tokenizer.encode(first, add_special_tokens=False)) <= 12
+
+
+def test_held_out_records_are_fine_tunings_validation_split():
+    from cardhouse.finetuning.data import load_records, split_records
+
+    train, held_out = split_records(load_records())
+    records = generation.held_out_records(5)
+    assert records == held_out[:5]
+    assert not any(r in train for r in records)
+    with pytest.raises(ValueError, match="only 50 held-out records"):
+        generation.held_out_records(51)
+
+
+def test_reference_loglikelihood_is_the_models(tiny):
+    import torch
+
+    from cardhouse.finetuning.data import prompt_ids
+
+    lm = tiny("llama")
+    record = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    total, n = generation.reference_loglikelihood(lm, record)
+    prompt = prompt_ids(lm, record, "alpaca")
+    ids = prompt + lm.tokenizer.encode("hi", add_special_tokens=False)
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0], -1)
+    expected = sum(float(log_probs[i - 1, ids[i]]) for i in range(len(prompt), len(ids)))
+    assert n == 2 and total == pytest.approx(expected, abs=1e-5) and total < 0
