@@ -126,6 +126,8 @@ RULES: dict[str, Rule] = {
     # cardhouse precision / export --rescale: the power of two, the margin in doublings
     "power": Rule("--power", 0, 64),
     "margin": Rule("--margin", 0.0, 16.0, kind=float),
+    "copies": Rule("--copies", 1, 5),  # cardhouse encoder: augmented copies per photograph (encoders.images)
+    "mrpc_pairs": Rule("--mrpc-pairs", 1),
     # Mixture of Experts (cardhouse moe, the MoE attacks)
     "collapse": Rule("--collapse", 0.0, 1.0, kind=float, low_open=True),
     "percentile": Rule("--percentile", 0.0, 100.0, kind=float),

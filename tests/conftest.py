@@ -42,12 +42,19 @@ VARIANTS = ["dinov2_swiglu"]  # same model_type, another FFN layout (DINOv2-gian
 ALL_MODELS = ALL_FAMILIES + VARIANTS
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 SANDWICH_FAMILIES = ["gemma2", "gemma3_text"]
+# encoders: image models beside DINOv2, and BERT (bidirectional attention, post-norm blocks)
+VISION_FAMILIES += ["dinov2_with_registers", "vit", "clip_vision_model"]
+ENCODER_TEXT_FAMILIES = ["bert"]
+ALL_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES + ENCODER_TEXT_FAMILIES  # the adapter table's keys
+ALL_MODELS = ALL_FAMILIES + VARIANTS
+N_REGISTERS = 2  # register tokens of the tiny DINOv2 with registers
 
 # the FFN width each family's tiny model is built with (per expert for MoE)
 VISION_MLP_RATIO = 3  # DINOv2 takes an integer ratio: d_mlp = 96
 EXPECTED_D_MLP = {family: D_MLP for family in ALL_FAMILIES} | {"qwen2_moe": MOE_D_MLP, "qwen3_moe": MOE_D_MLP,
                                                                 "deepseek_v2": MOE_D_MLP, "deepseek_v3": MOE_D_MLP,
                                                                 "dinov2": VISION_MLP_RATIO * D_MODEL}
+EXPECTED_D_MLP["dinov2_with_registers"] = VISION_MLP_RATIO * D_MODEL
 
 
 def d_mlp(lm: LoadedModel) -> int:
@@ -99,14 +106,47 @@ def build_text_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
     return model.eval()
 
 
-def build_vision_model(seed: int = 0, swiglu: bool = False, n_layers: int = N_LAYERS):
-    from transformers import Dinov2Config, Dinov2Model
+def build_vision_model(seed: int = 0, swiglu: bool = False, n_layers: int = N_LAYERS,
+                       family: str = "dinov2"):
+    from transformers import AutoConfig, AutoModel
 
-    config = Dinov2Config(hidden_size=D_MODEL, num_hidden_layers=n_layers, num_attention_heads=4,
-                          mlp_ratio=VISION_MLP_RATIO, image_size=28, patch_size=14, use_swiglu_ffn=swiglu,
-                          layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
+    if family.startswith("dinov2"):
+        kwargs = dict(mlp_ratio=VISION_MLP_RATIO, use_swiglu_ffn=swiglu,
+                      layerscale_value=0.5)  # != 1 so that a forgotten layer scale shows
+        if family == "dinov2_with_registers":
+            kwargs["num_register_tokens"] = N_REGISTERS
+    else:
+        kwargs = dict(intermediate_size=D_MLP)
+    config = AutoConfig.for_model(family, hidden_size=D_MODEL, num_hidden_layers=n_layers, num_attention_heads=4,
+                                  image_size=28, patch_size=14, **kwargs)
     torch.manual_seed(seed)
-    return Dinov2Model(config).eval()
+    model = AutoModel.from_config(config).eval()
+    assert model.config.model_type == family
+    return model
+
+
+def build_encoder_tokenizer():
+    """Character-level fast tokenizer with BERT's special tokens: [CLS] text [SEP]."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {token: i for i, token in enumerate(specials + [chr(i) for i in range(32, 127)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                               ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def build_encoder_model(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+                        num_attention_heads=4, max_position_embeddings=CONTEXT)
+    torch.manual_seed(seed)
+    return BertModel(config).eval()
 
 
 def build_tokenizer():
@@ -124,10 +164,15 @@ def build_tokenizer():
 
 
 def build(family: str, tokenizer=None, seed: int = 0, n_layers: int = N_LAYERS) -> LoadedModel:
-    """A fresh tiny LoadedModel of ``family`` or of a variant (dinov2: no tokenizer, feed it ``pixel_values``)."""
+    """A fresh tiny LoadedModel of ``family`` or of a variant (image models: no processor, feed them
+    ``pixel_values``; BERT: its own [CLS]/[SEP] tokenizer)."""
     if family in VISION_FAMILIES + VARIANTS:
-        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu", n_layers=n_layers)
+        model = build_vision_model(seed, swiglu=family == "dinov2_swiglu", n_layers=n_layers,
+                                   family="dinov2" if family == "dinov2_swiglu" else family)
         return from_pretrained_objects(model, None, name=f"tiny-{family}", bos=False)
+    if family in ENCODER_TEXT_FAMILIES:
+        return from_pretrained_objects(build_encoder_model(seed), build_encoder_tokenizer(), name=f"tiny-{family}",
+                                       bos=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     model = build_text_model(family, seed, n_layers)
     return from_pretrained_objects(model, tokenizer, name=f"tiny-{family}", bos=True)
@@ -139,14 +184,17 @@ def sample_inputs(lm: LoadedModel, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
         return {"pixel_values": torch.randn(2, 3, 28, 28, generator=g)}
     texts = ["The quick brown fox jumps over the lazy dog.", "Summer is warm."]
-    lists = [lm.encode(t) for t in texts]
+    if lm.family in ENCODER_TEXT_FAMILIES:
+        lists = [lm.tokenizer(t)["input_ids"] for t in texts]
+    else:
+        lists = [lm.encode(t) for t in texts]
     width = max(map(len, lists))
     ids = torch.full((len(lists), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, tokens in enumerate(lists):
         ids[row, :len(tokens)] = torch.tensor(tokens)
         mask[row, :len(tokens)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    return {"input_ids": ids, "attention_mask": mask, **({} if lm.family in ENCODER_TEXT_FAMILIES else {"use_cache": False})}
 
 
 def forward(lm: LoadedModel, inputs: dict) -> torch.Tensor:

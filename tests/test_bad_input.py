@@ -227,6 +227,11 @@ CASES = [
     ("emergence --corpora nope", ["unknown corpus"]),
     ("emergence -o {models}/a-file", ["--out", "a folder"]),
     ("download no-such-model", ["unknown bundled model", "smollm2-135m"]),
+    # encoder: the kind of input the model reads, and its own ranges
+    ("encoder -m M --images builtin", ["decoder LM", "cardhouse scan"]),
+    ("encoder -m M --images builtin --copies 9", ["--copies", "1..5"]),
+    ("encoder -m M --sentences builtin --mrpc-pairs 0", ["--mrpc-pairs", ">= 1"]),
+    ("encoder -m M", ["give --images"]),
 ]
 
 

@@ -31,8 +31,9 @@ def record_all(lm, inputs, points=None):
     return store
 
 
-def n_positions(inputs):
-    return inputs["input_ids"].shape[1] if "input_ids" in inputs else 1 + (28 // 14) ** 2  # DINOv2: CLS + patches
+def n_positions(lm, inputs):
+    # image models: CLS, registers, 2 x 2 patches
+    return inputs["input_ids"].shape[1] if "input_ids" in inputs else 1 + lm.blocks.n_registers + (28 // 14) ** 2
 
 
 def test_every_adapter_family_has_a_tiny_model():
@@ -44,7 +45,8 @@ def test_adapter_parts_resolve(lm):
     blocks = lm.blocks
     adapter = adapter_for(lm.model)
     assert adapter.family == lm.family and len(blocks) == N_LAYERS
-    assert isinstance(get(lm.model, adapter.final_norm), nn.Module)
+    assert adapter.final_norm is None or isinstance(get(lm.model, adapter.final_norm), nn.Module)
+    assert (adapter.final_norm is None) == adapter.post_norm
     for layer in range(N_LAYERS):
         for part in ("attn", "mlp", "resid_mid_norm"):
             assert isinstance(blocks.part(layer, part), nn.Module), part
@@ -148,7 +150,7 @@ def test_layer_out_of_range(lm):
 def test_hook_points_exist_with_documented_shapes(lm):
     inputs = sample_inputs(lm)
     store = record_all(lm, inputs)
-    batch, pos = 2, n_positions(inputs)
+    batch, pos = 2, n_positions(lm, inputs)
     for layer in range(N_LAYERS):
         for point in RESID_POINTS:
             assert store[hook_name(layer, point)].shape == (batch, pos, D_MODEL), point
@@ -170,6 +172,8 @@ def test_resid_post_is_next_resid_pre_and_final_norm_input(lm):
     store = record_all(lm, inputs, ["hook_resid_pre", "hook_resid_post"])
     for layer in range(N_LAYERS - 1):
         assert torch.equal(store[hook_name(layer, "hook_resid_post")], store[hook_name(layer + 1, "hook_resid_pre")])
+    if lm.blocks.adapter.final_norm is None:
+        return  # post-norm blocks end in their own norm
     seen = {}
     final_norm = get(lm.model, lm.blocks.adapter.final_norm)
     handle = final_norm.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
@@ -178,12 +182,15 @@ def test_resid_post_is_next_resid_pre_and_final_norm_input(lm):
             forward(lm, inputs)
     finally:
         handle.remove()
-    assert torch.equal(last[hook_name(N_LAYERS - 1, "hook_resid_post")], seen["x"])
+    last = last[hook_name(N_LAYERS - 1, "hook_resid_post")]
+    # CLIP's post_layernorm normalizes only the pooled CLS token
+    assert torch.equal(last[:, 0] if lm.family == "clip_vision_model" else last, seen["x"])
 
 
 def test_residual_decomposition(lm):
     """resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out (through the post-norms of
-    sandwich-norm models and DINOv2's layer scales), and mlp.hook_in is the adapter's norm of resid_mid."""
+    sandwich-norm models and DINOv2's layer scales), and mlp.hook_in is the adapter's norm of resid_mid.
+    Post-norm blocks (BERT): attn_out = norm(resid_mid) and resid_post = norm(mlp_in + mlp_out)."""
     store = record_all(lm, sample_inputs(lm))
     for layer in range(N_LAYERS):
         s = {p: store[hook_name(layer, p)] for p in RESID_POINTS}
@@ -192,9 +199,16 @@ def test_residual_decomposition(lm):
         with torch.inference_mode():
             if lm.family in SANDWICH_FAMILIES:
                 attn, mlp = block.post_attention_layernorm(attn), block.post_feedforward_layernorm(mlp)
-            elif lm.family == "dinov2":
+            elif lm.family.startswith("dinov2"):
                 attn, mlp = block.layer_scale1(attn), block.layer_scale2(mlp)
             normed = lm.blocks.part(layer, "resid_mid_norm")(s["hook_resid_mid"])
+            if lm.blocks.adapter.post_norm:
+                after_ffn = block.output.LayerNorm(s["mlp.hook_in"] + mlp)
+        if lm.blocks.adapter.post_norm:
+            torch.testing.assert_close(attn, normed, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s["hook_resid_post"], after_ffn, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s["mlp.hook_in"], normed, rtol=1e-5, atol=1e-6)
+            continue
         torch.testing.assert_close(s["hook_resid_mid"], s["hook_resid_pre"] + attn, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s["hook_resid_post"], s["hook_resid_mid"] + mlp, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s["mlp.hook_in"], normed, rtol=1e-5, atol=1e-6)
@@ -354,7 +368,7 @@ def test_hook_return_value_replaces_the_tensor(lm):
     """Output side: a replaced resid_post is what the next block receives. Input side: a replaced
     mlp.hook_in is what the MLP computes on."""
     inputs = sample_inputs(lm)
-    pos = n_positions(inputs)
+    pos = n_positions(lm, inputs)
     z = torch.linspace(-1, 1, 2 * pos * D_MODEL).reshape(2, pos, D_MODEL)
     with hooks(lm.model, {hook_name(0, "hook_resid_post"): lambda n, t: z}):
         store = record_all(lm, inputs, ["hook_resid_pre"])
@@ -364,7 +378,9 @@ def test_hook_return_value_replaces_the_tensor(lm):
         store = record_all(lm, inputs, ["mlp.hook_out"])
     with torch.inference_mode():
         direct = lm.blocks.part(0, "mlp")(z)
-    direct = direct[0] if isinstance(direct, tuple) else direct
+        direct = direct[0] if isinstance(direct, tuple) else direct
+        if lm.blocks.adapter.mlp_out:  # an FFN over two modules (BERT): the second one's output
+            direct = lm.blocks.mlp_out(0)(direct)
     torch.testing.assert_close(store[hook_name(0, "mlp.hook_out")], direct, rtol=1e-5, atol=1e-6)
     assert _no_hooks_left(lm.model)
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("analysis", "evaluation"),
     ("validation",),
     ("interventions",),
-    ("precision", "export"),
+    ("encoders", "precision", "export"),
     ("finetuning",),
     ("reports",),
     ("emergence",),

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cardhouse.cli import app
-from cardhouse.reports.browser import parse_page, problems
+from cardhouse.reports.browser import parse_page, problems, render
 from cardhouse.reports.html import SIG, Table, cell, format_cell, layer_ranges
 from cardhouse.reports.report import STEPS, Settings, Step, build_report
 
@@ -346,3 +346,28 @@ def test_full_mode_sweeps_k_up_to_the_whole_layer(tiny, tmp_path):
     attacks = results["models"][0]["sections"][2]
     assert [row[0] for row in attacks["tables"][1]["rows"]] == sorted({*default_ks(48), 4})  # 0 .. 48
     assert attacks["tables"][0]["rows"][1][0] == "topk-zero k=4"
+
+
+# ---- encoders -----------------------------------------------------------------------------------------
+
+
+def test_encoder_report_shows_the_norm_map_of_real_photographs(tiny, tmp_path, chromium):
+    """A tiny DINOv2 with registers on two real photographs beside a tiny BERT: each gets the encoder
+    sections, the image model's norm map is on the page and decodes in Chromium."""
+    from cardhouse.reports.report import ENCODER_STEPS
+
+    settings = Settings.quick(prompt_limit=2, pairs=12)
+    results = build_report([tiny("dinov2_with_registers"), tiny("bert")], tmp_path / "out", settings, progress=False)
+    assert results["failures"] == []
+    for model in results["models"]:
+        assert [s["key"] for s in model["sections"]] == [s.key for s in ENCODER_STEPS]
+    image, text = (m["sections"][1] for m in results["models"])
+    assert [f["file"] for f in image["figures"]] == ["tiny-dinov2-with-registers_norm_map.png",
+                                                    "tiny-dinov2-with-registers_carrier.png",
+                                                    "tiny-dinov2-with-registers_scan.png"]
+    assert image["data"]["encoder"]["inputs"]["names"] == ["astronaut", "chelsea"]  # real photographs
+    assert "norm_maps" not in text["data"]["encoder"] and len(text["figures"]) == 2
+    check_in_browser(tmp_path / "out", "report-tiny-encoders")
+    page = render(tmp_path / "out" / "report.html")
+    norm_map = [img for img in page.images if img["data-file"].endswith("norm_map.png")]
+    assert len(norm_map) == 1 and int(norm_map[0]["data-natural-width"]) > 300

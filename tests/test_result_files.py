@@ -62,6 +62,7 @@ def written(model_folder, moe_folder, long_folder, tmp_path_factory):
     records.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i} {i + 1}"})
                                  for i in range(24)))
     m = str(model_folder)
+    encoder_folder = _tiny_image_model(out / "tiny-dinov2")
     finetune = ["--data", str(records), "--layer", "0", "--rows", "1,2,3", "--max-steps", "2", "--batch-size", "4",
                 "--grad-accum", "1", "--max-length", "200", "--max-tokens", "126", "--context", "64",
                 "--corpus", "tiny"]
@@ -86,6 +87,8 @@ def written(model_folder, moe_folder, long_folder, tmp_path_factory):
                               "-o", out / "cmp"], [out / "cmp" / "compare.json", out / "cmp" / "lora" / "result.json"]),
         "report": (["report", "-m", m, "--quick", *BUDGET, "--ks", "1,2", "--out", out / "report"],
                    [out / "report" / "results.json"]),
+        "encoder": (["encoder", "-m", encoder_folder, "--images", "builtin", "--limit", "2", "--relative",
+                     "--min-ratio", "5", "--copies", "2", "-o", out / "enc"], [out / "enc" / "encoder.json"]),
         "moe": (["moe", "-m", moe_folder, "--limit", "4", "-o", out / "moe"], [out / "moe" / "moe.json"]),
         "scan-moe": (["scan", "-m", moe_folder, "--limit", "4", "-o", out / "scan-moe"],
                      [out / "scan-moe" / "scan.json", out / "scan-moe" / "moe.json"]),
@@ -114,6 +117,16 @@ def written(model_folder, moe_folder, long_folder, tmp_path_factory):
     return files
 
 
+def _tiny_image_model(folder):
+    """A tiny DINOv2 with registers saved with an image processor (what ``cardhouse encoder -m FOLDER`` reads)."""
+    from cardhouse.encoders.inputs import default_processor
+
+    lm = build("dinov2_with_registers")
+    lm.model.save_pretrained(folder)
+    default_processor(lm.model.config).save_pretrained(folder)
+    return folder
+
+
 def _emergence(out):
     """emergence.json through the API (the command trains on SmolLM2's tokenizer and the real corpora)."""
     import torch
@@ -136,8 +149,8 @@ KIND = {"scan": ["scan"], "attention": ["attention"], "trace": ["trace"], "posit
         "attack": ["attack"], "intervene": ["attack"], "sweep": ["sweep"], "finetune": ["finetune", "finetune-results"],
         "finetune-compare": ["compare", "finetune-run"], "report": ["report"], "emergence": ["emergence"],
         "moe": ["moe"], "scan-moe": ["scan", "moe"], "attack-moe": ["attack"], "super-weight": ["super_weight"],
-        "longctx": ["longctx"], "generate": ["generation"], "precision": ["precision", "export"],
-        "quantize": ["quantize"], "export": ["export"]}
+        "longctx": ["longctx"], "generate": ["generation"], "encoder": ["encoder"],
+        "precision": ["precision", "export"], "quantize": ["quantize"], "export": ["export"]}
 
 
 def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():

@@ -152,7 +152,7 @@ def test_vision_encoder_super_weight_from_images(family):
     assert [sw.coordinate for sw in scan.super_weights] == [(1, ROW, HUGE)]
     sw = scan.super_weights[0]
     assert sw.carrier["position"] == 0 and sw.carrier["token"] is None and sw.share > 0.9
-    assert scan.prompts == 4 and scan.tokens == 4 * 5  # CLS + 2 x 2 patches per image
+    assert scan.prompts == 4 and scan.tokens == 4 * (1 + lm.blocks.n_registers + 4)  # CLS, registers, 2 x 2 patches
 
 
 def test_candidates_and_controls(tokenizer):

@@ -13,13 +13,14 @@ from functools import partial
 
 import torch
 
-from ..capture import StreamingStats, all_hook_names, hook_name, run_batches, tokenize_prompts
-from ..capture.stats import OutlierCounter
+from ..capture import Inputs, StreamingStats, all_hook_names, hook_name, run_inputs
 from ..capture.hooks import parse_hook_name
+from ..capture.inputs import role_codes
+from ..capture.stats import OutlierCounter
 from ..models.loading import LoadedModel
 from .criterion import Criterion
 from .prompts import load_prompts
-from .tokens import ROLES, role_codes, roles
+from .tokens import PromptInputs
 
 
 @dataclass
@@ -87,7 +88,14 @@ def scan(lm: LoadedModel, prompts: list[str] | str = "builtin", *, criterion: Cr
     """
     if isinstance(prompts, str):
         prompts = load_prompts(prompts)
-    token_lists = tokenize_prompts(lm, prompts)
+    return scan_inputs(lm, PromptInputs(lm, prompts), criterion=criterion, point=point, batch_size=batch_size,
+                       top_k=top_k, outlier_threshold=outlier_threshold, progress=progress)
+
+
+def scan_inputs(lm: LoadedModel, inputs: Inputs, *, criterion: Criterion = Criterion(),
+                point: str = "hook_resid_post", batch_size: int = 8, top_k: int = 100,
+                outlier_threshold: float = 6.0, progress: bool = True) -> ScanResult:
+    """``scan`` over any inputs (``capture.inputs.Inputs``): prompts, images or sentences, with their roles."""
     names = all_hook_names(lm.model, point)
     d = lm.model.config.hidden_size
     stats = StreamingStats(len(names), d, top_k=top_k)
@@ -96,7 +104,7 @@ def scan(lm: LoadedModel, prompts: list[str] | str = "builtin", *, criterion: Cr
     role_hits: Counter = Counter()
     role_present: Counter = Counter()
     token_hits: Counter = Counter()
-    role_lists = [roles(lm.tokenizer, ids, lm.bos_id) for ids in token_lists]
+    role_names, role_lists = inputs.role_names, inputs.role_lists
     strings: dict[int, str] = {}
     per_batch: dict[int, dict] = {}  # a batch's own state: streamed runs visit (layer, batch) block by block
     overflow: set[int] = set()  # layers with a non-finite activation
@@ -110,7 +118,7 @@ def scan(lm: LoadedModel, prompts: list[str] | str = "builtin", *, criterion: Cr
         cutoff = criterion.threshold(stats.median(layer))
         for row, col in (mags > cutoff).nonzero().tolist():
             pos, dim = divmod(int(flat[row, col]), d)
-            role = ROLES[int(current["codes"][row, pos])]
+            role = role_names[int(current["codes"][row, pos])]
             values[(layer, dim, role)].add(float(acts[row, pos, dim]))
             current["carriers"].add((row, pos))
 
@@ -120,7 +128,8 @@ def scan(lm: LoadedModel, prompts: list[str] | str = "builtin", *, criterion: Cr
     def hooks_for(batch):
         current = per_batch[id(batch)] = dict(
             batch=batch, carriers=set(),
-            codes=role_codes([role_lists[i] for i in batch.prompt_index.tolist()], batch.input_ids.shape[1]))
+            codes=role_codes([role_lists[i] for i in batch.prompt_index.tolist()], batch.input_ids.shape[1],
+                             role_names, role_names[-1]))
         return {**{name: partial(observe, current) for name in names},
                 **{hook_name(layer, "mlp.hook_in"): partial(count_outliers, current) for layer in range(len(names))}}
 
@@ -129,24 +138,24 @@ def scan(lm: LoadedModel, prompts: list[str] | str = "builtin", *, criterion: Cr
         per_prompt_roles = defaultdict(set)
         for row, pos in current["carriers"]:  # (row, position) carrying a massive activation in some layer
             token_id = int(batch.input_ids[row, pos])
-            strings.setdefault(token_id, lm.tokenizer.decode([token_id]))
+            strings.setdefault(token_id, inputs.token_text(token_id))
             token_hits[token_id] += 1
-            per_prompt_roles[row].add(ROLES[int(current["codes"][row, pos])])
+            per_prompt_roles[row].add(role_names[int(current["codes"][row, pos])])
         for found in per_prompt_roles.values():
             role_hits.update(found)
         for index in batch.prompt_index.tolist():
             role_present.update(set(role_lists[index]))
 
-    run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="scan",
-                after_batch=after_batch)
+    run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=progress,
+               desc="scan", after_batch=after_batch)
     if overflow:
         dtype = lm.describe()["dtype"]
         limit = f" (|a| > {torch.finfo(getattr(torch, dtype)).max:,.0f} cannot be stored)" if dtype != "float32" else ""
         raise ActivationOverflow(
             f"the activations overflow {dtype} from layer {min(overflow)} on{limit}: {point} is not finite "
             f"in layers {_ranges(sorted(overflow))}; run with --dtype bfloat16 or float32")
-    return _summarize(lm, prompts, token_lists, point, criterion, stats, values, role_hits, role_present,
-                      token_hits, strings, outliers)
+    return _summarize(lm, inputs, point, criterion, stats, values, role_hits, role_present, token_hits, strings,
+                      outliers)
 
 
 def _ranges(layers: list[int]) -> str:
@@ -160,8 +169,8 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def _summarize(lm, prompts, token_lists, point, criterion, stats, values, role_hits, role_present,
-               token_hits, strings, outliers) -> ScanResult:
+def _summarize(lm, inputs, point, criterion, stats, values, role_hits, role_present, token_hits, strings,
+               outliers) -> ScanResult:
     layers, massive_layers = [], []
     dim_layers: dict[int, list[int]] = defaultdict(list)
     for layer in range(stats.n_layers):
@@ -176,13 +185,12 @@ def _summarize(lm, prompts, token_lists, point, criterion, stats, values, role_h
             "layer": layer, **s.table1(), "ratio_top1_median": s.top_ranks[0] / s.median if s.median else math.inf,
             "massive_count": sum(w.count for w in here.values()), "massive_dims": dims,
             "threshold": criterion.threshold(s.median),
-            "top_entries": [{**asdict(e), "token": lm.tokenizer.decode([e.token_id])} for e in s.top_entries[:8]],
+            "top_entries": [{**asdict(e), "token": inputs.token_text(e.token_id)} for e in s.top_entries[:8]],
         })
     first = massive_layers[0] if massive_layers else None
     vanish = massive_layers[-1] + 1 if massive_layers else None
-    n_prompts = len(prompts)
     return ScanResult(
-        model=lm.describe(), prompts=n_prompts, tokens=sum(map(len, token_lists)), point=point,
+        model=lm.describe(), prompts=len(inputs), tokens=inputs.tokens, point=point,
         criterion=asdict(criterion), layers=layers, massive_layers=massive_layers,
         first_layer=first, vanish_layer=vanish if vanish is not None and vanish < stats.n_layers else None,
         massive_dims=sorted(({"dim": dim, "layers": ls} for dim, ls in dim_layers.items()),
@@ -190,7 +198,7 @@ def _summarize(lm, prompts, token_lists, point, criterion, stats, values, role_h
         values=[{"layer": l, "dim": dim, "role": role, "count": w.count, "mean": w.mean, "std": w.std,
                  "max_abs": w.max_abs} for (l, dim, role), w in sorted(values.items())],
         roles={role: {"prompts_with_massive": role_hits[role], "prompts_with_role": role_present[role]}
-               for role in ROLES if role_present[role]},
+               for role in inputs.role_names if role_present[role]},
         token_strings=[{"token": strings[t], "token_id": t, "count": c} for t, c in token_hits.most_common(20)],
         outlier_features=outliers.outlier_features(),
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from ..capture.batches import PromptBatch
 
 BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER = "bos", "first token", "first delimiter", "other"
 ROLES = (BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER)
@@ -36,8 +39,31 @@ def roles(tokenizer, ids: list[int], bos_id: int | None) -> list[str]:
     return out
 
 
-def role_codes(role_lists: list[list[str]], width: int) -> torch.Tensor:
-    codes = torch.full((len(role_lists), width), ROLES.index(OTHER), dtype=torch.long)
-    for row, rs in enumerate(role_lists):
-        codes[row, :len(rs)] = torch.tensor([ROLES.index(r) for r in rs])
-    return codes
+class PromptInputs:
+    """Prompts of a decoder LM: BOS first when the model uses one; roles from ``analysis.tokens``."""
+
+    def __init__(self, lm, prompts: Sequence[str]):
+        from ..capture.run import tokenize_prompts
+
+        if lm.inputs != "causal":
+            raise ValueError(f"{lm.name} is an encoder (it reads {'images' if lm.inputs == 'image' else 'sentences'}"
+                             "): use `cardhouse encoder` or cardhouse.encoders")
+        self.lm, self.prompts = lm, list(prompts)
+        self.token_lists = tokenize_prompts(lm, self.prompts)
+        self.role_names = ROLES
+        self.role_lists = [roles(lm.tokenizer, ids, lm.bos_id) for ids in self.token_lists]
+
+    def __len__(self) -> int:
+        return len(self.token_lists)
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.token_lists))
+
+    def batches(self, batch_size: int) -> Iterator[PromptBatch]:
+        from ..capture.batches import batches
+
+        return batches(self.token_lists, batch_size)
+
+    def token_text(self, token_id: int) -> str:
+        return self.lm.tokenizer.decode([token_id])

@@ -1,5 +1,6 @@
 from .hooks import POINTS, all_hook_names, hook_name, hooks, parse_hook_name, record
 from .stats import LayerStats, StreamingStats
 from .batches import PromptBatch, batches
-from .run import run_batches, tokenize_prompts
+from .run import run_batches, run_inputs, tokenize_prompts
+from .inputs import Inputs
 from .reuse import PrefixCache, reuse_prefix

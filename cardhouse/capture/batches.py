@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -13,6 +13,15 @@ class PromptBatch:
     input_ids: torch.Tensor  # [batch, pos] (right-padded with 0)
     attention_mask: torch.Tensor  # [batch, pos] 1 for real tokens
     prompt_index: torch.Tensor  # [batch] index of each row in the original prompt list
+    pixel_values: torch.Tensor | None = None  # image models read these instead of tokens
+    extra: dict = field(default_factory=lambda: {"use_cache": False})  # further arguments of the model body
+
+    @property
+    def model_kwargs(self) -> dict:
+        """What the model body is called with."""
+        if self.pixel_values is not None:  # input_ids then only name the positions (see capture.inputs)
+            return {"pixel_values": self.pixel_values, **self.extra}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.extra}
 
 
 def batches(token_lists: Sequence[Sequence[int]], batch_size: int) -> Iterator[PromptBatch]:

@@ -33,7 +33,7 @@ POINTS: dict[str, tuple[str, str]] = {
     "hook_resid_mid": ("resid_mid_norm", "input"),
     "mlp.hook_in": ("mlp", "input"),
     "mlp.hook_post": ("down", "input"),
-    "mlp.hook_out": ("mlp", "output"),
+    "mlp.hook_out": ("mlp_out", "output"),
     "hook_resid_post": ("block", "output"),
 }
 _NAME = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -63,6 +63,8 @@ def _module(blocks: Blocks, layer: int, part: str) -> nn.Module:
             raise ValueError("mlp.hook_post does not exist for Mixture-of-Experts layers (experts are 3-D "
                              "tensors); use Blocks.intermediate(layer, mlp_input, expert) instead")
         return blocks.mlp_part(layer, "down")
+    if part == "mlp_out":
+        return blocks.mlp_out(layer)
     return blocks.part(layer, part)
 
 

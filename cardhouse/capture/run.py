@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -42,26 +42,31 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
     A streamed model (``load_model(..., stream=True)``) runs block by block instead: ``hooks_for``
     is called once per batch, its hooks fire block by block, and ``after_batch`` runs for every
     batch after the last block."""
+    run_inputs(lm, batches(token_lists, batch_size), -(-len(token_lists) // batch_size), hooks_for,
+               progress=progress, desc=desc, after_batch=after_batch)
+
+
+def run_inputs(lm: LoadedModel, batch_iter: Iterable[PromptBatch], n_batches: int,
+               hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, progress: bool = True,
+               desc: str = "forward", after_batch: Callable[[PromptBatch], None] | None = None) -> None:
+    """Forward batches of any input kind (``batch.model_kwargs``: tokens or pixels) with hooks attached."""
     from ..models.streaming import streamer_of
 
     streamer = streamer_of(lm.model)
     if streamer is not None:
-        return _run_streamed(streamer, token_lists, hooks_for, batch_size, progress, after_batch)
+        return _run_streamed(streamer, list(batch_iter), hooks_for, progress, after_batch)
     body = lm.model.base_model
-    n_batches = -(-len(token_lists) // batch_size)
-    for batch in tqdm(batches(token_lists, batch_size), total=n_batches, desc=desc, disable=not progress,
-                      unit="batch", leave=False):
+    for batch in tqdm(batch_iter, total=n_batches, desc=desc, disable=not progress, unit="batch", leave=False):
         with torch.inference_mode(), hooks(lm.model, hooks_for(batch)):
             device = lm.device  # hooks see tensors there; the batch (ids, mask, index) stays on the CPU
-            body(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            body(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.model_kwargs.items()})
         if after_batch is not None:
             after_batch(batch)
 
 
-def _run_streamed(streamer, token_lists, hooks_for, batch_size, progress, after_batch) -> None:
+def _run_streamed(streamer, prompt_batches, hooks_for, progress, after_batch) -> None:
     from .hooks import parse_hook_name
 
-    prompt_batches = list(batches(token_lists, batch_size))
     inputs = [{"input_ids": b.input_ids.to(streamer.device), "attention_mask": b.attention_mask.to(streamer.device)}
               for b in prompt_batches]
     by_layer = []  # per batch: layer -> its named hooks

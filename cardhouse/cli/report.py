@@ -43,6 +43,10 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                                "attention; see docs/report.md"),
                macdrop: Optional[Path] = typer.Option(None, "--macdrop-compare", help="add the MacDrop section from a "
                                                       "finished `cardhouse finetune-compare` output folder"),
+               images: str = typer.Option("builtin", "--images", help="image models (e.g. dinov2-s): 'builtin' "
+                                          "photographs, a folder or a file"),
+               sentences: str = typer.Option("builtin", "--sentences", help="sentence encoders (e.g. minilm-l6): "
+                                             "'builtin', a text file or corpus:NAME"),
                bos: Optional[bool] = BosOpt):
     """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots."""
     from ..reports.report import Settings, build_report
@@ -50,7 +54,7 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
 
     with clear_errors():
         overrides = {"prompts": prompts, "seed": seed, "bos": bos, "relative": relative, "min_abs": min_abs,
-                     "min_ratio": min_ratio, "layer": layer,
+                     "min_ratio": min_ratio, "layer": layer, "images": images, "sentences": sentences,
                      "tasks": tuple(task), "limit": task_limit,
                      "extras": tuple(with_) + (("macdrop",) if macdrop and "macdrop" not in with_ else ()),
                      "macdrop": str(macdrop) if macdrop else None, "load": placement_options()}

@@ -10,6 +10,11 @@ The FFN neurons are addressed by ``mlp_layout``:
 - ``"linear"``: a plain ``nn.Linear`` fc_in, no gate (ViT/DINOv2);
 - ``"experts"``: a Mixture of Experts with 3-D ``[expert, 2*inter, d]`` gate_up tensors.
 
+FFN part paths are relative to ``mlp``, or to the block when they start with ``/`` (BERT splits its
+FFN over two modules, ``intermediate`` and ``output``). ``inputs`` says what the model reads:
+``"causal"`` tokens (decoder LMs), ``"text"`` tokens under bidirectional attention ([CLS] ... [SEP]),
+or ``"image"`` pixels (CLS, then any register tokens, then the patches row by row).
+
 A family whose FFN layout depends on its config is resolved in ``adapter_for`` (DINOv2 with
 ``use_swiglu_ffn`` is gated). A family that mixes dense and MoE layers (Qwen2/3-MoE's
 ``mlp_only_layers``, ``decoder_sparse_step``) names its dense layout in ``dense``: a layer whose FFN
@@ -35,7 +40,7 @@ class Adapter:
     attn: str  # block -> attention module
     mlp: str  # block -> FFN (or MoE block)
     resid_mid_norm: str  # block -> norm whose *input* is the residual stream after attention
-    final_norm: str  # model -> last norm before the head
+    final_norm: str | None  # model -> last norm before the head (None: post-norm blocks end in their own norm)
     up: str  # mlp -> fc_in / up projection (or fused gate_up)
     down: str  # mlp -> down projection / fc_out
     gate: str | None = None  # mlp -> gate projection, if separate
@@ -56,6 +61,10 @@ class Adapter:
     writer_norms: tuple[str, ...] = ()  # block -> norms whose output is added to it (sandwich norms)
     readers: tuple[str, ...] | None = None  # block -> the norms that read it (their input's scale must not matter)
     norm_offset: float = 0.0  # norms compute x_hat * (norm_offset + weight): Gemma's (1 + weight)
+    inputs: str = "causal"  # "causal" (decoder tokens), "text" (bidirectional encoder tokens) or "image" (pixels)
+    mlp_out: str | None = None  # block -> module whose output is the FFN output, where that is not ``mlp``
+    post_norm: bool = False  # the residual stream is normalized after each sum (BERT): hooks see normed states
+    registers: str | None = None  # config attribute: register tokens after CLS (DINOv2 with registers)
     # Mixture of Experts (cardhouse/analysis/moe.py): the router returns (logits, top-k weights, top-k experts)
     experts: str | None = None  # mlp -> the module holding the 3-D expert tensors
     routing: str | None = None  # how router logits become expert weights (cardhouse/models/routing.py::ROUTINGS)
@@ -78,6 +87,14 @@ _GEMMA = dict(_LLAMA, norm_offset=1.0)
 _SANDWICH = dict(_GEMMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_norm=True, writers=(),
                  writer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  readers=("input_layernorm", "pre_feedforward_layernorm"))
+_QKVO = dict(q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="o_proj")
+_DINOV2 = dict(layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2", final_norm="layernorm",
+               up="fc1", down="fc2", mlp_layout="linear", act="activation_fn", inputs="image", n_kv_heads=None,
+               **_QKVO)
+# the layer scales (lambda1) multiply what each branch adds to the residual stream
+_DINOV2_STREAM = dict(embeddings=("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings",
+                                  "embeddings.patch_embeddings.projection"),
+                      writers=("layer_scale1.lambda1", "layer_scale2.lambda1"), readers=("norm1", "norm2"))
 # transformers 5 MoE blocks: router `gate` -> (logits, weights, experts), experts as 3-D tensors
 _MOE = dict(_LLAMA, gate=None, up="experts.gate_up_proj", down="experts.down_proj", mlp_layout="experts",
             act="experts.act_fn", router="gate", experts="experts", routing="softmax-topk",
@@ -118,18 +135,27 @@ ADAPTERS: dict[str, Adapter] = {
                        final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act",
                        embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
                        writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2")),
-    # the layer scales (lambda1) multiply what each branch adds to the residual stream
-    "dinov2": Adapter("dinov2", layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2",
-                      final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn",
-                      embeddings=("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings",
-                                  "embeddings.patch_embeddings.projection"),
-                      writers=("layer_scale1.lambda1", "layer_scale2.lambda1"), readers=("norm1", "norm2")),
+    "dinov2": Adapter("dinov2", **_DINOV2, **_DINOV2_STREAM),
+    "dinov2_with_registers": Adapter("dinov2_with_registers", **_DINOV2, registers="num_register_tokens"),
+    "vit": Adapter("vit", layers="layers", attn="attention", mlp="mlp", resid_mid_norm="layernorm_after",
+                   final_norm="layernorm", up="fc1", down="fc2", mlp_layout="linear", act="activation_fn",
+                   inputs="image", n_kv_heads=None, **_QKVO),
+    "clip_vision_model": Adapter("clip_vision_model", layers="encoder.layers", attn="self_attn", mlp="mlp",
+                                 resid_mid_norm="layer_norm2", final_norm="post_layernorm", up="fc1", down="fc2",
+                                 mlp_layout="linear", act="activation_fn", inputs="image", n_kv_heads=None,
+                                 **dict(_QKVO, o_proj="out_proj")),
+    # post-norm: LayerNorm(x + attention) and LayerNorm(x + FFN) inside each block; the FFN spans two modules
+    "bert": Adapter("bert", layers="encoder.layer", attn="attention", mlp="intermediate",
+                    resid_mid_norm="attention.output.LayerNorm", final_norm=None, up="dense", down="/output.dense",
+                    mlp_layout="linear", act="intermediate_act_fn", inputs="text", n_kv_heads=None,
+                    q_proj="self.query", k_proj="self.key", v_proj="self.value", o_proj="output.dense",
+                    mlp_out="output.dense", post_norm=True),
 }
 
 # Config-dependent layouts of a family (same model_type, different FFN modules).
 # DINOv2 with ``use_swiglu_ffn`` (the giant checkpoints) has a gated FFN with biases.
-_DINOV2_SWIGLU = replace(ADAPTERS["dinov2"], gate="gate_proj", up="up_proj", down="down_proj", mlp_layout="gated",
-                         act="act_fn")
+_DINOV2_SWIGLU = {family: replace(ADAPTERS[family], gate="gate_proj", up="up_proj", down="down_proj",
+                                  mlp_layout="gated", act="act_fn") for family in ("dinov2", "dinov2_with_registers")}
 
 
 class UnsupportedModelError(ValueError):
@@ -139,8 +165,8 @@ class UnsupportedModelError(ValueError):
 def adapter_for(model: nn.Module) -> Adapter:
     config = model.config
     family = getattr(config, "model_type", None)
-    if family == "dinov2" and getattr(config, "use_swiglu_ffn", False):
-        return _DINOV2_SWIGLU
+    if family in _DINOV2_SWIGLU and getattr(config, "use_swiglu_ffn", False):
+        return _DINOV2_SWIGLU[family]
     if family in ADAPTERS:
         return ADAPTERS[family]
     raise UnsupportedModelError(
@@ -213,7 +239,17 @@ class Blocks:
             kind = "an MoE" if layout.mlp_layout == "experts" else "a dense"
             raise ValueError(f"layer {layer}'s FFN has no {name} (it is {kind} FFN of the {layout.family} adapter "
                              "in cardhouse/models/adapters.py)")
+        if path.startswith("/"):  # relative to the block: an FFN split over two modules (BERT)
+            return get(self.layers[self.check_layer(layer)], path[1:])
         return get(module, path)
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        """The module whose output is the FFN's output (before any residual add or post-norm)."""
+        return self.part(layer, "mlp_out" if self.adapter.mlp_out else "mlp")
+
+    @property
+    def n_registers(self) -> int:
+        return int(getattr(self.model.config, self.adapter.registers, 0)) if self.adapter.registers else 0
 
     def attn_part(self, layer: int, name: str) -> nn.Module:
         """``q_proj``, ``k_proj``, ``v_proj`` or ``o_proj`` of a layer's attention."""

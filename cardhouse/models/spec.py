@@ -36,10 +36,14 @@ class ModelSpec:
     def blocks(self) -> Blocks:
         """The adapted model with shapes but no storage (``meta`` device): built in a fraction of a second."""
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
 
+        from .adapters import ADAPTERS
+
+        adapter = ADAPTERS.get(self.family)
+        auto = AutoModel if adapter is not None and adapter.inputs != "causal" else AutoModelForCausalLM  # encoders
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.config)
+            model = auto.from_config(self.config)
         return Blocks.of(model)
 
     @property
@@ -144,7 +148,10 @@ def probe(source: str) -> ModelSpec:
     cache when offline), from its config alone; refuses an unusable model with one clear message."""
     from .loading import BUNDLED, ModelLoadError
 
-    if source in BUNDLED:
+    if source in BUNDLED and BUNDLED[source].locate_folder is not None:  # encoders ship transformers folders
+        path = BUNDLED[source].locate_folder()
+        spec = ModelSpec(source, "bundled", _folder_config(path), path)
+    elif source in BUNDLED:
         path = BUNDLED[source].locate_gguf()
         spec = ModelSpec(source, "bundled", _gguf_config(path), path)
     else:

@@ -35,8 +35,9 @@ from ..finetuning.report import metrics_of, plot_comparison
 from ..interventions import ATTACKS, attack, run_variants, sweep_attacks
 from ..interventions.sweep import default_ks, sweep, sweep_table
 from ..models import load_model
-from ..models.loading import LoadedModel
+from ..models.loading import BUNDLED, LoadedModel
 from ..results import read_result, write_result
+from .encoder_section import encoder_step
 from .findings import findings
 from .html import Figure, Section, Table, facts, layer_ranges, render_page
 from .mechanism_plots import plot_attention
@@ -72,11 +73,15 @@ class Settings:
     extras: tuple[str, ...] = ()  # names of OPTIONAL_STEPS to run
     macdrop: str | None = None  # a `cardhouse finetune-compare` folder (or its compare.json), for "macdrop"
     load: dict = field(default_factory=dict)  # load_model placement keywords (dtype, device, device_map, ...)
+    images: str = "builtin"  # image models: builtin photographs, a folder or a file
+    sentences: str = "builtin"  # text encoders: builtin, a text file or corpus:NAME
+    pairs: int = 200  # text encoders: MRPC sentence pairs of the rank-agreement measure
+    copies: int = 4  # image models: augmented copies per photograph of the retrieval measure
 
     @classmethod
     def quick(cls, **overrides) -> "Settings":
-        return replace(cls(mode="quick", ks=(1, 2, 5), corpora=("wikipedia",), max_tokens=510, context=256),
-                       **overrides)
+        return replace(cls(mode="quick", ks=(1, 2, 5), corpora=("wikipedia",), max_tokens=510, context=256,
+                           pairs=100, copies=2), **overrides)
 
     @classmethod
     def full(cls, **overrides) -> "Settings":
@@ -102,6 +107,8 @@ class Settings:
         check_settings(None, self)  # the ranges that need no model (build_report checks each model's too)
         self.budget()  # the evaluation's own checks: unknown corpora and zero-shot tasks
         self.criterion  # noqa: B018  (--relative with --min-abs is refused here)
+        if not 1 <= self.copies <= 5 or self.pairs < 1:
+            raise ValueError(f"copies must be 1..5 and pairs at least 1 (got {self.copies}, {self.pairs})")
         unknown = [e for e in self.extras if e not in OPTIONAL_STEPS]
         if unknown:
             raise ValueError(f"unknown extra section {', '.join(unknown)}; available: "
@@ -393,6 +400,19 @@ STEPS: list[Step] = [
          moe_step, applies=is_moe),
 ]
 
+# An encoder (vision transformer, sentence encoder) gets its own sections: no corpora, no perplexity.
+ENCODER_STEPS: list[Step] = [
+    Step("model", "Model", model_step),
+    Step("encoder", "Encoder: the carrying token, its weights, interventions, norm map, registers", encoder_step),
+]
+
+
+def is_encoder(source: str | LoadedModel) -> bool:
+    if isinstance(source, LoadedModel):
+        return source.inputs != "causal"
+    return source in BUNDLED and BUNDLED[source].inputs != "causal"
+
+
 # Sections run only when asked for by name (``Settings.extras``, ``cardhouse report --with NAME``).
 OPTIONAL_STEPS: dict[str, Step] = {
     "attention": Step("attention", "Attention sinks and the implicit bias (Sun et al. Sec. 4)", attention_step),
@@ -462,9 +482,12 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
         raise ValueError("no model given")
     settings.check()
     prompts = load_prompts(settings.prompts, limit=settings.prompt_limit)
+    default = steps is None
     steps = steps if steps is not None else STEPS + [OPTIONAL_STEPS[name] for name in settings.extras]
+    plans = [ENCODER_STEPS if default and is_encoder(m) else steps for m in models]
     for model in models:  # every model's config against the settings, before any weights load
-        check_settings(spec_of(model) if isinstance(model, LoadedModel) else probe(str(model)), settings)
+        if not is_encoder(model):  # the settings checked are the LM steps' (context, corpora, k sweep)
+            check_settings(spec_of(model) if isinstance(model, LoadedModel) else probe(str(model)), settings)
     folder = prepare_folder(out, overwrite)
 
     names = [m.name if isinstance(m, LoadedModel) else str(m) for m in models]
@@ -472,11 +495,11 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
     if len(set(prefixes)) < len(prefixes):
         prefixes = [f"{i + 1}-{p}" for i, p in enumerate(prefixes)]
     reports, failures = [], []
-    with _progress(progress, len(models) * len(steps)) as advance:
-        for source, name, prefix in zip(models, names, prefixes):
+    with _progress(progress, sum(map(len, plans))) as advance:
+        for source, name, prefix, model_steps in zip(models, names, prefixes, plans):
             ctx = Context(source, settings, prompts, folder, prefix)
             sections = []
-            for step in steps:
+            for step in model_steps:
                 ctx.tick = lambda detail, step=step, name=name: advance(f"{name}: {step.title} ({detail})", 0)
                 advance(f"{name}: {step.title}", 0)
                 try:
