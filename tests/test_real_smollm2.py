@@ -119,5 +119,5 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
     real = BUNDLED["smollm2-135m"].locate_gguf()
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(real.read_bytes()[:1_000_000])
-    with pytest.raises(ModelLoadError, match="corrupt or truncated"):
+    with pytest.raises(ModelLoadError, match="corrupt, truncated"):  # refused at the header probe, before any weights
         load_model(str(broken), use_cache=False)
