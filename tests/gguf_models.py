@@ -17,9 +17,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0) -> Path:
+def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, float64: tuple[str, ...] = ()
+               ) -> Path:
     """``lm`` (a tiny model of a family in ARCH) as a GGUF file; ``split_max_tensors``: write a split file
-    (``path``'s stem + ``-00001-of-0000N.gguf``) and return its first part."""
+    (``path``'s stem + ``-00001-of-0000N.gguf``) and return its first part; ``float64``: GGUF names of
+    tensors written as F64 (a type the gguf package cannot dequantize)."""
     import gguf
     from gguf.quants import quantize
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
@@ -65,7 +67,9 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0) -
             w = _permute(w, config.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gguf_name:
             w = _permute(w, config.num_key_value_heads)
-        if quant != gguf.GGMLQuantizationType.F32 and w.ndim == 2 and w.shape[-1] % block == 0:
+        if gguf_name in float64:
+            writer.add_tensor(gguf_name, w.astype(np.float64))
+        elif quant != gguf.GGMLQuantizationType.F32 and w.ndim == 2 and w.shape[-1] % block == 0:
             writer.add_tensor(gguf_name, quantize(w, quant), raw_dtype=quant)
         else:
             writer.add_tensor(gguf_name, w.astype(np.float32))

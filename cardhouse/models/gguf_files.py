@@ -102,13 +102,13 @@ def type_name(ggml_type: int) -> str:
 
 
 def _can_dequantize(ggml_type: int) -> bool:
-    """Whether ``gguf.quants.dequantize`` reads this type (asked of the package itself, on zero rows)."""
+    """Whether ``gguf.quants.dequantize`` reads this type (asked of the package itself, on one zero block)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
     try:
         qtype = GGMLQuantizationType(ggml_type)
-        dequantize(np.zeros((0, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
     except (ValueError, NotImplementedError, KeyError):
         return False
     return True
