@@ -25,7 +25,6 @@ from typing import Iterator, Sequence
 import torch
 
 GiB = 2**30
-_FOLDER: ContextVar[Path | None] = ContextVar("cardhouse_spill_folder", default=None)
 
 
 def _existing(folder: Path) -> Path:
@@ -43,27 +42,54 @@ def check_disk(folder: str | Path, need_bytes: int) -> None:
                          "or fewer tokens)")
 
 
+class _Spill:
+    """The folder given to ``spilling`` and the private folder made in it on first use."""
+
+    def __init__(self, root: Path):
+        self.root, self.private, self.made_root = root, None, False
+
+    def folder(self) -> Path:
+        if self.private is None:
+            self.made_root = not self.root.exists()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.private = Path(tempfile.mkdtemp(prefix="cardhouse-spill-", dir=self.root))
+        return self.private
+
+    def remove(self) -> None:
+        if self.private is not None:
+            shutil.rmtree(self.private, ignore_errors=True)
+        if self.made_root:
+            try:
+                self.root.rmdir()  # only if the run made it and nothing else is in it
+            except OSError:
+                pass
+
+
+_SPILL: ContextVar[_Spill | None] = ContextVar("cardhouse_spill", default=None)
+
+
 @contextmanager
-def spilling(folder: str | Path | None, need_bytes: int = 0) -> Iterator[Path | None]:
-    """Within the context, streamed hidden states go to a private folder under ``folder`` (None: they stay
-    in memory). ``need_bytes``: the disk the run will use, checked before anything starts."""
+def spilling(folder: str | Path | None, need_bytes: int = 0) -> Iterator[None]:
+    """Within the context, streamed hidden states go to a private folder made under ``folder`` when the
+    first states are stored (None: they stay in memory). ``need_bytes``: the disk the run will use,
+    checked now. Everything made is removed on exit, also on an exception or Ctrl-C."""
     if folder is None:
-        yield None
+        yield
         return
     check_disk(folder, need_bytes)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix="cardhouse-spill-", dir=folder))
-    token = _FOLDER.set(private)
+    spill = _Spill(Path(folder))
+    token = _SPILL.set(spill)
     try:
-        yield private
+        yield
     finally:
-        _FOLDER.reset(token)
-        shutil.rmtree(private, ignore_errors=True)
+        _SPILL.reset(token)
+        spill.remove()
 
 
 def spill_folder() -> Path | None:
-    """The private folder of the ``spilling`` context in effect (None: states stay in memory)."""
-    return _FOLDER.get()
+    """The private folder of the ``spilling`` context in effect, made now if needed (None: in memory)."""
+    spill = _SPILL.get()
+    return spill.folder() if spill is not None else None
 
 
 class HiddenStates:
