@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import (ALL_FAMILIES, MOE_FAMILIES, TEXT_FAMILIES, VISION_FAMILIES, build,
+from conftest import (ALL_FAMILIES, TEXT_FAMILIES, VISION_FAMILIES, build,
                       sample_inputs)
 
 from cardhouse.capture.reuse import reuse_prefix
@@ -19,7 +19,6 @@ from cardhouse.models.streaming import streamer_of
 
 N_LAYERS = 3  # reuse starts at layer 2: two skipped blocks owe the cache their keys and values
 LAYER = 2
-DENSE = [f for f in TEXT_FAMILIES if f not in MOE_FAMILIES]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -186,7 +185,7 @@ def test_a_sliding_window_that_dropped_keys_runs_in_full():
     assert prefix.hits == 1 and prefix.misses == 3
 
 
-@pytest.mark.parametrize("family", DENSE)
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_streamed_logits_equal_the_full_forward(family, tmp_path):
     lm = build(family, n_layers=N_LAYERS)
     lm.model.save_pretrained(tmp_path)
