@@ -156,7 +156,8 @@ def test_replacing_values_and_patterns_changes_the_output(tiny):
             record(lm.model, [out, hook_name(LAST, "attn.hook_pattern")]) as changed:
         lm.model.base_model(**inputs)
     assert not torch.allclose(changed[out], plain[out])
-    assert torch.equal(changed[hook_name(LAST, "attn.hook_pattern")], uniform(None, changed[hook_name(LAST, "attn.hook_pattern")]))
+    seen = changed[hook_name(LAST, "attn.hook_pattern")]  # record, attached after, sees the replacement
+    assert torch.equal(seen, uniform(None, seen))
 
 
 def test_recorded_tensors_are_detached(tiny):
@@ -185,7 +186,8 @@ def test_hooks_are_removed_after_the_context_also_on_error(tiny):
     def failing(name, x):
         raise ValueError("inside the forward")
 
-    with pytest.raises(ValueError, match="inside the forward"), hooks(lm.model, {hook_name(1, "attn.hook_scores"): failing}):
+    with pytest.raises(ValueError, match="inside the forward"), \
+            hooks(lm.model, {hook_name(1, "attn.hook_scores"): failing}):
         lm.model.base_model(**sample_inputs(lm))
     assert _clean(lm, before)
     calls.clear()

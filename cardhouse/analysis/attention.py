@@ -101,17 +101,20 @@ def analyze_attention(lm: LoadedModel, prompts: list[str] | str = "builtin", *, 
         def keep(name, x):
             kept[name] = x
 
+        def keep_visible(name, scores):  # only which keys each query sees: no [head, query, key] logits kept
+            kept[name] = visible_keys(scores, valid)
+
         def reduce(name, output):  # hook_attn_out: the layer's attention is complete
             layer, _ = parse_hook_name(name)
             probs = kept.pop(hook_name(layer, "attn.hook_pattern")).float()
-            visible = visible_keys(kept.pop(hook_name(layer, "attn.hook_scores")), valid)
+            visible = kept.pop(hook_name(layer, "attn.hook_scores"))
             parts = split_update(probs, kept.pop(hook_name(layer, "attn.hook_v")).float(), in_c, o_projs[layer])
             sinks.add(layer, probs, visible, valid, in_c, groups, threshold)
             updates.add(layer, parts, output.float(), valid, in_c)
 
-        fns = {hook_name(layer, point): keep for layer in range(n_layers)
-               for point in ("attn.hook_v", "attn.hook_scores", "attn.hook_pattern")}
-        return fns | {hook_name(layer, "hook_attn_out"): reduce for layer in range(n_layers)}
+        points = (("attn.hook_v", keep), ("attn.hook_scores", keep_visible), ("attn.hook_pattern", keep),
+                  ("hook_attn_out", reduce))  # in the order a layer fires them
+        return {hook_name(layer, point): fn for layer in range(n_layers) for point, fn in points}
 
     run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="attention")
     massive_layer = massive_layers[0] if massive_layers else None

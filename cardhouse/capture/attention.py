@@ -1,10 +1,10 @@
 """Attention hook points: each layer's queries, keys, values, logits and probabilities, TransformerLens style.
 
-``blocks.{l}.attn.hook_q``        queries per head, after any q norm and rotary embedding  [batch, head, pos, d_head]
-``blocks.{l}.attn.hook_k``        keys per key/value head, after any k norm and rotary     [batch, kv_head, pos, d_head]
-``blocks.{l}.attn.hook_v``        values per key/value head                                [batch, kv_head, pos, d_head_v]
-``blocks.{l}.attn.hook_scores``   pre-softmax logits: scaled, soft-capped, masked          [batch, head, query, key]
-``blocks.{l}.attn.hook_pattern``  post-softmax probabilities (rows sum to 1)               [batch, head, query, key]
+``blocks.{l}.attn.hook_q``        queries, after any q norm and rotary embedding  [batch, head, pos, d_head]
+``blocks.{l}.attn.hook_k``        keys, after any k norm and rotary embedding     [batch, kv_head, pos, d_head]
+``blocks.{l}.attn.hook_v``        values                                          [batch, kv_head, pos, d_head_v]
+``blocks.{l}.attn.hook_scores``   pre-softmax logits: scaled, soft-capped, masked [batch, head, query, key]
+``blocks.{l}.attn.hook_pattern``  post-softmax probabilities (rows sum to 1)      [batch, head, query, key]
 
 Keys and values are reported as the model hands them to attention: grouped-query models give
 ``kv_head`` = key/value heads, not repeated (query head h reads kv head h // (heads / kv_heads),
@@ -90,6 +90,7 @@ def hooked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     scores = _fire(fns, "attn.hook_scores", scores)
     # upcast where the family's eager attention does (adapter table): bit-identical probabilities
     pattern = (torch.softmax(scores, -1, dtype=torch.float32) if fp32 else torch.softmax(scores, -1)).to(query.dtype)
+    del scores  # as eager attention does: one [batch, head, query, key] tensor alive while the values are read
     pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
     pattern = _fire(fns, "attn.hook_pattern", pattern)
     return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
