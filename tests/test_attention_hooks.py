@@ -4,6 +4,8 @@ shapes, replacement, and nothing left behind after the context, also on error.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,14 +18,14 @@ LAST = N_LAYERS - 1
 
 
 def _eager(lm, inputs):
-    """The model's own eager attention: its probabilities (``output_attentions``) and last hidden state."""
-    before = lm.model.config._attn_implementation
-    lm.model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = lm.model.base_model(**inputs, output_attentions=True)
-    finally:
-        lm.model.set_attn_implementation(before)
+    """The model's own eager attention: its probabilities (``output_attentions``) and last hidden state.
+
+    Run on a copy: transformers records the attentions with forward hooks it leaves in place, and the
+    tiny models are shared by the session (tests/test_families.py checks that no hook is left)."""
+    model = copy.deepcopy(lm.model)
+    model.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = model.base_model(**inputs, output_attentions=True)
     return out.attentions, out.last_hidden_state
 
 
@@ -223,3 +225,27 @@ def test_a_model_without_the_attention_interface_is_refused(tokenizer):
             hooks(model, {hook_name(0, "attn.hook_pattern"): print}):
         pass
     assert not _ACTIVE
+
+
+def test_a_streamed_model_gives_the_same_attention_analysis(tmp_path, tokenizer):
+    """Block by block from the checkpoint (models/streaming.py), the hook points fire while each block runs."""
+    from cardhouse.analysis.attention import analyze_attention
+    from cardhouse.models import load_model
+    from cardhouse.models.streaming import streamer_of
+    from conftest import plant_bos_embedding
+
+    lm = build("llama", tokenizer)
+    plant_bos_embedding(lm)
+    lm.model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    ordinary, streamed = load_model(str(tmp_path), bos=True), load_model(str(tmp_path), bos=True, stream=True)
+    assert streamer_of(streamed.model) is not None
+    prompts = ["The quick brown fox. It jumps over the lazy dog.", "Summer is warm, winter is cold."]
+    a, b = (analyze_attention(m, prompts, batch_size=1, progress=False) for m in (ordinary, streamed))
+    assert a.massive_positions == b.massive_positions == [[0], [0]]
+    for x, y in zip(a.layers, b.layers):
+        assert x["concentration"] == pytest.approx(y["concentration"], abs=1e-6)
+        assert x["sink"].keys() == y["sink"].keys()
+        assert all(x["sink"][g] == pytest.approx(y["sink"][g], abs=1e-6) for g in x["sink"])
+        assert x["update"]["cos_c_all"] == pytest.approx(y["update"]["cos_c_all"], abs=1e-6)
+    assert not _ACTIVE and streamed.model.config._attn_implementation == ordinary.model.config._attn_implementation

@@ -77,6 +77,8 @@ def hooked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with hook points; the operations and their order are the models' own eager ones."""
+    if kwargs.get("s_aux") is not None:  # learned sink logits (gpt-oss): a family not in the adapter table
+        raise UnsupportedModelError("attention with learned sinks (s_aux) is not supported by the attention hook points")
     fp32, fns = _ACTIVE.get(module, (True, []))
     query, key, value = (_fire(fns, p, x) for p, x in (("attn.hook_q", query), ("attn.hook_k", key),
                                                         ("attn.hook_v", value)))
