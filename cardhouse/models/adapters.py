@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .offload import home
+from .offload import home, shapes_only
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,8 @@ class Blocks:
         _, layout = self._ffn(layer, expert)
         if layout.mlp_layout == "experts":  # [expert, d_model, d_intermediate]: the same for every expert
             return self.mlp_part(layer, "down").shape[-1]
-        return self.down_weight(layer, expert).shape[-1]
+        with shapes_only():  # a shape: a block streamed from disk (on the meta device) has it too
+            return self.down_weight(layer, expert).shape[-1]
 
     def down_weight(self, layer: int, expert: int | str | None = None) -> torch.Tensor:
         """W_down as ``[d_model, d_intermediate]`` (a view, whatever the storage layout)."""

@@ -5,7 +5,12 @@ such as rotary frequencies are computed for real). Everything outside the decode
 embeddings, final norm, head) is loaded once; block l is read from the checkpoint
 (``safetensors.safe_open``, shard by shard through the index JSON), run over *every* batch, and
 freed before block l + 1 is read. Peak memory is about one block, the non-block modules and the
-hidden states of all batches (kept in the model dtype).
+hidden states of all batches (kept in the model dtype, or spilled to a memmap: ``models.spill``).
+
+Variants of one model share what they do not change. ``editing(layer, apply)`` makes a weight edit
+to block ``layer`` each time that block is loaded; ``share_prefix(layer)`` keeps the hidden states
+entering ``layer`` for each input set, so the blocks before it run once for every variant (what
+``capture.reuse.reuse_prefix`` does for a model in memory; it hands a streamed model to this one).
 
 The model's own forward does the work, so every family's masks, rotary embeddings and scalings
 are computed as usual: while block l is loaded, the other blocks pass their input through, block
@@ -16,6 +21,7 @@ Hooks named ``blocks.{l}.*`` (attached by the caller, ``capture.run``) fire whil
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from .adapters import Blocks, get
+from .spill import HiddenStates
 
 
 class _Stop(Exception):
@@ -78,6 +85,15 @@ class CheckpointReader:
     def close(self) -> None:
         self._headers.clear()
 
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of the checkpoint's files: what a resumed run checks
+        instead of hashing every weight (which would mean reading the whole checkpoint)."""
+        h = hashlib.sha256()
+        for file in sorted(set(self.weight_map.values())):
+            stat = (self.folder / file).stat()
+            h.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return h.hexdigest()
+
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -105,6 +121,27 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 @dataclass
+class SharedPrefix:
+    """The hidden states entering ``layer``, by input set; ``hits`` and ``misses`` count the runs."""
+
+    layer: int
+    states: dict[bytes, HiddenStates] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+
+def _inputs_key(batches: Sequence[dict]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for batch in batches:
+        for name in sorted(batch):
+            value = batch[name]
+            if isinstance(value, torch.Tensor):
+                h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+                h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+@dataclass
 class Streamer:
     """A skeleton model and the checkpoint its blocks are read from."""
 
@@ -114,6 +151,8 @@ class Streamer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tuple_output: bool = False  # older decoder layers return (hidden_states, ...)
     loaded: int | None = None  # the block in memory
+    edits: dict[int, list[Callable[[], object]]] = field(default_factory=dict)  # layer -> edits made on load
+    prefix: SharedPrefix | None = None
 
     @property
     def blocks(self) -> Blocks:
@@ -165,11 +204,42 @@ class Streamer:
                 _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
             self.reader.close()
             self.loaded = layer
-            yield module
+            with ExitStack() as edits:
+                for apply in self.edits.get(layer, ()):
+                    edits.enter_context(apply())
+                yield module
         finally:
             self.loaded = None
             for name, param in list(module.named_parameters()):
                 _set(module, name, torch.empty_like(param, device="meta"))
+
+    @contextmanager
+    def editing(self, layer: int, apply: Callable[[], object]) -> Iterator[None]:
+        """Within the context, ``apply()`` (a weight edit of block ``layer``, restoring on exit) is entered
+        each time block ``layer`` is loaded, and left before the block is freed."""
+        self.blocks.check_layer(layer)
+        if self.prefix is not None and layer < self.prefix.layer:
+            raise ValueError(f"an edit of layer {layer} inside share_prefix({self.prefix.layer}): the shared states "
+                             "entering that layer would not see it")
+        self.edits.setdefault(layer, []).append(apply)
+        try:
+            yield
+        finally:
+            self.edits[layer].remove(apply)
+
+    @contextmanager
+    def share_prefix(self, layer: int) -> Iterator[SharedPrefix]:
+        """Within the context, the first run over a set of inputs keeps the hidden states entering block
+        ``layer``; later runs over the same inputs start there. Edits of earlier layers are refused."""
+        self.blocks.check_layer(layer)
+        early = [l for l, applies in self.edits.items() if applies and l < layer]
+        if early:
+            raise ValueError(f"share_prefix({layer}) with edits of layers {early} in effect")
+        outer, self.prefix = self.prefix, SharedPrefix(layer)
+        try:
+            yield self.prefix
+        finally:
+            self.prefix = outer
 
     # ---- forward passes ---------------------------------------------------------------------------
 
@@ -226,20 +296,39 @@ class Streamer:
             stack.callback(norm.register_forward_pre_hook(inject, with_kwargs=True).remove)
             return self.model(**batch, use_cache=False).logits
 
-    def run(self, batches: Sequence[dict], *, hooks_for: Callable[[int, int], dict] | None = None,
-            start: int = 0, states: list[torch.Tensor] | None = None, stop: int | None = None,
-            edit: Callable[[int], object] | None = None, progress: bool = True) -> list[torch.Tensor]:
+    def states_for(self, batches: Sequence[dict]) -> HiddenStates:
+        """An empty store for the hidden states of ``batches`` (in memory, or spilled: ``models.spill``)."""
+        width = self.model.config.hidden_size
+        return HiddenStates([(*batch["input_ids"].shape, width) for batch in batches], self.dtype, self.device)
+
+    def run(self, batches: Sequence[dict], *, hooks_for: Callable[[int, int], object] | None = None,
+            start: int = 0, states: HiddenStates | None = None, stop: int | None = None,
+            edit: Callable[[int], object] | None = None, progress: bool = True) -> HiddenStates:
         """Run ``batches`` through blocks ``start``..``stop - 1``, block-major: each block is read once.
 
-        ``states``: the hidden states entering block ``start`` (None: from the embeddings);
-        ``hooks_for(layer, batch index)``: a context manager attaching hooks, or None; ``edit(layer)``: a context manager applied
-        while that block is loaded (a weight attack edits the block as it is loaded).
-        Returns the hidden states leaving the last block run, per batch.
+        ``states``: the hidden states entering block ``start`` (None: from the embeddings), left intact;
+        ``hooks_for(layer, batch index)``: a context manager attaching hooks, or None; ``edit(layer)``: a
+        context manager applied while that block is loaded (a weight attack edits the block as it is
+        loaded; inside ``share_prefix(l)`` only for layers from l on). Inside ``share_prefix(l)`` a run from
+        the embeddings without hooks starts at block l from the kept states when it has seen these inputs. Returns the states leaving the last block run.
         """
         from tqdm.auto import tqdm
 
         stop = len(self.blocks) if stop is None else stop
-        states = list(states) if states is not None else [None] * len(batches)
+        shared = self.prefix
+        if shared is not None and start == 0 and states is None and hooks_for is None and 0 < shared.layer <= stop:
+            key = _inputs_key(batches)
+            if key in shared.states:
+                shared.hits += 1
+            else:
+                shared.misses += 1
+                self.prefix = None  # the run up to the shared layer is an ordinary one
+                try:
+                    shared.states[key] = self.run(batches, stop=shared.layer, progress=progress)
+                finally:
+                    self.prefix = shared
+            start, states = shared.layer, shared.states[key]
+        states = states.copy() if states is not None else self.states_for(batches)
         with torch.inference_mode():
             for layer in tqdm(range(start, stop), desc="blocks", unit="block", disable=not progress, leave=False):
                 with self.block(layer), (edit(layer) if edit else nullcontext()):
@@ -281,4 +370,4 @@ def block_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     return largest, total - sum(p.numel() for p in blocks.layers.parameters()) * size
 
 
-__all__ = ["CheckpointReader", "Streamer", "block_bytes", "stream_skeleton", "streamer_of"]
+__all__ = ["CheckpointReader", "SharedPrefix", "Streamer", "block_bytes", "stream_skeleton", "streamer_of"]
