@@ -51,7 +51,7 @@ class CheckpointReader:
             weight_map = {k: "model.safetensors" for k in _header(self.folder / "model.safetensors")}
         else:
             raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json: "
-                                    "--stream reads safetensors checkpoints")
+                                    "--stream reads safetensors checkpoints and GGUF files")
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise FileNotFoundError(f"the checkpoint index names shards that are missing from {self.folder}: "
@@ -61,6 +61,9 @@ class CheckpointReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its byte range of the shard (no memory map: mapped pages that were
@@ -194,15 +197,27 @@ class Streamer:
             self.model.tie_weights()
         self.reader.close()
 
+    def _read(self, layer: int) -> None:
+        """Block ``layer``'s parameters from the checkpoint, in the streamer's dtype and device."""
+        module, prefix = self.blocks.layers[layer], self.block_prefix(layer)
+        for name, _ in list(module.named_parameters()):
+            _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
+        self.reader.close()
+
+    def materialize(self) -> nn.Module:
+        """The whole model in memory, every block read for good (an ordinary load through this reader:
+        a split GGUF, which transformers does not read)."""
+        for layer in range(len(self.blocks)):
+            self._read(layer)
+        del self.model._cardhouse_streamer
+        return self.model
+
     @contextmanager
     def block(self, layer: int) -> Iterator[nn.Module]:
         """Block ``layer`` read from the checkpoint for the duration, then freed (back to meta)."""
         module = self.blocks.layers[layer]
-        prefix = self.block_prefix(layer)
         try:
-            for name, _ in list(module.named_parameters()):
-                _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
-            self.reader.close()
+            self._read(layer)
             self.loaded = layer
             with ExitStack() as edits:
                 for apply in self.edits.get(layer, ()):
@@ -337,20 +352,27 @@ class Streamer:
         return states
 
 
-def stream_skeleton(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Streamer:
-    """The meta-device skeleton of the checkpoint in ``folder`` with its non-block modules loaded."""
+def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    config=None) -> Streamer:
+    """The meta-device skeleton of the checkpoint at ``source`` (a safetensors folder, or a GGUF file,
+    single or split) with its non-block modules loaded. ``config``: the checkpoint's, when known."""
     import accelerate
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    reader = CheckpointReader(folder)
-    config = AutoConfig.from_pretrained(folder)
+    from .conversion import converted
+    from .gguf_files import GGUFTensors, gguf_config
+
+    source = Path(source)
+    gguf = source.suffix == ".gguf" or source.is_file()
+    if config is None:
+        config = gguf_config(source) if gguf else AutoConfig.from_pretrained(source)
     with accelerate.init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if gguf and Blocks.of(model).is_moe:
+        raise ValueError(f"--stream does not read Mixture-of-Experts GGUF files ({config.model_type}) yet; "
+                         "stream the model's safetensors folder, or load the GGUF without --stream")
+    reader = GGUFTensors(source, model) if gguf else converted(CheckpointReader(source), model)
     streamer = Streamer(model.eval(), reader, dtype, torch.device(device))
-    if streamer.blocks.is_moe:
-        raise ValueError(f"--stream does not read Mixture-of-Experts checkpoints ({config.model_type}): "
-                         "transformers renames and fuses their expert tensors while loading; use --device-map "
-                         "auto with --max-memory and --offload-folder instead")
     streamer.check()
     streamer.load_rest()
     model._cardhouse_streamer = streamer  # perplexity and run_batches find it here
