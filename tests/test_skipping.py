@@ -58,12 +58,20 @@ def test_pass_through_stands_in_and_the_blocks_come_back_also_on_error(tiny):
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_a_pass_through_carries_what_the_layer_loop_reads(family, tiny):
-    """Older transformers read ``decoder_layer.attention_type`` in the model's layer loop."""
-    for block in tiny(family).blocks.layers:
-        stand_in = PassThrough(block)
+def test_a_pass_through_answers_for_its_block(family, tiny):
+    """Older transformers read ``decoder_layer.attention_type`` in the model's layer loop; hooks attached
+    by name while blocks are skipped (attention hook points) must find the block's real parts."""
+    lm = tiny(family)
+    for layer, block in enumerate(lm.blocks.layers):
         public = {k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"}
-        assert all(getattr(stand_in, k) is v for k, v in public.items())
+        attn = lm.blocks.part(layer, "attn")
+        with skip_blocks(lm.blocks.layers, [layer]):
+            stand_in = lm.blocks.layers[layer]
+            assert all(getattr(stand_in, k) is v for k, v in public.items())
+            assert lm.blocks.part(layer, "attn") is attn
+            assert not any(p is q for p in lm.model.parameters() for q in block.parameters())
+        with pytest.raises(AttributeError):
+            stand_in.no_such_attribute
 
 
 def test_reuse_replaces_no_method_during_or_after(tiny):

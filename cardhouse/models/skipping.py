@@ -20,9 +20,12 @@ the family's own masks, rotary embeddings and caches computed as usual. The alte
   cache) recorded by forward pre-hooks would re-implement each family's layer loop (Gemma's
   per-layer mask and rotary choice, GPT-2's positional arguments, cache handling), and lm-eval calls
   the model's own forward, which would still run every block.
-Older transformers read attributes of a block inside that loop (``decoder_layer.attention_type`` in
-the Gemma and Qwen families), so a ``PassThrough`` carries the block's plain attributes. The skipped
-blocks' own hooks do not fire (they are not called).
+A ``PassThrough`` answers for the block it stands for: an attribute it lacks is the block's. Older
+transformers read ``decoder_layer.attention_type`` (Gemma, Qwen) inside that loop, and code that
+attaches hooks by name while blocks are skipped (the streamer's named hooks, the attention hook
+points, which visit every layer's attention) finds the block's real parts. It owns none of them:
+the model's ``parameters()`` leave the skipped blocks out for the duration. The skipped blocks' own
+hooks do not fire (they are not called).
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ class PassThrough(nn.Module):
 
     def __init__(self, block: nn.Module, tuple_output: bool = False):
         super().__init__()
-        # the block's plain attributes (attention_type, layer_idx, ...), none of its modules or weights
-        self.__dict__.update({k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"})
+        self.__dict__["stands_for"] = block  # not a submodule: its weights stay out of this module's tree
         self.tuple_output = tuple_output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("stands_for")
+            if block is None:
+                raise
+            return getattr(block, name)  # attention_type, self_attn, ...: the block's own
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
