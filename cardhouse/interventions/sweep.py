@@ -20,6 +20,7 @@ from ..analysis.criterion import Criterion
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
 from ..journal import HEADER, Journal
 from ..models.loading import LoadedModel
+from ..models.streaming import streamer_of
 from .variants import Variant, attack, original, run_variants, sweep_attacks
 from .weights import weights_digest
 
@@ -82,8 +83,10 @@ def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, crite
 
 def model_settings(lm: LoadedModel) -> dict:
     """... and what is known once they have: where they came from, their digest, BOS first or not."""
-    params = [p for _, p in sorted(lm.model.named_parameters())]
-    return {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
+    params = [p for _, p in sorted(lm.model.named_parameters()) if not p.is_meta]
+    settings = {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
+    streamer = streamer_of(lm.model)  # its blocks stay on disk: their files stand for them
+    return settings if streamer is None else {**settings, "checkpoint": streamer.reader.fingerprint()}
 
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
