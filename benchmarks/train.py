@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from cardhouse.emergence.train import (build, check_data, config_with, get_batch, load_data, make_optimizer,
-                                       resolve_device, smollm2_tokenizer, train_step)
+from cardhouse.emergence.config import config_with
+from cardhouse.emergence.tokens import check_data, get_batch, load_data, smollm2_tokenizer
+from cardhouse.emergence.train import build, make_optimizer, resolve_device, train_step
 
 VARIANTS = ("standard", "bias")  # the pair whose cost the issue asks for
 

@@ -66,7 +66,16 @@ CASES = [
     ("scan -m M --device-map everywhere", ["unknown --device-map 'everywhere'"]),
     ("scan -m M --max-memory cpu=lots --device-map auto", ["--max-memory", "cannot read the size 'lots'"]),
     ("scan -m M --stream --device-map auto", ["--stream", "--device-map"]),
-    ("attack topk-zero -m M --stream", ["--stream serves scan"]),
+    ("position -m M --stream", ["--stream serves", "attack, intervene, scan, sweep"]),
+    ("attack topk-zero -m M --spill-dir spill", ["--spill-dir", "needs --stream"]),
+    ("attack topk-zero -m M --stream --spill-dir {models}/a-file", ["--spill-dir", "is a file"]),
+    ("attack topk-zero -m M --stream --context 64 --task arc_easy", ["--task", "--stream"]),
+    ("sweep -m M --stream --context 64 --max-tokens 0 --task arc_easy", ["--task", "--stream"]),
+    # 10^11 tokens of hidden states: far more than any disk here
+    ("attack topk-zero -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill",
+     ["not enough disk", "spill", "GiB are free"]),
+    ("intervene set-zero -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill",
+     ["not enough disk"]),
     # scan (fix 4: --limit 0 used all prompts, --limit -3 all but 3, --batch-size 0 crashed)
     ("scan -m M --limit 0", ["--limit", ">= 1", "got 0"]),
     ("scan -m M --limit -3", ["--limit", ">= 1"]),

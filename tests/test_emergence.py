@@ -9,13 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cardhouse.emergence.measure as measure_module
+import cardhouse.emergence.tokens as tokens_module
 import cardhouse.emergence.train as train_module
 from cardhouse.analysis import massive_activations, scan
 from cardhouse.analysis.prompts import builtin_prompts
 from cardhouse.capture import POINTS, hook_name, record
 from cardhouse.cli import app
 from cardhouse.emergence import GPTConfig, TrainConfig, load_checkpoint, split_tokens, train_variant
-from cardhouse.emergence.train import build, get_batch, resolve_device, scan_model
+from cardhouse.emergence.measure import scan_model
+from cardhouse.emergence.tokens import get_batch
+from cardhouse.emergence.train import build, resolve_device
 from cardhouse.models.adapters import Blocks
 from cardhouse.models.loading import from_pretrained_objects
 
@@ -143,12 +147,12 @@ def test_a_few_steps_reduce_the_loss(tokenizer, data, tmp_path):
 
 
 def test_statistics_of_a_trained_checkpoint_are_the_projects_scan(tokenizer, data, tmp_path):
-    assert train_module.scan is massive_activations.scan  # imported, not re-implemented
+    assert measure_module.scan is massive_activations.scan  # imported, not re-implemented
     config = TrainConfig(**TINY, steps=8, every=4)
     run = train_variant(config, "bias", data, tokenizer, tmp_path, progress=False)
     model, state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 8
-    prompts = train_module.scan_prompts(data, tokenizer, config)
+    prompts = tokens_module.scan_prompts(data, tokenizer, config)
     direct = scan(from_pretrained_objects(model, tokenizer, bos=False), prompts, progress=False)
     recorded = run["history"][-1]["layers"]
     for row, mine in zip(direct.layers, recorded, strict=True):
@@ -190,7 +194,7 @@ def test_resume_from_checkpoint_continues_identically(tokenizer, data, tmp_path,
 def test_held_out_windows_come_from_every_corpus():
     # regression: the windows were the first ones of the held-out text, i.e. only the first corpus's
     data = split_tokens({"a": torch.arange(4, 1004), "b": torch.arange(2000, 3000)}, 0.1)  # every id once
-    x, y = train_module.val_windows(data, TrainConfig(**{**TINY, "eval_windows": 4}))
+    x, y = tokens_module.val_windows(data, TrainConfig(**{**TINY, "eval_windows": 4}))
     assert x.shape == y.shape == (4, 16)
     assert int(x[0].max()) < 1004 and int(x[-1].min()) >= 2000  # both corpora's held-out ends
     torch.testing.assert_close(x[:, 1:], y[:, :-1])
@@ -201,11 +205,11 @@ def test_held_out_windows_come_from_every_corpus():
 def test_ngram_baselines_of_a_periodic_text():
     text = torch.tensor([5, 6, 7] * 400)  # every token fixes the next one
     data = split_tokens({"abc": text}, 0.1)
-    x, y = train_module.val_windows(data, TrainConfig(**TINY))
-    lines = train_module.ngram_baselines(data, x, y, vocab_size=50)
+    x, y = tokens_module.val_windows(data, TrainConfig(**TINY))
+    lines = measure_module.ngram_baselines(data, x, y, vocab_size=50)
     assert lines["unigram"] == pytest.approx(math.log(3), abs=0.05)  # three tokens, equally often
     assert lines["bigram"] < 0.01  # the previous token says it all
-    unseen = train_module.ngram_baselines(data, torch.full_like(x, 9), y, vocab_size=50)  # contexts never seen
+    unseen = measure_module.ngram_baselines(data, torch.full_like(x, 9), y, vocab_size=50)  # contexts never seen
     assert unseen["bigram"] == pytest.approx(unseen["unigram"])  # fall back to the unigram model
 
 

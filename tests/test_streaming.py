@@ -20,7 +20,6 @@ from cardhouse.models import ModelLoadError, load_model
 from cardhouse.models.memory import requirements
 from cardhouse.models.streaming import streamer_of
 
-DENSE = [f for f in TEXT_FAMILIES if f not in MOE_FAMILIES]
 IDS = torch.randint(4, 99, (256,), generator=torch.Generator().manual_seed(0))
 
 
@@ -40,7 +39,7 @@ def close(a: float, b: float) -> bool:
     return abs(a / b - 1) <= 1e-5
 
 
-@pytest.mark.parametrize("family", DENSE)
+@pytest.mark.parametrize("family", TEXT_FAMILIES)  # MoE too: the expert tensors are fused per block as transformers does
 def test_streamed_equals_ordinary(family, tmp_path):
     save(family, tmp_path, max_shard_size="20KB")  # several shards and an index JSON
     assert (tmp_path / "model.safetensors.index.json").is_file()
@@ -50,7 +49,13 @@ def test_streamed_equals_ordinary(family, tmp_path):
     a, b = scan(ordinary, progress=False).to_dict(), scan(streamed, progress=False).to_dict()
     assert a["massive_layers"] and {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in b.items()
                                                                                  if k != "model"}
-    assert find_massive_weights(ordinary, k=3).to_dict() == find_massive_weights(streamed, k=3).to_dict()
+    ma, mb = find_massive_weights(ordinary, k=3).to_dict(), find_massive_weights(streamed, k=3).to_dict()
+    if family in MOE_FAMILIES:  # the routed experts' contributions are summed in another order: last-bit differences
+        same = ("layer", "dim", "indices", "expert", "super_weight", "largest_down_entry")
+        assert {k: ma[k] for k in same} == {k: mb[k] for k in same}
+        assert [e["expert"] for e in ma["experts"]] == [e["expert"] for e in mb["experts"]]
+    else:
+        assert ma == mb
     assert close(ppl(streamed), ppl(ordinary))
     assert all(p.is_meta for p in streamed.blocks.layers.parameters())
 
@@ -91,9 +96,6 @@ def test_streaming_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "cut" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ModelLoadError, match="lacks .* tensors the config needs.*model.layers.2"):
         load_model(str(tmp_path / "cut"), stream=True)
-    save("mixtral", tmp_path / "moe")
-    with pytest.raises(ModelLoadError, match="Mixture-of-Experts"):
-        load_model(str(tmp_path / "moe"), stream=True)
 
 
 def test_scan_command_streams_and_other_commands_say_they_do_not(tmp_path):
@@ -104,8 +106,8 @@ def test_scan_command_streams_and_other_commands_say_they_do_not(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "scan.json").read_text())
     assert data["model"]["placement"]["stream"] is True and data["results"]["scan"]["massive_layers"]
-    result = runner.invoke(app, ["attack", "topk-zero", "-m", str(tmp_path / "ckpt"), "--stream"])
-    assert result.exit_code == 1 and "error: --stream serves scan" in result.output
+    result = runner.invoke(app, ["position", "-m", str(tmp_path / "ckpt"), "--stream"])  # attack & co.: test_streamed_commands.py
+    assert result.exit_code == 1 and "error: --stream serves attack, intervene, scan" in result.output
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)

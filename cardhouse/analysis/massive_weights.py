@@ -174,18 +174,22 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
             notes.append(f"in layer {layer} attention contributes more than the FFN to dimension {dim}")
     blocks.check_layer(layer)
 
+    from ..models.streaming import streamer_of
+
+    streamer = streamer_of(lm.model)  # a streamed model reads the block whose experts and rows are described
     expert, experts = None, []
     mlp_in = at(layer, "mlp.hook_in")
     if blocks.is_moe_layer(layer):
         from .moe import carrier_experts
 
-        # of the carrier's routed experts (and the shared one), the one that writes the massive dimension most
-        experts = sorted(carrier_experts(lm, layer, mlp_in[0], dim, k), key=lambda e: -sign * e["contribution"])
-        expert = experts[0]["expert"]
-        like = blocks.down_weight(layer, expert)  # the stored states are float32 copies: back to the model's dtype
-        with torch.inference_mode():
-            intermediate = torch.stack([blocks.intermediate(layer, x.to(like.device, like.dtype), expert).cpu()
-                                        for x in mlp_in])
+        with streamer.block(layer) if streamer is not None else nullcontext():
+            # of the carrier's routed experts (and the shared one), the one that writes the massive dimension most
+            experts = sorted(carrier_experts(lm, layer, mlp_in[0], dim, k), key=lambda e: -sign * e["contribution"])
+            expert = experts[0]["expert"]
+            like = blocks.down_weight(layer, expert)  # the stored states are float32 copies: back to the model's dtype
+            with torch.inference_mode():
+                intermediate = torch.stack([blocks.intermediate(layer, x.to(like.device, like.dtype), expert).cpu()
+                                            for x in mlp_in])
         notes.append(f"Mixture of Experts: the BOS token is routed to experts {[e['expert'] for e in experts]}; "
                      f"expert {expert} writes the most into dimension {dim} and holds the massive weights")
     else:
@@ -199,9 +203,6 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     top = intermediate.abs().topk(k, dim=-1).indices  # [prompt, k]
     stable = all(set(t.tolist()) == set(top[0].tolist()) for t in top)
     indices = top[0].tolist()
-    from ..models.streaming import streamer_of
-
-    streamer = streamer_of(lm.model)  # a streamed model reads the block whose rows are described
     # Yu et al.: the row of the down projection's output spike, the column of its input spike (carrier token)
     sw_row, sw_column = int(at(layer, "mlp.hook_out")[0].abs().argmax()), indices[0]
     with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):

@@ -18,6 +18,9 @@ wrote into it, and a reused pass writes the same back, so the cache ends as afte
 Such a pass depends on what the cache held before, so the key also covers the skipped layers'
 cached keys and values: the lm-eval backend's suffix passes, run against a cached prefix, are
 recognised across the variants of a sweep like any other input.
+
+A streamed model (``load_model(..., stream=True)``) has no weights in memory to skip: its
+``Streamer.share_prefix`` keeps the states entering the layer for each set of windows instead.
 """
 
 from __future__ import annotations
@@ -98,7 +101,14 @@ def _prefix_tensors(lm: LoadedModel, layer: int) -> list[torch.Tensor]:
 @contextmanager
 def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> Iterator[PrefixCache]:
     """Skip layers ``0..layer-1`` on inputs already seen in this context (see the module docstring)."""
+    from ..models.streaming import streamer_of
+
     lm.blocks.check_layer(layer)
+    streamer = streamer_of(lm.model)
+    if streamer is not None:
+        with streamer.share_prefix(layer) as shared:
+            yield shared
+        return
     cache = PrefixCache(max_bytes)
     if layer == 0:  # nothing before the first layer is worth keeping
         yield cache

@@ -10,8 +10,9 @@ import typer
 
 from ..validation import validate
 from .common import (KS_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt,
-                     PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console,
-                     context_opt, err, load, load_options, max_tokens_opt, parse_int_list, writable_folder)
+                     PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, check_streamed_run,
+                     clear_errors, console, context_opt, err, load, load_options, max_tokens_opt, parse_int_list,
+                     window_tokens, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
 ContextOpt = context_opt(512)
@@ -96,6 +97,7 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
                            max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
+        check_streamed_run(checked, window_tokens(max_tokens, context), copies=len(budget.corpora) + 1, tasks=task)
         chosen = checked.options["indices"]
         lm = load(checked, bos)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
@@ -166,6 +168,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
                            max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs, min_ratio=min_ratio)
         criterion = Criterion.from_options(min_abs, min_ratio, relative)
         budget = budget_from(corpus, max_tokens, context, task, task_limit)
+        check_streamed_run(checked, window_tokens(max_tokens, context), copies=len(budget.corpora) + 1, tasks=task)
         lm = load(checked, bos)
         result = run_scan(lm, checked.prompts, criterion=criterion, progress=False)
         others = [kd for kd in INTERVENTIONS if kd != kind]  # the other one is the comparison
@@ -206,6 +209,8 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
         # rows of an earlier run under other settings are refused now, before the weights load
         Journal(out / "sweep.jsonl", {}).check(sweep_settings(model, layer=layer, seed=seed, criterion=criterion,
                                                               **budget.to_dict()))
+        check_streamed_run(checked, window_tokens(max_tokens, context, len(budget.corpora)),
+                           copies=len(budget.corpora) + 1, tasks=task)
         folder = writable_folder(out)
         lm = load(checked, bos)
         rows = resumable_sweep(lm, measurer(lm, budget, progress=False), folder / "sweep.jsonl",

@@ -126,13 +126,25 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
                                                     "the weights it offloads to disk",
                                                     rich_help_panel="Model placement")),
     ("stream", bool, typer.Option(False, "--stream", help="for checkpoints larger than memory: read one decoder "
-                                  "block at a time from the safetensors files and run every prompt through it. "
-                                  "Needs about one block + the embeddings and head + the hidden states "
-                                  "(prompts x tokens x d_model x dtype bytes) in memory, and no extra disk; "
-                                  "see `cardhouse memory` for the figures of a config", rich_help_panel="Model placement")),
+                                  "block at a time from the safetensors files and run every prompt or window through "
+                                  "it. Needs about one block + the embeddings and head + the hidden states (tokens x "
+                                  "d_model x dtype bytes; attack, intervene and sweep keep them twice: the states "
+                                  "entering the attacked layer are shared by every variant) in memory; "
+                                  "`cardhouse memory MODEL --tokens N` prints the figures of a config",
+                                  rich_help_panel="Model placement")),
+    ("spill_dir", Optional[Path], typer.Option(None, "--spill-dir", help="with --stream: keep the hidden states in "
+                                               "memory-mapped files in a temporary folder here instead of memory "
+                                               "(then about one block + the embeddings and head in memory, and the "
+                                               "hidden states on disk: the free disk is checked before the run "
+                                               "starts); the files are removed on exit, also on Ctrl-C and errors",
+                                               rich_help_panel="Model placement")),
 ]
 _placement: ContextVar[dict] = ContextVar("cardhouse_placement", default={})
-STREAMED_COMMANDS = {"scan"}  # the commands whose every step runs block by block
+STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep"}  # the commands whose every step runs block by block
+
+
+def _command_name(command) -> str:
+    return command.__name__.removesuffix("_cmd")  # attack_cmd is `cardhouse attack`
 
 
 def load_options(command):
@@ -147,19 +159,27 @@ def load_options(command):
     def run(*args, **kwargs):
         from ..models.placement import Placement
 
+        from ..models.spill import spilling
+
         chosen = {name: kwargs.pop(name) for name, _, _ in _LOAD_OPTIONS}
         chosen["offload_folder"] = str(chosen["offload_folder"]) if chosen["offload_folder"] else None
+        spill_dir = chosen.pop("spill_dir")
         with clear_errors():
             Placement.of(**{k: v for k, v in chosen.items() if k != "stream"})  # checked here, before any work
             if chosen["stream"] and chosen["device_map"]:
                 raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
-            if chosen["stream"] and command.__name__ not in STREAMED_COMMANDS:
+            if chosen["stream"] and _command_name(command) not in STREAMED_COMMANDS:
                 raise ValueError(f"--stream serves {', '.join(sorted(STREAMED_COMMANDS))} (and the Python API's "
                                  "streamed perplexity and attack variants) so far; use --device-map auto with "
                                  "--max-memory and --offload-folder for this command")
-        token = _placement.set(chosen)
+            if spill_dir is not None and not chosen["stream"]:
+                raise ValueError("--spill-dir keeps the hidden states of a streamed run: it needs --stream")
+            if spill_dir is not None and spill_dir.exists() and not spill_dir.is_dir():
+                raise ValueError(f"--spill-dir {spill_dir} is a file, not a folder")
+        token = _placement.set({**chosen, "spill_dir": spill_dir})
         try:
-            return command(*args, **kwargs)
+            with spilling(spill_dir):  # its private folder is removed on exit, also on Ctrl-C and errors
+                return command(*args, **kwargs)
         finally:
             _placement.reset(token)
 
@@ -171,7 +191,29 @@ def load_options(command):
 
 def placement_options() -> dict:
     """The placement options of the command being run (``load_model`` keywords)."""
-    return dict(_placement.get())
+    return {k: v for k, v in _placement.get().items() if k != "spill_dir"}
+
+
+def check_streamed_run(checked, tokens: int, copies: int = 2, tasks: list[str] | None = None) -> None:
+    """With ``--stream``, what a streamed run cannot do and, with ``--spill-dir``, whether the disk holds the
+    hidden states of ``tokens`` tokens ``copies`` times: refused now, before any model time."""
+    from ..models.placement import Placement
+    from ..models.spill import check_disk, hidden_bytes
+
+    chosen = _placement.get()
+    if not chosen.get("stream"):
+        return
+    if tasks:
+        raise ValueError("--task needs whole forward passes of the model (lm-eval's zero-shot scoring): with "
+                         "--stream only perplexity is measured; drop --task, or use --device-map auto")
+    if chosen.get("spill_dir") is not None and checked.spec is not None:
+        dtype = Placement.of(chosen["dtype"], chosen["device"]).torch_dtype()
+        check_disk(chosen["spill_dir"], copies * hidden_bytes(tokens, checked.spec.d_model, dtype))
+
+
+def window_tokens(max_tokens: int, context: int, corpora: int = 1) -> int:
+    """Hidden-state tokens of the perplexity windows of ``corpora`` corpora (BOS included, rounded up)."""
+    return corpora * (max_tokens // max(context - 1, 1) + 1) * context
 
 
 def load(checked, bos: bool | None):

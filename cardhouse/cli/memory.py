@@ -13,7 +13,8 @@ def memory_cmd(model: str = typer.Argument(..., help="a local HF folder, a confi
                dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16"),
                tokens: int = typer.Option(2048, help="hidden states kept at once (prompts x tokens, or windows x "
                                           "context)")):
-    """Memory needed by an ordinary load, --device-map and --stream, computed from the config."""
+    """Memory needed by an ordinary load, --device-map and --stream, and the disk --stream --spill-dir uses,
+    computed from the config."""
     from pathlib import Path
 
     from transformers import AutoConfig
@@ -40,3 +41,6 @@ def memory_cmd(model: str = typer.Argument(..., help="a local HF folder, a confi
         console.print(f"            embeddings, head          {r.rest_bytes / gib:8.2f} GiB")
         console.print(f"            hidden states ({tokens} tok) {2 * r.hidden_bytes / gib:8.2f} GiB")
         console.print(f"            total                     {r.stream_bytes / gib:8.2f} GiB")
+        console.print(f"  --stream --spill-dir: in memory     {(r.block_bytes + r.rest_bytes) / gib:8.2f} GiB "
+                      "(+ one batch)")
+        console.print(f"            on disk (hidden states)   {r.spill_bytes / gib:8.2f} GiB")

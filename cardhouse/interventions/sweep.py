@@ -81,10 +81,13 @@ def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, crite
 
 def model_settings(lm: LoadedModel) -> dict:
     """... and what is known once they have: where they came from, their digest, BOS first or not."""
+    from ..models.streaming import streamer_of
     from .weights import weights_digest
 
-    params = [p for _, p in sorted(lm.model.named_parameters())]
-    return {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
+    params = [p for _, p in sorted(lm.model.named_parameters()) if not p.is_meta]
+    settings = {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
+    streamer = streamer_of(lm.model)  # its blocks stay on disk: their files stand for them
+    return settings if streamer is None else {**settings, "checkpoint": streamer.reader.fingerprint()}
 
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,

@@ -20,6 +20,7 @@ from ..analysis.massive_activations import ScanResult
 from ..analysis.massive_weights import MassiveWeights
 from ..capture.reuse import reuse_prefix
 from ..models.loading import LoadedModel
+from ..models.streaming import streamer_of
 from .activations import massive_means, set_activations
 from .weights import check_indices, random_indices, retain_rows, weights_digest, zero_rows, zero_super_weight
 
@@ -41,6 +42,9 @@ class Variant:
     control_of: str | None = None  # the attack this variant is the random control of
     seed: int | None = None
     on: str | None = None  # which copy of the model it edits when not the loaded one (e.g. "merged")
+    # apply() edits the weights of block ``layer`` only (a streamed model makes the edit each time that block is
+    # loaded); False: it attaches hooks, entered around the whole measurement
+    edits_block: bool = True
 
     @property
     def name(self) -> str:
@@ -220,7 +224,15 @@ def intervention(lm: LoadedModel, scan: ScanResult, kind: str, *, every_layer: b
     where = "every massive layer" if every_layer else f"layer {first}"
     return Variant(kind, f"set dims {sorted(values)} to {kind.split('-')[1]} at {where} where |a| > {threshold:.0f}",
                    lambda: set_activations(lm, layers, values, threshold), min(layers),
-                   indices=tuple(sorted(values)))
+                   indices=tuple(sorted(values)), edits_block=False)
+
+
+def applied(lm: LoadedModel, variant: Variant) -> ContextManager:
+    """``variant.apply()``; on a streamed model a block edit is made each time its block is loaded."""
+    streamer = streamer_of(lm.model)
+    if streamer is not None and variant.edits_block and variant.layer is not None:
+        return streamer.editing(variant.layer, variant.apply)
+    return variant.apply()
 
 
 def run_variants(lm: LoadedModel, variants: Iterable[Variant], measure: Callable[[LoadedModel], dict],
@@ -233,13 +245,13 @@ def run_variants(lm: LoadedModel, variants: Iterable[Variant], measure: Callable
     once for the whole run; the unit tests check each edit on its own.
     """
     variants = list(variants)
-    params = list(lm.model.parameters())
+    params = [p for p in lm.model.parameters() if not p.is_meta]  # a streamed model's blocks are read afresh
     before = weights_digest(params)
     changed = [v.layer for v in variants if v.layer is not None]
     results = []
     with reuse_prefix(lm, min(changed)) if reuse and changed else nullcontext():
         for variant in variants:
-            with variant.apply():
+            with applied(lm, variant):
                 numbers = measure(lm)
             row = {**variant.to_dict(), **numbers}
             results.append(row)

@@ -140,25 +140,39 @@ class LoadedModel:
                 "bos_token": self.tokenizer.bos_token if self.bos else None, **self.info}
 
 
-def _check_gguf(path: Path) -> None:
+def _check_gguf(path: Path) -> list[Path]:
+    """The parts of a GGUF checkpoint (one, or every part of a split file), each checked to be a GGUF file."""
+    from .gguf_files import gguf_parts
+
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    try:
+        parts = gguf_parts(path)
+    except FileNotFoundError as err:
+        raise ModelLoadError(str(err)) from None
+    for part in parts:
+        with part.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{part} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    return parts
 
 
-def _cache_key(gguf: Path) -> str:
-    stat = gguf.stat()
-    text = f"{gguf.name}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}"
+def _cache_key(*files: Path) -> str:
+    text = "|".join(f"{f.name}|{f.stat().st_size}|{int(f.stat().st_mtime)}" for f in files) + f"|{CACHE_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def gguf_cache_folder(gguf: str | Path) -> Path:
-    """Where ``load_gguf`` keeps the dequantized copy of a GGUF file (its tokenizer too)."""
-    gguf = Path(gguf)
-    return cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
+    """Where ``load_gguf`` keeps the dequantized copy of a GGUF file (its tokenizer too); a split file's
+    key covers every part."""
+    from .gguf_files import gguf_parts
+
+    try:
+        parts = gguf_parts(gguf)
+    except FileNotFoundError:  # a part is missing: the first part alone names the (unusable) cache
+        parts = [Path(gguf)]
+    return cache_dir("models") / f"{parts[0].stem}-{_cache_key(*parts)}"
 
 
 def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
@@ -216,7 +230,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
     from .integrity import broken
 
     path = Path(path)
-    _check_gguf(path)
+    parts = _check_gguf(path)
     folder = gguf_cache_folder(path)
     if use_cache and (folder / "COMPLETE").exists():
         try:
@@ -229,7 +243,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
         shutil.rmtree(folder, ignore_errors=True)
     print(f"cardhouse: dequantizing {path.name} (once; later loads use the cache)", file=sys.stderr)
     try:
-        model, tokenizer = _load_auto(path.parent, dtype, gguf_file=path.name)
+        model, tokenizer = (_load_auto(path.parent, dtype, gguf_file=path.name) if len(parts) == 1
+                            else _load_split_gguf(parts))
     except Exception as err:
         raise ModelLoadError(f"could not read the GGUF file {path} (corrupt or truncated?): {err}") from err
     if use_cache:
@@ -237,6 +252,16 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
         if placement is not None and placement != Placement():
             return _load_auto(folder, dtype, placement)  # placed from the cache like every later load
     return model, tokenizer
+
+
+def _load_split_gguf(parts: list[Path]):
+    """A split GGUF (transformers reads single files): its skeleton, every tensor dequantized into it,
+    and the tokenizer of its first part (which holds the metadata)."""
+    from .gguf_files import gguf_tokenizer
+    from .streaming import stream_skeleton
+
+    model = stream_skeleton(parts[0], torch.float32).materialize()
+    return model.eval(), gguf_tokenizer(parts[0])
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
@@ -291,8 +316,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
 
 
 def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, use_cache: bool) -> LoadedModel:
-    """A streamed model: the skeleton of a safetensors checkpoint folder (a bundled model or a GGUF
-    file is read through its dequantized safetensors cache, which is written once if missing)."""
+    """A streamed model: the skeleton of a safetensors checkpoint folder or of a GGUF file (single or
+    split; a bundled model's GGUF too), whose blocks are read one at a time."""
     from transformers import AutoTokenizer
 
     from .streaming import stream_skeleton
@@ -301,11 +326,15 @@ def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, us
         raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
     gguf = (BUNDLED[name_or_path].locate_gguf() if name_or_path in BUNDLED
             else Path(name_or_path) if Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file() else None)
-    if gguf is not None:
+    config = tokenizer_folder = None
+    if gguf is not None:  # its tensors are dequantized one block at a time, never the whole file
+        from .gguf_files import gguf_tokenizer
+        from .spec import _gguf_config
+
         _check_gguf(gguf)
-        folder = cache_dir("models") / f"{gguf.stem}-{_cache_key(gguf)}"
-        if not (folder / "COMPLETE").exists():
-            load_gguf(gguf, use_cache=use_cache)  # dequantized whole, once (a GGUF is streamed from its cache)
+        folder, config = gguf, _gguf_config(gguf)
+        cached = gguf_cache_folder(gguf)
+        tokenizer_folder = cached if (cached / "COMPLETE").exists() else None  # saves parsing the vocabulary
     elif Path(name_or_path).is_dir():
         folder = Path(name_or_path)
     else:
@@ -317,11 +346,15 @@ def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, us
             raise ModelLoadError(f"{name_or_path!r} is not a bundled model, a folder, a GGUF file or a hub id in the "
                                  f"local Hugging Face cache (--stream reads files, it downloads nothing): {err}") from err
     try:
-        streamer = stream_skeleton(folder, placement.torch_dtype(), placement.resolved_device())
+        streamer = stream_skeleton(folder, placement.torch_dtype(), placement.resolved_device(), config=config)
     except (FileNotFoundError, KeyError, OSError, ValueError) as err:
         raise ModelLoadError(f"cannot stream {folder}: {err}") from err
     adapter_for(streamer.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if gguf is not None and tokenizer_folder is None:
+        tokenizer = gguf_tokenizer(gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
+    adapter_for(streamer.model)
     lm = from_pretrained_objects(streamer.model, tokenizer, name=name_or_path, source=f"streamed: {folder}", bos=bos)
     lm.info["placement"] = placement.to_dict() | {"stream": True}
     return lm

@@ -3,7 +3,9 @@
 ``requirements(config, dtype)`` gives the bytes of the whole model, of its largest decoder block
 and of everything outside the blocks (embeddings, head), for an ordinary load, for
 ``--device-map`` (the whole model spread over the devices and disk) and for ``--stream`` (one
-block + the rest + the hidden states of the batch set). The count is exact for the families in
+block + the rest + the hidden states of the batch set, twice: a run of variants keeps the states
+entering the attacked layer beside the running ones), or with ``--spill-dir`` the hidden states on
+disk instead (``models.spill``). The count is exact for the families in
 the adapter table: a skeleton is built on the meta device and its parameters counted.
 """
 
@@ -26,7 +28,8 @@ class Requirements:
     block_bytes: int  # the largest decoder block
     rest_bytes: int  # embeddings, final norm, head (a tied head counted once)
     hidden_bytes: int  # hidden states of ``tokens`` tokens (prompts x length) in ``dtype``
-    stream_bytes: int  # --stream: block + rest + hidden states (x2: the block's input and output)
+    stream_bytes: int  # --stream: block + rest + hidden states (x2: the shared prefix and the running states)
+    spill_bytes: int  # --stream --spill-dir: disk for the hidden states (x2); memory is then about block + rest
 
     def to_dict(self) -> dict:
         return {**asdict(self), **{k.replace("_bytes", "_gib"): round(v / GiB, 2)
@@ -51,4 +54,4 @@ def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 
     hidden = tokens * config.hidden_size * size
     name = str(dtype).replace("torch.", "")
     return Requirements(name, total, total * size, block * size, (total - in_blocks) * size, hidden,
-                        block * size + (total - in_blocks) * size + 2 * hidden)
+                        block * size + (total - in_blocks) * size + 2 * hidden, 2 * hidden)

@@ -94,12 +94,14 @@ class ModelSpec:
 
 
 def _gguf_config(path: Path):
-    """The config of a GGUF file: from its dequantized cache when there is one, else from its header."""
+    """The config of a GGUF file (single or split): from its dequantized cache when there is one, else
+    from its header, after checking that every part is there and every tensor type can be dequantized."""
     from transformers import AutoConfig
 
+    from .gguf_files import check_gguf_types, gguf_config
     from .loading import ModelLoadError, _check_gguf, gguf_cache_folder
 
-    _check_gguf(path)
+    parts = _check_gguf(path)
     cached = gguf_cache_folder(path)
     if (cached / "COMPLETE").exists() and (cached / "config.json").is_file():
         try:
@@ -107,7 +109,11 @@ def _gguf_config(path: Path):
         except Exception:  # noqa: BLE001  the cache is checked and rebuilt when the weights load
             pass
     try:
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        check_gguf_types(parts)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    try:
+        return gguf_config(path)
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"could not read the header of the GGUF file {path} (corrupt, truncated, or an "
                              f"architecture transformers cannot load?): {_first_line(err)}") from err

@@ -5,7 +5,12 @@ such as rotary frequencies are computed for real). Everything outside the decode
 embeddings, final norm, head) is loaded once; block l is read from the checkpoint
 (``safetensors.safe_open``, shard by shard through the index JSON), run over *every* batch, and
 freed before block l + 1 is read. Peak memory is about one block, the non-block modules and the
-hidden states of all batches (kept in the model dtype).
+hidden states of all batches (kept in the model dtype, or spilled to a memmap: ``models.spill``).
+
+Variants of one model share what they do not change. ``editing(layer, apply)`` makes a weight edit
+to block ``layer`` each time that block is loaded; ``share_prefix(layer)`` keeps the hidden states
+entering ``layer`` for each input set, so the blocks before it run once for every variant (what
+``capture.reuse.reuse_prefix`` does for a model in memory; it hands a streamed model to this one).
 
 The model's own forward does the work, so every family's masks, rotary embeddings and scalings
 are computed as usual: while block l is loaded, the other blocks pass their input through, block
@@ -16,6 +21,7 @@ Hooks named ``blocks.{l}.*`` (attached by the caller, ``capture.run``) fire whil
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from .adapters import Blocks, get
+from .spill import HiddenStates
 
 
 class _Stop(Exception):
@@ -44,7 +51,7 @@ class CheckpointReader:
             weight_map = {k: "model.safetensors" for k in _header(self.folder / "model.safetensors")}
         else:
             raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json: "
-                                    "--stream reads safetensors checkpoints")
+                                    "--stream reads safetensors checkpoints and GGUF files")
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise FileNotFoundError(f"the checkpoint index names shards that are missing from {self.folder}: "
@@ -54,6 +61,9 @@ class CheckpointReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its byte range of the shard (no memory map: mapped pages that were
@@ -77,6 +87,15 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._headers.clear()
+
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of the checkpoint's files: what a resumed run checks
+        instead of hashing every weight (which would mean reading the whole checkpoint)."""
+        h = hashlib.sha256()
+        for file in sorted(set(self.weight_map.values())):
+            stat = (self.folder / file).stat()
+            h.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return h.hexdigest()
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -105,6 +124,27 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 @dataclass
+class SharedPrefix:
+    """The hidden states entering ``layer``, by input set; ``hits`` and ``misses`` count the runs."""
+
+    layer: int
+    states: dict[bytes, HiddenStates] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+
+def _inputs_key(batches: Sequence[dict]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for batch in batches:
+        for name in sorted(batch):
+            value = batch[name]
+            if isinstance(value, torch.Tensor):
+                h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+                h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+@dataclass
 class Streamer:
     """A skeleton model and the checkpoint its blocks are read from."""
 
@@ -114,6 +154,8 @@ class Streamer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tuple_output: bool = False  # older decoder layers return (hidden_states, ...)
     loaded: int | None = None  # the block in memory
+    edits: dict[int, list[Callable[[], object]]] = field(default_factory=dict)  # layer -> edits made on load
+    prefix: SharedPrefix | None = None
 
     @property
     def blocks(self) -> Blocks:
@@ -155,21 +197,64 @@ class Streamer:
             self.model.tie_weights()
         self.reader.close()
 
+    def _read(self, layer: int) -> None:
+        """Block ``layer``'s parameters from the checkpoint, in the streamer's dtype and device."""
+        module, prefix = self.blocks.layers[layer], self.block_prefix(layer)
+        for name, _ in list(module.named_parameters()):
+            _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
+        self.reader.close()
+
+    def materialize(self) -> nn.Module:
+        """The whole model in memory, every block read for good (an ordinary load through this reader:
+        a split GGUF, which transformers does not read)."""
+        for layer in range(len(self.blocks)):
+            self._read(layer)
+        del self.model._cardhouse_streamer
+        return self.model
+
     @contextmanager
     def block(self, layer: int) -> Iterator[nn.Module]:
         """Block ``layer`` read from the checkpoint for the duration, then freed (back to meta)."""
         module = self.blocks.layers[layer]
-        prefix = self.block_prefix(layer)
         try:
-            for name, _ in list(module.named_parameters()):
-                _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
-            self.reader.close()
+            self._read(layer)
             self.loaded = layer
-            yield module
+            with ExitStack() as edits:
+                for apply in self.edits.get(layer, ()):
+                    edits.enter_context(apply())
+                yield module
         finally:
             self.loaded = None
             for name, param in list(module.named_parameters()):
                 _set(module, name, torch.empty_like(param, device="meta"))
+
+    @contextmanager
+    def editing(self, layer: int, apply: Callable[[], object]) -> Iterator[None]:
+        """Within the context, ``apply()`` (a weight edit of block ``layer``, restoring on exit) is entered
+        each time block ``layer`` is loaded, and left before the block is freed."""
+        self.blocks.check_layer(layer)
+        if self.prefix is not None and layer < self.prefix.layer:
+            raise ValueError(f"an edit of layer {layer} inside share_prefix({self.prefix.layer}): the shared states "
+                             "entering that layer would not see it")
+        self.edits.setdefault(layer, []).append(apply)
+        try:
+            yield
+        finally:
+            self.edits[layer].remove(apply)
+
+    @contextmanager
+    def share_prefix(self, layer: int) -> Iterator[SharedPrefix]:
+        """Within the context, the first run over a set of inputs keeps the hidden states entering block
+        ``layer``; later runs over the same inputs start there. Edits of earlier layers are refused."""
+        self.blocks.check_layer(layer)
+        early = [l for l, applies in self.edits.items() if applies and l < layer]
+        if early:
+            raise ValueError(f"share_prefix({layer}) with edits of layers {early} in effect")
+        outer, self.prefix = self.prefix, SharedPrefix(layer)
+        try:
+            yield self.prefix
+        finally:
+            self.prefix = outer
 
     # ---- forward passes ---------------------------------------------------------------------------
 
@@ -226,20 +311,39 @@ class Streamer:
             stack.callback(norm.register_forward_pre_hook(inject, with_kwargs=True).remove)
             return self.model(**batch, use_cache=False).logits
 
-    def run(self, batches: Sequence[dict], *, hooks_for: Callable[[int, int], dict] | None = None,
-            start: int = 0, states: list[torch.Tensor] | None = None, stop: int | None = None,
-            edit: Callable[[int], object] | None = None, progress: bool = True) -> list[torch.Tensor]:
+    def states_for(self, batches: Sequence[dict]) -> HiddenStates:
+        """An empty store for the hidden states of ``batches`` (in memory, or spilled: ``models.spill``)."""
+        width = self.model.config.hidden_size
+        return HiddenStates([(*batch["input_ids"].shape, width) for batch in batches], self.dtype, self.device)
+
+    def run(self, batches: Sequence[dict], *, hooks_for: Callable[[int, int], object] | None = None,
+            start: int = 0, states: HiddenStates | None = None, stop: int | None = None,
+            edit: Callable[[int], object] | None = None, progress: bool = True) -> HiddenStates:
         """Run ``batches`` through blocks ``start``..``stop - 1``, block-major: each block is read once.
 
-        ``states``: the hidden states entering block ``start`` (None: from the embeddings);
-        ``hooks_for(layer, batch index)``: a context manager attaching hooks, or None; ``edit(layer)``: a context manager applied
-        while that block is loaded (a weight attack edits the block as it is loaded).
-        Returns the hidden states leaving the last block run, per batch.
+        ``states``: the hidden states entering block ``start`` (None: from the embeddings), left intact;
+        ``hooks_for(layer, batch index)``: a context manager attaching hooks, or None; ``edit(layer)``: a
+        context manager applied while that block is loaded (a weight attack edits the block as it is
+        loaded; inside ``share_prefix(l)`` only for layers from l on). Inside ``share_prefix(l)`` a run from
+        the embeddings without hooks starts at block l from the kept states when it has seen these inputs. Returns the states leaving the last block run.
         """
         from tqdm.auto import tqdm
 
         stop = len(self.blocks) if stop is None else stop
-        states = list(states) if states is not None else [None] * len(batches)
+        shared = self.prefix
+        if shared is not None and start == 0 and states is None and hooks_for is None and 0 < shared.layer <= stop:
+            key = _inputs_key(batches)
+            if key in shared.states:
+                shared.hits += 1
+            else:
+                shared.misses += 1
+                self.prefix = None  # the run up to the shared layer is an ordinary one
+                try:
+                    shared.states[key] = self.run(batches, stop=shared.layer, progress=progress)
+                finally:
+                    self.prefix = shared
+            start, states = shared.layer, shared.states[key]
+        states = states.copy() if states is not None else self.states_for(batches)
         with torch.inference_mode():
             for layer in tqdm(range(start, stop), desc="blocks", unit="block", disable=not progress, leave=False):
                 with self.block(layer), (edit(layer) if edit else nullcontext()):
@@ -248,20 +352,27 @@ class Streamer:
         return states
 
 
-def stream_skeleton(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Streamer:
-    """The meta-device skeleton of the checkpoint in ``folder`` with its non-block modules loaded."""
+def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    config=None) -> Streamer:
+    """The meta-device skeleton of the checkpoint at ``source`` (a safetensors folder, or a GGUF file,
+    single or split) with its non-block modules loaded. ``config``: the checkpoint's, when known."""
     import accelerate
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    reader = CheckpointReader(folder)
-    config = AutoConfig.from_pretrained(folder)
+    from .conversion import converted
+    from .gguf_files import GGUFTensors, gguf_config
+
+    source = Path(source)
+    gguf = source.suffix == ".gguf" or source.is_file()
+    if config is None:
+        config = gguf_config(source) if gguf else AutoConfig.from_pretrained(source)
     with accelerate.init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if gguf and Blocks.of(model).is_moe:
+        raise ValueError(f"--stream does not read Mixture-of-Experts GGUF files ({config.model_type}) yet; "
+                         "stream the model's safetensors folder, or load the GGUF without --stream")
+    reader = GGUFTensors(source, model) if gguf else converted(CheckpointReader(source), model)
     streamer = Streamer(model.eval(), reader, dtype, torch.device(device))
-    if streamer.blocks.is_moe:
-        raise ValueError(f"--stream does not read Mixture-of-Experts checkpoints ({config.model_type}): "
-                         "transformers renames and fuses their expert tensors while loading; use --device-map "
-                         "auto with --max-memory and --offload-folder instead")
     streamer.check()
     streamer.load_rest()
     model._cardhouse_streamer = streamer  # perplexity and run_batches find it here
@@ -281,4 +392,4 @@ def block_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     return largest, total - sum(p.numel() for p in blocks.layers.parameters()) * size
 
 
-__all__ = ["CheckpointReader", "Streamer", "block_bytes", "stream_skeleton", "streamer_of"]
+__all__ = ["CheckpointReader", "SharedPrefix", "Streamer", "block_bytes", "stream_skeleton", "streamer_of"]

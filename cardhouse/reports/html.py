@@ -1,6 +1,6 @@
 """The report page: sections of text, tables and figures, rendered to one self-contained HTML file.
 
-A report is a list of ``Section`` objects (see ``reports.report`` for the steps that make
+A report is a list of ``Section`` objects (see ``reports.steps`` for the steps that make
 them). The page is rendered from the sections' JSON form, the very dicts written to
 ``results.json``, so every number on the page is one of the numbers in that file: numbers are
 rounded to ``SIG`` significant digits when a ``Table`` is made, and the page only formats them.

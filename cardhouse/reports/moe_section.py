@@ -1,4 +1,4 @@
-"""The report's Mixture-of-Experts section (a step of ``reports.report``; it appears for MoE models only)."""
+"""The report's Mixture-of-Experts section (a step of ``reports.steps``; it appears for MoE models only)."""
 
 from __future__ import annotations
 
