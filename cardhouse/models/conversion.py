@@ -67,6 +67,9 @@ class ConvertedReader:
         self._extra.clear()
         self.reader.close()
 
+    def fingerprint(self) -> str:
+        return self.reader.fingerprint()
+
 
 def converted(reader, model: nn.Module):
     """``reader`` as ``ConvertedReader`` when transformers converts this model's checkpoints, else itself."""

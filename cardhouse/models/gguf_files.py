@@ -205,5 +205,15 @@ class GGUFTensors:
     def close(self) -> None:
         """Nothing is kept between tensors."""
 
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of every part (what a resumed run checks)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for part in self.parts:
+            stat = part.stat()
+            h.update(f"{part.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return h.hexdigest()
+
 
 __all__ = ["GGUFTensors", "check_gguf_types", "gguf_config", "gguf_parts", "gguf_tokenizer", "tensor_table"]
