@@ -147,6 +147,14 @@ def _command_name(command) -> str:
     return command.__name__.removesuffix("_cmd")  # attack_cmd is `cardhouse attack`
 
 
+def _check_budget(models, placement) -> None:
+    from ..models.memory import check_budget
+    from ..models.spec import probe
+
+    for model in [models] if isinstance(models, str) else models or []:
+        check_budget(probe(model), placement)
+
+
 def load_options(command):
     """Give ``command`` the model-placement options (``--dtype``, ``--device``, ``--device-map``,
     ``--max-memory``, ``--offload-folder``); ``load`` uses them. Bad values end with one ``error:``
@@ -165,7 +173,7 @@ def load_options(command):
         chosen["offload_folder"] = str(chosen["offload_folder"]) if chosen["offload_folder"] else None
         spill_dir = chosen.pop("spill_dir")
         with clear_errors():
-            Placement.of(**{k: v for k, v in chosen.items() if k != "stream"})  # checked here, before any work
+            placement = Placement.of(**chosen)  # checked here, before any work
             if chosen["stream"] and chosen["device_map"]:
                 raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
             if chosen["stream"] and _command_name(command) not in STREAMED_COMMANDS:
@@ -176,6 +184,8 @@ def load_options(command):
                 raise ValueError("--spill-dir keeps the hidden states of a streamed run: it needs --stream")
             if spill_dir is not None and spill_dir.exists() and not spill_dir.is_dir():
                 raise ValueError(f"--spill-dir {spill_dir} is a file, not a folder")
+            if placement.max_memory:  # one block must fit the budget: checked on the config, before the command
+                _check_budget(kwargs.get("model"), placement)
         token = _placement.set({**chosen, "spill_dir": spill_dir})
         try:
             with spilling(spill_dir):  # its private folder is removed on exit, also on Ctrl-C and errors
