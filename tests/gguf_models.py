@@ -70,7 +70,11 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
         if gguf_name in float64:
             writer.add_tensor(gguf_name, w.astype(np.float64))
         elif quant != gguf.GGMLQuantizationType.F32 and w.ndim == 2 and w.shape[-1] % block == 0:
-            writer.add_tensor(gguf_name, quantize(w, quant), raw_dtype=quant)
+            try:
+                data = quantize(w, quant)
+            except NotImplementedError:  # K-quants: the gguf package only dequantizes them
+                data = _random_k_blocks(w.shape, quant, np.random.default_rng(len(gguf_name)))
+            writer.add_tensor(gguf_name, data, raw_dtype=quant)
         else:
             writer.add_tensor(gguf_name, w.astype(np.float32))
     writer.write_header_to_file()
@@ -80,3 +84,20 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     if split_max_tensors:
         return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))[0]
     return path
+
+
+def _random_k_blocks(shape: tuple[int, ...], quant, rng) -> np.ndarray:
+    """Random Q4_K/Q5_K/Q6_K blocks (random packed values and sub-scales) with small, finite super-block
+    scales (d and dmin, the first two float16 fields of Q4_K/Q5_K; d, the last one of Q6_K): weights
+    that both loads must dequantize alike."""
+    assert quant.name in ("Q4_K", "Q5_K", "Q6_K"), quant
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[quant]
+    data = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    if quant == gguf.GGMLQuantizationType.Q6_K:
+        data[..., -2:] = scale
+    else:
+        data[..., 0:2], data[..., 2:4] = scale, scale
+    return data.reshape(*shape[:-1], -1)
