@@ -5,11 +5,14 @@
    log-likelihoods are compared too (largest difference, identical choices). Goal: >= 2x.
 2. A 6-variant zero-shot sweep (original, top-2 zeroing and its random control, top-5
    retaining and its control, the super weight) with the backend inside ``run_variants``
-   (one model; the layers before the attacked one run once per input: ``capture.reuse``)
-   against the same variants one by one through ``zero_shot(backend="hflm")``. Goal: >= 3x.
+   (one model, one ``ZeroShot`` set up once; the layers before the attacked one run once per
+   input: ``capture.reuse``) against the same variants one by one through
+   ``zero_shot(backend="hflm")``. Goal: >= 3x.
 
-The two sides alternate ``--repeats`` times and the best time of each counts, so that a noisy
-shared CPU penalises neither side.
+Like with like: the same items, model, thread count and batch size (``--batch-size``) on both
+sides; each side runs once untimed first (warm-up); the two sides alternate ``--repeats`` times
+and the best time of each counts, so that a noisy shared CPU penalises neither side. The load
+average is printed beside the ratios.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python benchmarks/zeroshot.py
 """
@@ -38,7 +41,14 @@ def choices(requests, answers) -> dict:
     return {doc: max(scores)[1] for doc, scores in per_doc.items()}
 
 
+def load() -> str:
+    import os
+
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def items_per_second(lm, args) -> None:
+    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -46,18 +56,21 @@ def items_per_second(lm, args) -> None:
     from cardhouse.evaluation.zeroshot import bos_first_tokenizer, write_task_yamls
 
     tokenizer = bos_first_tokenizer(lm.tokenizer)
-    hflm = HFLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=args.hflm_batch_size,
+    hflm = HFLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=args.batch_size,
                 device="cpu", add_bos_token=True)
     ours = CardhouseLM(pretrained=lm.model, tokenizer=copy.deepcopy(tokenizer), batch_size=args.batch_size,
                        add_bos_token=True)
     manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
-    print(f"items/s, {args.limit} items per task (HFLM batch {args.hflm_batch_size}, cardhouse batch {args.batch_size})")
+    print(f"items/s, {args.limit} items per task, batch size {args.batch_size} on both sides, "
+          f"{torch.get_num_threads()} thread(s); {load()}")
     print(f"{'task':<10} {'requests':>8} {'HFLM':>8} {'cardhouse':>10} {'ratio':>6} {'max |d| nats':>13} same choices")
     for name, task in manager.load(args.tasks)["tasks"].items():
         task.build_all_requests(limit=args.limit)
         requests = task.instances
         times = {"hflm": float("inf"), "cardhouse": float("inf")}
         answers = {}
+        for backend in (ours, hflm):  # warm-up, untimed
+            backend.loglikelihood(requests[:8], disable_tqdm=True)
         for _ in range(args.repeats):
             for side, backend in (("cardhouse", ours), ("hflm", hflm)):
                 seconds, answers[side] = best_time(lambda: backend.loglikelihood(requests, disable_tqdm=True), 1)
@@ -66,12 +79,14 @@ def items_per_second(lm, args) -> None:
         same = choices(requests, answers["hflm"]) == choices(requests, answers["cardhouse"])
         rate = {side: args.limit / seconds for side, seconds in times.items()}
         print(f"{name:<10} {len(requests):>8} {rate['hflm']:>8.2f} {rate['cardhouse']:>10.2f} "
-              f"{rate['cardhouse'] / rate['hflm']:>5.2f}x {worst:>13.1e} {same}", flush=True)
+              f"{rate['cardhouse'] / rate['hflm']:>5.2f}x {worst:>13.1e} {same}  ({load()})", flush=True)
 
 
 def sweep_versus_one_by_one(lm, args) -> None:
+    import torch
+
     from cardhouse.analysis import find_massive_weights
-    from cardhouse.evaluation import zero_shot
+    from cardhouse.evaluation import ZeroShot, zero_shot
     from cardhouse.interventions import attack, original, run_variants
 
     mw = find_massive_weights(lm, k=5)
@@ -80,21 +95,24 @@ def sweep_versus_one_by_one(lm, args) -> None:
                 attack(lm, mw, "super-weight")]
     tasks = args.sweep_tasks
 
-    def measure(backend):
-        def scores(lm):
-            result = zero_shot(lm.model, lm.tokenizer, tasks, limit=args.sweep_limit, backend=backend)
-            return {f"acc_{t}": result[t]["acc"] for t in tasks}
-        return scores
+    def accuracies(result):
+        return {f"acc_{t}": result[t]["acc"] for t in tasks}
 
-    def swept():
-        return run_variants(lm, variants, measure("cardhouse"))
+    def swept():  # what `cardhouse sweep --task` does: one ZeroShot for every variant, inside reuse_prefix
+        evaluator = ZeroShot(lm.model, lm.tokenizer, tasks, limit=args.sweep_limit, batch_size=args.batch_size)
+        return run_variants(lm, variants, lambda lm: accuracies(evaluator()))
 
     def one_by_one():
         rows = []
         for variant in variants:
             with variant.apply():
-                rows.append({"variant": variant.name, **measure("hflm")(lm)})
+                result = zero_shot(lm.model, lm.tokenizer, tasks, limit=args.sweep_limit, backend="hflm",
+                                   batch_size=args.batch_size)
+                rows.append({"variant": variant.name, **accuracies(result)})
         return rows
+
+    zero_shot(lm.model, lm.tokenizer, tasks, limit=2, backend="hflm", batch_size=args.batch_size)  # warm-up
+    zero_shot(lm.model, lm.tokenizer, tasks, limit=2, batch_size=args.batch_size)
 
     times, rows = {"sweep": float("inf"), "hflm": float("inf")}, {}
     for _ in range(args.repeats):
@@ -102,11 +120,12 @@ def sweep_versus_one_by_one(lm, args) -> None:
             seconds, rows[side] = best_time(fn, 1)
             times[side] = min(times[side], seconds)
     same = all(a[k] == b[k] for a, b in zip(rows["sweep"], rows["hflm"]) for k in a if k.startswith("acc_"))
-    print(f"\n6-variant zero-shot sweep ({', '.join(tasks)}, {args.sweep_limit} items each, layer {mw.layer})")
+    print(f"\n6-variant zero-shot sweep ({', '.join(tasks)}, {args.sweep_limit} items each, layer {mw.layer}, "
+          f"batch size {args.batch_size} on both sides, {torch.get_num_threads()} thread(s))")
     for row in rows["sweep"]:
         print(f"  {row['variant']:<22} " + " ".join(f"{k}={row[k]:.3f}" for k in row if k.startswith("acc_")))
     print(f"sweep with the cardhouse backend: {times['sweep']:.1f} s; one by one with HFLM: {times['hflm']:.1f} s; "
-          f"ratio {times['hflm'] / times['sweep']:.2f}x; identical accuracies: {same}")
+          f"ratio {times['hflm'] / times['sweep']:.2f}x; identical accuracies: {same}; {load()}")
 
 
 def main() -> None:
@@ -116,8 +135,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=40, help="items per task for part 1")
     parser.add_argument("--sweep-tasks", nargs="+", default=["arc_easy", "piqa"])
     parser.add_argument("--sweep-limit", type=int, default=20, help="items per task and variant for part 2")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--hflm-batch-size", type=int, default=8, help="what cardhouse used before the backend")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass, both sides")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

@@ -283,3 +283,63 @@ def test_a_sweep_with_nothing_to_measure_is_refused(tmp_path):
     assert result.exit_code == 1 and "error: nothing to measure" in result.output
     result = CliRunner().invoke(app, ["sweep", "--task", "arc_easy", "--task-limit", "0", "-o", str(tmp_path)])
     assert result.exit_code == 1 and "--task-limit must be an integer >= 1, got 0" in result.output
+
+
+def test_a_zero_shot_set_up_once_gives_simple_evaluates_numbers_on_every_call():
+    """``ZeroShot`` (what a sweep builds once and calls per variant) runs lm-eval's ``evaluate`` itself:
+    the same numbers as ``simple_evaluate`` on a fresh setup, call after call, also after a call on edited weights."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from cardhouse.evaluation import ZeroShot
+
+    lm = long_lm("llama")
+    tasks = ["arc_easy", "piqa"]
+    evaluator = ZeroShot(lm.model, lm.tokenizer, tasks, limit=4)
+    first, second = evaluator(), evaluator()
+    assert first == second
+    fresh = ZeroShot(lm.model, lm.tokenizer, tasks, limit=4)
+    manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
+    reference = simple_evaluate(model=fresh.lm, tasks=tasks, num_fewshot=0, limit=4, task_manager=manager,
+                                log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0,
+                                torch_random_seed=0, fewshot_random_seed=0)["results"]
+    for task in tasks:
+        for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+            assert first[task][metric] == reference[task][f"{metric},none"], (task, metric)
+    with zero_rows(lm, 1, list(range(16))):
+        evaluator()
+    assert evaluator() == first  # nothing of the edited run stays behind
+
+
+def test_continuations_sharing_their_start_run_it_once_and_match_hflm():
+    """PIQA's solutions often differ in a word or two: the shared start of the continuations joins the
+    group's prefix, whose scored positions the prefix pass computes once for every member."""
+    from lm_eval.api.instance import Instance
+
+    from cardhouse.evaluation.lm_backend import _Row, plan_groups
+
+    rows = [_Row((1, 2, 3, 4, 5, 6), span=4), _Row((1, 2, 3, 4, 5, 7, 8), span=5), _Row((1, 2, 3, 4), span=1)]
+    grouped = [g for g in plan_groups(rows) if len(g.rows) > 1]
+    assert any(g.prefix > min(r.first_scored for r in g.rows) for g in grouped)  # into the continuations
+    assert all(g.prefix < len(r.tokens) for g in grouped for r in g.rows)  # every member keeps a suffix
+
+    lm = long_lm("llama")
+    hflm, ours = backends(lm, batch_size=3)
+    context = "Question: How do I keep bread fresh?\nAnswer:"
+    endings = [" Wrap it in a clean cloth and keep it in a bread box.", " Wrap it in a clean cloth and keep it cold.",
+               " Wrap it in a clean cloth", " Wrap it", " W", " Bake it again."]
+    requests = [Instance("loglikelihood", {}, (context, ending), i) for i, ending in enumerate(endings)]
+    assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), ours.loglikelihood(requests, disable_tqdm=True),
+                per_tokens=25)
+
+
+def test_without_per_row_logits_to_keep_the_numbers_are_the_same(instances, monkeypatch):
+    """transformers before 5 take only positions shared by every row: then the logits are sliced after the head."""
+    import cardhouse.evaluation.lm_backend as backend
+
+    lm = long_lm("qwen2")
+    hflm, ours = backends(lm)
+    requests = instances["piqa"] + instances["winogrande"]
+    expected = hflm.loglikelihood(requests, disable_tqdm=True)
+    monkeypatch.setattr(backend, "_PER_ROW_KEEP", False)
+    assert_same(requests, expected, ours.loglikelihood(requests, disable_tqdm=True), per_tokens=25)

@@ -25,10 +25,9 @@ from typing import Callable
 
 import torch
 
-from ..analysis.attention import _probabilities, eager_attention, module_hooks
 from ..analysis.massive_activations import Criterion, ScanResult, scan_inputs
 from ..analysis.massive_weights import MassiveWeights, _describe_rows
-from ..capture import hook_name, run_inputs
+from ..capture import hook_name, parse_hook_name, run_inputs
 from ..interventions.activations import set_activations
 from ..interventions.weights import random_indices, zero_rows
 from ..models.loading import LoadedModel
@@ -168,16 +167,16 @@ def carrier_weights(lm: LoadedModel, inputs, carrier: Carrier, *, k: int = 5, ba
 def attention_on_carrier(lm: LoadedModel, inputs, carrier: Carrier, *, batch_size: int = 8) -> list[dict]:
     """Per layer, averaged over heads and the other tokens as queries: the attention probability on the
     carrier token, on CLS, and what a uniform spread would give (1 / tokens)."""
-    blocks, n_layers = lm.blocks, len(lm.blocks)
+    n_layers = len(lm.blocks)
     sums = torch.zeros(n_layers, 3, dtype=torch.float64)  # carrier, CLS, uniform
     counts = torch.zeros(n_layers, dtype=torch.float64)
-    current = {}
 
-    def on_layer(layer):
-        def hook(module, args, output):
-            probs = _probabilities(output, "eager").float().cpu()  # [batch, head, query, key]
-            batch = current["batch"]
-            valid = batch.attention_mask.bool()
+    def hooks_for(batch):
+        valid = batch.attention_mask.bool()
+
+        def on_pattern(name, pattern):  # [batch, head, query, key]
+            layer, _ = parse_hook_name(name)
+            probs = pattern.float().cpu()
             for row, index in enumerate(batch.prompt_index.tolist()):
                 c = carrier.positions[index]
                 queries = valid[row].clone()
@@ -187,12 +186,10 @@ def attention_on_carrier(lm: LoadedModel, inputs, carrier: Carrier, *, batch_siz
                 sums[layer, 1] += float(p[:, 0].sum())
                 sums[layer, 2] += float(queries.sum()) / float(valid[row].sum())
                 counts[layer] += float(queries.sum())
-        return hook
 
-    pairs = [(blocks.part(layer, "attn"), on_layer(layer)) for layer in range(n_layers)]
-    with eager_attention(lm), module_hooks(pairs):
-        run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size),
-                   lambda batch: (current.update(batch=batch), {})[1], progress=False)
+        return {hook_name(layer, "attn.hook_pattern"): on_pattern for layer in range(n_layers)}
+
+    run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=False)
     means = sums / counts.clamp(min=1)[:, None]
     return [{"layer": l, "on_carrier": float(means[l, 0]), "on_cls": float(means[l, 1]),
              "uniform": float(means[l, 2])} for l in range(n_layers)]

@@ -42,6 +42,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
+try:  # transformers >= 5: logits_to_keep takes a boolean (batch x positions) mask, so the LM head runs only there
+    from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+
+    _PER_ROW_KEEP = True
+except ImportError:
+    _PER_ROW_KEEP = False
 # the method this backend replaces, as lm-eval's HFLM declares it
 _EXPECTED_SIGNATURE = ["self", "requests", "disable_tqdm", "override_bs"]
 
@@ -107,15 +113,19 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 def plan_groups(rows: list[_Row]) -> list[_Group]:
     """Group rows (sorted by tokens, so a shared prefix means neighbours) where sharing saves work.
 
-    A row joins the group before it if that saves token positions and keeps at least half of the
-    group's prefix: a template shared by every item ("Question:") must not swallow the contexts
-    that items really share.
+    A group's prefix is the start its rows share, up to one token before the shortest row ends
+    (every row keeps a suffix); it may reach into the continuations (PIQA's two solutions often
+    differ in a word or two), whose log-probabilities the prefix pass then computes once. A row joins
+    the group before it if that saves token positions and keeps at least half of the group's prefix
+    (a lone row counts up to its first scored position): a template shared by every item
+    ("Question:") must not swallow the contexts that items really share.
     """
     groups: list[_Group] = []
     for row in sorted(rows, key=lambda r: r.tokens):
         if groups:
             last = groups[-1]
-            shared = min(last.prefix, _common_prefix(last.rows[0].tokens, row.tokens), row.first_scored)
+            cap = last.prefix if len(last.rows) > 1 else len(last.rows[0].tokens) - 1
+            shared = min(cap, _common_prefix(last.rows[0].tokens, row.tokens), len(row.tokens) - 1)
             joined = _Group(last.rows + [row], shared)
             if 2 * shared >= last.prefix and joined.cost() < last.cost() + len(row.tokens):
                 groups[-1] = joined
@@ -199,41 +209,77 @@ class CardhouseLM(HFLM):
         batch_size = override_bs or self.batch_size
         # longest prefixes first (as HFLM: a memory error shows at once); the chunk bounds the cached prefixes
         for chunk in _batches(sorted(groups, key=lambda g: g.prefix, reverse=True), lambda g: 1, 8 * batch_size):
-            for row, log_probs in self._score_chunk(chunk, batch_size):
+            for row, scored in self._score_chunk(chunk, batch_size):
                 for index, continuation in row.requests:
-                    answers[index] = answer = self._answer(log_probs[-len(continuation):], continuation)
+                    answers[index] = answer = self._answer(row, scored, continuation)
                     if requests[index][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
                     bar.update(1)
         bar.close()
         return answers
 
-    def _answer(self, log_probs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
-        target = torch.tensor(continuation, dtype=torch.long, device=log_probs.device)
+    @staticmethod
+    def _answer(row: _Row, scored: "_Scored", continuation: list[int]) -> tuple[float, bool]:
+        """Sum and greediness over the continuation's positions: those inside the group's prefix (already
+        reduced to the target's log-probability and whether it was the argmax), then the suffix's."""
+        start = len(row.tokens) - len(continuation)  # the position predicting the continuation's first token
+        in_suffix = min(len(continuation), len(row.tokens) - scored.suffix_start)
+        target = torch.tensor(continuation[len(continuation) - in_suffix:], dtype=torch.long,
+                              device=scored.log_probs.device)
+        log_probs = scored.log_probs[len(scored.log_probs) - in_suffix:]
+        total = log_probs.gather(1, target[:, None]).sum()
         greedy = bool((log_probs.argmax(dim=-1) == target).all())
-        return float(log_probs.gather(1, target[:, None]).sum()), greedy
+        if start < scored.suffix_start:
+            inside = slice(start - scored.prefix_start, scored.suffix_start - scored.prefix_start)
+            total = total + scored.prefix_log_probs[inside].sum()
+            greedy = greedy and bool(scored.prefix_greedy[inside].all())
+        return float(total), greedy
 
-    def _call(self, **inputs):
+    def _call(self, keep: torch.Tensor | int = 0, **inputs) -> torch.Tensor:
+        """The model's logits; with a boolean ``keep`` (batch x positions), only at its True positions
+        (flattened, row by row): the LM head and its 49k-wide rows are not computed for the others."""
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            return self.model(**inputs)
+            if isinstance(keep, int):
+                return self.model(**inputs, logits_to_keep=keep).logits
+            if _PER_ROW_KEEP:
+                return self.model(**inputs, logits_to_keep=keep.to(self.device)).logits
+            return self.model(**inputs).logits[keep.to(self.device)]  # older transformers: 1-D positions only
 
-    def _run_prefixes(self, groups: list[_Group], batch_size: int) -> dict[int, list[tuple[torch.Tensor, ...]]]:
-        """id(group) -> its prefix's (keys, values) per layer, from right-padded batches of prefixes."""
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+
+    def _run_prefixes(self, groups: list[_Group], batch_size: int) -> tuple[dict, dict]:
+        """Right-padded batches of prefixes: id(group) -> its prefix's (keys, values) per layer, and
+        id(row) -> (log-probability of its next token, was it the argmax) at each of its scored
+        positions inside the prefix (targets there are the row's own tokens, shared by its requests)."""
         from transformers import DynamicCache
 
-        cached = {}
+        cached, scored = {}, {}
         for batch in _batches([g for g in groups if g.prefix], lambda g: 1, batch_size):
             width = batch[0].prefix  # sorted: the first is the longest
             ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
             for i, group in enumerate(batch):
                 ids[i, :group.prefix] = torch.tensor(group.rows[0].tokens[:group.prefix])
+                keep[i, min(row.first_scored for row in group.rows):group.prefix] = True
             cache = DynamicCache(config=self.model.config)
-            self._call(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            inputs = {"input_ids": ids.to(self.device), "use_cache": True, self._cache_kwarg: cache}
+            logits = self._call(keep, **inputs) if keep.any() else self._call(1, **inputs)
+            at = 0
             for i, group in enumerate(batch):
                 cached[id(group)] = [(layer.keys[i:i + 1, :, :group.prefix], layer.values[i:i + 1, :, :group.prefix])
                                      for layer in cache.layers]
-        return cached
+                n = int(keep[i].sum())
+                if n:
+                    log_probs, first = self._log_softmax(logits[at:at + n]), group.prefix - n
+                    at += n
+                    for row in group.rows:
+                        rows = log_probs[max(0, row.first_scored - first):]
+                        target = torch.tensor(row.tokens[group.prefix - len(rows) + 1:group.prefix + 1],
+                                              device=rows.device)
+                        scored[id(row)] = (rows.gather(1, target[:, None])[:, 0], rows.argmax(dim=-1) == target)
+        return cached, scored
 
     def _gathered_cache(self, parts: list, width: int):
         """One cache row per member: its group's prefix, zero-padded to ``width`` (the gap is masked)."""
@@ -250,7 +296,7 @@ class CardhouseLM(HFLM):
 
     def _score_chunk(self, groups: list[_Group], batch_size: int):
         """Run the chunk's prefixes, then its members' suffixes (sorted by length) against them."""
-        cached = self._run_prefixes(groups, batch_size)
+        cached, in_prefix = self._run_prefixes(groups, batch_size)
         members = sorted(((group, row) for group in groups for row in group.rows),
                          key=lambda m: len(m[1].tokens) - m[0].prefix, reverse=True)
 
@@ -263,20 +309,38 @@ class CardhouseLM(HFLM):
             length = len(batch[0][1].tokens) - batch[0][0].prefix
             ids = torch.full((len(batch), length), self._pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width + length), dtype=torch.long)
+            keep = torch.zeros((len(batch), length), dtype=torch.bool)
             for r, (group, row) in enumerate(batch):
                 suffix = row.tokens[group.prefix:]
                 ids[r, :len(suffix)] = torch.tensor(suffix)
                 mask[r, :group.prefix] = 1  # the group's prefix, not the gap after it
                 mask[r, width:width + len(suffix)] = 1
+                keep[r, max(0, row.first_scored - group.prefix):len(suffix)] = True  # scored positions only
             positions = torch.tensor([g.prefix for g, _ in batch])[:, None] + torch.arange(length)
             inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                      "position_ids": positions.to(self.device)}
+                      "position_ids": positions.to(self.device), "use_cache": bool(width)}
             if width:
                 inputs[self._cache_kwarg] = self._gathered_cache([cached.get(id(g)) for g, _ in batch], width)
-            logits = self._call(**inputs, use_cache=bool(width)).logits
+            log_probs = self._log_softmax(self._call(keep, **inputs))
+            at = 0
             for r, (group, row) in enumerate(batch):
-                end = len(row.tokens) - group.prefix
-                yield row, F.log_softmax(logits[r, end - row.span:end], dim=-1, dtype=self.softmax_dtype)
+                n = int(keep[r].sum())
+                lp, greedy = in_prefix.get(id(row), (log_probs[:0, 0], log_probs[:0, 0].bool()))
+                yield row, _Scored(group.prefix - len(lp), group.prefix, lp, greedy, log_probs[at:at + n])
+                at += n
+
+
+@dataclass
+class _Scored:
+    """A row's log-probabilities: positions ``prefix_start..suffix_start-1`` (inside its group's prefix)
+    reduced to the target's and greediness; from ``suffix_start`` on, full rows over the vocabulary."""
+
+    prefix_start: int
+    suffix_start: int
+    prefix_log_probs: torch.Tensor
+    prefix_greedy: torch.Tensor
+    log_probs: torch.Tensor
+
 
 if __name__ == "__main__":  # lm-eval's own command line, with the cardhouse backend registered
     from lm_eval.__main__ import cli_evaluate

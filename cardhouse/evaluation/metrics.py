@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from ..data.corpora import tokenize_corpus
 from ..models.loading import LoadedModel
 from .perplexity import perplexity
-from .zeroshot import zero_shot
+from .zeroshot import ZeroShot
 
 if TYPE_CHECKING:  # the budget module imports this one
     from .measure import Budget
@@ -99,8 +99,13 @@ def _zero_shot(lm: LoadedModel, budget: "Budget", progress: bool) -> Measure | N
     if not budget.tasks:
         return None
 
+    evaluators: dict[int, ZeroShot] = {}  # set up once per model: the variants of a sweep share it
+
     def measure(lm: LoadedModel) -> dict:
-        scores = zero_shot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit, backend=budget.backend)
+        if id(lm.model) not in evaluators:
+            evaluators[id(lm.model)] = ZeroShot(lm.model, lm.tokenizer, budget.tasks, limit=budget.limit,
+                                                backend=budget.backend)
+        scores = evaluators[id(lm.model)]()
         return {**{ACC.key(t): scores[t]["acc"] for t in budget.tasks}, ACC_MEAN.key(): scores["mean_acc"]}
 
     return measure

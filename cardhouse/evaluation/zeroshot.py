@@ -170,6 +170,57 @@ def _task_metrics(task_results: dict, n_samples: int) -> dict:
     return metrics
 
 
+class ZeroShot:
+    """Zero-shot accuracy of one in-memory causal LM, set up once and measured on every call.
+
+    The setup (the backend wrapping the model, a tokenizer copy, lm-eval's tasks and their documents)
+    is the same for every variant of a sweep, which edits the weights in place: building it once
+    saves seconds per variant. A call runs lm-eval's ``evaluate`` with the seeds ``simple_evaluate``
+    sets, without ``simple_evaluate``'s collection of environment information (it starts ``pip``).
+    ``zero_shot`` is a single call.
+    """
+
+    def __init__(self, model, tokenizer, tasks: list[str] | None = None, *, limit: int | None = None,
+                 batch_size: int | None = None, seed: int = 0, backend: str = "cardhouse"):
+        self.tasks = check_settings(list(PAPER_TASKS if tasks is None else tasks), limit, backend)
+        from lm_eval.tasks import TaskManager
+
+        from ..models.placement import input_device
+
+        if backend == "cardhouse":
+            from .lm_backend import CardhouseLM as Backend
+        else:
+            from lm_eval.models.huggingface import HFLM as Backend
+        task_manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
+        with_bos = bos_first_tokenizer(tokenizer)
+        lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
+        batch_size = batch_size or (16 if backend == "cardhouse" else 8)
+        self.lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size,
+                          device=str(input_device(model)), add_bos_token=True if with_bos is not None else None)
+        self.loaded = task_manager.load(self.tasks)
+        for task in self.loaded["tasks"].values():  # as simple_evaluate(num_fewshot=0, fewshot_random_seed=seed)
+            task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        self.limit, self.seed = limit, seed
+        self.settings = {"bos": with_bos is not None, "num_fewshot": 0, "limit": limit, "seed": seed, "backend": backend}
+
+    def __call__(self) -> dict:
+        import random
+
+        import numpy as np
+        from lm_eval.evaluator import evaluate
+        from lm_eval.utils import set_torch_seed
+
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        set_torch_seed(self.seed)
+        output = evaluate(lm=self.lm, task_dict=self.loaded, limit=self.limit, bootstrap_iters=1000, log_samples=False)
+        per_task = {name: _task_metrics(output["results"][name], output["n-samples"][name]["effective"])
+                    for name in self.tasks}
+        accuracies = [metrics["acc"] for metrics in per_task.values()]
+        return {**per_task, "mean_acc": math.fsum(accuracies) / len(accuracies), "settings": dict(self.settings)}
+
+
 def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | None = None,
               batch_size: int | None = None, seed: int = 0, backend: str = "cardhouse") -> dict:
     """Zero-shot accuracy of an in-memory causal LM (default tasks: ``PAPER_TASKS``).
@@ -180,34 +231,9 @@ def zero_shot(model, tokenizer, tasks: list[str] | None = None, *, limit: int | 
     ``{"acc", "acc_stderr", "n_samples"}`` plus ``acc_norm``/``acc_norm_stderr`` (ARC, PIQA,
     HellaSwag) or ``perplexity``/``perplexity_stderr`` (LAMBADA); then ``"mean_acc"``, the
     unweighted mean of ``acc`` over the tasks, and ``"settings"`` (bos, num_fewshot, limit, seed).
+    Measuring many variants of one model: build a ``ZeroShot`` once and call it per variant.
     """
-    tasks = check_settings(list(PAPER_TASKS if tasks is None else tasks), limit, backend)
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from ..models.placement import input_device
-
-    if backend == "cardhouse":
-        from .lm_backend import CardhouseLM as Backend
-    else:
-        from lm_eval.models.huggingface import HFLM as Backend
-    task_manager = TaskManager(include_path=str(write_task_yamls()), include_defaults=False)
-    with_bos = bos_first_tokenizer(tokenizer)
-    lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
-    batch_size = batch_size or (16 if backend == "cardhouse" else 8)
-    lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size, device=str(input_device(model)),
-                 add_bos_token=True if with_bos is not None else None)
-    output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
-                             log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
-                             torch_random_seed=seed, fewshot_random_seed=seed)
-    per_task = {name: _task_metrics(output["results"][name], output["n-samples"][name]["effective"])
-                for name in tasks}
-    accuracies = [metrics["acc"] for metrics in per_task.values()]
-    return {
-        **per_task,
-        "mean_acc": math.fsum(accuracies) / len(accuracies),
-        "settings": {"bos": with_bos is not None, "num_fewshot": 0, "limit": limit, "seed": seed, "backend": backend},
-    }
+    return ZeroShot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, seed=seed, backend=backend)()
 
 
 def prepare_zero_shot_data() -> Path:
