@@ -120,13 +120,15 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
                                                "the CPU and the disk through accelerate: auto, balanced or "
                                                "sequential", rich_help_panel="Model placement")),
     ("max_memory", Optional[str], typer.Option(None, "--max-memory", help="memory per device for --device-map, "
-                                               "e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)",
+                                               "e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk), or the "
+                                               "budget of --stream; the largest block must fit one device",
                                                rich_help_panel="Model placement")),
     ("offload_folder", Optional[Path], typer.Option(None, "--offload-folder", help="where --device-map keeps "
                                                     "the weights it offloads to disk",
                                                     rich_help_panel="Model placement")),
     ("stream", bool, typer.Option(False, "--stream", help="for checkpoints larger than memory: read one decoder "
-                                  "block at a time from the safetensors files and run every prompt or window through "
+                                  "block at a time from the safetensors files or the GGUF file (dequantized block by "
+                                  "block; a split GGUF: any part) and run every prompt or window through "
                                   "it. Needs about one block + the embeddings and head + the hidden states (tokens x "
                                   "d_model x dtype bytes; attack, intervene and sweep keep them twice: the states "
                                   "entering the attacked layer are shared by every variant) in memory; "
