@@ -10,37 +10,16 @@ passes of the model body over the same prompts, measured side by side in one run
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 
 from cardhouse import load_model, scan
-from cardhouse.analysis import load_prompts
 from cardhouse.capture import StreamingStats, run_batches, tokenize_prompts
 
-
-def prompts_of(n: int) -> list[str]:
-    base = load_prompts()
-    # longer, varied prompts: pairs of real sentences
-    return [f"{base[i % len(base)]} {base[(3 * i + 1) % len(base)]}" for i in range(n)]
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from _timing import interleaved, options, prompts_of  # this folder's shared timing
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = options(__doc__.splitlines()[0]).parse_args()
     lm = load_model(args.model)
     texts = prompts_of(args.prompts)
     token_lists = tokenize_prompts(lm, texts)
@@ -48,12 +27,8 @@ def main():
 
     plain = lambda: run_batches(lm, token_lists, lambda batch: {}, progress=False)  # noqa: E731
     scanned = lambda: scan(lm, texts, progress=False)  # noqa: E731
-    plain(), scanned()  # warm-up
-    t_plain, t_scan = [], []
-    for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-        t_plain.append(best_of(plain, 1))
-        t_scan.append(best_of(scanned, 1))
-    tp, ts = min(t_plain), min(t_scan)
+    best = interleaved({"plain": plain, "scan": scanned}, args.repeats)
+    tp, ts = best["plain"], best["scan"]
     print(f"{args.model}: {args.prompts} prompts, {n_tokens} tokens, torch threads {torch.get_num_threads()}")
     print(f"plain forward  {tp:6.2f} s  ({n_tokens / tp:6.0f} tokens/s)")
     print(f"scan           {ts:6.2f} s  ({n_tokens / ts:6.0f} tokens/s)")

@@ -223,12 +223,12 @@ def test_bos_kv_kept_and_massive_channel_kept():
 
 def test_study_on_a_tiny_model(tiny, monkeypatch):
     """The study runs end to end on the same tokens, rows in order, weights restored (run_variants checks)."""
-    import cardhouse.evaluation.corpora as corpora
+    import cardhouse.evaluation.metrics as metrics  # where the perplexity measure reads its tokens
 
     lm = build("llama")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    monkeypatch.setattr(corpora, "tokenize_corpus", lambda tok, name, max_tokens=None: ids[:max_tokens])
+    monkeypatch.setattr(metrics, "tokenize_corpus", lambda tok, name, max_tokens=None: ids[:max_tokens])
     targets = Targets(layer=0, rows=[5], super_weight=(7, 5), massive_channels={"0.mlp.down_proj": [5]})
     schemes = study_schemes(["8", "4g16"], ["8:tensor"])
     result = quantization_study(lm, schemes, Budget(corpora=["wikipedia"], max_tokens=127, context=64), targets)

@@ -32,6 +32,8 @@ from ..interventions.activations import set_activations
 from ..interventions.weights import random_indices, zero_rows
 from ..models.loading import LoadedModel
 from . import measures
+from .inputs import ImageInputs, SentenceInputs
+from .registers import measure_registers
 
 
 @dataclass
@@ -202,8 +204,6 @@ def measurer(lm: LoadedModel, inputs, *, pairs: int | None = 200, copies: int = 
              batch_size: int = 8) -> Callable[[], dict]:
     """A function measuring the model as it is now (edited or not) against the original, on the same inputs:
     image models on the photographs and their augmented copies, text encoders on MRPC sentence pairs."""
-    from .inputs import ImageInputs, SentenceInputs
-
     if lm.inputs == "image":
         gallery = measures.RetrievalSet.of(inputs.photos, copies)
         items = ImageInputs(lm, gallery.photos, processor=inputs.processor)
@@ -312,8 +312,6 @@ def analyze_encoder(lm: LoadedModel, inputs, *, criterion: Criterion = Criterion
         result["norm_maps"] = {"layer": len(lm.blocks) - 1, "grid": list(inputs.grid), "maps": maps.tolist(),
                                "summary": patch_norm_summary(maps)}
         if registers:
-            from .registers import measure_registers
-
             tick("registers")
             result["registers"] = measure_registers(lm, inputs, carrier, weights, measure, batch_size=batch_size)
     return result

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .adapters import Blocks
 from .placement import DTYPES
 
 GiB = 2**30
@@ -41,8 +42,6 @@ def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 
     """Memory of ``config`` (a transformers config) in ``dtype`` with ``tokens`` hidden states kept."""
     import accelerate
     from transformers import AutoModelForCausalLM
-
-    from .adapters import Blocks
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with accelerate.init_empty_weights(include_buffers=True):  # nothing is allocated

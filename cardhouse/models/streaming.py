@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .adapters import Blocks, get
+from .skipping import skip_blocks
 from .spill import HiddenStates
 
 
@@ -260,18 +261,9 @@ class Streamer:
 
     @contextmanager
     def _only(self, layer: int | None) -> Iterator[None]:
-        """Every block but ``layer`` passes its input through (None: all of them)."""
-        layers = self.blocks.layers
-
-        def pass_through(*args, **kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden,) if self.tuple_output else hidden
-
-        with ExitStack() as stack:
-            for j, block in enumerate(layers):
-                if j != layer:
-                    block.forward = pass_through  # an instance attribute shadows the class method
-                    stack.callback(delattr, block, "forward")
+        """Every block but ``layer`` passes its input through (None: all of them): ``models.skipping``."""
+        skipped = [j for j in range(len(self.blocks)) if j != layer]
+        with skip_blocks(self.blocks.layers, skipped, tuple_output=self.tuple_output):
             yield
 
     def run_block(self, layer: int, batch: dict, state: torch.Tensor | None, hooks=None) -> torch.Tensor:
