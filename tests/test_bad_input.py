@@ -223,6 +223,8 @@ CASES = [
     ("quantize -m M --acts 8:channel --context 64", ["unknown activation granularity"]),
     ("quantize -m M --k 0 --context 64", ["--k", R]),
     ("quantize -m M --context 256", ["--context", P]),
+    ("quantize -m M --weights 8 --task-limit 0 --context 64", ["--task-limit", ">= 1"]),
+    ("quantize -m M --weights 8 --task nope --context 64", ["unknown zero-shot task"]),
     ("export out2 -m M --intervention set-mean", ["no exact form as weights"]),
     ("export out2 -m M --attack nope", ["unknown attack", "topk-zero"]),
     ("export out2 -m M --attack topk-zero --k 49", ["--k", R]),
