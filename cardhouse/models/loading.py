@@ -281,8 +281,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     """
     from .spec import probe
 
-    placement = Placement.of(dtype, device, device_map, max_memory, offload_folder)  # bad requests fail first
-    probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
+    from .memory import check_budget
+
+    placement = Placement.of(dtype, device, device_map, max_memory, offload_folder, stream)  # bad requests fail first
+    spec = probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
+    check_budget(spec, placement)  # --max-memory must hold one block
     dtype = placement.torch_dtype()
     if stream:
         return _load_streamed(name_or_path, placement, bos, use_cache)
