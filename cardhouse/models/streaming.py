@@ -465,9 +465,6 @@ def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.
         config = gguf_config(source) if gguf else AutoConfig.from_pretrained(source)
     with accelerate.init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if gguf and Blocks.of(model).is_moe:
-        raise ValueError(f"--stream does not read Mixture-of-Experts GGUF files ({config.model_type}) yet; "
-                         "stream the model's safetensors folder, or load the GGUF without --stream")
     reader = GGUFTensors(source, model) if gguf else converted(CheckpointReader(source), model)
     streamer = Streamer(model.eval(), reader, dtype, torch.device(device))
     streamer.check()
