@@ -88,6 +88,8 @@ CASES = [
      ["not enough disk", "spill", "GiB are free"]),
     ("intervene set-zero -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill",
      ["not enough disk"]),
+    ("report -m M --stream --context 64 --max-tokens 100 --task arc_easy", ["--task", "--stream"]),
+    ("report -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill", ["not enough disk"]),
     # scan (fix 4: --limit 0 used all prompts, --limit -3 all but 3, --batch-size 0 crashed)
     ("scan -m M --limit 0", ["--limit", ">= 1", "got 0"]),
     ("scan -m M --limit -3", ["--limit", ">= 1"]),
