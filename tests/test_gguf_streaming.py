@@ -170,7 +170,9 @@ def test_only_one_block_is_dequantized_at_a_time(tmp_path, monkeypatch):
 
     streamer.run([{"input_ids": torch.tensor([[1, 40, 41, 42]])}], hooks_for=count, progress=False)
     assert max(peak) == max(len(v) for v in per_block.values())  # exactly one block's tensors in memory
-    assert sorted(read) == sorted(n for v in per_block.values() for n in v)  # each read once, when its block ran
+    in_blocks = {n for v in per_block.values() for n in v}
+    # each read once, when its block ran (the token embedding is read too, while the states entering block 0 are made)
+    assert sorted(n for n in read if n in in_blocks) == sorted(in_blocks)
     assert all(p.is_meta for p in streamed.blocks.layers.parameters())
 
 
