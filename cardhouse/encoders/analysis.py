@@ -19,7 +19,7 @@ attention on the carrier, the per-patch norm map and registers added without ret
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -61,17 +61,17 @@ def token_profile(lm: LoadedModel, inputs, dim: int, *, batch_size: int = 8) -> 
     n_layers, width = len(lm.blocks), max(map(len, inputs.role_lists))
     values = [[] for _ in range(n_layers)]
     norms = [[] for _ in range(n_layers)]
-    order, current = [], {}
-
-    def keep(name, acts):
-        layer = int(name.split(".")[1])
-        mask = current["batch"].attention_mask.bool()
-        values[layer].append(acts[..., dim].float().cpu().masked_fill(~mask, float("nan")))
-        norms[layer].append(acts.float().norm(dim=-1).cpu().masked_fill(~mask, float("nan")))
+    order = []
 
     def hooks_for(batch):
-        current["batch"] = batch
+        mask = batch.attention_mask.bool()
         order.extend(batch.prompt_index.tolist())
+
+        def keep(name, acts):
+            layer, _ = parse_hook_name(name)
+            values[layer].append(acts[..., dim].float().cpu().masked_fill(~mask, float("nan")))
+            norms[layer].append(acts.float().norm(dim=-1).cpu().masked_fill(~mask, float("nan")))
+
         return {hook_name(layer, "hook_resid_post"): keep for layer in range(n_layers)}
 
     run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=False)
