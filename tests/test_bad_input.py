@@ -78,7 +78,7 @@ CASES = [
     ("scan -m {models}/split-00001-of-00003.gguf", ["missing from", "split-00002-of-00003.gguf"]),
     ("scan -m {models}/split-00001-of-00003.gguf --stream", ["missing from", "split-00002-of-00003.gguf"]),
     ("scan -m {models}/f64.gguf --stream", ["blk.1.ffn_down.weight", "F64", "cannot dequantize"]),
-    ("position -m M --stream", ["--stream serves", "attack, intervene, scan, sweep"]),
+    ("position -m M --stream", ["--stream serves", "attack, intervene, report, scan, sweep"]),
     ("attack topk-zero -m M --spill-dir spill", ["--spill-dir", "needs --stream"]),
     ("attack topk-zero -m M --stream --spill-dir {models}/a-file", ["--spill-dir", "is a file"]),
     ("attack topk-zero -m M --stream --context 64 --task arc_easy", ["--task", "--stream"]),
@@ -88,6 +88,8 @@ CASES = [
      ["not enough disk", "spill", "GiB are free"]),
     ("intervene set-zero -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill",
      ["not enough disk"]),
+    ("report -m M --stream --context 64 --max-tokens 100 --task arc_easy", ["--task", "--stream"]),
+    ("report -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill", ["not enough disk"]),
     # scan (fix 4: --limit 0 used all prompts, --limit -3 all but 3, --batch-size 0 crashed)
     ("scan -m M --limit 0", ["--limit", ">= 1", "got 0"]),
     ("scan -m M --limit -3", ["--limit", ">= 1"]),

@@ -102,6 +102,16 @@ def test_streamed_moe_gguf_equals_ordinary_load(qtype, tmp_path):
     assert close(ppl(streamed), ppl(ordinary))
 
 
+def test_large_tensors_are_dequantized_in_chunks_alike(tmp_path, monkeypatch):
+    """Row chunks (bounding the gguf package's temporaries) give the tensors whole dequantization gives."""
+    path = write_gguf(tiny("llama"), tmp_path / "m.gguf", "Q8_0")
+    streamed = load_model(str(path), bos=True, stream=True)
+    reader = streamer_of(streamed.model).reader
+    whole = {n: reader.tensor(n) for n in reader.names()}
+    monkeypatch.setattr(GGUFTensors, "chunk", 40)  # one row (32 or 48 values) at a time
+    assert all(torch.equal(reader.tensor(n), t) for n, t in whole.items())
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_split_gguf_equals_the_single_file(family, tmp_path):
     lm = tiny(family)
@@ -160,7 +170,9 @@ def test_only_one_block_is_dequantized_at_a_time(tmp_path, monkeypatch):
 
     streamer.run([{"input_ids": torch.tensor([[1, 40, 41, 42]])}], hooks_for=count, progress=False)
     assert max(peak) == max(len(v) for v in per_block.values())  # exactly one block's tensors in memory
-    assert sorted(read) == sorted(n for v in per_block.values() for n in v)  # each read once, when its block ran
+    in_blocks = {n for v in per_block.values() for n in v}
+    # each read once, when its block ran (the token embedding is read too, while the states entering block 0 are made)
+    assert sorted(n for n in read if n in in_blocks) == sorted(in_blocks)
     assert all(p.is_meta for p in streamed.blocks.layers.parameters())
 
 

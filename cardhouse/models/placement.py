@@ -152,6 +152,9 @@ class Placement:
 def input_device(model: nn.Module) -> torch.device:
     """Where the token ids must go: the embedding's device (its execution device when accelerate
     offloads it and keeps only a meta tensor in the module)."""
+    streamer = getattr(model, "_cardhouse_streamer", None)
+    if streamer is not None:  # a streamed model reads its embedding only while it embeds
+        return streamer.device
     embed = model.get_input_embeddings()
     hook = getattr(embed, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
