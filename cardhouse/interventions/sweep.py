@@ -86,7 +86,7 @@ def model_settings(lm: LoadedModel) -> dict:
     params = [p for _, p in sorted(lm.model.named_parameters()) if not p.is_meta]
     settings = {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
     streamer = streamer_of(lm.model)  # its blocks stay on disk: their files stand for them
-    return settings if streamer is None else {**settings, "checkpoint": streamer.reader.fingerprint()}
+    return settings if streamer is None else {**settings, "checkpoint": streamer.fingerprint()}
 
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
