@@ -56,6 +56,20 @@ class UnsupportedLmEvalError(ValueError):
     pass
 
 
+STREAMED_ALTERNATIVE = ("a streamed model (--stream) runs one block at a time over every input, but lm-eval scores "
+                        "request by request through whole forward passes; load it with accelerate instead: "
+                        "device_map='auto' with max_memory and offload_folder (--device-map auto --max-memory ... "
+                        "--offload-folder ...), which offloads the blocks that do not fit to the CPU and the disk")
+
+
+def check_not_streamed(model) -> None:
+    """A clear error for a ``stream_skeleton`` model (its blocks are empty until streamed)."""
+    from ..models.streaming import streamer_of
+
+    if streamer_of(model) is not None:
+        raise ValueError(f"zero-shot evaluation of {STREAMED_ALTERNATIVE}")
+
+
 def check_lm_eval(version: str | None = None) -> str:
     """The installed lm-eval version, if this backend supports it; a clear error otherwise."""
     from packaging.specifiers import SpecifierSet
@@ -176,6 +190,7 @@ class CardhouseLM(HFLM):
             tokenizer = tokenizer or loaded_tokenizer
             if bos:
                 kwargs.setdefault("add_bos_token", True)
+        check_not_streamed(pretrained)
         if not str(batch_size).isdigit():
             raise ValueError(f"the cardhouse backend needs an integer batch size, got {batch_size!r}")
         from ..models.placement import input_device
