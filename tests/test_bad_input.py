@@ -125,6 +125,8 @@ CASES = [
     ("longctx -m M --k 49", ["--k", R, "48 FFN neurons"]),
     ("generate -m M --n 0", ["--n", ">= 1"]),
     ("generate -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
+    ("longctx -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
+    ("generate -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
     # sweep (fix 1's --ks 2,2 is in test_sweep_resume.py: it is deduplicated, not refused)
     ("sweep -m M --ks 49 --context 64", ["--ks", f"0..{D_MLP}", "out of range: 49"]),
     ("sweep -m M --ks -1 --context 64", ["--ks", f"0..{D_MLP}"]),

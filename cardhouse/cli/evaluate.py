@@ -30,17 +30,22 @@ def _variants(lm, k: int, seed: int):
     return mw, [original(), attack(lm, mw, "topk-zero", k=k, seed=seed), attack(lm, mw, "random-zero", k=k, seed=seed)]
 
 
+def check_adapter(folder: Path | None) -> None:
+    """A clear error, before any model time, when ``folder`` is no PEFT adapter folder."""
+    if folder is not None and not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no PEFT adapter (adapter_config.json); give cardhouse finetune's "
+                                "OUT/adapter folder")
+
+
 def with_adapter(lm, folder: Path):
-    """A copy of ``lm`` with the PEFT adapter in ``folder`` merged into its weights."""
+    """A copy of ``lm`` with the PEFT adapter in ``folder`` (e.g. MacDrop-fine-tuned) merged into its weights."""
     import copy
 
     from peft import PeftModel
 
     from ..models.loading import from_pretrained_objects
 
-    if not (Path(folder) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no PEFT adapter (adapter_config.json); give cardhouse finetune's "
-                                "OUT/adapter folder")
+    check_adapter(folder)
     merged = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(folder)).merge_and_unload()
     return from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} + {Path(folder).name}",
                                    bos=lm.bos_id is not None)
@@ -81,6 +86,7 @@ def longctx_cmd(model: str = ModelOpt,
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
+        check_adapter(adapter)
         get_corpus(haystack)
         sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
         folder = writable_folder(out)
@@ -126,6 +132,7 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="he
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
+        check_adapter(adapter)
         records = generation.held_out_records(n)
         folder = writable_folder(out)
         lm = load(checked, bos)
