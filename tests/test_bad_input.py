@@ -127,6 +127,7 @@ CASES = [
     ("generate -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
     ("longctx -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
     ("generate -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
+    ("generate -m M --source dolly", ["unknown generation source", "alpaca, gsm8k"]),
     # sweep (fix 1's --ks 2,2 is in test_sweep_resume.py: it is deduplicated, not refused)
     ("sweep -m M --ks 49 --context 64", ["--ks", f"0..{D_MLP}", "out of range: 49"]),
     ("sweep -m M --ks -1 --context 64", ["--ks", f"0..{D_MLP}"]),
