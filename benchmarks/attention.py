@@ -73,7 +73,7 @@ def long_prompt(lm, n_tokens: int) -> str:
 
 def run_variant(model: str, variant: str, n_tokens: int) -> dict:
     from cardhouse import load_model
-    from cardhouse.analysis.attention import analyze_attention, eager_attention
+    from cardhouse.analysis.attention import analyze_attention
 
     torch.set_num_threads(1)
     lm = load_model(model)
@@ -85,7 +85,8 @@ def run_variant(model: str, variant: str, n_tokens: int) -> dict:
             result = analyze_attention(lm, [prompt], progress=False)
             kept = 0
         else:
-            with eager_attention(lm), torch.inference_mode():
+            lm.model.set_attn_implementation("eager")  # this process runs only this variant: nothing to restore
+            with torch.inference_mode():
                 out = lm.model.base_model(input_ids=ids, use_cache=False,
                                           output_attentions=variant == "stored maps")
             maps = out.attentions or ()

@@ -9,46 +9,25 @@ the model body over the same batches with no hook. Measured side by side, interl
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 
 from cardhouse import load_model
-from cardhouse.analysis import load_prompts
 from cardhouse.capture import run_batches, tokenize_prompts
 from cardhouse.precision import headroom
 
-
-def prompts_of(n: int) -> list[str]:
-    base = load_prompts()
-    return [f"{base[i % len(base)]} {base[(3 * i + 1) % len(base)]}" for i in range(n)]
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from _timing import interleaved, options, prompts_of  # this folder's shared timing
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = options(__doc__.splitlines()[0]).parse_args()
     lm = load_model(args.model)
     token_lists = tokenize_prompts(lm, prompts_of(args.prompts))
     n_tokens = sum(map(len, token_lists))
 
     plain = lambda: run_batches(lm, token_lists, lambda batch: {}, progress=False)  # noqa: E731
     scanned = lambda: headroom(lm, token_lists, progress=False)  # noqa: E731
-    plain(), scanned()  # warm-up
-    t_plain, t_scan = [], []
-    for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-        t_plain.append(timed(plain))
-        t_scan.append(timed(scanned))
-    tp, ts = min(t_plain), min(t_scan)
+    best = interleaved({"plain": plain, "headroom": scanned}, args.repeats)
+    tp, ts = best["plain"], best["headroom"]
     hooks = len(headroom(lm, token_lists[:1], progress=False).points)
     print(f"{args.model}: {args.prompts} prompts, {n_tokens} tokens, {hooks} hook points, "
           f"torch threads {torch.get_num_threads()}")

@@ -154,7 +154,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/cardhouse-scale-ckpt"))
     parser.add_argument("--gb", type=float, default=6.0, help="checkpoint size (GB of bfloat16 weights)")
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards (a later run with the "
+                        "same --folder and --gb reuses it instead of writing it again)")
+    parser.add_argument("--part", choices=["scan", "variants", "all"], default="all",
+                        help="scan: the memory and time of a streamed scan; variants: the shared prefix")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -165,29 +168,56 @@ def main() -> None:
         return
     try:
         start = time.perf_counter()
-        info = write_checkpoint(args.folder, args.gb)
+        info = existing_checkpoint(args.folder, args.gb) or write_checkpoint(args.folder, args.gb)
         print(f"checkpoint: {info['bytes'] / 1e9:.2f} GB bfloat16, {info['layers']} layers, {info['shards']} shards, "
-              f"written in {time.perf_counter() - start:.0f} s ({args.folder})")
-        streamed = run_child("scan", str(args.folder), "1")
-        ordinary = run_child("scan", str(args.folder), "0")
-        assert streamed["top1"] == ordinary["top1"] and streamed["indices"] == ordinary["indices"], \
-            "streamed and ordinary scans disagree"
-        print(f"scan, streamed: peak {streamed['maxrss_mib']:,.0f} MiB, {streamed['seconds']:.1f} s")
-        print(f"scan, ordinary: peak {ordinary['maxrss_mib']:,.0f} MiB, {ordinary['seconds']:.1f} s "
-              f"(load {ordinary['load_seconds']:.1f} s); children's max after both: "
-              f"{ordinary['children_maxrss_mib']:,.0f} MiB")
-        print(f"  peak ratio streamed/ordinary: {streamed['maxrss_mib'] / ordinary['maxrss_mib']:.3f} (goal <= 0.10)")
-        print(f"  time ratio streamed/ordinary: {streamed['seconds'] / ordinary['seconds']:.2f} (goal <= 1.5)")
-        shared = run_child("variants", str(args.folder), "1")
-        scratch = run_child("variants", str(args.folder), "0")
-        for name, value in shared["ppl"].items():
-            assert abs(value / scratch["ppl"][name] - 1) <= 1e-5, (name, value, scratch["ppl"][name])
-        print(f"4 streamed variants, shared prefix: {shared['seconds']:.1f} s; from scratch: {scratch['seconds']:.1f} s")
-        print(f"  speed-up: {scratch['seconds'] / shared['seconds']:.2f}x (goal >= 1.3); perplexities identical: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in shared["ppl"].items()))
+              f"{'reused' if info.get('reused') else 'written'} in {time.perf_counter() - start:.0f} s ({args.folder})")
+        if args.part in ("scan", "all"):
+            scan_part(args.folder)
+        if args.part in ("variants", "all"):
+            variants_part(args.folder)
     finally:
         if not args.keep:
             shutil.rmtree(args.folder, ignore_errors=True)
+
+
+def load_average() -> str:
+    """The machine is shared: the 1/5/15-minute load averages printed beside each ratio."""
+    return "load average " + "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def existing_checkpoint(folder: Path, gigabytes: float) -> dict | None:
+    """A checkpoint an earlier ``--keep`` run wrote completely (its index JSON is written last) with the
+    same config: reused, since writing 6 GB takes minutes."""
+    index, config = folder / "model.safetensors.index.json", folder / "config.json"
+    if not (index.is_file() and config.is_file()) or json.loads(config.read_text()) != config_for(gigabytes):
+        return None
+    weight_map = json.loads(index.read_text())
+    return {"bytes": weight_map["metadata"]["total_size"], "layers": config_for(gigabytes)["num_hidden_layers"],
+            "shards": len(set(weight_map["weight_map"].values())), "reused": True}
+
+
+def scan_part(folder: Path) -> None:
+    streamed = run_child("scan", str(folder), "1")
+    ordinary = run_child("scan", str(folder), "0")
+    assert streamed["top1"] == ordinary["top1"] and streamed["indices"] == ordinary["indices"], \
+        "streamed and ordinary scans disagree"
+    print(f"scan, streamed: peak {streamed['maxrss_mib']:,.0f} MiB, {streamed['seconds']:.1f} s")
+    print(f"scan, ordinary: peak {ordinary['maxrss_mib']:,.0f} MiB, {ordinary['seconds']:.1f} s "
+          f"(load {ordinary['load_seconds']:.1f} s); children's max after both: "
+          f"{ordinary['children_maxrss_mib']:,.0f} MiB")
+    print(f"  peak ratio streamed/ordinary: {streamed['maxrss_mib'] / ordinary['maxrss_mib']:.3f} (goal <= 0.10)")
+    print(f"  time ratio streamed/ordinary: {streamed['seconds'] / ordinary['seconds']:.2f} (goal <= 1.5); "
+          f"{load_average()}")
+
+
+def variants_part(folder: Path) -> None:
+    shared = run_child("variants", str(folder), "1")
+    scratch = run_child("variants", str(folder), "0")
+    for name, value in shared["ppl"].items():
+        assert abs(value / scratch["ppl"][name] - 1) <= 1e-5, (name, value, scratch["ppl"][name])
+    print(f"4 streamed variants, shared prefix: {shared['seconds']:.1f} s; from scratch: {scratch['seconds']:.1f} s")
+    print(f"  speed-up: {scratch['seconds'] / shared['seconds']:.2f}x (goal >= 1.3); perplexities identical: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in shared["ppl"].items()) + f"; {load_average()}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch import nn
 
 from .models.digest import weights_digest
 from .models.loading import LoadedModel
+from .results import write_result
 
 EDIT_FILE = "cardhouse-edit.json"
 # files an export writes; --force replaces exactly these (old shards included), nothing else in the folder
@@ -56,8 +57,6 @@ def state_digests(model: nn.Module) -> dict[str, str]:
 def export_model(lm: LoadedModel, folder: Path, *, edit: dict | list, force: bool = False,
                  gguf: bool = False) -> dict:
     """Write ``lm.model`` as it is now as a Hugging Face folder with ``cardhouse-edit.json``; returns that record."""
-    from .results import write_result
-
     folder = check_export_folder(Path(folder), force)
     hooked = activation_hooks(lm.model)
     if hooked:

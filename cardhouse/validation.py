@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .analysis import load_prompts
+from .models import load_model
 from .models.spec import ModelSpec, probe
 
 Bound = int | float | Callable[["ModelSpec | None", dict], "int | float | None"] | None
@@ -286,16 +288,12 @@ class Checked:
 
     def load(self, bos: bool | None = None, **kwargs):
         """The weights, loaded only now that every check has passed."""
-        from .models import load_model
-
         if self.spec is None:
             raise ValueError("no model was validated")
         return load_model(self.spec.source, bos=bos, **kwargs)
 
 
 def load_texts(prompts: str, limit: int | None = None) -> list[str]:
-    from .analysis import load_prompts
-
     return load_prompts(prompts, limit=limit)
 
 

@@ -278,23 +278,32 @@ def bos_mlp_input(lm: LoadedModel, layer: int) -> torch.Tensor:
     return store[name][0, 0].clone()  # cloned outside inference mode: a normal tensor
 
 
-def plant_massive_weight(lm: LoadedModel, layer: int = 0, neuron: int = 5, dim: int = 7, scale: float = 6.0,
-                         down: float = 100.0) -> dict:
-    """Make FFN neuron ``neuron`` of ``layer`` fire hugely on BOS and write it into hidden ``dim``.
-
-    Its W_gate and W_up rows (fc_in row for non-gated MLPs, in every expert for MoE) become
-    ``scale`` x the unit direction of BOS's MLP input, its bias 0, and W_down[dim, neuron] = ``down``.
-    Sandwich-norm models renormalize the FFN output, so their post-FFN norm is scaled up at ``dim``.
-    """
+def plant_neuron(lm: LoadedModel, direction: torch.Tensor, *, layer: int, neuron: int, dim: int, scale: float,
+                 down: float) -> None:
+    """FFN neuron ``neuron`` of ``layer`` reads ``direction`` of the MLP input and writes into hidden ``dim``:
+    its W_gate and W_up rows (fc_in row for non-gated MLPs, in every expert for MoE) become ``scale`` x
+    ``direction``, its bias 0, and W_down[dim, neuron] = ``down``."""
     blocks = lm.blocks
-    x0 = bos_mlp_input(lm, layer)
-    direction = x0 / x0.norm()
     with torch.no_grad():
         for expert in range(N_EXPERTS) if blocks.is_moe else [None]:
             for tensor, axis, offset in blocks.neuron_slices(layer, expert):
                 row = tensor.select(axis, offset + neuron)
                 row.copy_(scale * direction if row.dim() == 1 else torch.zeros(()))
             blocks.down_weight(layer, expert)[dim, neuron] = down
+
+
+def plant_massive_weight(lm: LoadedModel, layer: int = 0, neuron: int = 5, dim: int = 7, scale: float = 6.0,
+                         down: float = 100.0) -> dict:
+    """Make FFN neuron ``neuron`` of ``layer`` fire hugely on BOS and write it into hidden ``dim``.
+
+    ``plant_neuron`` along the unit direction of BOS's MLP input.
+    Sandwich-norm models renormalize the FFN output, so their post-FFN norm is scaled up at ``dim``.
+    """
+    blocks = lm.blocks
+    x0 = bos_mlp_input(lm, layer)
+    direction = x0 / x0.norm()
+    plant_neuron(lm, direction, layer=layer, neuron=neuron, dim=dim, scale=scale, down=down)
+    with torch.no_grad():
         if lm.family in SANDWICH_FAMILIES:  # Gemma norms multiply by (1 + weight)
             blocks.layers[layer].post_feedforward_layernorm.weight[dim] = 999.0
     expert = int(blocks.router_choice(layer, x0)) if blocks.is_moe else None

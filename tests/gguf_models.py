@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-ARCH = {"llama": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
+ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3_moe": "qwen3moe"}  # model_type -> llama.cpp architecture
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -41,6 +41,10 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "num_experts", None):
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     vocab = sorted(lm.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     assert [i for _, i in vocab] == list(range(len(vocab)))
     tokens = [t for t, _ in vocab] + [f"<extra_{i}>" for i in range(len(vocab), config.vocab_size)]
@@ -54,23 +58,37 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     writer.add_add_bos_token(True)
 
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    names = {hf: g for g, hf in get_gguf_hf_weights_map(lm.model, processor).items()}
+    names: dict[str, list[str]] = {}
+    for g, hf in get_gguf_hf_weights_map(lm.model, processor).items():
+        names.setdefault(hf, []).append(g)
     state = lm.model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     quant = gguf.GGMLQuantizationType[qtype]
     block = gguf.GGML_QUANT_SIZES[quant][0]
+    tensors = []  # (llama.cpp name, array)
     for hf, tensor in state.items():
         if hf not in names or (tied and hf == "lm_head.weight"):
             continue
-        gguf_name, w = names[hf], tensor.detach().float().numpy().copy()
+        w = tensor.detach().float().numpy().copy()
+        if hf.endswith("experts.gate_up_proj"):  # transformers fuses [experts, gate | up, d_model]; llama.cpp does not
+            gate, up = np.split(w, 2, axis=1)
+            tensors += [(next(g for g in names[hf] if "gate" in g) + ".weight", gate),
+                        (next(g for g in names[hf] if "_up_" in g) + ".weight", up)]
+        else:
+            tensors.append((names[hf][0] + (".weight" if hf.endswith("experts.down_proj") else ""), w))
+    for gguf_name, w in tensors:
         if arch == "llama" and ".attn_q." in gguf_name:
             w = _permute(w, config.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gguf_name:
             w = _permute(w, config.num_key_value_heads)
         if gguf_name in float64:
             writer.add_tensor(gguf_name, w.astype(np.float64))
-        elif quant != gguf.GGMLQuantizationType.F32 and w.ndim == 2 and w.shape[-1] % block == 0:
-            writer.add_tensor(gguf_name, quantize(w, quant), raw_dtype=quant)
+        elif quant != gguf.GGMLQuantizationType.F32 and w.ndim >= 2 and w.shape[-1] % block == 0:
+            try:
+                data = quantize(w, quant)
+            except NotImplementedError:  # K-quants: the gguf package only dequantizes them
+                data = _random_k_blocks(w.shape, quant, np.random.default_rng(len(gguf_name)))
+            writer.add_tensor(gguf_name, data, raw_dtype=quant)
         else:
             writer.add_tensor(gguf_name, w.astype(np.float32))
     writer.write_header_to_file()
@@ -80,3 +98,20 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     if split_max_tensors:
         return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))[0]
     return path
+
+
+def _random_k_blocks(shape: tuple[int, ...], quant, rng) -> np.ndarray:
+    """Random Q4_K/Q5_K/Q6_K blocks (random packed values and sub-scales) with small, finite super-block
+    scales (d and dmin, the first two float16 fields of Q4_K/Q5_K; d, the last one of Q6_K): weights
+    that both loads must dequantize alike."""
+    assert quant.name in ("Q4_K", "Q5_K", "Q6_K"), quant
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[quant]
+    data = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    if quant == gguf.GGMLQuantizationType.Q6_K:
+        data[..., -2:] = scale
+    else:
+        data[..., 0:2], data[..., 2:4] = scale, scale
+    return data.reshape(*shape[:-1], -1)

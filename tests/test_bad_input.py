@@ -33,6 +33,12 @@ def models(tmp_path_factory):
     (root / "no-config" / "tokenizer.json").write_text("{}")
     (root / "latin1.txt").write_bytes("Café au lait\n".encode("latin-1"))
     (root / "a-file").write_text("not a folder")
+    from conftest import build
+    from gguf_models import write_gguf
+
+    write_gguf(build("llama"), root / "split.gguf", split_max_tensors=8)  # 3 parts
+    (root / "split-00002-of-00003.gguf").unlink()
+    write_gguf(build("llama"), root / "f64.gguf", float64=("blk.1.ffn_down.weight",))
     return root
 
 
@@ -66,7 +72,13 @@ CASES = [
     ("scan -m M --device-map everywhere", ["unknown --device-map 'everywhere'"]),
     ("scan -m M --max-memory cpu=lots --device-map auto", ["--max-memory", "cannot read the size 'lots'"]),
     ("scan -m M --stream --device-map auto", ["--stream", "--device-map"]),
-    ("position -m M --stream", ["--stream serves", "attack, intervene, scan, sweep"]),
+    ("scan -m M --stream --max-memory cpu=4KiB", ["--max-memory", "one decoder block", "4.00 KiB"]),
+    ("scan -m M --device-map auto --max-memory cpu=4KiB", ["--max-memory", "largest decoder block", "4.00 KiB"]),
+    ("scan -m M --device-map auto --max-memory disk=1GiB", ["--max-memory", "disk only"]),
+    ("scan -m {models}/split-00001-of-00003.gguf", ["missing from", "split-00002-of-00003.gguf"]),
+    ("scan -m {models}/split-00001-of-00003.gguf --stream", ["missing from", "split-00002-of-00003.gguf"]),
+    ("scan -m {models}/f64.gguf --stream", ["blk.1.ffn_down.weight", "F64", "cannot dequantize"]),
+    ("position -m M --stream", ["--stream serves", "attack, intervene, report, scan, sweep"]),
     ("attack topk-zero -m M --spill-dir spill", ["--spill-dir", "needs --stream"]),
     ("attack topk-zero -m M --stream --spill-dir {models}/a-file", ["--spill-dir", "is a file"]),
     # lm-eval scores request by request through whole forward passes: refused, the alternative named (issue 16)
@@ -77,6 +89,8 @@ CASES = [
      ["not enough disk", "spill", "GiB are free"]),
     ("intervene set-zero -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill",
      ["not enough disk"]),
+    ("report -m M --stream --context 64 --max-tokens 100 --task arc_easy", ["--task", "--stream"]),
+    ("report -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill", ["not enough disk"]),
     # scan (fix 4: --limit 0 used all prompts, --limit -3 all but 3, --batch-size 0 crashed)
     ("scan -m M --limit 0", ["--limit", ">= 1", "got 0"]),
     ("scan -m M --limit -3", ["--limit", ">= 1"]),
@@ -215,6 +229,8 @@ CASES = [
     ("quantize -m M --acts 8:channel --context 64", ["unknown activation granularity"]),
     ("quantize -m M --k 0 --context 64", ["--k", R]),
     ("quantize -m M --context 256", ["--context", P]),
+    ("quantize -m M --weights 8 --task-limit 0 --context 64", ["--task-limit", ">= 1"]),
+    ("quantize -m M --weights 8 --task nope --context 64", ["unknown zero-shot task"]),
     ("export out2 -m M --intervention set-mean", ["no exact form as weights"]),
     ("export out2 -m M --attack nope", ["unknown attack", "topk-zero"]),
     ("export out2 -m M --attack topk-zero --k 49", ["--k", R]),

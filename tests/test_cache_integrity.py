@@ -5,10 +5,15 @@ file, a missing file or an old unsealed cache is rebuilt from the GGUF file, wit
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import build
 
+from cardhouse._files import temporary
 from cardhouse.models import loading
 from cardhouse.models.integrity import broken
 
@@ -101,3 +106,21 @@ def test_a_zeroed_span_is_caught_although_safetensors_reads_it(gguf):
     _zero_span(folder / "model.safetensors")
     load_file(folder / "model.safetensors")  # readable: only the checksum can tell
     assert "checksum" in broken(folder)
+
+
+def test_a_killed_dequantization_leaves_no_folder_behind(gguf, monkeypatch):
+    # regression: a process killed with kill -9 while it wrote the cache left its hidden temporary folder (a
+    # model's size on disk) for good; the next cache write into the folder now sweeps it
+    gguf, calls = gguf
+    folder = loading.gguf_cache_folder(gguf)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: int(gone.stdout))
+        stale = temporary(folder)  # the name that process wrote under
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(bytes(1000))  # cut off mid-write
+    loading.load_gguf(gguf)
+    assert not stale.exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    assert broken(folder) is None and len(calls) == 1

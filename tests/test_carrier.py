@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import N_EXPERTS, SANDWICH_FAMILIES, TEXT_FAMILIES, build, build_tokenizer, forward
+from conftest import SANDWICH_FAMILIES, TEXT_FAMILIES, build, build_tokenizer, forward, plant_neuron
 
 from cardhouse.analysis import find_massive_weights, scan
 from cardhouse.capture import hook_name, record
@@ -29,14 +29,7 @@ def plant_on_delimiter(lm, layer: int = 0, neuron: int = 5, dim: int = 7, scale:
     with record(lm.model, [name]) as store:
         forward(lm, {"input_ids": torch.tensor([ids]), "use_cache": False})
     x = store[name][0, -1].clone()
-    direction = x / x.norm()
-    blocks = lm.blocks
-    with torch.no_grad():
-        for expert in range(N_EXPERTS) if blocks.is_moe else [None]:
-            for tensor, axis, offset in blocks.neuron_slices(layer, expert):
-                row = tensor.select(axis, offset + neuron)
-                row.copy_(scale * direction if row.dim() == 1 else torch.zeros(()))
-            blocks.down_weight(layer, expert)[dim, neuron] = down
+    plant_neuron(lm, x / x.norm(), layer=layer, neuron=neuron, dim=dim, scale=scale, down=down)
     return dot
 
 

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from cardhouse.evaluation import CORPORA, Corpus, available_corpora, load_text, tokenize_corpus
+from cardhouse.data.corpora import CORPORA, Corpus, available_corpora, load_text, tokenize_corpus
 from cardhouse.data import corpora as corpora_module
 
 TINY_TEXT = "The quick brown fox jumps over the lazy dog.\n\nSummer is warm and the nights are short."

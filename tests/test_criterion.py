@@ -10,7 +10,7 @@ from conftest import build, plant_bos_embedding, plant_massive_weight
 from typer.testing import CliRunner
 
 from cardhouse.analysis import Criterion, find_massive_weights, scan
-from cardhouse.analysis.attention import massive_tokens
+from cardhouse.analysis.massive_tokens import massive_tokens
 from cardhouse.capture import tokenize_prompts
 from cardhouse.cli import app
 from cardhouse.finetuning import NoMassiveWeightsError, detect_massive_rows

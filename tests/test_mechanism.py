@@ -9,11 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cardhouse.analysis.attention import (analyze_attention, attention_map, decompose_update, eager_attention,
-                                          massive_tokens)
+from cardhouse.analysis.attention import analyze_attention
+from cardhouse.analysis.attention_map import attention_map
+from cardhouse.analysis.massive_tokens import massive_tokens
+from cardhouse.analysis.value_updates import decompose_update
 from cardhouse.analysis.position import MIN_TOKENS, PLACEMENTS, placed, position_study
 from cardhouse.analysis.tokens import roles
-from cardhouse.analysis.trace import STATES, trace_bos
+from cardhouse.analysis.trace import STATES, qkv_trajectories, trace_bos
 from cardhouse.capture import hook_name, record
 from cardhouse.cli import app
 from conftest import BOS_ID, N_LAYERS, build, plant_bos_embedding, plant_massive_weight
@@ -38,19 +40,6 @@ def planted(tokenizer):
 
 
 # ---- eager attention --------------------------------------------------------------------------------
-
-
-def test_eager_attention_is_switched_on_and_restored(tiny):
-    lm = tiny("llama")
-    before = lm.model.config._attn_implementation
-    assert before != "eager"
-    with eager_attention(lm) as notes:
-        assert lm.model.config._attn_implementation == "eager"
-        assert "eager" in notes[0] and before in notes[0]
-    assert lm.model.config._attn_implementation == before
-    with pytest.raises(RuntimeError), eager_attention(lm):
-        raise RuntimeError("boom")
-    assert lm.model.config._attn_implementation == before
 
 
 def test_an_implementation_without_probabilities_is_an_error(tiny):
@@ -106,11 +95,20 @@ def test_decomposition_sums_back_to_the_attention_output(planted, family):
     assert torch.allclose(parts.from_c[0] + parts.rest[0], parts.output[0], atol=1e-6)
 
 
-def test_decomposition_needs_a_separate_value_projection(tiny):
+def test_decomposition_needs_the_output_projection(tiny):
     from cardhouse.models.adapters import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="v_proj"):
-        decompose_update(tiny("phi3"), PROMPTS[0], 1, [0])
+    with pytest.raises(UnsupportedModelError, match="o_proj"):  # GPT-2's c_proj is a Conv1D: not in the table
+        decompose_update(tiny("gpt2"), PROMPTS[0], 1, [0])
+
+
+@pytest.mark.parametrize("family", ["phi3", "deepseek_v3"])
+def test_decomposition_reads_fused_and_latent_attention_at_the_hook_points(tiny, family):
+    """Values come from attn.hook_v, so fused qkv (Phi-3) and latent attention (DeepSeek) decompose too."""
+    lm = tiny(family)
+    parts = decompose_update(lm, PROMPTS[0], 1, [0])
+    assert ((parts.from_c + parts.rest) - parts.output).abs().max() <= 1e-6 * parts.output.abs().max()
+    assert parts.from_c.abs().max() > 0 and parts.rest.abs().max() > 0
 
 
 def test_decomposition_with_an_empty_set_c_is_all_rest(tiny):
@@ -199,9 +197,31 @@ def test_trace_finds_a_planted_massive_weight(tokenizer):
     json.dumps(t.to_dict())
 
 
-def test_trace_without_separate_qkv_says_so(tiny):
-    t = trace_bos(tiny("phi3"), PROMPTS, k=2)
-    assert t.qkv == [] and any("q/k/v" in n for n in t.notes)
+def test_trace_reads_fused_qkv_at_the_hook_points(tiny):
+    t = trace_bos(tiny("phi3"), PROMPTS, k=2)  # one fused qkv_proj: no module boundary per q, k, v
+    assert len(t.qkv) == N_LAYERS and all(row["other_q"] > 0 and row["other_v"] > 0 for row in t.qkv)
+    assert not any("q/k/v" in n for n in t.notes)
+
+
+def test_trace_qkv_norms_are_the_projections_norms_without_qk_norms(tiny):
+    """Rotary embeddings rotate pairs of dimensions: the norms at attn.hook_q/k equal the projections'."""
+    lm = tiny("llama")
+    ids = [lm.encode(p) for p in PROMPTS]
+    rows = qkv_trajectories(lm, ids, [[0], [0]])
+    for layer in range(N_LAYERS):
+        attn = lm.blocks.part(layer, "attn")
+        for name in ("q", "k", "v"):
+            with torch.inference_mode(), record(lm.model, [hook_name(layer, "attn.hook_in")]) as store:
+                norms = [getattr(attn, f"{name}_proj")(_normed(lm, layer, i, store)).norm(dim=-1) for i in ids]
+            massive = sum(float(n[0, 0]) for n in norms) / len(ids)
+            other = sum(float(n[0, 1:].sum()) for n in norms) / sum(len(i) - 1 for i in ids)
+            assert rows[layer][f"massive_{name}"] == pytest.approx(massive, rel=1e-5)
+            assert rows[layer][f"other_{name}"] == pytest.approx(other, rel=1e-5)
+
+
+def _normed(lm, layer, ids, store):
+    lm.model.base_model(input_ids=torch.tensor([ids]), use_cache=False)
+    return store[hook_name(layer, "attn.hook_in")]
 
 
 # ---- the BOS position study -------------------------------------------------------------------

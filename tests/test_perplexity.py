@@ -12,7 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from cardhouse.evaluation import CORPORA, Corpus, build_windows, perplexity
+from cardhouse.data.corpora import CORPORA, Corpus
+from cardhouse.evaluation import build_windows, perplexity
 from cardhouse.evaluation.measure import Budget, measurer
 from cardhouse.models.loading import from_pretrained_objects
 

@@ -223,18 +223,46 @@ def test_bos_kv_kept_and_massive_channel_kept():
 
 def test_study_on_a_tiny_model(tiny, monkeypatch):
     """The study runs end to end on the same tokens, rows in order, weights restored (run_variants checks)."""
-    import cardhouse.evaluation.corpora as corpora
+    import cardhouse.evaluation.metrics as metrics  # where the perplexity measure reads its tokens
 
     lm = build("llama")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    monkeypatch.setattr(corpora, "tokenize_corpus", lambda tok, name, max_tokens=None: ids[:max_tokens])
+    monkeypatch.setattr(metrics, "tokenize_corpus", lambda tok, name, max_tokens=None: ids[:max_tokens])
     targets = Targets(layer=0, rows=[5], super_weight=(7, 5), massive_channels={"0.mlp.down_proj": [5]})
     schemes = study_schemes(["8", "4g16"], ["8:tensor"])
     result = quantization_study(lm, schemes, Budget(corpora=["wikipedia"], max_tokens=127, context=64), targets)
     assert [r["variant"] for r in result.rows] == ["original"] + [s.name for s in schemes]
-    table = result.table("wikipedia")
+    table = result.table("ppl_wikipedia")
     assert set(table) == {"W8 per-channel", "W4 g16", "A8 per-tensor"}
     assert set(table["W4 g16"]) == {"none", "massive-rows", "random-rows", "super-weight", "random-weight"}
     assert all(math.isfinite(v) for row in table.values() for v in row.values())
     json.dumps(result.rows)  # JSON-ready
+
+
+def test_quantize_command_scores_zero_shot_beside_perplexity(tmp_path, tokenizer, monkeypatch):
+    """--task: every row carries the task's accuracy and the mean, the file validates, the table and plot show it."""
+    from typer.testing import CliRunner
+
+    from conftest import save_folder
+    from cardhouse.cli import app
+    from cardhouse.data.corpora import CORPORA, Corpus
+    from cardhouse.results import validate
+
+    monkeypatch.setenv("CARDHOUSE_CACHE", str(tmp_path / "cache"))  # the test corpus is never cached for real use
+    monkeypatch.setitem(CORPORA, "tiny", Corpus("tiny", "test text", "this test", lambda: "A fox runs. " * 40))
+    folder = save_folder(build("llama", tokenizer), tmp_path / "tiny-llama")
+    result = CliRunner().invoke(app, ["quantize", "-m", str(folder), "--weights", "4g16", "--acts", "",
+                                      "--no-protect", "--corpus", "tiny", "--max-tokens", "126", "--context", "64",
+                                      "--task", "arc_easy", "--task-limit", "4", "-o", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    validate(data, "quantize")
+    rows = data["results"]["rows"]
+    assert [r["variant"] for r in rows] == ["original", "W4 g16"]
+    for row in rows:
+        assert 0 <= row["acc_arc_easy"] <= 1 and row["acc_mean"] == row["acc_arc_easy"]
+        assert math.isfinite(row["ppl_tiny"])
+    assert data["settings"]["budget"]["tasks"] == ["arc_easy"] and data["settings"]["budget"]["limit"] == 4
+    assert "mean zero-shot accuracy" in " ".join(result.output.split())  # the table's title (wrapped by rich)
+    assert (tmp_path / "q" / "quantize_tasks.png").is_file()

@@ -15,7 +15,9 @@ import pytest
 
 from cardhouse import load_model
 from cardhouse.analysis import load_prompts
-from cardhouse.analysis.attention import analyze_attention, attention_map, decompose_update
+from cardhouse.analysis.attention import analyze_attention
+from cardhouse.analysis.attention_map import attention_map
+from cardhouse.analysis.value_updates import decompose_update
 from cardhouse.analysis.position import position_study
 from cardhouse.analysis.trace import trace_bos
 

@@ -100,17 +100,16 @@ def test_top_two_indices_hold_without_bos_too(lm_no_bos):
     assert any("no BOS" in note for note in mw.notes)
 
 
-def test_cached_load_matches_and_is_fast(lm, tmp_path):
-    import time
-
-    start = time.perf_counter()
+def test_cached_load_matches(lm, capfd):
+    # no time bound (the project has no timed tests): load speed is benchmarks/cache.py's; here the second load
+    # must come from the cache (no dequantization) and give the same model
+    capfd.readouterr()
     again = load_model("smollm2-135m")
-    elapsed = time.perf_counter() - start
+    assert "dequantizing" not in capfd.readouterr().err
     ids = torch.tensor([lm.encode("The cat sat on the mat.")])
     with torch.inference_mode():
         assert torch.equal(lm.model(ids).logits, again.model(ids).logits)
     assert again.model.lm_head.weight.data_ptr() == again.model.model.embed_tokens.weight.data_ptr()  # still tied
-    assert elapsed < 30  # the first, dequantizing load takes ~40 s; the cached one ~1-2 s
 
 
 def test_truncated_gguf_is_a_clear_error(tmp_path):

@@ -209,6 +209,23 @@ def test_sweep_command_streams_the_same_rows(tmp_path):
     assert json.loads((tmp_path / "streamed" / "sweep.json").read_text())["results"] == b["results"]
 
 
+def test_report_streams_every_section_with_the_same_numbers(tmp_path):
+    """`cardhouse report --stream`: every section runs (attention too) and the attack and sweep rows equal
+    those of the report on the model in memory."""
+    save("llama", tmp_path / "ckpt")
+    common = ["report", "-m", tmp_path / "ckpt", "--context", 64, "--max-tokens", 189, "--with", "attention"]
+    _cli(*common, "-o", tmp_path / "memory")
+    _cli(*common, "--stream", "--spill-dir", tmp_path / "spill", "-o", tmp_path / "streamed")
+    a, b = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("memory", "streamed"))
+    validate(b, "report")
+    sections = {s["key"]: s for s in b["results"]["models"][0]["sections"]}
+    assert set(sections) >= {"scan", "activations", "weights", "attacks", "attention"}
+    assert all(s["status"] == "ok" for s in sections.values()) and not b["results"]["failures"]
+    rows = [s["data"]["results"] for r in (a, b) for s in r["results"]["models"][0]["sections"] if s["key"] == "attacks"]
+    same_rows(rows[1], rows[0])
+    assert not (tmp_path / "spill").exists()
+
+
 def test_memory_command_says_what_a_spilled_run_needs(tmp_path):
     save("llama", tmp_path / "ckpt")
     output = _cli("memory", tmp_path / "ckpt", "--tokens", 1000, "--dtype", "float32").output

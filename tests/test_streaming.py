@@ -107,7 +107,7 @@ def test_scan_command_streams_and_other_commands_say_they_do_not(tmp_path):
     data = json.loads((tmp_path / "out" / "scan.json").read_text())
     assert data["model"]["placement"]["stream"] is True and data["results"]["scan"]["massive_layers"]
     result = runner.invoke(app, ["position", "-m", str(tmp_path / "ckpt"), "--stream"])  # attack & co.: test_streamed_commands.py
-    assert result.exit_code == 1 and "error: --stream serves attack, intervene, scan" in result.output
+    assert result.exit_code == 1 and "error: --stream serves attack, intervene, report, scan" in result.output
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
@@ -140,7 +140,7 @@ def test_smollm2_streamed_equals_ordinary():
     assert [l["top_entries"][:3] for l in a.layers] == [l["top_entries"][:3] for l in b.layers]
     ma, mb = find_massive_weights(ordinary), find_massive_weights(streamed)
     assert (ma.layer, ma.dim, ma.indices, ma.super_weight) == (mb.layer, mb.dim, mb.indices, mb.super_weight)
-    from cardhouse.evaluation.corpora import tokenize_corpus
+    from cardhouse.data.corpora import tokenize_corpus
 
     ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
     p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]
@@ -154,8 +154,25 @@ def test_gemma3_streamed_equals_ordinary():
     assert a.dims == b.dims and a.massive_layers == b.massive_layers and a.roles == b.roles
     ma, mb = find_massive_weights(ordinary), find_massive_weights(streamed)
     assert (ma.layer, ma.dim, ma.indices) == (mb.layer, mb.dim, mb.indices)
-    from cardhouse.evaluation.corpora import tokenize_corpus
+    from cardhouse.data.corpora import tokenize_corpus
 
     ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
     p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]
     assert close(p[1], p[0]), p
+
+
+def test_max_memory_must_hold_one_block(tmp_path):
+    """--max-memory is checked on the config before any weight loads: --device-map needs the largest block
+    on one device, --stream that block and the embeddings and head; exactly enough passes."""
+    save("llama", tmp_path)
+    r = requirements(text_config("llama"), "float32", tokens=0)
+    stream_need, map_need = r.block_bytes + r.rest_bytes, r.block_bytes
+    lm = load_model(str(tmp_path), stream=True, max_memory={"cpu": stream_need})
+    assert streamer_of(lm.model) is not None
+    with pytest.raises(ValueError, match=f"--max-memory: --stream keeps one decoder block .* in memory"):
+        load_model(str(tmp_path), stream=True, max_memory={"cpu": stream_need - 1, "disk": 2**40})
+    assert load_model(str(tmp_path), device_map="auto", max_memory={"cpu": map_need, "disk": 2**40},
+                      offload_folder=str(tmp_path / "offload")).model is not None
+    with pytest.raises(ValueError, match="the largest decoder block needs .* on one device"):
+        load_model(str(tmp_path), device_map="auto", max_memory={"cpu": map_need - 1, "disk": 2**40},
+                   offload_folder=str(tmp_path / "offload"))

@@ -17,7 +17,10 @@ import torch
 
 from ..capture import hook_name, run_batches, tokenize_prompts
 from ..models.loading import LoadedModel
+from ..models.streaming import streamer_of
 from .criterion import Criterion
+from .experts import carrier_experts
+from .massive_activations import ActivationOverflow
 from .prompts import load_prompts
 from .tokens import roles
 
@@ -42,7 +45,7 @@ class MassiveWeights:
     intermediate_size: int
     massive: bool = True  # whether the carrier token holds a massive activation at all (by the criterion)
     notes: list[str] = field(default_factory=list)
-    # MoE: the carrier's experts in `layer`, largest contribution first (analysis.moe.carrier_experts)
+    # MoE: the carrier's experts in `layer`, largest contribution first (analysis.experts.carrier_experts)
     experts: list[dict] = field(default_factory=list)
     # the token whose state is searched: per prompt its position, its text in the first prompt,
     # and how many prompts give it each role (bos, first token, first delimiter, other)
@@ -144,8 +147,6 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     states = _states_at(lm, token_lists, positions, n_layers, batch_size)
     broken = [l for l in range(n_layers) if not torch.isfinite(states[hook_name(l, "hook_resid_post")]).all()]
     if broken:
-        from .massive_activations import ActivationOverflow
-
         dtype = lm.describe()["dtype"]
         raise ActivationOverflow(f"the activations overflow {dtype} from layer {broken[0]} on: the carrier token's "
                                  "residual state is not finite; run with --dtype bfloat16 or float32")
@@ -174,14 +175,10 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
             notes.append(f"in layer {layer} attention contributes more than the FFN to dimension {dim}")
     blocks.check_layer(layer)
 
-    from ..models.streaming import streamer_of
-
     streamer = streamer_of(lm.model)  # a streamed model reads the block whose experts and rows are described
     expert, experts = None, []
     mlp_in = at(layer, "mlp.hook_in")
     if blocks.is_moe_layer(layer):
-        from .moe import carrier_experts
-
         with streamer.block(layer) if streamer is not None else nullcontext():
             # of the carrier's routed experts (and the shared one), the one that writes the massive dimension most
             experts = sorted(carrier_experts(lm, layer, mlp_in[0], dim, k), key=lambda e: -sign * e["contribution"])

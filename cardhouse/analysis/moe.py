@@ -26,6 +26,7 @@ from ..models.adapters import SHARED
 from ..models.loading import LoadedModel
 from ..models.routing import routing_of
 from .criterion import Criterion
+from .massive_weights import find_massive_weights
 from .prompts import load_prompts
 
 CARRIER = 0  # the carrier token's position: BOS, or the first token without one
@@ -70,32 +71,6 @@ def moe_hooks(lm: LoadedModel, *, router: Callable | None = None, experts: Calla
     finally:
         for handle in handles:
             handle.remove()
-
-
-def carrier_experts(lm: LoadedModel, layer: int, x: torch.Tensor, dim: int, k: int) -> list[dict]:
-    """The experts that the carrier's FFN input ``x`` ``[d]`` is sent to in ``layer`` (the router's own
-    forward), and the shared expert where the family has one: for each, its routing weight, what it
-    adds to hidden dimension ``dim`` and its top-k intermediate indices (House of Cards Table 7)."""
-    blocks = lm.blocks
-    routing_of(blocks.adapter)
-    layout = blocks.ffn(layer)
-    mlp = blocks.part(layer, "mlp")
-    with torch.inference_mode():
-        down = blocks.mlp_part(layer, "down")
-        x = x.to(device=down.device, dtype=down.dtype)
-        _, weights, chosen = blocks.mlp_part(layer, "router")(x[None])
-        rows = [(int(e), float(w)) for e, w in zip(chosen[0], weights[0])]
-        if layout.shared_expert:
-            gate = getattr(mlp, layout.shared_expert_gate) if layout.shared_expert_gate else None
-            rows.append((SHARED, float(torch.sigmoid(gate(x)).squeeze()) if gate is not None else 1.0))
-        out = []
-        for expert, weight in rows:
-            inter = blocks.intermediate(layer, x, expert).float()
-            contribution = weight * float(blocks.down_weight(layer, expert)[dim].float() @ inter)
-            top = inter.abs().topk(min(k, inter.numel())).indices.tolist()
-            out.append({"expert": expert, "weight": weight, "contribution": contribution, "indices": top,
-                        "activations": [float(inter[i]) for i in top]})
-    return out
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -280,8 +255,6 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
         notes.append("no BOS token is put first: the carrier is each prompt's first token")
     mw = None
     if massive_weights:
-        from .massive_weights import find_massive_weights
-
         mw = find_massive_weights(lm, prompts, k=k, layer=layer, batch_size=batch_size, criterion=criterion).to_dict()
         if mw["layer"] not in layers:
             notes.append(f"the massive-weight layer {mw['layer']} is a dense FFN layer: no expert holds them")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
-if TYPE_CHECKING:
-    from ..capture.batches import PromptBatch
+from ..capture.batches import PromptBatch, batches
+from ..capture.run import tokenize_prompts
 
 BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER = "bos", "first token", "first delimiter", "other"
 ROLES = (BOS, FIRST_TOKEN, FIRST_DELIMITER, OTHER)
@@ -43,8 +43,6 @@ class PromptInputs:
     """Prompts of a decoder LM: BOS first when the model uses one; roles from ``analysis.tokens``."""
 
     def __init__(self, lm, prompts: Sequence[str]):
-        from ..capture.run import tokenize_prompts
-
         if lm.inputs != "causal":
             raise ValueError(f"{lm.name} is an encoder (it reads {'images' if lm.inputs == 'image' else 'sentences'}"
                              "): use `cardhouse encoder` or cardhouse.encoders")
@@ -61,8 +59,6 @@ class PromptInputs:
         return sum(map(len, self.token_lists))
 
     def batches(self, batch_size: int) -> Iterator[PromptBatch]:
-        from ..capture.batches import batches
-
         return batches(self.token_lists, batch_size)
 
     def token_text(self, token_id: int) -> str:

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..capture import hook_name, record, run_batches, tokenize_prompts
+from ..capture import hook_name, parse_hook_name, record, run_batches, tokenize_prompts
+from ..capture.batches import PromptBatch
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import LoadedModel
-from .attention import module_hooks, massive_tokens
 from .criterion import Criterion
+from .massive_tokens import massive_tokens
 from .massive_weights import find_massive_weights
 from .prompts import load_prompts
 
@@ -63,33 +64,34 @@ def _describe(x: torch.Tensor, dim: int, top: int) -> dict:  # x [d]
 
 def qkv_trajectories(lm: LoadedModel, token_lists: list[list[int]], positions: list[list[int]], *,
                      batch_size: int = 8) -> list[dict]:
-    """Per layer, the mean norm of the q, k and v projections (before q/k norms and rotary embeddings)
-    on the massive tokens (``positions``, set C of each prompt) and on the other tokens."""
-    blocks = lm.blocks
-    n_layers = len(blocks)
+    """Per layer, the mean norm of the queries, keys and values (``attn.hook_q/k/v``, all heads of a token
+    together) on the massive tokens (``positions``, set C of each prompt) and on the other tokens.
+
+    The hook points are after any q/k norms and rotary embeddings; the rotation keeps norms, so for a
+    model without q/k norms these are the norms of the q/k/v projections' outputs."""
+    n_layers = len(lm.blocks)
     names = ("q", "k", "v")
     sums = {(who, name): torch.zeros(n_layers, dtype=torch.float64) for who in ("massive", "other") for name in names}
     counts = {who: torch.zeros(n_layers, dtype=torch.float64) for who in ("massive", "other")}
-    modules = {blocks.attn_part(layer, f"{name}_proj"): (layer, name) for layer in range(n_layers) for name in names}
-    current = {}
 
-    def observe(module, args, output):  # output [batch, pos, heads * head_dim]
-        layer, name = modules[module]
-        norms = output.norm(dim=-1).double()
-        for who, mask in current["masks"].items():
-            sums[(who, name)][layer] += norms[mask].sum()
-            if name == "q":
-                counts[who][layer] += float(mask.sum())
-
-    def hooks_for(batch):
+    def hooks_for(batch: PromptBatch) -> dict:
         in_c = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
         for row, index in enumerate(batch.prompt_index.tolist()):
             in_c[row, positions[index]] = True
-        current["masks"] = {"massive": in_c, "other": batch.attention_mask.bool() & ~in_c}
-        return {}
+        masks = {"massive": in_c, "other": batch.attention_mask.bool() & ~in_c}
 
-    with module_hooks([(m, observe) for m in modules]):
-        run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
+        def observe(hook, x):  # [batch, head, pos, d_head]
+            layer, point = parse_hook_name(hook)
+            name = point[-1]  # attn.hook_q -> q
+            norms = x.transpose(1, 2).flatten(2).norm(dim=-1).double()  # [batch, pos]
+            for who, mask in masks.items():
+                sums[(who, name)][layer] += norms[mask].sum()
+                if name == "q":
+                    counts[who][layer] += float(mask.sum())
+
+        return {hook_name(layer, f"attn.hook_{name}"): observe for layer in range(n_layers) for name in names}
+
+    run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=False)
     return [{"layer": layer, **{f"{who}_{name}": float(sums[(who, name)][layer] / counts[who][layer])
                                 for who in ("massive", "other") for name in names if counts[who][layer] > 0}}
             for layer in range(n_layers)]

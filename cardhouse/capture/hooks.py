@@ -9,21 +9,25 @@
 ``blocks.{l}.mlp.hook_out``     MLP output (before any post-norm)    [batch, pos, d_model]
 ``blocks.{l}.hook_resid_post``  residual stream leaving block l      [batch, pos, d_model]
 
+and inside attention (``capture.attention``): ``blocks.{l}.attn.hook_q``, ``attn.hook_k``, ``attn.hook_v``
+(per head, after q/k norms and rotary), ``attn.hook_scores`` (pre-softmax logits) and ``attn.hook_pattern``
+(probabilities).
+
 A hook function gets ``(name, tensor)`` and may return a tensor to replace it.
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..models.adapters import Blocks
-
-HookFn = Callable[[str, torch.Tensor], torch.Tensor | None]
+from . import attention
+from .attention import HookFn
 
 # point -> (part of the block, whether the hooked tensor is that module's input or output)
 POINTS: dict[str, tuple[str, str]] = {
@@ -49,9 +53,9 @@ def all_hook_names(model: nn.Module, point: str) -> list[str]:
 
 def parse_hook_name(name: str) -> tuple[int, str]:
     match = _NAME.fullmatch(name)
-    if not match or match.group(2) not in POINTS:
+    if not match or match.group(2) not in (*POINTS, *attention.POINTS):
         raise ValueError(f"unknown hook name {name!r}; names look like blocks.3.hook_resid_post, "
-                         f"with points {', '.join(POINTS)}")
+                         f"with points {', '.join((*POINTS, *attention.POINTS))}")
     return int(match.group(1)), match.group(2)
 
 
@@ -78,16 +82,20 @@ def _replace_first(x, new):
 
 @contextmanager
 def hooks(model: nn.Module, fns: dict[str, HookFn] | Iterable[tuple[str, HookFn]]) -> Iterator[None]:
-    """Attach hook functions by name for the duration of the block; always detached after."""
+    """Attach hook functions by name for the duration of the block; always detached after, also on error."""
     blocks = Blocks.of(model)
-    handles = []
+    handles, inside = [], []  # module hooks; attention hook points (capture.attention)
     try:
         for name, fn in (fns.items() if isinstance(fns, dict) else fns):
             layer, point = parse_hook_name(name)
+            if point in attention.POINTS:
+                inside.append((blocks.check_layer(layer), point, name, fn))
+                continue
             part, side = POINTS[point]
             module = _module(blocks, layer, part)
             handles.append(_attach(module, side, name, fn))
-        yield
+        with attention.attention_hooks(model, inside) if inside else nullcontext():
+            yield
     finally:
         for handle in handles:
             handle.remove()

@@ -8,16 +8,23 @@ records the hidden states entering layer l; every later pass on the same input s
 
 Inputs are recognised by their token ids and attention mask, so any caller works
 (our perplexity, lm-eval's batches). Stored states are capped by ``max_bytes``; past the cap
-new inputs simply run in full. Hooks on layers before l see pass-through values on reused
-inputs, so capture outside this context. The embeddings and the skipped layers are hashed
+new inputs simply run in full. Hooks on layers before l do not fire on reused inputs (those
+blocks do not run), so capture outside this context. The embeddings and the skipped layers are hashed
 on entry and exit: editing them inside the context is an error, not a silent wrong number.
 
+Skipping is ``models.skipping.skip_blocks`` (the skipped blocks' entries of the decoder list are a
+pass-through for that one forward pass) and starting layer l from the recorded states is a forward
+pre-hook on it (``models.skipping.with_hidden``): no method of the model or of a cache is replaced.
+
 With a key/value cache (``transformers`` ``DynamicCache``, passed in or made by the model) the
-skipped layers also owe the cache their keys and values: a recorded pass keeps what those layers
-wrote into it, and a reused pass writes the same back, so the cache ends as after a full pass.
-Such a pass depends on what the cache held before, so the key also covers the skipped layers'
-cached keys and values: the lm-eval backend's suffix passes, run against a cached prefix, are
-recognised across the variants of a sweep like any other input.
+skipped layers also owe the cache their keys and values. A recorded pass reads, through the cache's
+public layers (``cache.layers[j].keys/values``) when layer l starts, what each skipped layer
+appended in this pass; a reused pass writes the same through ``cache.update``, so the cache ends as
+after a full pass. Where that cannot be read back exactly (a sliding window dropped keys, another
+cache layer type) the input is not stored and runs in full. Such a pass depends on what the cache
+held before, so the key also covers the skipped layers' cached keys and values: the lm-eval
+backend's suffix passes, run against a cached prefix, are recognised across the variants of a sweep
+like any other input.
 
 A streamed model (``load_model(..., stream=True)``) has no weights in memory to skip: its
 ``Streamer.share_prefix`` keeps the states entering the layer for each set of windows instead.
@@ -33,6 +40,7 @@ import torch
 
 from ..models.digest import weights_digest
 from ..models.loading import LoadedModel
+from ..models.skipping import skip_blocks, with_hidden
 
 
 def _find_cache(args: tuple, kwargs: dict):
@@ -44,7 +52,15 @@ def _find_cache(args: tuple, kwargs: dict):
 def _replayable(cache) -> bool:
     from transformers import DynamicCache
 
-    return cache is None or isinstance(cache, DynamicCache)  # its update() only appends (or slides)
+    return cache is None or isinstance(cache, DynamicCache)  # its layers only append (or slide)
+
+
+def _appending_layer(cache_layer) -> bool:
+    """A cache layer whose ``update`` appends its keys and values (a sliding one crops afterwards)."""
+    from transformers import cache_utils
+
+    kinds = [getattr(cache_utils, name, None) for name in ("DynamicLayer", "DynamicSlidingWindowLayer")]
+    return type(cache_layer) in kinds
 
 
 def _cached_states(cache, layer: int) -> list[torch.Tensor]:
@@ -55,6 +71,14 @@ def _cached_states(cache, layer: int) -> list[torch.Tensor]:
     return states
 
 
+def _lengths(cache, layer: int) -> list[int]:
+    """How many positions each of the first ``layer`` cache layers holds (0 where it holds none)."""
+    layers = list(cache.layers[:layer]) if cache is not None else []
+    lengths = [cl.keys.shape[-2] if getattr(cl, "is_initialized", False) and cl.keys is not None else 0
+               for cl in layers]
+    return lengths + [0] * (layer - len(lengths))
+
+
 def _input_key(args: tuple, kwargs: dict, layer: int, uses_cache: bool) -> bytes | None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     cache = _find_cache(args, kwargs)
@@ -62,6 +86,8 @@ def _input_key(args: tuple, kwargs: dict, layer: int, uses_cache: bool) -> bytes
         return None  # inputs_embeds, other entry points and other caches run in full
     h = hashlib.blake2b(digest_size=16)
     h.update(b"cache" if uses_cache else b"no cache")
+    if cache is not None:  # a sliding layer's position counts the keys it dropped
+        h.update(str([cache_layer.get_seq_length() for cache_layer in cache.layers[:layer]]).encode())
     tensors = [input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids")]
     for t in tensors + (_cached_states(cache, layer) if cache is not None else []):
         if isinstance(t, torch.Tensor):
@@ -70,26 +96,40 @@ def _input_key(args: tuple, kwargs: dict, layer: int, uses_cache: bool) -> bytes
     return h.digest()
 
 
+def _written(cache, layer: int, before: list[int], length: int) -> list | None:
+    """[(keys, values)] each of the first ``layer`` cache layers appended in this pass of ``length``
+    positions, read from the cache; None where a layer holds other than ``before + length`` positions
+    (a sliding window dropped some, or another kind of layer): such a pass cannot be replayed."""
+    cache_layers = list(cache.layers[:layer])
+    if len(cache_layers) < layer or not all(_appending_layer(cl) for cl in cache_layers):
+        return None
+    if _lengths(cache, layer) != [n + length for n in before]:
+        return None
+    return [(cl.keys[..., n:, :].detach().clone(), cl.values[..., n:, :].detach().clone())
+            for cl, n in zip(cache_layers, before)]
+
+
 class PrefixCache:
     """Hidden states entering one layer, by input; ``hits`` and ``misses`` count the forward passes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        # input -> (hidden states entering the layer, [(layer, keys, values)] the skipped layers cached)
+        # input -> (hidden states entering the layer, [(keys, values)] the skipped layers appended to the cache)
         self.states: dict[bytes, tuple[torch.Tensor, list]] = {}
         self.nbytes = 0
         self.hits = self.misses = 0
         self.key: bytes | None = None  # the input of the forward pass in progress
-        self.updates: list = []  # cache writes of the skipped layers in the pass in progress
+        self.length = 0  # its positions
+        self.before: list[int] = []  # the positions each skipped layer's cache held before it
         self.tuple_output = False  # older transformers layers return (hidden_states, ...)
 
     def reusable(self) -> bool:
         return self.key is not None and self.key in self.states
 
-    def store(self, hidden: torch.Tensor, updates: list) -> None:
-        size = sum(t.numel() * t.element_size() for t in [hidden] + [t for _, k, v in updates for t in (k, v)])
+    def store(self, hidden: torch.Tensor, writes: list) -> None:
+        size = sum(t.numel() * t.element_size() for t in [hidden] + [t for kv in writes for t in kv])
         if self.key is not None and self.nbytes + size <= self.max_bytes:
-            self.states[self.key] = (hidden.detach().clone(), updates)
+            self.states[self.key] = (hidden.detach().clone(), writes)
             self.nbytes += size
 
 
@@ -116,62 +156,52 @@ def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> 
     prefix = _prefix_tensors(lm, layer)
     before = weights_digest(prefix)
     layers = lm.blocks.layers
+    skipping = ExitStack()  # the pass-through of layers 0..layer-1, for one reused forward pass
 
     def on_model(module, args, kwargs):
         use_cache = kwargs.get("use_cache")
-        uses_cache = _find_cache(args, kwargs) is not None or bool(
+        kv = _find_cache(args, kwargs)
+        uses_cache = kv is not None or bool(
             use_cache if use_cache is not None else getattr(module.config, "use_cache", False))
         cache.key = _input_key(args, kwargs, layer, uses_cache)
-        cache.updates = []
+        if cache.key is not None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            cache.length, cache.before = input_ids.shape[-1], _lengths(kv, layer)
         if cache.reusable():
             cache.hits += 1
+            skipping.enter_context(skip_blocks(layers, range(layer), tuple_output=cache.tuple_output))
         else:
             cache.misses += 1
 
-    def on_first_layer(module, args, kwargs):
-        kv = _find_cache(args, kwargs)
-        if kv is None or cache.reusable() or cache.key is None:
-            return
-        update, updates = kv.update, cache.updates
-
-        def recording(key_states, value_states, layer_idx, *rest, **options):
-            if layer_idx < layer:
-                updates.append((layer_idx, key_states.detach(), value_states.detach()))
-            return update(key_states, value_states, layer_idx, *rest, **options)
-
-        kv.update = recording  # an instance attribute shadows the method until layer `layer` starts
+    def after_model(module, args, kwargs, output):
+        skipping.close()  # also when the pass failed (always_call)
 
     def on_first_kept_layer(module, args, kwargs):
         kv = _find_cache(args, kwargs)
         if cache.reusable():
-            hidden, updates = cache.states[cache.key]
-            for layer_idx, keys, values in updates if kv is not None else ():
-                kv.update(keys, values, layer_idx)  # what the skipped layers would have written
-            return ((hidden,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-        if kv is not None and "update" in vars(kv):
-            del kv.update
-        cache.store(args[0] if args else kwargs["hidden_states"], cache.updates)
+            hidden, writes = cache.states[cache.key]
+            for j, (keys, values) in enumerate(writes) if kv is not None else ():
+                kv.update(keys, values, j)  # what the skipped layers would have appended
+            return with_hidden(args, kwargs, hidden)
+        if cache.key is None:
+            return None
+        writes = _written(kv, layer, cache.before, cache.length) if kv is not None else []
+        if writes is not None:
+            cache.store(args[0] if args else kwargs["hidden_states"], writes)
+        return None
 
     def observe_output(module, args, output):
         cache.tuple_output = isinstance(output, tuple)
 
-    def pass_through(inner):
-        def forward(*args, **kwargs):
-            if not cache.reusable():
-                return inner(*args, **kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden,) if cache.tuple_output else hidden
-        return forward
-
     with ExitStack() as stack:
-        for handle in (lm.model.base_model.register_forward_pre_hook(on_model, with_kwargs=True),
-                       layers[0].register_forward_pre_hook(on_first_layer, with_kwargs=True),
-                       layers[layer].register_forward_pre_hook(on_first_kept_layer, with_kwargs=True),
+        stack.callback(skipping.close)
+        base = lm.model.base_model
+        for handle in (base.register_forward_pre_hook(on_model, with_kwargs=True),
+                       base.register_forward_hook(after_model, with_kwargs=True, always_call=True),
+                       # first, so that every other hook on layer `layer` sees the recorded states
+                       layers[layer].register_forward_pre_hook(on_first_kept_layer, with_kwargs=True, prepend=True),
                        layers[0].register_forward_hook(observe_output)):
             stack.callback(handle.remove)
-        for block in layers[:layer]:
-            block.forward = pass_through(block.forward)  # an instance attribute shadows the class method
-            stack.callback(delattr, block, "forward")
         yield cache
     if weights_digest(prefix) != before:
         raise RuntimeError(f"the embeddings or layers 0..{layer - 1} changed inside reuse_prefix({layer}): "

@@ -120,13 +120,15 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
                                                "the CPU and the disk through accelerate: auto, balanced or "
                                                "sequential", rich_help_panel="Model placement")),
     ("max_memory", Optional[str], typer.Option(None, "--max-memory", help="memory per device for --device-map, "
-                                               "e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)",
+                                               "e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk), or the "
+                                               "budget of --stream; the largest block must fit one device",
                                                rich_help_panel="Model placement")),
     ("offload_folder", Optional[Path], typer.Option(None, "--offload-folder", help="where --device-map keeps "
                                                     "the weights it offloads to disk",
                                                     rich_help_panel="Model placement")),
     ("stream", bool, typer.Option(False, "--stream", help="for checkpoints larger than memory: read one decoder "
-                                  "block at a time from the safetensors files and run every prompt or window through "
+                                  "block at a time from the safetensors files or the GGUF file (dequantized block by "
+                                  "block; a split GGUF: any part) and run every prompt or window through "
                                   "it. Needs about one block + the embeddings and head + the hidden states (tokens x "
                                   "d_model x dtype bytes; attack, intervene and sweep keep them twice: the states "
                                   "entering the attacked layer are shared by every variant) in memory; "
@@ -140,11 +142,19 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
                                                rich_help_panel="Model placement")),
 ]
 _placement: ContextVar[dict] = ContextVar("cardhouse_placement", default={})
-STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep"}  # the commands whose every step runs block by block
+STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep", "report"}  # the commands whose every step runs block by block
 
 
 def _command_name(command) -> str:
     return command.__name__.removesuffix("_cmd")  # attack_cmd is `cardhouse attack`
+
+
+def _check_budget(models, placement) -> None:
+    from ..models.memory import check_budget
+    from ..models.spec import probe
+
+    for model in [models] if isinstance(models, str) else models or []:
+        check_budget(probe(model), placement)
 
 
 def load_options(command):
@@ -165,7 +175,7 @@ def load_options(command):
         chosen["offload_folder"] = str(chosen["offload_folder"]) if chosen["offload_folder"] else None
         spill_dir = chosen.pop("spill_dir")
         with clear_errors():
-            Placement.of(**{k: v for k, v in chosen.items() if k != "stream"})  # checked here, before any work
+            placement = Placement.of(**chosen)  # checked here, before any work
             if chosen["stream"] and chosen["device_map"]:
                 raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
             if chosen["stream"] and _command_name(command) not in STREAMED_COMMANDS:
@@ -176,6 +186,8 @@ def load_options(command):
                 raise ValueError("--spill-dir keeps the hidden states of a streamed run: it needs --stream")
             if spill_dir is not None and spill_dir.exists() and not spill_dir.is_dir():
                 raise ValueError(f"--spill-dir {spill_dir} is a file, not a folder")
+            if placement.max_memory:  # one block must fit the budget: checked on the config, before the command
+                _check_budget(kwargs.get("model"), placement)
         token = _placement.set({**chosen, "spill_dir": spill_dir})
         try:
             with spilling(spill_dir):  # its private folder is removed on exit, also on Ctrl-C and errors

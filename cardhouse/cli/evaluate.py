@@ -79,7 +79,7 @@ def longctx_cmd(model: str = ModelOpt,
     """Long-context retrieval (a LongBench stand-in): passkey and needle-in-a-haystack accuracy by context length
     and depth, for the original model, top-k zeroing and its random control (and a fine-tuned adapter, e.g. MacDrop's)."""
     from ..evaluation import longctx
-    from ..evaluation.corpora import get_corpus
+    from ..data.corpora import get_corpus
     from ..reports.plots import plot_longctx
     from ..results import write_result
     from .common import parse_int_list

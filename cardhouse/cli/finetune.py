@@ -35,11 +35,19 @@ TokensOpt = max_tokens_opt(2048, " (0: no perplexity)")
 ContextOpt = context_opt(256)
 
 
-def _validate(model: str, out: Path, own_checks, **options):
-    """The options both fine-tuning commands share, against the model's config (before it loads)."""
-    if options["rows"] is not None and options["layer"] is None:
+# the options both fine-tuning commands share that validation checks against the model's config
+SHARED = ("k", "layer", "rows", "batch_size", "grad_accum", "lr", "epochs", "rank", "lora_alpha", "max_length",
+          "records", "max_steps", "save_steps", "p0", "alpha", "task_limit", "min_abs", "min_ratio")
+
+
+def _validate(model: str, out: Path, own_checks, given: dict):
+    """The options both fine-tuning commands share (``given``: the command's arguments), against the model's
+    config before it loads."""
+    if given["rows"] is not None and given["layer"] is None:
         raise ValueError("--rows needs --layer (the layer of the massive rows)")
-    return validate(model, folders={"--out": out}, also=own_checks, **options)
+    max_tokens = given["max_tokens"]
+    return validate(model, folders={"--out": out}, also=own_checks, **{name: given[name] for name in SHARED},
+                    context=given["context"] if max_tokens else None, finetune_max_tokens=max_tokens)
 
 
 def _interrupted(out: Path) -> None:
@@ -83,12 +91,7 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
         return config, drop, criterion, budget
 
     with clear_errors():
-        checked = _validate(model, out, own_checks, k=k, layer=layer, rows=rows, batch_size=batch_size,
-                            grad_accum=grad_accum, lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha,
-                            max_length=max_length, records=records, max_steps=max_steps, save_steps=save_steps,
-                            p0=p0, alpha=alpha, context=context if max_tokens else None,
-                            finetune_max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs,
-                            min_ratio=min_ratio)
+        checked = _validate(model, out, own_checks, locals())
         config, drop, criterion, budget = checked.own
         drop.rows = checked.options["rows"]
         writable_folder(out)
@@ -161,12 +164,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         return config, drop, criterion, budget
 
     with clear_errors():
-        checked = _validate(model, out, own_checks, k=k, layer=layer, rows=rows, batch_size=batch_size,
-                            grad_accum=grad_accum, lr=lr, epochs=epochs, rank=rank, lora_alpha=lora_alpha,
-                            max_length=max_length, records=records, max_steps=max_steps, save_steps=save_steps,
-                            p0=p0, alpha=alpha, context=context if max_tokens else None,
-                            finetune_max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs,
-                            min_ratio=min_ratio)
+        checked = _validate(model, out, own_checks, locals())
         config, drop, criterion, budget = checked.own
         drop.rows = checked.options["rows"]
         folder = writable_folder(out)

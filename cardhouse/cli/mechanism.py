@@ -41,7 +41,8 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Attention concentration on the massive tokens, attention sinks per token role, the set-C value updates."""
     from ..analysis import Criterion
-    from ..analysis.attention import analyze_attention, attention_map, default_head
+    from ..analysis.attention import analyze_attention, default_head
+    from ..analysis.attention_map import attention_map
     from ..reports.mechanism_plots import plot_attention, plot_attention_map
 
     with clear_errors():

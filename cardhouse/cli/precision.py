@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from .common import (CORPUS_HELP, K_HELP, BosOpt, LayerOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app,
-                     clear_errors, console, context_opt, err, load, max_tokens_opt)
+from .common import (CORPUS_HELP, K_HELP, BackendOpt, BosOpt, LayerOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt,
+                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load,
+                     max_tokens_opt)
 
 LimitOpt = typer.Option(16, "--limit", help="use only the first N prompts")
 CorporaOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
@@ -222,12 +223,13 @@ def quantize_cmd(model: str = ModelOpt,
                  corpus: list[str] = CorporaOpt,
                  max_tokens: int = max_tokens_opt(1022),
                  context: int = context_opt(512),
+                 task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, backend: str = BackendOpt,
                  bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Simulated round-to-nearest quantization (weights int8/int4 per channel or group, activations and keys/values
-    int8 per tensor or token) by perplexity, with and without protecting the massive weights, the super weight, the
-    BOS token's keys/values and the massive activation channels, each against a random protection of equal size."""
+    int8 per tensor or token) by perplexity (and, with --task, zero-shot accuracy), with and without protecting the
+    massive weights, the super weight, the BOS token's keys/values and the massive activation channels, each against
+    a random protection of equal size."""
     from ..capture import tokenize_prompts
-    from ..evaluation.measure import Budget
     from ..precision.quantize import find_targets
     from ..validation import validate
     from ..precision.study import quantization_study, study_schemes
@@ -242,12 +244,12 @@ def quantize_cmd(model: str = ModelOpt,
             raise ValueError("no scheme: give --weights and/or --acts")
         folder = out
         checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--out": folder / "quantize.json"},
-                           k=k, context=context, max_tokens=max_tokens)
+                           k=k, context=context, max_tokens=max_tokens, task_limit=task_limit)
         for scheme in schemes:  # the group sizes against the widths the config gives, before any weights load
             for width, what in ((checked.spec.d_model, "the hidden size"), (checked.spec.d_mlp(None), "the FFN width")):
                 if scheme.group and width and width % scheme.group:
                     raise ValueError(f"group size {scheme.group} does not divide {what} {width}")
-        budget = Budget(corpora=list(corpus), max_tokens=max_tokens, context=context)
+        budget = budget_from(corpus, max_tokens, context, task, task_limit, backend=backend)
         corpus = budget.corpora[0]  # the table and the plot (every corpus is in the JSON)
         texts = checked.prompts
         lm = load(checked, bos)
@@ -269,22 +271,30 @@ def quantize_cmd(model: str = ModelOpt,
         result = quantization_study(lm, schemes, budget, targets, on_result=lambda row: (done.append(row), save(False)),
                                     progress=True)
         save(True)
-        base = result.rows[0][f"ppl_{corpus}"]
-        table = result.table(corpus)
-        _quant_table(lm.name, table, base, corpus)
-        png = plot_quantization(table, base, folder / "quantize.png", f"{lm.name}: RTN fake quantization, "
-                                f"{result.rows[0][f'tokens_{corpus}']} tokens of {corpus}")
-        console.print(f"wrote {folder / 'quantize.json'}, {png}")
+        pngs = []
+        shown = [(f"ppl_{corpus}", "quantize.png", f"{result.rows[0][f'tokens_{corpus}']} tokens of {corpus}")]
+        if task:  # the mean accuracy too (each task's is in the JSON)
+            shown.append(("acc_mean", "quantize_tasks.png", f"{', '.join(task)}, {task_limit or 'all'} examples each"))
+        for key, name, what in shown:
+            base = result.rows[0][key]
+            table = result.table(key)
+            _quant_table(lm.name, table, base, key, what)
+            pngs.append(plot_quantization(table, base, folder / name, f"{lm.name}: RTN fake quantization, {what}",
+                                          key=key))
+        console.print(f"wrote {folder / 'quantize.json'}, {', '.join(map(str, pngs))}")
 
 
-def _quant_table(name: str, table: dict, base: float, corpus: str) -> None:
+def _quant_table(name: str, table: dict, base: float, key: str, what: str) -> None:
     from rich.table import Table
 
+    from ..evaluation.metrics import metric_of
+
+    spec = metric_of(key)
     protections = list(dict.fromkeys(p for row in table.values() for p in row))
-    t = Table(title=f"{name}: perplexity on {corpus} (float32 {base:.3f})")
+    t = Table(title=f"{name}: {spec.title}, {what} (float32 {spec.format(base)})")
     t.add_column("scheme")
     for p in protections:
         t.add_column(p, justify="right")
     for scheme, row in table.items():
-        t.add_row(scheme, *(f"{row[p]:,.3f}" if p in row else "" for p in protections))
+        t.add_row(scheme, *(spec.format(row[p]) if p in row else "" for p in protections))
     console.print(t)

@@ -10,7 +10,8 @@ import typer
 from ..models.loading import DEFAULT_MODEL
 from ..results import command_line
 from .common import (CONTEXT_HELP, CORPUS_HELP, K_HELP, KS_HELP, MAX_TOKENS_HELP, MODEL_HELP, BosOpt, LayerOpt, MinAbsOpt, MinRatioOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt,
-                     app, clear_errors, console, err, load_options, placement_options)
+                     app, check_streamed_run, clear_errors, console, err, load_options, placement_options,
+                     window_tokens)
 
 
 @app.command("report")
@@ -48,7 +49,11 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                sentences: str = typer.Option("builtin", "--sentences", help="sentence encoders (e.g. minilm-l6): "
                                              "'builtin', a text file or corpus:NAME"),
                bos: Optional[bool] = BosOpt):
-    """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots."""
+    """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots.
+
+    With --stream every section runs block by block (the scan, the massive weights, the attacks and the
+    sweep on perplexity, --with attention); zero-shot --task needs whole forward passes and is refused,
+    and Mixture-of-Experts checkpoints cannot stream."""
     from ..reports.report import Settings, build_report
     from ..validation import check_options
 
@@ -66,6 +71,12 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
         if ks:
             overrides["ks"] = tuple(check_options(ks=ks)["ks"])  # against each model's size in build_report
         settings = (Settings.quick if quick else Settings.full)(**overrides)
+        if settings.load.get("stream"):
+            from ..validation import validate
+
+            for name in model:  # the spill's disk and what cannot stream, before any model loads
+                check_streamed_run(validate(name), window_tokens(settings.max_tokens, settings.context),
+                                   copies=len(settings.corpora) + 1, tasks=list(settings.tasks))
         results = build_report(model, out, settings, overwrite=overwrite, command=command_line())
         console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and the PNG plots")
         if results["failures"]:

@@ -19,20 +19,21 @@ attention on the carrier, the per-patch norm map and registers added without ret
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-from ..analysis.attention import _probabilities, eager_attention, module_hooks
 from ..analysis.massive_activations import Criterion, ScanResult, scan_inputs
 from ..analysis.massive_weights import MassiveWeights, _describe_rows
-from ..capture import hook_name, run_inputs
+from ..capture import hook_name, parse_hook_name, run_inputs
 from ..interventions.activations import set_activations
 from ..interventions.weights import random_indices, zero_rows
 from ..models.loading import LoadedModel
 from . import measures
+from .inputs import ImageInputs, SentenceInputs
+from .registers import measure_registers
 
 
 @dataclass
@@ -60,17 +61,17 @@ def token_profile(lm: LoadedModel, inputs, dim: int, *, batch_size: int = 8) -> 
     n_layers, width = len(lm.blocks), max(map(len, inputs.role_lists))
     values = [[] for _ in range(n_layers)]
     norms = [[] for _ in range(n_layers)]
-    order, current = [], {}
-
-    def keep(name, acts):
-        layer = int(name.split(".")[1])
-        mask = current["batch"].attention_mask.bool()
-        values[layer].append(acts[..., dim].float().cpu().masked_fill(~mask, float("nan")))
-        norms[layer].append(acts.float().norm(dim=-1).cpu().masked_fill(~mask, float("nan")))
+    order = []
 
     def hooks_for(batch):
-        current["batch"] = batch
+        mask = batch.attention_mask.bool()
         order.extend(batch.prompt_index.tolist())
+
+        def keep(name, acts):
+            layer, _ = parse_hook_name(name)
+            values[layer].append(acts[..., dim].float().cpu().masked_fill(~mask, float("nan")))
+            norms[layer].append(acts.float().norm(dim=-1).cpu().masked_fill(~mask, float("nan")))
+
         return {hook_name(layer, "hook_resid_post"): keep for layer in range(n_layers)}
 
     run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=False)
@@ -168,16 +169,16 @@ def carrier_weights(lm: LoadedModel, inputs, carrier: Carrier, *, k: int = 5, ba
 def attention_on_carrier(lm: LoadedModel, inputs, carrier: Carrier, *, batch_size: int = 8) -> list[dict]:
     """Per layer, averaged over heads and the other tokens as queries: the attention probability on the
     carrier token, on CLS, and what a uniform spread would give (1 / tokens)."""
-    blocks, n_layers = lm.blocks, len(lm.blocks)
+    n_layers = len(lm.blocks)
     sums = torch.zeros(n_layers, 3, dtype=torch.float64)  # carrier, CLS, uniform
     counts = torch.zeros(n_layers, dtype=torch.float64)
-    current = {}
 
-    def on_layer(layer):
-        def hook(module, args, output):
-            probs = _probabilities(output, "eager").float().cpu()  # [batch, head, query, key]
-            batch = current["batch"]
-            valid = batch.attention_mask.bool()
+    def hooks_for(batch):
+        valid = batch.attention_mask.bool()
+
+        def on_pattern(name, pattern):  # [batch, head, query, key]
+            layer, _ = parse_hook_name(name)
+            probs = pattern.float().cpu()
             for row, index in enumerate(batch.prompt_index.tolist()):
                 c = carrier.positions[index]
                 queries = valid[row].clone()
@@ -187,12 +188,10 @@ def attention_on_carrier(lm: LoadedModel, inputs, carrier: Carrier, *, batch_siz
                 sums[layer, 1] += float(p[:, 0].sum())
                 sums[layer, 2] += float(queries.sum()) / float(valid[row].sum())
                 counts[layer] += float(queries.sum())
-        return hook
 
-    pairs = [(blocks.part(layer, "attn"), on_layer(layer)) for layer in range(n_layers)]
-    with eager_attention(lm), module_hooks(pairs):
-        run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size),
-                   lambda batch: (current.update(batch=batch), {})[1], progress=False)
+        return {hook_name(layer, "attn.hook_pattern"): on_pattern for layer in range(n_layers)}
+
+    run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=False)
     means = sums / counts.clamp(min=1)[:, None]
     return [{"layer": l, "on_carrier": float(means[l, 0]), "on_cls": float(means[l, 1]),
              "uniform": float(means[l, 2])} for l in range(n_layers)]
@@ -205,8 +204,6 @@ def measurer(lm: LoadedModel, inputs, *, pairs: int | None = 200, copies: int = 
              batch_size: int = 8) -> Callable[[], dict]:
     """A function measuring the model as it is now (edited or not) against the original, on the same inputs:
     image models on the photographs and their augmented copies, text encoders on MRPC sentence pairs."""
-    from .inputs import ImageInputs, SentenceInputs
-
     if lm.inputs == "image":
         gallery = measures.RetrievalSet.of(inputs.photos, copies)
         items = ImageInputs(lm, gallery.photos, processor=inputs.processor)
@@ -315,8 +312,6 @@ def analyze_encoder(lm: LoadedModel, inputs, *, criterion: Criterion = Criterion
         result["norm_maps"] = {"layer": len(lm.blocks) - 1, "grid": list(inputs.grid), "maps": maps.tolist(),
                                "summary": patch_norm_summary(maps)}
         if registers:
-            from .registers import measure_registers
-
             tick("registers")
             result["registers"] = measure_registers(lm, inputs, carrier, weights, measure, batch_size=batch_size)
     return result

@@ -15,10 +15,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..analysis.prompts import load_prompts
 from ..capture.batches import PromptBatch, batches
 from ..capture.run import max_context
 from ..models.loading import LoadedModel
-from .images import Photo
+from .images import Photo, load_images
 
 CLS, REGISTER, PATCH, SEP, PUNCTUATION, OTHER = "cls", "register", "patch", "sep", "punctuation", "other"
 ENCODER_ROLES = (CLS, REGISTER, PATCH, SEP, PUNCTUATION, OTHER)
@@ -161,9 +162,6 @@ def encoder_inputs(lm: LoadedModel, images: str | None = None, sentences: str | 
                    limit: int | None = None):
     """``ImageInputs`` from ``images`` (``builtin``, a folder or a file) or ``SentenceInputs`` from
     ``sentences`` (``builtin``, a text file or ``corpus:NAME``), checked against what the model reads."""
-    from ..analysis.prompts import load_prompts
-    from .images import load_images
-
     if (images is None) == (sentences is None):
         raise ValueError("give either images or sentences")
     if images is not None:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..analysis.massive_weights import MassiveWeights
-from ..capture import hook_name, hooks
+from ..capture import hook_name, hooks, run_inputs
 from ..models.loading import LoadedModel
 
 
@@ -47,8 +47,6 @@ def test_time_register(lm: LoadedModel, layer: int, neurons: list[int]) -> Itera
 
 def _norms(lm, inputs, batch_size) -> torch.Tensor:
     """``[layer, image, pos]`` residual norms after every layer (the current forward pass's hooks apply)."""
-    from ..capture import run_inputs
-
     parts = {l: [] for l in range(len(lm.blocks))}
 
     def keep(name, x):

@@ -1,12 +1,11 @@
 """Evaluation: perplexity on real text and zero-shot accuracy through lm-evaluation-harness."""
 
-from ..data.corpora import CORPORA, Corpus, available_corpora, get_corpus, load_text, prepare_corpora, tokenize_corpus
+from ..data.corpora import prepare_corpora  # the text sources themselves: cardhouse.data.corpora
 from .metrics import METRICS, MetricSpec, metric_keys, metric_of, register_metric
 from .perplexity import PerplexityResult, build_windows, perplexity
 from .zeroshot import PAPER_TASKS, ZERO_SHOT_TASKS, ZeroShot, prepare_zero_shot_data, zero_shot
 
 __all__ = [
-    "CORPORA", "Corpus", "available_corpora", "get_corpus", "load_text", "prepare_corpora", "tokenize_corpus",
     "METRICS", "MetricSpec", "metric_keys", "metric_of", "register_metric",
     "PerplexityResult", "build_windows", "perplexity",
     "PAPER_TASKS", "ZERO_SHOT_TASKS", "prepare_zero_shot_data", "zero_shot", "ZeroShot",

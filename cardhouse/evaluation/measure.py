@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..models.loading import LoadedModel
+from ..models.spec import spec_of
 from ..data.corpora import get_corpus
 from .metrics import METRICS
 from .zeroshot import check_settings
@@ -41,8 +42,6 @@ class Budget:
 def measurer(lm: LoadedModel, budget: Budget, progress: bool = True) -> Callable[[LoadedModel], dict]:
     """One function ``lm -> {key: value}`` measuring every registered metric the budget asks for, on the
     same prepared inputs (corpus tokens) for every call."""
-    from ..models.spec import spec_of
-
     spec_of(lm).check_positions(budget.context)  # a window longer than the model's positions fails here
     parts = [m for spec in METRICS.values() if spec.measure for m in [spec.measure(lm, budget, progress)] if m]
 

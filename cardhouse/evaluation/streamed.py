@@ -29,7 +29,7 @@ def _nll(streamer, inputs: list[dict], states: list[torch.Tensor]) -> float:
     import torch.nn.functional as F
 
     total = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), streamer.resident("head"):  # read once for every batch
         for batch, state in zip(inputs, states):
             logits = streamer.run_head(batch, state)
             targets = batch["input_ids"][:, 1:]

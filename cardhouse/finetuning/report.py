@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._files import write_atomically
 from ..evaluation.metrics import metric_keys, metric_of
 
 VARIANTS = {"": "original", "_attacked": "top-3 zeroed", "_attacked_merged": "top-3 zeroed (merged)"}
@@ -67,8 +68,6 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", ncol=2, frameon=False)
-    from .._files import write_atomically
-
     path = Path(path)
     try:  # atomically, like every result file: never a cut PNG in the place of one
         write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -18,6 +18,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..analysis.massive_weights import find_massive_weights
+from ..analysis.moe import FRACTION, PERCENTILE, analyze_moe
 from ..models.adapters import SHARED
 from ..models.loading import LoadedModel
 from ..models.routing import normalises, routing_of
@@ -238,9 +240,6 @@ def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = 
     ``layer``/``expert``/``indices`` override the detected massive-weight layer, the carrier's expert and
     its top-k rows; the super experts are found on ``prompts`` with Su et al.'s rule.
     """
-    from ..analysis.massive_weights import find_massive_weights
-    from ..analysis.moe import FRACTION, PERCENTILE, analyze_moe
-
     if kind != "moe" and kind not in MOE_ATTACKS:
         raise ValueError(f"unknown MoE attack {kind!r}; known: {', '.join(MOE_ATTACKS)}, moe")
     routing_of(lm.blocks.adapter)  # a dense model or an undescribed router: a clear error before any forward pass

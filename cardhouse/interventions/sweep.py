@@ -15,10 +15,14 @@ from typing import Callable, Protocol
 
 from tqdm.auto import tqdm
 
+from .._version import __version__
 from ..analysis.criterion import Criterion
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
+from ..journal import HEADER, Journal
 from ..models.loading import LoadedModel
+from ..models.streaming import streamer_of
 from .variants import Variant, attack, original, run_variants, sweep_attacks
+from .weights import weights_digest
 
 
 def default_ks(size: int) -> list[int]:
@@ -73,21 +77,16 @@ def sweep_settings(model: str, *, layer: int | None = None, seed: int = 0, crite
     """What a sweep's rows depend on that is known before the weights load: the model's name, the layer,
     the seed, the massive criterion, the cardhouse version and what ``measured`` says about the
     measurement (corpora, tokens, context, tasks, limit)."""
-    from .._version import __version__
-
     return {"model": model, "layer": layer, "seed": seed, "cardhouse": __version__, "criterion": criterion.to_dict(),
             **measured}
 
 
 def model_settings(lm: LoadedModel) -> dict:
     """... and what is known once they have: where they came from, their digest, BOS first or not."""
-    from ..models.streaming import streamer_of
-    from .weights import weights_digest
-
     params = [p for _, p in sorted(lm.model.named_parameters()) if not p.is_meta]
     settings = {"source": lm.source, "weights": weights_digest(params), "bos": lm.bos_id is not None}
     streamer = streamer_of(lm.model)  # its blocks stay on disk: their files stand for them
-    return settings if streamer is None else {**settings, "checkpoint": streamer.reader.fingerprint()}
+    return settings if streamer is None else {**settings, "checkpoint": streamer.fingerprint()}
 
 
 def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], path: Path, *,
@@ -99,8 +98,6 @@ def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], pat
     ``settings``: what ``measure`` depends on (e.g. ``Budget.to_dict()``); with the model, its weights, the
     layer, the seed, the criterion and the cardhouse version they decide whether the rows in ``path`` are
     resumed or refused (``cardhouse.journal.SettingsMismatch``, raised before anything is measured)."""
-    from ..journal import Journal
-
     journal = Journal(path, {**sweep_settings(lm.name, layer=layer, seed=seed, criterion=criterion,
                                               **(settings or {})), **model_settings(lm)})
     journal.rows()  # refuse rows measured under other settings before the search
@@ -111,8 +108,6 @@ def resumable_sweep(lm: LoadedModel, measure: Callable[[LoadedModel], dict], pat
 
 def read_rows(path: Path) -> list[dict]:
     """The rows of a sweep file, whatever its settings (the header line is skipped)."""
-    from ..journal import HEADER
-
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:

@@ -55,6 +55,7 @@ class Adapter:
     o_proj: str | None = None  # attn -> output projection (heads concatenated -> d_model)
     n_heads: str = "num_attention_heads"  # config attribute: number of query heads
     n_kv_heads: str | None = "num_key_value_heads"  # config attribute: key/value heads (GQA); None: one per query head
+    softmax_fp32: bool = True  # eager attention's softmax runs in float32 (False: in the model dtype); capture/attention.py
     # the residual stream, for the function-preserving rescale (cardhouse/precision/rescale.py); None: not described
     embeddings: tuple[str, ...] | None = None  # model -> tensors whose values enter the residual stream
     writers: tuple[str, ...] | None = None  # block -> what is added to it: a tensor, or a module (weight and bias)
@@ -90,7 +91,7 @@ _SANDWICH = dict(_GEMMA, resid_mid_norm="pre_feedforward_layernorm", sandwich_no
 _QKVO = dict(q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="o_proj")
 _DINOV2 = dict(layers="encoder.layer", attn="attention", mlp="mlp", resid_mid_norm="norm2", final_norm="layernorm",
                up="fc1", down="fc2", mlp_layout="linear", act="activation_fn", inputs="image", n_kv_heads=None,
-               **_QKVO)
+               softmax_fp32=False, **_QKVO)
 # the layer scales (lambda1) multiply what each branch adds to the residual stream
 _DINOV2_STREAM = dict(embeddings=("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings",
                                   "embeddings.patch_embeddings.projection"),
@@ -115,7 +116,7 @@ ADAPTERS: dict[str, Adapter] = {
     "gpt2": Adapter("gpt2", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                     final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="conv1d", act="act",
                     n_heads="n_head", n_kv_heads=None, embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
-                    writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2")),
+                    writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2"), softmax_fp32=False),
     "mixtral": Adapter("mixtral", **_MOE),
     "qwen2_moe": Adapter("qwen2_moe", **dict(_MOE, router_norm="norm_topk_prob", shared_expert="shared_expert",
                                              shared_expert_gate="shared_expert_gate",
@@ -147,7 +148,7 @@ ADAPTERS: dict[str, Adapter] = {
     # post-norm: LayerNorm(x + attention) and LayerNorm(x + FFN) inside each block; the FFN spans two modules
     "bert": Adapter("bert", layers="encoder.layer", attn="attention", mlp="intermediate",
                     resid_mid_norm="attention.output.LayerNorm", final_norm=None, up="dense", down="/output.dense",
-                    mlp_layout="linear", act="intermediate_act_fn", inputs="text", n_kv_heads=None,
+                    mlp_layout="linear", act="intermediate_act_fn", inputs="text", n_kv_heads=None, softmax_fp32=False,
                     q_proj="self.query", k_proj="self.key", v_proj="self.value", o_proj="output.dense",
                     mlp_out="output.dense", post_norm=True),
 }

@@ -153,6 +153,8 @@ class GGUFTensors:
     """The tensors of a GGUF checkpoint (single or split) under ``model``'s parameter names, read and
     dequantized one at a time (nothing is memory-mapped: read pages would stay resident)."""
 
+    chunk = 2**22  # values dequantized at once (see _raw)
+
     def __init__(self, path: str | Path, model: torch.nn.Module):
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
@@ -186,8 +188,16 @@ class GGUFTensors:
             raise ValueError(f"{entry.part.name} is truncated: the tensor {entry.name} needs {entry.nbytes} bytes "
                              f"at offset {entry.offset}")
         block, size = GGML_QUANT_SIZES[qtype]
-        rows = data.reshape(*entry.shape[:-1], entry.shape[-1] // block * size)
-        return dequantize(rows, qtype)
+        rows = data.reshape(-1, entry.shape[-1] // block * size)
+        if qtype == GGMLQuantizationType.F32:
+            return rows.view(np.float32).reshape(entry.shape)
+        # row chunks of about 4M values: the package's numpy dequantization makes temporaries several
+        # times the size of what it dequantizes, which for a 70B's 1B-value embedding would be gigabytes
+        out = np.empty((rows.shape[0], entry.shape[-1]), dtype=np.float32)
+        step = max(1, self.chunk // entry.shape[-1])
+        for start in range(0, rows.shape[0], step):
+            out[start:start + step] = dequantize(rows[start:start + step], qtype)
+        return out.reshape(entry.shape)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One parameter, dequantized to float32 (the caller casts it)."""

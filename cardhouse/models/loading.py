@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import warnings
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._files import sweep_stale, temporary
 from .._install import cache_dir, ensure_module
 from .adapters import ADAPTERS, Blocks, adapter_for
 from .placement import Placement, input_device, model_dtype
@@ -211,7 +211,8 @@ def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
 
     from .integrity import seal
 
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    sweep_stale(folder.parent)  # what a dequantization killed with kill -9 left (a model's size on disk)
+    tmp = temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = model.config.to_dict()
@@ -280,8 +281,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     """
     from .spec import probe
 
-    placement = Placement.of(dtype, device, device_map, max_memory, offload_folder)  # bad requests fail first
-    probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
+    from .memory import check_budget
+
+    placement = Placement.of(dtype, device, device_map, max_memory, offload_folder, stream)  # bad requests fail first
+    spec = probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
+    check_budget(spec, placement)  # --max-memory must hold one block
     dtype = placement.torch_dtype()
     if stream:
         return _load_streamed(name_or_path, placement, bos, use_cache)

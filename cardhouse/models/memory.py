@@ -7,6 +7,7 @@ block + the rest + the hidden states of the batch set, twice: a run of variants 
 entering the attacked layer beside the running ones), or with ``--spill-dir`` the hidden states on
 disk instead (``models.spill``). The count is exact for the families in
 the adapter table: a skeleton is built on the meta device and its parameters counted.
+``check_budget(config, placement)`` refuses a ``--max-memory`` that cannot hold one decoder block.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .adapters import Blocks
 from .placement import DTYPES
 
 GiB = 2**30
@@ -41,8 +43,6 @@ def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 
     import accelerate
     from transformers import AutoModelForCausalLM
 
-    from .adapters import Blocks
-
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with accelerate.init_empty_weights(include_buffers=True):  # nothing is allocated
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -55,3 +55,36 @@ def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 
     name = str(dtype).replace("torch.", "")
     return Requirements(name, total, total * size, block * size, (total - in_blocks) * size, hidden,
                         block * size + (total - in_blocks) * size + 2 * hidden, 2 * hidden)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def check_budget(spec, placement) -> None:
+    """``--max-memory`` must hold the largest decoder block on one device: accelerate runs a block whole on
+    one device whatever it offloads, and ``--stream`` keeps the embeddings and head loaded beside the block
+    it reads. Otherwise a ``ValueError`` naming the sizes and the budget, before any weight loads.
+    ``spec``: the model's ``ModelSpec`` (its meta-device skeleton is counted)."""
+    if not placement.max_memory:
+        return
+    own = getattr(spec.config, "dtype", None) or getattr(spec.config, "torch_dtype", None)
+    dtype = placement.torch_dtype(own)
+    size = torch.tensor([], dtype=dtype).element_size()
+    layers = spec.blocks.layers
+    block = max(sum(p.numel() for p in b.parameters()) for b in layers) * size
+    rest = (sum(p.numel() for p in spec.blocks.model.parameters()) - sum(p.numel() for p in layers.parameters())) * size
+    need = block + rest if placement.stream else block
+    budgets = {device: v for device, v in placement.max_memory.items() if device != "disk"}
+    largest = max(budgets.values(), default=0)
+    if largest >= need:
+        return
+    name = str(dtype).replace("torch.", "")
+    what = (f"--stream keeps one decoder block ({_size(block)}) and the embeddings and head ({_size(rest)}) in "
+            f"memory: {_size(need)} in {name}" if placement.stream else
+            f"the largest decoder block needs {_size(block)} in {name} on one device (accelerate never splits one)")
+    raise ValueError(f"--max-memory: {what}, more than the largest budget given ({_size(largest)}"
+                     f"{'' if budgets else ', disk only'}); raise it or choose a smaller --dtype")

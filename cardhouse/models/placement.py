@@ -68,17 +68,19 @@ class Placement:
     device_map: str | dict | None = None  # auto | balanced | sequential, or accelerate's {module: device}
     max_memory: dict | None = None  # accelerate's max_memory: {0: bytes, "cpu": bytes}
     offload_folder: str | None = None  # where accelerate keeps the weights it offloads to disk
+    stream: bool = False  # --stream: one decoder block at a time (--max-memory then bounds that device)
 
     @classmethod
     def of(cls, dtype: str | torch.dtype = "float32", device: str = "cpu", device_map: str | dict | None = None,
-           max_memory: str | dict | None = None, offload_folder: str | Path | None = None) -> "Placement":
+           max_memory: str | dict | None = None, offload_folder: str | Path | None = None,
+           stream: bool = False) -> "Placement":
         if isinstance(dtype, torch.dtype):
             names = {v: k for k, v in DTYPES.items()}
             if dtype not in names:
                 raise ValueError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
             dtype = names[dtype]
         placement = cls(str(dtype), str(device), device_map, parse_max_memory(max_memory),
-                        str(offload_folder) if offload_folder else None)
+                        str(offload_folder) if offload_folder else None, bool(stream))
         placement.check()
         return placement
 
@@ -99,9 +101,9 @@ class Placement:
             raise ValueError("--device mps: the Apple MPS backend is not available here; use --device cpu or auto")
         if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
             raise ValueError(f"unknown --device-map {self.device_map!r}; use {', '.join(DEVICE_MAPS)}")
-        if self.device_map is None and (self.max_memory or self.offload_folder):
+        if self.device_map is None and (self.offload_folder or self.max_memory and not self.stream):
             raise ValueError("--max-memory and --offload-folder place the weights through accelerate: "
-                             "add --device-map auto")
+                             "add --device-map auto (--max-memory also bounds --stream)")
         for key in self.max_memory or {}:
             if isinstance(key, int) and key >= cuda_count():
                 raise ValueError(f"--max-memory names GPU {key}, but {cuda_count()} CUDA devices are visible")
@@ -150,6 +152,9 @@ class Placement:
 def input_device(model: nn.Module) -> torch.device:
     """Where the token ids must go: the embedding's device (its execution device when accelerate
     offloads it and keeps only a meta tensor in the module)."""
+    streamer = getattr(model, "_cardhouse_streamer", None)
+    if streamer is not None:  # a streamed model reads its embedding only while it embeds
+        return streamer.device
     embed = model.get_input_embeddings()
     hook = getattr(embed, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)

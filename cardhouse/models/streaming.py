@@ -1,11 +1,16 @@
 """Layer streaming: checkpoints larger than memory, one decoder block at a time.
 
 The model is built as a skeleton on the meta device (accelerate's ``init_empty_weights``; buffers
-such as rotary frequencies are computed for real). Everything outside the decoder blocks (the
-embeddings, final norm, head) is loaded once; block l is read from the checkpoint
-(``safetensors.safe_open``, shard by shard through the index JSON), run over *every* batch, and
-freed before block l + 1 is read. Peak memory is about one block, the non-block modules and the
-hidden states of all batches (kept in the model dtype, or spilled to a memmap: ``models.spill``).
+such as rotary frequencies are computed for real). What every pass needs outside the decoder
+blocks (the final norm, position tables) is loaded once; the token embedding is read while the
+states entering block 0 are computed and the head while the logits are, then both are freed (with
+a large vocabulary they outweigh a block); block l is read from the checkpoint (the byte range of
+each tensor, shard by shard through the index JSON), run over *every* batch, and freed before
+block l + 1 is read. Peak memory is about one block (or the embedding, or the head), the rest and
+the hidden states of all batches (kept in the model dtype, or spilled to a memmap:
+``models.spill``). Freed blocks go back to the operating system: glibc would otherwise keep
+block-sized chunks in its heap once its adaptive mmap threshold has grown past them
+(``_release_large_frees``).
 
 Variants of one model share what they do not change. ``editing(layer, apply)`` makes a weight edit
 to block ``layer`` each time that block is loaded; ``share_prefix(layer)`` keeps the hidden states
@@ -15,7 +20,9 @@ entering ``layer`` for each input set, so the blocks before it run once for ever
 The model's own forward does the work, so every family's masks, rotary embeddings and scalings
 are computed as usual: while block l is loaded, the other blocks pass their input through, block
 l's input is replaced by the hidden state stored for the batch, and its output is stored and the
-pass stopped. The head pass replaces the final norm's input the same way and returns the logits.
+pass stopped (the stored states also stand in for the embedding's output, ``inputs_embeds``, so
+the embedding stays unloaded). The head pass replaces the final norm's input the same way and
+returns the logits.
 Hooks named ``blocks.{l}.*`` (attached by the caller, ``capture.run``) fire while block l runs.
 """
 
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from .adapters import Blocks, get
+from .skipping import skip_blocks
 from .spill import HiddenStates
 
 
@@ -87,15 +95,6 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._headers.clear()
-
-    def fingerprint(self) -> str:
-        """Names, sizes and modification times of the checkpoint's files: what a resumed run checks
-        instead of hashing every weight (which would mean reading the whole checkpoint)."""
-        h = hashlib.sha256()
-        for file in sorted(set(self.weight_map.values())):
-            stat = (self.folder / file).stat()
-            h.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        return h.hexdigest()
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -182,19 +181,47 @@ class Streamer:
         names = {m: n + ".weight" for n, m in self.model.named_modules() if m is head or m is embed}
         return {names[head]: names[embed], names[embed]: names[head]} if len(names) == 2 else {}
 
+    def _ends(self) -> dict[str, nn.Module]:
+        """The token embedding and the output head: read only while a pass needs them."""
+        ends = {"embeddings": self.model.get_input_embeddings(), "head": self.model.get_output_embeddings()}
+        return {k: m for k, m in ends.items() if m is not None}
+
     def load_rest(self) -> None:
-        """Load every parameter outside the decoder blocks (embeddings, final norm, head)."""
+        """Load every parameter outside the decoder blocks but the embedding's and the head's (``resident``)."""
         prefix = self.blocks.adapter.layers + "."
-        alias = self._tied()
-        done = set()
-        for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
-            if name.startswith(prefix) or alias.get(name) in done:
-                continue
-            stored = name if name in self.reader else alias[name]
-            _set(self.model, name, self.reader.tensor(stored).to(self.device, self.dtype))
-            done.add(name)
-        if alias:
-            self.model.tie_weights()
+        later = {id(p) for m in self._ends().values() for p in m.parameters()}
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(prefix) and id(param) not in later:
+                _set(self.model, name, self.reader.tensor(self._stored(name)).to(self.device, self.dtype))
+        self.reader.close()
+
+    def _stored(self, name: str) -> str:
+        """The checkpoint's name for parameter ``name`` (a tied head is stored as the embedding, or back)."""
+        return name if name in self.reader else self._tied()[name]
+
+    @contextmanager
+    def resident(self, part: str) -> Iterator[nn.Module]:
+        """The token embedding (``"embeddings"``) or the head (``"head"``) read for the duration, then freed;
+        already in memory (an outer ``resident``): left as it is."""
+        module = self._ends()[part]
+        params = list(module.named_parameters())
+        if not any(p.is_meta for _, p in params):
+            yield module
+            return
+        try:
+            self._read_end(part)
+            yield module
+        finally:
+            for name, param in params:
+                _set(module, name, torch.empty_like(param, device="meta"))
+            _trim()
+
+    def _read_end(self, part: str) -> None:
+        module = self._ends()[part]
+        owner = next(n for n, m in self.model.named_modules() if m is module)
+        for name, _ in list(module.named_parameters()):
+            full = f"{owner}.{name}" if owner else name
+            _set(module, name, self.reader.tensor(self._stored(full)).to(self.device, self.dtype))
         self.reader.close()
 
     def _read(self, layer: int) -> None:
@@ -209,6 +236,10 @@ class Streamer:
         a split GGUF, which transformers does not read)."""
         for layer in range(len(self.blocks)):
             self._read(layer)
+        for part in self._ends():
+            self._read_end(part)
+        if self._tied():
+            self.model.tie_weights()
         del self.model._cardhouse_streamer
         return self.model
 
@@ -227,6 +258,7 @@ class Streamer:
             self.loaded = None
             for name, param in list(module.named_parameters()):
                 _set(module, name, torch.empty_like(param, device="meta"))
+            _trim()
 
     @contextmanager
     def editing(self, layer: int, apply: Callable[[], object]) -> Iterator[None]:
@@ -260,30 +292,41 @@ class Streamer:
 
     @contextmanager
     def _only(self, layer: int | None) -> Iterator[None]:
-        """Every block but ``layer`` passes its input through (None: all of them)."""
-        layers = self.blocks.layers
-
-        def pass_through(*args, **kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden,) if self.tuple_output else hidden
-
-        with ExitStack() as stack:
-            for j, block in enumerate(layers):
-                if j != layer:
-                    block.forward = pass_through  # an instance attribute shadows the class method
-                    stack.callback(delattr, block, "forward")
+        """Every block but ``layer`` passes its input through (None: all of them): ``models.skipping``."""
+        skipped = [j for j in range(len(self.blocks)) if j != layer]
+        with skip_blocks(self.blocks.layers, skipped, tuple_output=self.tuple_output):
             yield
 
-    def run_block(self, layer: int, batch: dict, state: torch.Tensor | None, hooks=None) -> torch.Tensor:
+    def run_embeddings(self, batch: dict) -> torch.Tensor:
+        """The hidden states entering block 0 for one batch (the embedding resident: ``resident``)."""
+        out: dict = {}
+
+        def grab(mod, args, kwargs):
+            out["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        with self._only(None), ExitStack() as stack:
+            stack.callback(self.blocks.layers[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True).remove)
+            try:
+                self.model.base_model(**batch, use_cache=False)
+            except _Stop:
+                pass
+        return out["h"]
+
+    @staticmethod
+    def _without_ids(batch: dict, state: torch.Tensor) -> dict:
+        """The batch with ``state`` in place of the token ids: the model's masks and positions come out the
+        same, and the (unloaded) embedding is not called."""
+        return {**{k: v for k, v in batch.items() if k != "input_ids"}, "inputs_embeds": state, "use_cache": False}
+
+    def run_block(self, layer: int, batch: dict, state: torch.Tensor, hooks=None) -> torch.Tensor:
         """The hidden states leaving block ``layer`` (loaded) for one batch whose states entering it are
-        ``state`` (None for block 0: the model's own embedding). ``hooks``: a context manager that
-        attaches the caller's hooks on that block (``capture.hooks``), entered around the pass."""
+        ``state``. ``hooks``: a context manager that attaches the caller's hooks on that block
+        (``capture.hooks``), entered around the pass."""
         module = self.blocks.layers[layer]
         out: dict = {}
 
         def inject(mod, args, kwargs):
-            if state is None:
-                return None
             return ((state,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": state})
 
         def stop(mod, args, output):
@@ -295,21 +338,32 @@ class Streamer:
             stack.callback(module.register_forward_pre_hook(inject, with_kwargs=True, prepend=True).remove)
             stack.callback(module.register_forward_hook(stop).remove)  # after the named hooks
             try:
-                self.model.base_model(**batch, use_cache=False)
+                self.model.base_model(**self._without_ids(batch, state))
             except _Stop:
                 pass
         return out["h"]
 
     def run_head(self, batch: dict, state: torch.Tensor) -> torch.Tensor:
-        """The logits from the hidden states leaving the last block."""
+        """The logits from the hidden states leaving the last block (reads the head unless it is resident)."""
         norm = get(self.model, self.blocks.adapter.final_norm)
 
         def inject(mod, args, kwargs):
             return ((state,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": state})
 
-        with self._only(None), ExitStack() as stack:
+        with self.resident("head"), self._only(None), ExitStack() as stack:
             stack.callback(norm.register_forward_pre_hook(inject, with_kwargs=True).remove)
-            return self.model(**batch, use_cache=False).logits
+            return self.model(**self._without_ids(batch, state)).logits
+
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of the checkpoint's files: what a resumed run checks
+        instead of hashing every weight (which would mean reading the whole checkpoint)."""
+        root = Path(self.reader.folder)
+        files = sorted(root.iterdir()) if root.is_dir() else [Path(f) for f in getattr(self.reader, "parts", [root])]
+        h = hashlib.sha256()
+        for file in files:
+            stat = file.stat()
+            h.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return h.hexdigest()
 
     def states_for(self, batches: Sequence[dict]) -> HiddenStates:
         """An empty store for the hidden states of ``batches`` (in memory, or spilled: ``models.spill``)."""
@@ -343,13 +397,56 @@ class Streamer:
                 finally:
                     self.prefix = shared
             start, states = shared.layer, shared.states[key]
-        states = states.copy() if states is not None else self.states_for(batches)
+        if states is not None:
+            states = states.copy()
+        else:
+            if start != 0:
+                raise ValueError(f"a run from block {start} needs the states entering it")
+            states = self.states_for(batches)
+            with torch.inference_mode(), self.resident("embeddings"):
+                for i, batch in enumerate(batches):
+                    states[i] = self.run_embeddings(batch)
         with torch.inference_mode():
             for layer in tqdm(range(start, stop), desc="blocks", unit="block", disable=not progress, leave=False):
                 with self.block(layer), (edit(layer) if edit else nullcontext()):
                     for i, batch in enumerate(batches):
                         states[i] = self.run_block(layer, batch, states[i], hooks_for(layer, i) if hooks_for else None)
         return states
+
+
+def _libc():
+    """The C library when it is glibc (Linux), else None: its allocator keeps freed memory that the
+    functions below give back; other C libraries have their own policy."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _release_large_frees() -> None:
+    """Serve large allocations (block tensors, activations) by mmap, so that freeing one gives it back.
+
+    By default glibc raises its mmap threshold to the size of each mmapped chunk that is freed (up to
+    32 MiB), so after the first block every tensor of a block comes from the heap, whose freed space
+    is kept: resident memory then grows block after block. A fixed threshold turns that off."""
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system (the small allocations a pass leaves scattered
+    through it keep it from shrinking otherwise): after each block, a few milliseconds."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -368,12 +465,10 @@ def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.
         config = gguf_config(source) if gguf else AutoConfig.from_pretrained(source)
     with accelerate.init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if gguf and Blocks.of(model).is_moe:
-        raise ValueError(f"--stream does not read Mixture-of-Experts GGUF files ({config.model_type}) yet; "
-                         "stream the model's safetensors folder, or load the GGUF without --stream")
     reader = GGUFTensors(source, model) if gguf else converted(CheckpointReader(source), model)
     streamer = Streamer(model.eval(), reader, dtype, torch.device(device))
     streamer.check()
+    _release_large_frees()
     streamer.load_rest()
     model._cardhouse_streamer = streamer  # perplexity and run_batches find it here
     return streamer

@@ -43,7 +43,7 @@ class PrecisionSettings:
 
 def _perplexities(lm: LoadedModel, settings: PrecisionSettings) -> list[dict]:
     """Per corpus: perplexity in float32 and of a cast copy in ``settings.dtype``, on the same tokens."""
-    from ..evaluation.corpora import tokenize_corpus
+    from ..data.corpora import tokenize_corpus
     from ..evaluation.perplexity import perplexity
 
     low_model = cast_copy(lm.model, DTYPES[settings.dtype])

@@ -1,5 +1,6 @@
-"""The quantization study: perplexity under each RTN scheme, with and without each protection and its
-random control, on the same tokens (``run_variants``: the weights are checked to be restored)."""
+"""The quantization study: the budget's metrics (perplexity on the same tokens, zero-shot accuracy on the same
+examples) under each RTN scheme, with and without each protection and its random control (``run_variants``:
+the weights are checked to be restored)."""
 
 from __future__ import annotations
 
@@ -53,13 +54,13 @@ class StudyResult:
     rows: list[dict]
     targets: dict
 
-    def table(self, corpus: str) -> dict[str, dict[str, float]]:
-        """base scheme -> protection -> perplexity."""
+    def table(self, key: str) -> dict[str, dict[str, float]]:
+        """base scheme -> protection -> the row's ``key`` (a metric key: ``ppl_wikipedia``, ``acc_mean``)."""
         out: dict[str, dict[str, float]] = {}
         for row in self.rows:
             if row["variant"] == "original":
                 continue
-            out.setdefault(row["base"], {})[row["protect"]] = row[f"ppl_{corpus}"]
+            out.setdefault(row["base"], {})[row["protect"]] = row[key]
         return out
 
 

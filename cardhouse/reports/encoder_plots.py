@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plots import plt, save_figure
+from ..analysis.massive_activations import ScanResult
+from .plots import plot_top_magnitudes, plt, save_figure
 
 
 def model_view(inputs, index: int) -> np.ndarray:
@@ -74,9 +75,6 @@ def plot_carrier(result: dict, path: str | Path) -> Path:
 
 def plot_encoder(result: dict, inputs, out: Path, prefix: str = "") -> dict[str, str]:
     """The scan, carrier and (image models) norm-map figures of an ``analyze_encoder`` result, in ``out``."""
-    from ..analysis.massive_activations import ScanResult
-    from .plots import plot_top_magnitudes
-
     out = Path(out)
     plots = {"top_magnitudes": str(plot_top_magnitudes(ScanResult(**result["scan"]), out / f"{prefix}scan.png")),
              "carrier": str(plot_carrier(result, out / f"{prefix}carrier.png"))}

@@ -7,16 +7,15 @@ carrier and, for image models, the test-time register.
 
 from __future__ import annotations
 
+from ..analysis import load_prompts
+from ..encoders.analysis import analyze_encoder
+from ..encoders.images import load_images
+from ..encoders.inputs import ImageInputs, SentenceInputs
+from .encoder_plots import plot_encoder
 from .html import Figure, Section, Table, facts
 
 
 def encoder_step(ctx) -> Section:
-    from ..analysis import load_prompts
-    from .encoder_plots import plot_encoder
-    from ..encoders.analysis import analyze_encoder
-    from ..encoders.images import load_images
-    from ..encoders.inputs import ImageInputs, SentenceInputs
-
     lm, s = ctx.lm, ctx.settings
     if lm.inputs == "image":
         inputs = ImageInputs(lm, load_images(s.images, limit=s.prompt_limit))

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..analysis.attention import GROUPS, AttentionMap, AttentionResult  # noqa: E402
+from ..analysis.attention import GROUPS, AttentionResult  # noqa: E402
+from ..analysis.attention_map import AttentionMap  # noqa: E402
 from ..analysis.position import PositionStudy  # noqa: E402
 from ..analysis.trace import STATES, UPDATES, BosTrace  # noqa: E402
 from .plots import save_figure  # noqa: E402
@@ -60,9 +61,7 @@ def plot_attention(result: AttentionResult, path: str | Path, title: str = "") -
 
 def plot_attention_map(amap: AttentionMap, path: str | Path, title: str = "") -> Path:
     """Logits and probabilities of one head (Sun et al. Figs. 5-6)."""
-    panels = [("probabilities", amap.probs.numpy(), "viridis")]
-    if amap.logits is not None:
-        panels.insert(0, ("logits", amap.logits.numpy(), "coolwarm"))
+    panels = [("logits", amap.logits.numpy(), "coolwarm"), ("probabilities", amap.probs.numpy(), "viridis")]
     n = len(amap.tokens)
     size = min(6.0, 2.0 + 0.25 * n)
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1, size), dpi=110, squeeze=False)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from ..analysis.moe import analyze_moe
+from ..evaluation.measure import measurer
+from ..evaluation.metrics import metric_keys
+from ..interventions import run_variants
+from ..interventions.experts import MOE_ATTACKS, ExpertTarget, expert_attack
+from ..interventions.variants import original
 from .html import Figure, Section, Table, facts
+from .moe_plots import plot_router, plot_super_experts
 
 
 def is_moe(ctx) -> bool:
@@ -12,14 +19,6 @@ def is_moe(ctx) -> bool:
 def moe_step(ctx) -> Section:
     """House of Cards Fig. 5 and Table 7 for an MoE model: where the router sends the carrier token, the
     expert that holds the massive weights, the super experts, and the MoE attacks beside their controls."""
-    from ..analysis.moe import analyze_moe
-    from ..evaluation.measure import measurer
-    from ..evaluation.metrics import metric_keys
-    from ..interventions import run_variants
-    from ..interventions.experts import MOE_ATTACKS, ExpertTarget, expert_attack
-    from ..interventions.variants import original
-    from .moe_plots import plot_router, plot_super_experts
-
     lm, s, mw = ctx.lm, ctx.settings, ctx.need("weights")
     a = analyze_moe(lm, ctx.prompts, k=s.k, layer=mw.layer, progress=False, massive_weights=False)
     a.massive_weights = mw.to_dict()

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .._files import write_atomically  # noqa: E402
 from ..analysis.massive_activations import ScanResult  # noqa: E402
 from ..evaluation.metrics import metric_of  # noqa: E402
 from ..interventions.variants import get_attack  # noqa: E402
@@ -18,8 +19,6 @@ from ..interventions.variants import get_attack  # noqa: E402
 def save_figure(fig, path: str | Path, layout: bool = True, **savefig) -> Path:
     """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive). Written
     atomically like every result file: a full disk or a kill never leaves a cut PNG in the place of one."""
-    from .._files import write_atomically
-
     if layout:
         fig.tight_layout()
     path = Path(path)

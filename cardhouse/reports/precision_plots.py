@@ -40,11 +40,17 @@ _PROTECT_COLORS = {"none": "0.55", "massive-rows": "tab:red", "random-rows": "mi
                    "massive-dims": "tab:green", "random-dims": "honeydew"}
 
 
-def plot_quantization(table: dict[str, dict[str, float]], baseline: float, path: str | Path, title: str) -> Path:
-    """Perplexity per scheme (groups) and protection (bars; pale: the random control), log scale."""
+def plot_quantization(table: dict[str, dict[str, float]], baseline: float, path: str | Path, title: str,
+                      key: str = "ppl_wikipedia") -> Path:
+    """The metric ``key`` (perplexity by default, log scale) per scheme (groups) and protection (bars; pale: the
+    random control), against the unquantized model's value."""
     import math
 
     import numpy as np
+
+    from ..evaluation.metrics import metric_of
+
+    spec = metric_of(key)
 
     schemes = list(table)
     protections = list(dict.fromkeys(p for row in table.values() for p in row))
@@ -56,10 +62,11 @@ def plot_quantization(table: dict[str, dict[str, float]], baseline: float, path:
         shown = [v if math.isfinite(v) else math.nan for v in values]
         ax.bar(x + (i - (len(protections) - 1) / 2) * width, shown, width, label=protect,
                color=_PROTECT_COLORS.get(protect, None), edgecolor="0.3", linewidth=0.4)
-    ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label=f"float32 {baseline:.2f}")
+    ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label=f"float32 {spec.format(baseline)}")
     ax.set_xticks(x, schemes, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity")
+    if spec.log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel(spec.label(key))
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=3)
     return save_figure(fig, path)
