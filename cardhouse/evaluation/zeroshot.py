@@ -183,6 +183,9 @@ class ZeroShot:
     def __init__(self, model, tokenizer, tasks: list[str] | None = None, *, limit: int | None = None,
                  batch_size: int | None = None, seed: int = 0, backend: str = "cardhouse"):
         self.tasks = check_settings(list(PAPER_TASKS if tasks is None else tasks), limit, backend)
+        from .lm_backend import check_not_streamed
+
+        check_not_streamed(model)  # HFLM too: it would run the empty blocks
         from lm_eval.tasks import TaskManager
 
         from ..models.placement import input_device
