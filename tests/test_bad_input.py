@@ -231,6 +231,7 @@ CASES = [
     ("quantize -m M --context 256", ["--context", P]),
     ("quantize -m M --weights 8 --task-limit 0 --context 64", ["--task-limit", ">= 1"]),
     ("quantize -m M --weights 8 --task nope --context 64", ["unknown zero-shot task"]),
+    ("quantize -m M --weights 8 --acts 8:token --task arc_easy --context 64", ["--backend hflm", "cached prefix"]),
     ("export out2 -m M --intervention set-mean", ["no exact form as weights"]),
     ("export out2 -m M --attack nope", ["unknown attack", "topk-zero"]),
     ("export out2 -m M --attack topk-zero --k 49", ["--k", R]),

@@ -221,6 +221,16 @@ def test_bos_kv_kept_and_massive_channel_kept():
         assert info["protected_channels"] == 1
 
 
+def test_random_kv_on_a_one_token_input():
+    """Regression: a one-token input (a zero-shot continuation) made random-kv pick from an empty range."""
+    lm = build("llama")
+    targets = Targets(layer=0, rows=[5], super_weight=(7, 5), massive_channels={})
+    with quantized(lm, Scheme(act_bits=8, act_granularity="token", protect="random-kv"), targets):
+        with torch.inference_mode():
+            out = lm.model(input_ids=torch.tensor([[lm.bos_id]]), use_cache=False).logits
+    assert torch.isfinite(out).all()
+
+
 def test_study_on_a_tiny_model(tiny, monkeypatch):
     """The study runs end to end on the same tokens, rows in order, weights restored (run_variants checks)."""
     import cardhouse.evaluation.metrics as metrics  # where the perplexity measure reads its tokens
@@ -266,3 +276,13 @@ def test_quantize_command_scores_zero_shot_beside_perplexity(tmp_path, tokenizer
     assert data["settings"]["budget"]["tasks"] == ["arc_easy"] and data["settings"]["budget"]["limit"] == 4
     assert "mean zero-shot accuracy" in " ".join(result.output.split())  # the table's title (wrapped by rich)
     assert (tmp_path / "q" / "quantize_tasks.png").is_file()
+    # quantized activations: whole sequences (hflm) only
+    args = ["quantize", "-m", str(folder), "--weights", "", "--acts", "8:tensor", "--no-protect", "--corpus", "tiny",
+            "--max-tokens", "126", "--context", "64", "--task", "arc_easy", "--task-limit", "2"]
+    refused = CliRunner().invoke(app, args + ["-o", str(tmp_path / "r")])
+    assert refused.exit_code == 1 and "--backend hflm" in refused.output
+    result = CliRunner().invoke(app, args + ["--backend", "hflm", "-o", str(tmp_path / "h")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "h" / "quantize.json").read_text())
+    validate(data, "quantize")
+    assert [0 <= r["acc_arc_easy"] <= 1 for r in data["results"]["rows"]] == [True, True]

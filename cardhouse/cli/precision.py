@@ -232,7 +232,7 @@ def quantize_cmd(model: str = ModelOpt,
     from ..capture import tokenize_prompts
     from ..precision.quantize import find_targets
     from ..validation import validate
-    from ..precision.study import quantization_study, study_schemes
+    from ..precision.study import check_budget, quantization_study, study_schemes
     from ..reports.precision_plots import plot_quantization
     from ..results import write_result
 
@@ -250,6 +250,7 @@ def quantize_cmd(model: str = ModelOpt,
                 if scheme.group and width and width % scheme.group:
                     raise ValueError(f"group size {scheme.group} does not divide {what} {width}")
         budget = budget_from(corpus, max_tokens, context, task, task_limit, backend=backend)
+        check_budget(schemes, budget)
         corpus = budget.corpora[0]  # the table and the plot (every corpus is in the JSON)
         texts = checked.prompts
         lm = load(checked, bos)

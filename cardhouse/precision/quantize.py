@@ -325,6 +325,8 @@ def quantized_activations(lm: LoadedModel, scheme: Scheme, targets: Targets | No
         if scheme.protect not in ("bos-kv", "random-kv"):
             return None
         mask = torch.zeros(n, dtype=torch.bool)
+        if kv_position is None and n < 2:  # a one-token input has no position besides BOS to pick
+            return mask
         pos = kv_position if kv_position is not None else random.Random(targets.seed).randrange(1, n)
         mask[pos] = True
         return mask

@@ -64,8 +64,18 @@ class StudyResult:
         return out
 
 
+def check_budget(schemes: Sequence[Scheme], budget: Budget) -> None:
+    """Zero-shot of quantized activations needs whole sequences: the cardhouse backend runs each continuation
+    against a cached prefix, where a per-tensor scale and the BOS position would be the continuation's."""
+    if budget.tasks and budget.backend == "cardhouse" and any(s.act_bits for s in schemes):
+        raise ValueError("zero-shot with quantized activations needs --backend hflm (whole sequences): the cardhouse "
+                         "backend scores continuations from a cached prefix, so a per-tensor scale and the BOS "
+                         "keys/values would be the continuation's")
+
+
 def quantization_study(lm: LoadedModel, schemes: Sequence[Scheme], budget: Budget, targets: Targets,
                        on_result: Callable[[dict], None] | None = None, progress: bool = False) -> StudyResult:
+    check_budget(schemes, budget)
     for scheme in schemes:
         check_scheme(lm, scheme)
     infos: dict[str, dict] = {}
