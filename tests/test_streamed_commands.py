@@ -240,3 +240,17 @@ def test_smollm2_streamed_attack_and_interventions_equal_the_model_in_memory():
     same_rows(b, a)
     by = {r["kind"]: r["ppl_wikipedia"] for r in b}
     assert by["topk-zero"] > 2 * by["original"] and by["random-zero"] < 1.05 * by["original"]  # House of Cards
+
+
+@pytest.mark.real
+def test_smollm2_streamed_sweep_rows_equal_the_ordinary_sweep():
+    from cardhouse.interventions.sweep import sweep
+
+    rows = []
+    for stream in (False, True):
+        lm = load_model("smollm2-135m", stream=stream)
+        mw = find_massive_weights(lm, k=lm.blocks.intermediate_size(3), layer=3)
+        measure = measurer(lm, Budget(corpora=["wikipedia"], max_tokens=255, context=256), progress=False)
+        rows.append(sweep(lm, mw, measure, [1, 2, 5], progress=False))
+    same_rows(rows[1], rows[0])
+    assert len(rows[1]) == 1 + 3 * 4

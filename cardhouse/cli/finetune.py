@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..analysis import Criterion
 from ..validation import validate
 from .common import (BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
                      TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load, load_options,
@@ -42,12 +43,27 @@ SHARED = ("k", "layer", "rows", "batch_size", "grad_accum", "lr", "epochs", "ran
 
 def _validate(model: str, out: Path, own_checks, given: dict):
     """The options both fine-tuning commands share (``given``: the command's arguments), against the model's
-    config before it loads."""
+    config before it loads; ``own_checks()`` builds the command's ``(FinetuneConfig, MacDropConfig)``.
+    Returns the validation, those two (the MacDrop rows from ``--rows``), the criterion and the budget."""
+    from ..finetuning import load_records
+
     if given["rows"] is not None and given["layer"] is None:
         raise ValueError("--rows needs --layer (the layer of the massive rows)")
     max_tokens = given["max_tokens"]
-    return validate(model, folders={"--out": out}, also=own_checks, **{name: given[name] for name in SHARED},
-                    context=given["context"] if max_tokens else None, finetune_max_tokens=max_tokens)
+
+    def checks():
+        config, drop = own_checks()
+        criterion = Criterion.from_options(given["min_abs"], given["min_ratio"], given["relative"])
+        budget = budget_from(given["corpus"], max_tokens, given["context"], given["task"], given["task_limit"],
+                             optional=True)
+        load_records(given["data"])  # bad data fails before any model time is spent
+        return config, drop, criterion, budget
+
+    checked = validate(model, folders={"--out": out}, also=checks, **{name: given[name] for name in SHARED},
+                       context=given["context"] if max_tokens else None, finetune_max_tokens=max_tokens)
+    config, drop, criterion, budget = checked.own
+    drop.rows = checked.options["rows"]
+    return checked, config, drop, criterion, budget
 
 
 def _interrupted(out: Path) -> None:
@@ -73,9 +89,8 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                  relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
                  out: Path = typer.Option(Path("cardhouse-out/finetune"), "--out", "-o")):
     """Fine-tune with a LoRA/DoRA adapter (MacDrop on by default), then measure it original vs top-3 zeroed."""
-    from ..analysis import Criterion
     from ..evaluation.metrics import metric_keys, metric_of
-    from ..finetuning import FinetuneConfig, MacDropConfig, finetune, load_records, robustness
+    from ..finetuning import FinetuneConfig, MacDropConfig, finetune, robustness
     from ..results import write_result
     from ..finetuning.macdrop import detect_massive_rows
 
@@ -84,16 +99,10 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                                 grad_accum=grad_accum, lr=lr, epochs=epochs, max_length=max_length,
                                 max_steps=max_steps, limit=records, template=template, data=data,
                                 save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
-        criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True)
-        load_records(data)  # bad data fails before any model time is spent
-        return config, drop, criterion, budget
+        return config, MacDropConfig(p0=p0, schedule=schedule, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
 
     with clear_errors():
-        checked = _validate(model, out, own_checks, locals())
-        config, drop, criterion, budget = checked.own
-        drop.rows = checked.options["rows"]
+        checked, config, drop, criterion, budget = _validate(model, out, own_checks, locals())
         writable_folder(out)
         lm = load(checked, bos)
         if drop.rows is None:  # the attack needs the massive rows, with or without MacDrop
@@ -139,8 +148,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
     """
     import time
 
-    from ..analysis import Criterion
-    from ..finetuning import FinetuneConfig, MacDropConfig, compare, load_records
+    from ..finetuning import FinetuneConfig, MacDropConfig, compare
     from ..finetuning.macdrop import SCHEDULES
     from ..finetuning.report import comparison_table, plot_comparison
     from ..finetuning.train import METHODS
@@ -157,16 +165,10 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
         config = FinetuneConfig(rank=rank, lora_alpha=lora_alpha, batch_size=batch_size, grad_accum=grad_accum,
                                 lr=lr, epochs=epochs, max_length=max_length, max_steps=max_steps, limit=records,
                                 template=template, data=data, save_steps=save_steps, seed=seed)
-        drop = MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
-        criterion = Criterion.from_options(min_abs, min_ratio, relative)
-        budget = budget_from(corpus, max_tokens, context, task, task_limit, optional=True)
-        load_records(data)
-        return config, drop, criterion, budget
+        return config, MacDropConfig(p0=p0, alpha=alpha, k=k, scope=scope, layer=layer, seed=seed)
 
     with clear_errors():
-        checked = _validate(model, out, own_checks, locals())
-        config, drop, criterion, budget = checked.own
-        drop.rows = checked.options["rows"]
+        checked, config, drop, criterion, budget = _validate(model, out, own_checks, locals())
         folder = writable_folder(out)
         start = time.perf_counter()
         described = []

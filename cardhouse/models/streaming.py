@@ -82,16 +82,16 @@ class CheckpointReader:
         start, header = self._headers[file]
         info = header[name]
         begin, end = info["data_offsets"]
-        data = bytearray(end - begin)
-        with open(self.folder / file, "rb") as f:
-            f.seek(start + begin)
-            f.readinto(data)
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{name} in {file} has dtype {info['dtype']}, which cardhouse cannot read")
-        if not data:
+        if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        data = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled first (a bytearray is): read once
+        with open(self.folder / file, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(memoryview(data.numpy()))
+        return data.view(dtype).reshape(info["shape"])
 
     def close(self) -> None:
         self._headers.clear()
