@@ -176,3 +176,28 @@ def test_max_memory_must_hold_one_block(tmp_path):
     with pytest.raises(ValueError, match="the largest decoder block needs .* on one device"):
         load_model(str(tmp_path), device_map="auto", max_memory={"cpu": map_need - 1, "disk": 2**40},
                    offload_folder=str(tmp_path / "offload"))
+
+
+def test_shared_variants_read_every_block_once(tmp_path, monkeypatch):
+    """With a shared prefix each block is read once for all variants (reading a block costs about as
+    much as running it); from scratch, once per variant. The perplexities agree."""
+    from cardhouse.models.streaming import Streamer
+
+    lm = build("llama", n_layers=3)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    streamed = load_model(str(tmp_path), bos=True, stream=True)
+    loads: dict[int, int] = {}
+    inner = Streamer.block
+    monkeypatch.setattr(Streamer, "block", lambda self, layer: loads.update({layer: loads.get(layer, 0) + 1})
+                        or inner(self, layer))
+    variants = {"original": None, "zero": (1, lambda: zero_rows(streamed, 1, [1, 2, 3])),
+                "super": (2, lambda: zero_super_weight(streamed, 2, 7, 5))}
+    kw = dict(context=64, bos_id=streamed.bos_id, progress=False)
+    shared = streamed_variants(streamer_of(streamed.model), IDS, variants, **kw)
+    assert loads == {0: 1, 1: 1, 2: 1}
+    loads.clear()
+    scratch = streamed_variants(streamer_of(streamed.model), IDS, variants, share_prefix=False, **kw)
+    assert loads == {0: 3, 1: 3, 2: 3}
+    assert all(close(shared[name].ppl, scratch[name].ppl) for name in variants)
+    assert len({round(r.ppl, 6) for r in shared.values()}) == 3

@@ -4,7 +4,8 @@ share the blocks before the attacked layer.
 The windows' hidden states go through the checkpoint block by block (``models.streaming``); a
 weight attack edits its block as it is loaded. For several variants, the states entering the
 first attacked layer are computed once and every variant continues from them (what
-``capture.reuse.reuse_prefix`` does for a model in memory).
+``capture.reuse.reuse_prefix`` does for a model in memory), and every later block is read once
+for all of them.
 """
 
 from __future__ import annotations
@@ -52,21 +53,37 @@ def streamed_perplexity(streamer, token_ids: torch.Tensor, *, context: int = 512
     return _result(_nll(streamer, inputs, streamer.run(inputs, progress=progress)), windows, context)
 
 
+def _edit(variant: Variant) -> Callable[[int], object]:
+    """The variant's edit while ``layer`` is loaded (``Streamer.run``'s ``edit``)."""
+    def edit(layer: int):
+        return variant[1]() if variant is not None and layer == variant[0] else nullcontext()
+    return edit
+
+
 def streamed_variants(streamer, token_ids: torch.Tensor, variants: Mapping[str, Variant], *, context: int = 512,
                       bos_id: int | None, max_tokens: int | None = None, batch_size: int = 4,
                       share_prefix: bool = True, progress: bool = True) -> dict[str, PerplexityResult]:
     """Perplexity of each variant on the same windows. With ``share_prefix`` the blocks before the
-    first edited layer run once for all variants; without it every variant runs from scratch."""
+    first edited layer run once for all variants, and each later block is read once and run for every
+    variant in turn (its edit entered and left around that variant's batches): reading a block costs
+    about as much as running it on a few windows. It keeps one set of hidden states per variant (the
+    spill, when on, holds them). Without ``share_prefix`` every variant runs from scratch."""
+    from tqdm.auto import tqdm
+
     windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
     inputs = _inputs(streamer, windows, batch_size)
-    edited = [v[0] for v in variants.values() if v is not None]
-    start = min(edited) if edited and share_prefix else 0
-    prefix = streamer.run(inputs, stop=start, progress=progress) if start else None
-    results = {}
-    for name, variant in variants.items():
-        def edit(layer, variant=variant):
-            return variant[1]() if variant is not None and layer == variant[0] else nullcontext()
-
-        states = streamer.run(inputs, start=start, states=prefix, edit=edit, progress=progress)
-        results[name] = _result(_nll(streamer, inputs, states), windows, context)
-    return results
+    if not share_prefix:
+        return {name: _result(_nll(streamer, inputs, streamer.run(inputs, edit=_edit(variant), progress=progress)),
+                              windows, context) for name, variant in variants.items()}
+    start = min((v[0] for v in variants.values() if v is not None), default=0)
+    prefix = streamer.run(inputs, stop=start, progress=progress) if start else streamer.states_for(inputs)
+    states = {name: prefix.copy() for name in variants}
+    with torch.inference_mode():
+        for layer in tqdm(range(start, len(streamer.blocks)), desc="blocks", unit="block", disable=not progress,
+                          leave=False):
+            with streamer.block(layer):
+                for name, variant in variants.items():
+                    with _edit(variant)(layer):
+                        for i, batch in enumerate(inputs):
+                            states[name][i] = streamer.run_block(layer, batch, states[name][i])
+    return {name: _result(_nll(streamer, inputs, states[name]), windows, context) for name in variants}
