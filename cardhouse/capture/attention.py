@@ -41,10 +41,6 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
 from ..models.adapters import Blocks, UnsupportedModelError
 
 HookFn = Callable[[str, torch.Tensor], torch.Tensor | None]
@@ -98,8 +94,14 @@ def hooked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
 
 
-AttentionInterface.register(IMPLEMENTATION, hooked_attention)
-AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # additive float masks, as eager attention gets
+def _register() -> None:
+    """Register ``hooked_attention`` with transformers on first use, not at import: importing
+    ``transformers.modeling_utils`` costs seconds, and ``import cardhouse.cli`` should not pay them."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, hooked_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # additive float masks, as eager attention gets
 
 
 @contextmanager
@@ -114,6 +116,7 @@ def hooked_implementation(model: nn.Module) -> Iterator[str]:
     if not hasattr(model, "set_attn_implementation"):
         raise UnsupportedModelError(f"attention hook points need a transformers model whose attention goes through "
                                     f"its AttentionInterface; {type(model).__name__} is not one")
+    _register()
     model.set_attn_implementation(IMPLEMENTATION)
     try:
         if model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns for legacy models
@@ -155,6 +158,8 @@ def check_implementation(implementation: str) -> None:
     only eager attention has them, and it is what the hook points compute, whatever the model runs."""
     if implementation == EAGER:
         return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     if implementation in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(f"attention implementation {implementation!r} returns no attention probabilities; use "
                          f"{EAGER!r} (the default), which the attention hook points compute")
