@@ -114,6 +114,10 @@ def _can_dequantize(ggml_type: int) -> bool:
     return True
 
 
+class UnsupportedGGUFType(ValueError):
+    """A tensor type the installed ``gguf`` package cannot dequantize."""
+
+
 def check_gguf_types(parts: list[Path]) -> None:
     """A tensor the ``gguf`` package cannot dequantize fails here, naming it and its type, before any
     weight is read."""
@@ -123,7 +127,7 @@ def check_gguf_types(parts: list[Path]) -> None:
     for part in parts:
         for entry in tensor_table(part):
             if not usable.setdefault(entry.ggml_type, _can_dequantize(entry.ggml_type)):
-                raise ValueError(f"the tensor {entry.name} in {part.name} is stored as {type_name(entry.ggml_type)}, "
+                raise UnsupportedGGUFType(f"the tensor {entry.name} in {part.name} is stored as {type_name(entry.ggml_type)}, "
                                  f"which the gguf package ({getattr(gguf, '__version__', 'installed')}) cannot "
                                  "dequantize")
 

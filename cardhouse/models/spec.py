@@ -98,7 +98,7 @@ def _gguf_config(path: Path):
     from its header, after checking that every part is there and every tensor type can be dequantized."""
     from transformers import AutoConfig
 
-    from .gguf_files import check_gguf_types, gguf_config
+    from .gguf_files import UnsupportedGGUFType, check_gguf_types, gguf_config
     from .loading import ModelLoadError, _check_gguf, gguf_cache_folder
 
     parts = _check_gguf(path)
@@ -110,11 +110,10 @@ def _gguf_config(path: Path):
             pass
     try:
         check_gguf_types(parts)
-    except ValueError as err:
-        raise ModelLoadError(str(err)) from None
-    try:
         return gguf_config(path)
-    except Exception as err:  # noqa: BLE001
+    except UnsupportedGGUFType as err:
+        raise ModelLoadError(str(err)) from None
+    except Exception as err:  # noqa: BLE001  a truncated header fails inside the parser (struct.error, ...)
         raise ModelLoadError(f"could not read the header of the GGUF file {path} (corrupt, truncated, or an "
                              f"architecture transformers cannot load?): {_first_line(err)}") from err
 
