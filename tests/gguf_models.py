@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3_moe": "qwen3moe"}  # model_type -> llama.cpp architecture
+# model_type -> llama.cpp architecture (its converter writes Mixtral as a llama with experts)
+ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -24,7 +25,8 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     tensors written as F64 (a type the gguf package cannot dequantize)."""
     import gguf
     from gguf.quants import quantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, Qwen2MoeTensorProcessor, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
 
     config, arch = lm.model.config, ARCH[lm.family]
     writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
@@ -41,10 +43,14 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    if getattr(config, "num_experts", None):
-        writer.add_expert_count(config.num_experts)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):  # Mixtral's experts are intermediate_size wide
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     vocab = sorted(lm.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     assert [i for _, i in vocab] == list(range(len(vocab)))
     tokens = [t for t, _ in vocab] + [f"<extra_{i}>" for i in range(len(vocab), config.vocab_size)]
@@ -57,9 +63,10 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
     writer.add_pad_token_id(lm.tokenizer.pad_token_id)
     writer.add_add_bos_token(True)
 
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    # the names only: Qwen2-MoE's processor maps the fused gate_up_proj to ffn_gate_exps and ffn_up_exps
+    processor = (Qwen2MoeTensorProcessor if experts else TENSOR_PROCESSORS.get(arch, TensorProcessor))(config={})
     names: dict[str, list[str]] = {}
-    for g, hf in get_gguf_hf_weights_map(lm.model, processor).items():
+    for g, hf in get_gguf_hf_weights_map(lm.model, processor, model_type=arch).items():
         names.setdefault(hf, []).append(g)
     state = lm.model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
@@ -74,6 +81,8 @@ def write_gguf(lm, path: Path, qtype: str = "F32", split_max_tensors: int = 0, f
             gate, up = np.split(w, 2, axis=1)
             tensors += [(next(g for g in names[hf] if "gate" in g) + ".weight", gate),
                         (next(g for g in names[hf] if "_up_" in g) + ".weight", up)]
+        elif hf.endswith("shared_expert_gate.weight"):  # llama.cpp keeps it 1-D, [d_model]
+            tensors.append((names[hf][0], w.reshape(-1)))
         else:
             tensors.append((names[hf][0] + (".weight" if hf.endswith("experts.down_proj") else ""), w))
     for gguf_name, w in tensors:

@@ -81,15 +81,22 @@ def tensor_table(part: Path) -> list[TensorEntry]:
     return table
 
 
-def gguf_architecture(part: Path) -> str:
-    """llama.cpp's architecture name of a GGUF file (``general.architecture``: llama, qwen2, gemma3, ...)."""
+def gguf_metadata(part: Path) -> dict:
+    """The key-value metadata of a GGUF file (``general.architecture``, ``llama.expert_count``, ...), the
+    vocabulary's string arrays skipped."""
     try:
         from transformers.integrations.gguf.reader import read_gguf_metadata
     except ImportError:  # transformers < 5.2x
         from gguf import GGUFReader
 
-        return str(GGUFReader(part).fields["general.architecture"].contents())
-    return read_gguf_metadata(str(part))[0]["general.architecture"]
+        fields = GGUFReader(part).fields
+        return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.")}
+    return read_gguf_metadata(str(part))[0]
+
+
+def gguf_architecture(part: Path) -> str:
+    """llama.cpp's architecture name of a GGUF file (``general.architecture``: llama, qwen2, gemma3, ...)."""
+    return str(gguf_metadata(part)["general.architecture"])
 
 
 def type_name(ggml_type: int) -> str:
@@ -132,18 +139,62 @@ def check_gguf_types(parts: list[Path]) -> None:
                                  "dequantize")
 
 
-def gguf_config(path: str | Path):
-    """transformers' config of a GGUF checkpoint (the first part's metadata). A split file's tied
-    embeddings are decided from every part's tensors (transformers looks at the first part only, and
-    ``output.weight`` may sit in another)."""
+# Mixture-of-Experts header fields transformers' GGUF config leaves out (llama.cpp key suffix -> config field):
+# without them the expert widths are the config class's defaults, not the file's
+_EXPERT_WIDTHS = {"qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                                "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+                  "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"}}
+
+
+def _completed(config, metadata: dict):
+    """The config that ``metadata`` (the GGUF header) describes where transformers' reading of it falls short,
+    or None where it does not: llama.cpp writes Mixtral as architecture ``llama`` with ``llama.expert_count``
+    experts (transformers reads a dense llama: here a ``MixtralConfig`` with ``num_local_experts`` and
+    ``num_experts_per_tok``), and Qwen-MoE expert widths (``_EXPERT_WIDTHS``)."""
+    from transformers import MixtralConfig
+
+    arch = metadata["general.architecture"]
+    experts = int(metadata.get(f"{arch}.expert_count", 0) or 0)
+    if config.model_type in ("llama", "mistral") and experts > 0:
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        return MixtralConfig(**{**fields, "num_local_experts": experts,
+                                "num_experts_per_tok": int(metadata[f"{arch}.expert_used_count"]),
+                                "architectures": ["MixtralForCausalLM"]})
+    widths = {field: int(metadata[f"{arch}.{key}"]) for key, field in _EXPERT_WIDTHS.get(config.model_type, {}).items()
+              if f"{arch}.{key}" in metadata}
+    if all(getattr(config, field, None) == value for field, value in widths.items()):
+        return None
+    for field, value in widths.items():
+        setattr(config, field, value)
+    return config
+
+
+def _read_config(parts: list[Path]):
+    """(the config of the checkpoint, whether transformers' own GGUF loader builds that model from the file)."""
     from transformers import AutoConfig
 
-    parts = gguf_parts(path)
     config = AutoConfig.from_pretrained(parts[0].parent, gguf_file=parts[0].name)
+    completed = _completed(config, gguf_metadata(parts[0]))
     if len(parts) > 1 and config.model_type not in ("falcon", "bloom"):  # transformers' own exceptions
         names = {e.name for part in parts for e in tensor_table(part)}
         config.tie_word_embeddings = "output.weight" not in names
-    return config
+        if completed is not None:
+            completed.tie_word_embeddings = config.tie_word_embeddings
+    return completed or config, len(parts) == 1 and completed is None
+
+
+def gguf_config(path: str | Path):
+    """The config of a GGUF checkpoint (the first part's metadata), as transformers reads it and completed
+    where it falls short (``_completed``: Mixtral, expert widths). A split file's tied embeddings are decided
+    from every part's tensors (transformers looks at the first part only, and ``output.weight`` may sit in
+    another)."""
+    return _read_config(gguf_parts(path))[0]
+
+
+def transformers_builds(path: str | Path) -> bool:
+    """Whether ``from_pretrained(gguf_file=...)`` builds this checkpoint as it is: a single file whose config
+    transformers reads whole. Otherwise cardhouse builds it from ``gguf_config`` and ``GGUFTensors``."""
+    return _read_config(gguf_parts(path))[1]
 
 
 def gguf_tokenizer(path: str | Path):
@@ -153,6 +204,25 @@ def gguf_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
 
 
+def _tensor_processor(architecture: str, model_type: str):
+    """transformers' tensor processor for a GGUF architecture; for llama.cpp's Mixtral (architecture ``llama``
+    with experts), which transformers does not have, llama's q/k row permutation undone and the 3-D
+    ``ffn_{gate,up}_exps`` of a layer fused into ``mlp.experts.gate_up_proj`` as its Qwen2-MoE processor does."""
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, LlamaTensorProcessor,
+                                                          Qwen2MoeTensorProcessor, TensorProcessor)
+
+    if (architecture, model_type) != ("llama", "mixtral"):
+        return TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+
+    class LlamaExpertsTensorProcessor(Qwen2MoeTensorProcessor):
+        def process(self, weights, name, **kwargs):
+            if ".attn_q." in name or ".attn_k." in name:
+                return LlamaTensorProcessor(self.config).process(weights, name, **kwargs)
+            return super().process(weights, name, **kwargs)
+
+    return LlamaExpertsTensorProcessor
+
+
 class GGUFTensors:
     """The tensors of a GGUF checkpoint (single or split) under ``model``'s parameter names, read and
     dequantized one at a time (nothing is memory-mapped: read pages would stay resident)."""
@@ -160,15 +230,16 @@ class GGUFTensors:
     chunk = 2**22  # values dequantized at once (see _raw)
 
     def __init__(self, path: str | Path, model: torch.nn.Module):
-        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                              get_gguf_hf_weights_map)
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
         self.parts = gguf_parts(path)
         self.folder = self.parts[0]  # where, for messages
         check_gguf_types(self.parts)
         architecture = gguf_architecture(self.parts[0])
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
+        self.processor = _tensor_processor(architecture, model.config.model_type)(config=model.config.to_dict())
         self.entries = {e.name: e for part in self.parts for e in tensor_table(part)}
-        self.key_map = get_gguf_hf_weights_map(model, self.processor)  # gguf name -> model name
+        # gguf name -> model name, from llama.cpp's names for the file's own architecture (a Mixtral is "llama")
+        self.key_map = get_gguf_hf_weights_map(model, self.processor, model_type=architecture)
         sources: dict[str, list[str]] = {}
         for gguf_name in self.entries:  # a fused expert tensor is keyed without ".weight" in the map
             hf = self.key_map.get(gguf_name) or self.key_map.get(gguf_name.removesuffix(".weight"))
@@ -230,4 +301,5 @@ class GGUFTensors:
         return h.hexdigest()
 
 
-__all__ = ["GGUFTensors", "check_gguf_types", "gguf_config", "gguf_parts", "gguf_tokenizer", "tensor_table"]
+__all__ = ["GGUFTensors", "check_gguf_types", "gguf_config", "gguf_metadata", "gguf_parts", "gguf_tokenizer",
+           "tensor_table", "transformers_builds"]

@@ -228,6 +228,7 @@ def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True,
               placement: Placement | None = None):
     """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked)."""
+    from .gguf_files import transformers_builds
     from .integrity import broken
 
     path = Path(path)
@@ -244,7 +245,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
         shutil.rmtree(folder, ignore_errors=True)
     print(f"cardhouse: dequantizing {path.name} (once; later loads use the cache)", file=sys.stderr)
     try:
-        model, tokenizer = (_load_auto(path.parent, dtype, gguf_file=path.name) if len(parts) == 1
+        model, tokenizer = (_load_auto(path.parent, dtype, gguf_file=path.name) if transformers_builds(path)
                             else _load_split_gguf(parts))
     except Exception as err:
         raise ModelLoadError(f"could not read the GGUF file {path} (corrupt or truncated?): {err}") from err
@@ -256,8 +257,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
 
 
 def _load_split_gguf(parts: list[Path]):
-    """A split GGUF (transformers reads single files): its skeleton, every tensor dequantized into it,
-    and the tokenizer of its first part (which holds the metadata)."""
+    """A GGUF that transformers does not build itself (a split file; a Mixtral, which llama.cpp writes as
+    a llama with experts): its skeleton, every tensor dequantized into it, and the tokenizer of its first
+    part (which holds the metadata)."""
     from .gguf_files import gguf_tokenizer
     from .streaming import stream_skeleton
 
