@@ -194,7 +194,10 @@ def gguf_config(path: str | Path):
 def transformers_builds(path: str | Path) -> bool:
     """Whether ``from_pretrained(gguf_file=...)`` builds this checkpoint as it is: a single file whose config
     transformers reads whole. Otherwise cardhouse builds it from ``gguf_config`` and ``GGUFTensors``."""
-    return _read_config(gguf_parts(path))[1]
+    try:
+        return _read_config(gguf_parts(path))[1]
+    except Exception:  # noqa: BLE001  a header neither can read: transformers' loader says what is wrong with it
+        return True
 
 
 def gguf_tokenizer(path: str | Path):
