@@ -40,8 +40,8 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
     """Forward every batch through the model body (no LM head: the analyses need none).
 
     A streamed model (``load_model(..., stream=True)``) runs block by block instead: ``hooks_for``
-    is called once per batch, its hooks fire block by block, and ``after_batch`` runs for every
-    batch after the last block."""
+    is called once per batch, its hooks fire block by block (the blocks after the last hooked one do
+    not run), and ``after_batch`` runs for every batch after the last block."""
     run_inputs(lm, batches(token_lists, batch_size), -(-len(token_lists) // batch_size), hooks_for,
                progress=progress, desc=desc, after_batch=after_batch)
 
@@ -75,8 +75,11 @@ def _run_streamed(streamer, prompt_batches, hooks_for, progress, after_batch) ->
         for name, fn in hooks_for(batch).items():
             named.setdefault(parse_hook_name(name)[0], {})[name] = fn
         by_layer.append(named)
+    # the hooks are all a streamed pass gives back: the blocks after the last hooked one are not read
+    # (the massive-weight search's first pass looks at the middle layer only)
+    stop = max((layer for named in by_layer for layer in named), default=-1) + 1
     streamer.run(inputs, hooks_for=lambda layer, i: hooks(streamer.model, by_layer[i].get(layer, {})),
-                 progress=progress)
+                 stop=stop, progress=progress)
     if after_batch is not None:
         for batch in prompt_batches:
             after_batch(batch)
