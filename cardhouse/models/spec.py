@@ -82,16 +82,6 @@ class ModelSpec:
                              f"{limit} positions)")
         return length
 
-    @property
-    def identity(self) -> dict:
-        """Which model this is, without its weights: enough to tell two models apart in a result file."""
-        ident = {"source": self.source, "kind": self.kind, "family": self.family}
-        if self.path is not None:
-            ident["path"] = str(self.path.resolve())
-            stat = self.path.stat()
-            ident["size"] = stat.st_size if self.path.is_file() else None
-        return ident
-
 
 def checked_gguf_config(path: Path):
     """The config of a GGUF file (single or split): from its dequantized cache when there is one, else

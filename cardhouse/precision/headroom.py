@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..capture import POINTS, hook_name, run_batches, tokenize_prompts
+from ..capture import POINTS, hook_name, run_batches
 from ..capture.batches import batches
 from ..models.loading import LoadedModel
 
@@ -213,7 +213,3 @@ def first_nonfinite(lm: LoadedModel, token_lists: Sequence[Sequence[int]], *, dt
         first_layer=_layer_of(first[0], layers_path) if first else None, first_kind=first[2] if first else None,
         first_batch=first_batch, input_max_abs=first[3] if first else None, modules_nonfinite=len(found),
         logits_nonfinite=logits_bad, unsupported=unsupported, notes=notes)
-
-
-def calibration_tokens(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
-    return tokenize_prompts(lm, prompts)

@@ -31,7 +31,6 @@ from ..capture.batches import batches
 from ..models.loading import LoadedModel
 from .rescale import edit_in_place
 
-GRANULARITIES = ("channel", "group")
 ACT_GRANULARITIES = ("tensor", "token")
 PROTECTIONS = ("none", "massive-rows", "random-rows", "super-weight", "random-weight", "bos-kv", "random-kv",
                "massive-dims", "random-dims")
