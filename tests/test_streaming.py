@@ -132,6 +132,20 @@ def test_memory_of_llama3_8b_and_70b_configs():
     assert big.stream_bytes < 6 * 2**30  # a 70B streamed fits a 32 GB laptop
 
 
+def test_memory_command_reads_any_model_the_other_commands_read(tmp_path):
+    """Regression: ``cardhouse memory`` read config.json itself, so a bundled name or a GGUF file was
+    'cannot read the config'; it reads the same spec as every other command now."""
+    from gguf_models import write_gguf
+
+    lm = save("llama", tmp_path / "folder")
+    n = sum(p.numel() for p in lm.model.parameters())
+    gguf = write_gguf(lm, tmp_path / "m.gguf")
+    for model in (tmp_path / "folder", tmp_path / "folder" / "config.json", gguf):
+        result = CliRunner().invoke(app, ["memory", str(model), "--dtype", "float32"])
+        assert result.exit_code == 0, result.output
+        assert f"{n:,} parameters in float32" in " ".join(result.output.split())  # rich wraps long paths
+
+
 @pytest.mark.real
 def test_smollm2_streamed_equals_ordinary():
     ordinary, streamed = load_model("smollm2-135m"), load_model("smollm2-135m", stream=True)
