@@ -113,14 +113,10 @@ def damage(row: dict, base: dict) -> float:
 def _variant(lm: LoadedModel, name: str, description: str, edits: Sequence[Callable[[], ContextManager]],
              layer: int) -> Variant:
     def apply():
-        stack = ExitStack()
-        try:
+        with ExitStack() as stack:  # an edit that fails to enter undoes the ones entered before it
             for edit in edits:
                 stack.enter_context(edit())
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+            return stack.pop_all()
 
     return Variant(name, description, apply, layer)
 
