@@ -86,17 +86,18 @@ def test_a_pass_naming_its_cache_is_keyed_by_the_name_not_the_cached_tensors(tin
     from transformers import DynamicCache
 
     from cardhouse.capture import reuse
+    from cardhouse.evaluation.lm_backend import _cache_kwarg
 
     lm = tiny("llama")
     prefix, suffix = _inputs(0, length=8), _inputs(1, length=4)
+    kv = _cache_kwarg(lm.model)  # transformers 5 renamed past_key_values to cache
 
     def suffix_logits():
         cache = DynamicCache(config=lm.model.config)
-        lm.model(**{**prefix, "use_cache": True}, past_key_values=cache)
+        lm.model(**{**prefix, "use_cache": True}, **{kv: cache})
         mask = torch.ones(2, 12, dtype=torch.long)
         with reuse.cache_label(("prefix", tuple(map(tuple, prefix["input_ids"].tolist())))):
-            return lm.model(input_ids=suffix["input_ids"], attention_mask=mask, past_key_values=cache,
-                            use_cache=True).logits
+            return lm.model(input_ids=suffix["input_ids"], attention_mask=mask, use_cache=True, **{kv: cache}).logits
 
     with torch.inference_mode():
         full = suffix_logits()
