@@ -61,3 +61,9 @@ def test_every_named_object_exists(name):
                                                        README))))
 def test_every_cited_file_exists(path):
     assert (ROOT / path).is_file()
+
+
+def test_every_result_file_kind_is_named():
+    kinds = [p.name.removesuffix(".schema.json") for p in (ROOT / "cardhouse" / "schemas").glob("*.schema.json")]
+    missing = [k for k in kinds if k not in ("envelope", "defs") and f"`{k}`" not in README]
+    assert not missing, f"README's result files section does not name: {missing}"
