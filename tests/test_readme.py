@@ -67,3 +67,11 @@ def test_every_result_file_kind_is_named():
     kinds = [p.name.removesuffix(".schema.json") for p in (ROOT / "cardhouse" / "schemas").glob("*.schema.json")]
     missing = [k for k in kinds if k not in ("envelope", "defs") and f"`{k}`" not in README]
     assert not missing, f"README's result files section does not name: {missing}"
+
+
+def test_every_command_is_in_the_commands_table():
+    from cardhouse.cli import app
+
+    table = README[README.index("## Commands"):README.index("## Models")]
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert [n for n in names if f"`{n}`" not in table and f"`cardhouse {n}" not in table] == []
