@@ -22,7 +22,7 @@ from .integrity import broken
 from .memory import check_budget
 from .placement import Placement, input_device, model_dtype
 from .sources import BUNDLED, DEFAULT_MODEL, ModelLoadError, check_gguf, gguf_cache_folder, save_cache
-from .spec import checked_gguf_config, probe
+from .spec import ModelSpec, checked_gguf_config, probe
 from .streaming import stream_skeleton
 
 @dataclass
@@ -157,62 +157,52 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     placement = Placement.of(dtype, device, device_map, max_memory, offload_folder, stream)  # bad requests fail first
     spec = probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     check_budget(spec, placement)  # --max-memory must hold one block
-    dtype = placement.torch_dtype()
     if stream:
-        return _load_streamed(name_or_path, placement, bos, use_cache)
-    if name_or_path in BUNDLED and BUNDLED[name_or_path].locate_folder is not None:
-        model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype, placement)
-        source = f"bundled: {BUNDLED[name_or_path].description}"
-    elif name_or_path in BUNDLED:
-        gguf = BUNDLED[name_or_path].locate_gguf()
-        model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache, placement=placement)
-        source = f"bundled: {BUNDLED[name_or_path].description}"
-    elif Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file():
-        model, tokenizer = load_gguf(name_or_path, dtype=dtype, use_cache=use_cache, placement=placement)
-        source = f"gguf: {name_or_path}"
-    elif Path(name_or_path).is_dir():
-        try:
-            model, tokenizer = _load_auto(name_or_path, dtype, placement)
-        except Exception as err:
-            raise ModelLoadError(f"could not load the model folder {name_or_path}: {err}") from err
-        source = f"folder: {name_or_path}"
-    else:
+        return _load_streamed(spec, placement, bos)
+    dtype = placement.torch_dtype()
+    if spec.kind == "hub":
         try:
             model, tokenizer = _load_auto(name_or_path, dtype, placement)
         except Exception as err:
             raise ModelLoadError(
                 f"{name_or_path!r} is not a bundled model ({', '.join(BUNDLED)}), a local folder, a GGUF file "
                 f"or a reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
-        source = f"hub: {name_or_path}"
+    elif spec.path.is_file():  # a GGUF file, bundled or not: dequantized through the cache
+        model, tokenizer = load_gguf(spec.path, dtype=dtype, use_cache=use_cache, placement=placement)
+    else:  # a transformers folder (the bundled encoders ship one)
+        try:
+            model, tokenizer = _load_auto(spec.path, dtype, placement)
+        except Exception as err:
+            raise ModelLoadError(f"could not load the model folder {name_or_path}: {err}") from err
+    source = f"bundled: {BUNDLED[name_or_path].description}" if spec.kind == "bundled" else f"{spec.kind}: {name_or_path}"
     adapter_for(model)  # fail early, naming the family, when it is not supported
     lm = from_pretrained_objects(model, tokenizer, name=name_or_path, source=source, bos=bos)
     lm.info["placement"] = placement.to_dict()
     return lm
 
 
-def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, use_cache: bool) -> LoadedModel:
+def _load_streamed(spec: ModelSpec, placement: Placement, bos: bool | None) -> LoadedModel:
     """A streamed model: the skeleton of a safetensors checkpoint folder or of a GGUF file (single or
     split; a bundled model's GGUF too), whose blocks are read one at a time."""
     from transformers import AutoTokenizer
 
     if placement.device_map is not None:
         raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
-    gguf = (BUNDLED[name_or_path].locate_gguf() if name_or_path in BUNDLED
-            else Path(name_or_path) if Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file() else None)
+    gguf = spec.path if spec.path is not None and spec.path.is_file() else None
     config = tokenizer_folder = None
     if gguf is not None:  # its tensors are dequantized one block at a time, never the whole file
         folder, config = gguf, checked_gguf_config(gguf)
         cached = gguf_cache_folder(gguf)
         tokenizer_folder = cached if (cached / "COMPLETE").exists() else None  # saves parsing the vocabulary
-    elif Path(name_or_path).is_dir():
-        folder = Path(name_or_path)
+    elif spec.kind != "hub":
+        folder = spec.path
     else:
         from huggingface_hub import snapshot_download
 
         try:
-            folder = Path(snapshot_download(name_or_path, local_files_only=True))
+            folder = Path(snapshot_download(spec.source, local_files_only=True))
         except Exception as err:
-            raise ModelLoadError(f"{name_or_path!r} is not a bundled model, a folder, a GGUF file or a hub id in the "
+            raise ModelLoadError(f"{spec.source!r} is not a bundled model, a folder, a GGUF file or a hub id in the "
                                  f"local Hugging Face cache (--stream reads files, it downloads nothing): {err}") from err
     try:
         streamer = stream_skeleton(folder, placement.torch_dtype(), placement.resolved_device(), config=config)
@@ -223,7 +213,7 @@ def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, us
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     adapter_for(streamer.model)
-    lm = from_pretrained_objects(streamer.model, tokenizer, name=name_or_path, source=f"streamed: {folder}", bos=bos)
+    lm = from_pretrained_objects(streamer.model, tokenizer, name=spec.source, source=f"streamed: {folder}", bos=bos)
     lm.info["placement"] = placement.to_dict() | {"stream": True}
     return lm
 
