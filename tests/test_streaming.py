@@ -139,13 +139,18 @@ def test_memory_command_reads_any_model_the_other_commands_read(tmp_path):
     'cannot read the config'; it reads the same spec as every other command now."""
     from gguf_models import write_gguf
 
+    from conftest import build_encoder_model
+
     lm = save("llama", tmp_path / "folder")
-    n = sum(p.numel() for p in lm.model.parameters())
-    gguf = write_gguf(lm, tmp_path / "m.gguf")
-    for model in (tmp_path / "folder", tmp_path / "folder" / "config.json", gguf):
+    body = build_encoder_model()  # counted as it loads: the body, no head
+    body.save_pretrained(tmp_path / "encoder")
+    encoder, gguf = tmp_path / "encoder", write_gguf(lm, tmp_path / "m.gguf")
+    n, n_encoder = (sum(p.numel() for p in m.parameters()) for m in (lm.model, body))
+    for model, count in ((tmp_path / "folder", n), (tmp_path / "folder" / "config.json", n), (gguf, n),
+                         (encoder, n_encoder)):
         result = CliRunner().invoke(app, ["memory", str(model), "--dtype", "float32"])
         assert result.exit_code == 0, result.output
-        assert f"{n:,} parameters in float32" in " ".join(result.output.split())  # rich wraps long paths
+        assert f"{count:,} parameters in float32" in " ".join(result.output.split())  # rich wraps long paths
 
 
 @pytest.mark.real

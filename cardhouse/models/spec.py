@@ -39,14 +39,8 @@ class ModelSpec:
 
     @cached_property
     def blocks(self) -> Blocks:
-        """The adapted model with shapes but no storage (``meta`` device): built in a fraction of a second."""
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        adapter = ADAPTERS.get(self.family)
-        auto = AutoModel if adapter is not None and adapter.inputs != "causal" else AutoModelForCausalLM  # encoders
-        with torch.device("meta"):
-            model = auto.from_config(self.config)
-        return Blocks.of(model)
+        """The adapted model with shapes but no storage (``meta_model``)."""
+        return Blocks.of(meta_model(self.config))
 
     @property
     def layers(self) -> int:
@@ -81,6 +75,17 @@ class ModelSpec:
             raise ValueError(f"{flag} must be an integer in 2..{limit}, got {length} ({self.source} takes at most "
                              f"{limit} positions)")
         return length
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The model of ``config`` with shapes but no storage (``meta`` device), built in a fraction of a second: a
+    decoder with its LM head, an encoder (adapter ``inputs`` other than "causal") as its body, as they load."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    adapter = ADAPTERS.get(config.model_type)
+    auto = AutoModel if adapter is not None and adapter.inputs != "causal" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
 def checked_gguf_config(path: Path):
