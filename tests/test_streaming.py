@@ -107,7 +107,7 @@ def test_scan_command_streams_and_other_commands_say_they_do_not(tmp_path):
     data = json.loads((tmp_path / "out" / "scan.json").read_text())
     assert data["model"]["placement"]["stream"] is True and data["results"]["scan"]["massive_layers"]
     result = runner.invoke(app, ["position", "-m", str(tmp_path / "ckpt"), "--stream"])  # attack & co.: test_streamed_commands.py
-    assert result.exit_code == 1 and "error: --stream serves attack, intervene, report, scan" in result.output
+    assert result.exit_code == 1 and "error: --stream serves attack, intervene, moe, report, scan" in result.output
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)

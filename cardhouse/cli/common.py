@@ -142,7 +142,7 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
                                                rich_help_panel="Model placement")),
 ]
 _placement: ContextVar[dict] = ContextVar("cardhouse_placement", default={})
-STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep", "report"}  # the commands whose every step runs block by block
+STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep", "report", "moe"}  # the commands whose every step runs block by block
 
 
 def _command_name(command) -> str:
