@@ -78,7 +78,7 @@ CASES = [
     ("scan -m {models}/split-00001-of-00003.gguf", ["missing from", "split-00002-of-00003.gguf"]),
     ("scan -m {models}/split-00001-of-00003.gguf --stream", ["missing from", "split-00002-of-00003.gguf"]),
     ("scan -m {models}/f64.gguf --stream", ["blk.1.ffn_down.weight", "F64", "cannot dequantize"]),
-    ("position -m M --stream", ["--stream serves", "attack, intervene, report, scan, sweep"]),
+    ("position -m M --stream", ["--stream serves", "attack, intervene, moe, report, scan, sweep"]),
     ("attack topk-zero -m M --spill-dir spill", ["--spill-dir", "needs --stream"]),
     ("attack topk-zero -m M --stream --spill-dir {models}/a-file", ["--spill-dir", "is a file"]),
     # lm-eval scores request by request through whole forward passes: refused, the alternative named (issue 16)

@@ -107,7 +107,7 @@ def test_scan_command_streams_and_other_commands_say_they_do_not(tmp_path):
     data = json.loads((tmp_path / "out" / "scan.json").read_text())
     assert data["model"]["placement"]["stream"] is True and data["results"]["scan"]["massive_layers"]
     result = runner.invoke(app, ["position", "-m", str(tmp_path / "ckpt"), "--stream"])  # attack & co.: test_streamed_commands.py
-    assert result.exit_code == 1 and "error: --stream serves attack, intervene, report, scan" in result.output
+    assert result.exit_code == 1 and "error: --stream serves attack, intervene, moe, report, scan" in result.output
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
@@ -130,6 +130,27 @@ def test_memory_of_llama3_8b_and_70b_configs():
     assert small.parameters == 8_030_261_248 and big.parameters == 70_553_706_496  # Llama-3-8B / 70B
     assert round(small.model_bytes / 2**30, 1) == 15.0 and round(big.model_bytes / 2**30, 1) == 131.4
     assert big.stream_bytes < 6 * 2**30  # a 70B streamed fits a 32 GB laptop
+    gib = [[round(r.to_dict()[f"{k}_gib"], 2) for k in ("model", "block", "rest", "stream")] for r in (small, big)]
+    assert gib == [[14.96, 0.41, 1.96, 2.39], [131.42, 1.59, 3.91, 5.57]]  # the README's table
+
+
+def test_memory_command_reads_any_model_the_other_commands_read(tmp_path):
+    """Regression: ``cardhouse memory`` read config.json itself, so a bundled name or a GGUF file was
+    'cannot read the config'; it reads the same spec as every other command now."""
+    from gguf_models import write_gguf
+
+    from conftest import build_encoder_model
+
+    lm = save("llama", tmp_path / "folder")
+    body = build_encoder_model()  # counted as it loads: the body, no head
+    body.save_pretrained(tmp_path / "encoder")
+    encoder, gguf = tmp_path / "encoder", write_gguf(lm, tmp_path / "m.gguf")
+    n, n_encoder = (sum(p.numel() for p in m.parameters()) for m in (lm.model, body))
+    for model, count in ((tmp_path / "folder", n), (tmp_path / "folder" / "config.json", n), (gguf, n),
+                         (encoder, n_encoder)):
+        result = CliRunner().invoke(app, ["memory", str(model), "--dtype", "float32"])
+        assert result.exit_code == 0, result.output
+        assert f"{count:,} parameters in float32" in " ".join(result.output.split())  # rich wraps long paths
 
 
 @pytest.mark.real

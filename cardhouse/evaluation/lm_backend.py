@@ -23,7 +23,8 @@ So the log-likelihoods are HFLM's, computed with less work:
 
 Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
 before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
-same keys and values (``capture.reuse`` keys cached passes by the cache's contents).
+same keys and values (the pass names its cache by each row's prefix tokens, ``capture.reuse.cache_label``,
+so the cached tensors are not hashed).
 
 lm-eval's command line finds the backend once this module is imported::
 
@@ -40,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from ..capture.reuse import cache_label
 
 SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
 try:  # transformers >= 5: logits_to_keep takes a boolean (batch x positions) mask, so the LM head runs only there
@@ -446,7 +449,9 @@ class CardhouseLM(HFLM):
                       "position_ids": positions.to(self.device), "use_cache": bool(width)}
             if width:
                 inputs[self._cache_kwarg] = self._gathered_cache([cached.get(id(g)) for g, _ in batch], width)
-            log_probs = self._log_softmax(self._call(keep, **inputs))
+            # what the cache holds: each row's prefix tokens at width (reuse_prefix keys the pass by it in a sweep)
+            with cache_label((width, tuple(group.rows[0].tokens[:group.prefix] for group, _ in batch))):
+                log_probs = self._log_softmax(self._call(keep, **inputs))
             at = 0
             for r, (group, row) in enumerate(batch):
                 n = int(keep[r].sum())

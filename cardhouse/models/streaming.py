@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from .adapters import Blocks, get
+from .conversion import converted
+from .gguf_files import GGUFTensors, gguf_config
 from .skipping import skip_blocks
 from .spill import HiddenStates
 
@@ -455,9 +457,6 @@ def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.
     single or split) with its non-block modules loaded. ``config``: the checkpoint's, when known."""
     import accelerate
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .conversion import converted
-    from .gguf_files import GGUFTensors, gguf_config
 
     source = Path(source)
     gguf = source.suffix == ".gguf" or source.is_file()
