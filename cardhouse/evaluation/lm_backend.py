@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..models.adapters import UnsupportedModelError, adapter_for
+
 from ..capture.reuse import cache_label
 
 SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
@@ -187,8 +189,6 @@ def pack_trees(groups: list[_Group], rows: int) -> list[list[list[_Group]]]:
 def takes_tree_masks(model) -> bool:
     """Whether every choice of an item can run in one packed pass: the family takes a custom 4-D mask and
     position ids as given (the adapter table's ``tree_mask``), under an attention that reads such a mask."""
-    from ..models.adapters import UnsupportedModelError, adapter_for
-
     try:
         family = adapter_for(model)
     except UnsupportedModelError:
