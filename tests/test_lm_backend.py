@@ -130,20 +130,69 @@ def test_any_batch_size_gives_the_same_numbers(instances, batch_size):
                 per_tokens=25)
 
 
-def test_shared_contexts_run_once(instances, monkeypatch):
+def test_an_items_choices_run_as_one_tree_in_one_pass(instances):
+    """Each question runs once: its choices follow it in the same packed row, with a tree-shaped mask."""
+    from cardhouse.evaluation.lm_backend import _Row, plan_groups
+
     lm = long_lm("llama")
     _, ours = backends(lm, batch_size=64)
+    passes = []
+    handle = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append((kwargs["input_ids"].shape, kwargs["attention_mask"].dim())),
+        with_kwargs=True)
+    requests = instances["arc_easy"]
+    try:
+        ours.loglikelihood(requests, disable_tqdm=True)
+    finally:
+        handle.remove()
+    encoded = [ours._encode_pair(*r.args) for r in requests]
+    inputs = {tuple((c + x)[:-1]): len(x) for c, x in encoded}
+    trees = plan_groups([_Row(tokens, span) for tokens, span in inputs.items()])
+    assert len(requests) == 12 and len(trees) == 3  # the four choices of each of the three questions
+    (shape, dims), = passes  # one forward pass, a 4-D mask
+    assert dims == 4 and shape[1] == max(t.cost() for t in trees)  # as wide as the longest question and its choices
+    assert sum(t.cost() for t in trees) < sum(len(tokens) for tokens in inputs) - 2 * sum(t.prefix for t in trees)
+
+
+def test_without_tree_masks_shared_contexts_run_once_in_a_prefix_pass(instances):
+    """A family that takes no custom 4-D mask (``tree_mask=False``) runs each prefix once, then the choices."""
+    lm = long_lm("llama")
+    hflm, ours = backends(lm, batch_size=64)
+    ours._packs = False
     passes = []
     handle = lm.model.register_forward_pre_hook(
         lambda module, args, kwargs: passes.append(("suffix" if "attention_mask" in kwargs else "prefix",
                                                     kwargs["input_ids"].shape[0])), with_kwargs=True)
     try:
-        ours.loglikelihood(instances["arc_easy"], disable_tqdm=True)
+        got = ours.loglikelihood(instances["arc_easy"], disable_tqdm=True)
     finally:
         handle.remove()
     rows = {kind: sum(n for k, n in passes if k == kind) for kind in ("prefix", "suffix")}
     assert len(instances["arc_easy"]) == 12 and rows == {"prefix": 3, "suffix": 12}  # each question runs once
     assert passes[0][0] == "prefix"  # the prefixes first, then the answers against them
+    for task in TASKS:
+        requests = instances[task]
+        assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), ours.loglikelihood(requests, disable_tqdm=True),
+                    per_tokens=25)
+
+
+def test_the_adapter_table_says_which_families_take_tree_masks():
+    from cardhouse.emergence.model import GPT, GPTConfig
+    from cardhouse.evaluation.lm_backend import takes_tree_masks
+
+    assert takes_tree_masks(long_lm("llama").model)
+    assert not takes_tree_masks(GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)))
+
+
+def test_trees_are_packed_first_fit_into_rows_of_the_longest():
+    from cardhouse.evaluation.lm_backend import _Group, _Row, pack_trees
+
+    groups = [_Group([_Row(tuple(range(n)), 1)], n - 1) for n in [50, 10, 30, 20, 20, 45, 5, 40]]
+    passes = pack_trees(groups, rows=2)
+    assert sorted(id(g) for p in passes for row in p for g in row) == sorted(map(id, groups))  # each once
+    for p in passes:
+        assert len(p) <= 2 and all(sum(g.cost() for g in row) <= p[0][0].cost() for row in p)
+    assert [[[g.cost() for g in row] for row in p] for p in passes] == [[[50], [45, 5]], [[40], [30, 10]], [[20], [20]]]
 
 
 def test_batches_keep_padding_small():

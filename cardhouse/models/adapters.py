@@ -56,6 +56,9 @@ class Adapter:
     n_heads: str = "num_attention_heads"  # config attribute: number of query heads
     n_kv_heads: str | None = "num_key_value_heads"  # config attribute: key/value heads (GQA); None: one per query head
     softmax_fp32: bool = True  # eager attention's softmax runs in float32 (False: in the model dtype); capture/attention.py
+    # forward takes a custom 4-D attention mask and position ids as given: the lm-eval backend runs an item's
+    # choices as one tree-shaped sequence (evaluation/lm_backend.py); False: a prefix pass, then the choices
+    tree_mask: bool = True
     # the residual stream, for the function-preserving rescale (cardhouse/precision/rescale.py); None: not described
     embeddings: tuple[str, ...] | None = None  # model -> tensors whose values enter the residual stream
     writers: tuple[str, ...] | None = None  # block -> what is added to it: a tensor, or a module (weight and bias)
@@ -138,7 +141,7 @@ ADAPTERS: dict[str, Adapter] = {
     "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                        final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act",
                        embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
-                       writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2")),
+                       writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2"), tree_mask=False),
     "dinov2": Adapter("dinov2", **_DINOV2, **_DINOV2_STREAM),
     "dinov2_with_registers": Adapter("dinov2_with_registers", **_DINOV2, registers="num_register_tokens"),
     "vit": Adapter("vit", layers="layers", attn="attention", mlp="mlp", resid_mid_norm="layernorm_after",
