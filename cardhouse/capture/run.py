@@ -41,8 +41,8 @@ def run_batches(lm: LoadedModel, token_lists: Sequence[Sequence[int]],
 
     A streamed model (``load_model(..., stream=True)``) runs block by block instead: ``hooks_for``
     is called once per batch before the first block, and its hooks fire block by block, every batch
-    through one block before the next block; so a hook must take its batch from ``hooks_for``'s
-    closure, never from state shared across batches."""
+    through one block before the next block (the blocks after the last hooked one do not run); so a hook
+    must take its batch from ``hooks_for``'s closure, never from state shared across batches."""
     run_inputs(lm, batches(token_lists, batch_size), -(-len(token_lists) // batch_size), hooks_for,
                progress=progress, desc=desc)
 
@@ -70,5 +70,8 @@ def _run_streamed(streamer, prompt_batches, hooks_for, progress) -> None:
         for name, fn in hooks_for(batch).items():
             named.setdefault(parse_hook_name(name)[0], {})[name] = fn
         by_layer.append(named)
+    # the hooks are all a streamed pass gives back: the blocks after the last hooked one are not read
+    # (the massive-weight search's first pass looks at the middle layer only)
+    stop = max((layer for named in by_layer for layer in named), default=-1) + 1
     streamer.run(inputs, hooks_for=lambda layer, i: hooks(streamer.model, by_layer[i].get(layer, {})),
-                 progress=progress)
+                 stop=stop, progress=progress)
