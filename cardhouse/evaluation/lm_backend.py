@@ -10,20 +10,24 @@ So the log-likelihoods are HFLM's, computed with less work:
   its neighbour's group while that costs fewer token positions than running it apart): the
   2-5 choices of a multiple-choice item share their context, and WinoGrande's share the
   sentence start. Identical inputs (one-token answers) run once.
-- Each group's shared prefix runs once into a ``DynamicCache``, without the LM head (the prefix
-  stops before the first scored position). Then every member's remaining tokens (its last
-  context token and its continuation) run against its group's cached keys and values, and the
-  LM head and log-softmax only see those.
-- Padding is small because the two passes are batched apart: prefixes sorted by length,
-  right-padded (causal: a real token never sees the padding); then the members sorted by
-  suffix length, each row's cache gathered from its group's with the gap up to the longest
-  prefix of the batch masked out, and explicit position ids. A model with a sliding window
-  only gathers rows whose padded width stays inside the window (a gap would shift it); longer
-  inputs run in one piece, as HFLM runs them.
+- Each group runs as one tree in one sequence: its shared prefix, then every member's remaining
+  tokens (its last context token and its continuation), with a block-causal 4-D attention mask (a
+  member sees the prefix and itself) and position ids continuing from the prefix's end, so every
+  member sees exactly its own input. Trees are packed first fit into rows as wide as the longest
+  tree of the pass (almost no padding), and the LM head and log-softmax only see scored positions.
+- Where a tree cannot be used (the adapter table's ``tree_mask=False``, an attention other than
+  sdpa/eager, a tree reaching a sliding window), each group's shared prefix runs once into a
+  ``DynamicCache`` and the members' remaining tokens run against it, the two passes batched apart:
+  prefixes sorted by length, right-padded (causal: a real token never sees the padding); then the
+  members sorted by suffix length, each row's cache gathered from its group's with the gap up to
+  the longest prefix of the batch masked out, and explicit position ids. A model with a sliding
+  window only gathers rows whose padded width stays inside the window (a gap would shift it);
+  longer inputs run in one piece, as HFLM runs them.
 
-Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
-before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
-same keys and values (the pass names its cache by each row's prefix tokens, ``capture.reuse.cache_label``,
+Inside ``reuse_prefix`` (an attack sweep), every pass skips the unedited layers on inputs seen
+before: a tree pass because its tokens, mask and positions repeat; in the two-pass fallback the prefix
+pass because its tokens repeat, the suffix pass because the cache holds the same keys and values
+(the pass names its cache by each row's prefix tokens, ``capture.reuse.cache_label``,
 so the cached tensors are not hashed).
 
 lm-eval's command line finds the backend once this module is imported::
@@ -262,9 +266,10 @@ class CardhouseLM(HFLM):
             row.span = max(row.span, len(continuation))
             row.requests.append((index, continuation))
         groups = plan_groups(list(rows.values()))
-        # a tree under a sliding window is exact while every row stays inside the window
-        packed = [g for g in groups if self._packs and (self._window is None or g.prefix + g.suffix < self._window)]
-        rest = [g for g in groups if not any(g is p for p in packed)]
+        def as_tree(group: _Group) -> bool:  # under a sliding window, exact while every row stays inside it
+            return self._packs and (self._window is None or group.prefix + group.suffix < self._window)
+
+        packed, rest = [g for g in groups if as_tree(g)], [g for g in groups if not as_tree(g)]
         if self._window:  # inputs too long for a gathered cache under a sliding window run in one piece
             rest = [g for group in rest for g in ([group] if group.prefix + group.suffix < self._window
                                                   else [_Group([row], 0) for row in group.rows])]
