@@ -78,7 +78,7 @@ CASES = [
     ("scan -m {models}/split-00001-of-00003.gguf", ["missing from", "split-00002-of-00003.gguf"]),
     ("scan -m {models}/split-00001-of-00003.gguf --stream", ["missing from", "split-00002-of-00003.gguf"]),
     ("scan -m {models}/f64.gguf --stream", ["blk.1.ffn_down.weight", "F64", "cannot dequantize"]),
-    ("position -m M --stream", ["--stream serves", "attack, intervene, report, scan, sweep"]),
+    ("position -m M --stream", ["--stream serves", "attack, intervene, moe, report, scan, sweep"]),
     ("attack topk-zero -m M --spill-dir spill", ["--spill-dir", "needs --stream"]),
     ("attack topk-zero -m M --stream --spill-dir {models}/a-file", ["--spill-dir", "is a file"]),
     # lm-eval scores request by request through whole forward passes: refused, the alternative named (issue 16)
@@ -142,6 +142,8 @@ CASES = [
     ("longctx -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
     ("generate -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
     ("generate -m M --source dolly", ["unknown generation source", "alpaca, gsm8k"]),
+    ("generate -m M --source triviaqa", ["unknown generation source", "naturalqs, squad, coqa, drop, jeopardy"]),
+    ("generate -m M --source naturalqs --n 1001", ["naturalqs has 1000 records", "asked for 1001"]),
     # sweep (fix 1's --ks 2,2 is in test_sweep_resume.py: it is deduplicated, not refused)
     ("sweep -m M --ks 49 --context 64", ["--ks", f"0..{D_MLP}", "out of range: 49"]),
     ("sweep -m M --ks -1 --context 64", ["--ks", f"0..{D_MLP}"]),

@@ -21,9 +21,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..capture import run_batches, tokenize_prompts
+from ..capture import hook_name, run_batches, tokenize_prompts
 from ..models.adapters import SHARED
 from ..models.loading import LoadedModel
+from ..models.offload import shapes_only
 from ..models.routing import routing_of
 from .criterion import Criterion
 from .massive_weights import find_massive_weights
@@ -185,7 +186,8 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
         prompts = load_prompts(prompts)
     token_lists = tokenize_prompts(lm, prompts)
     layers = blocks.moe_layers
-    n_experts = {l: blocks.n_experts(l) for l in layers}
+    with shapes_only():  # a streamed model's blocks are shapes on the meta device until each is read
+        n_experts = {l: blocks.n_experts(l) for l in layers}
     groups = {l: {g: _Sums.empty(n_experts[l]) for g in ("carrier", "ordinary")} for l in layers}
     maxima = {(l, e): _Max() for l in layers for e in range(n_experts[l])}
     shared_max = {l: _Max() for l in layers if blocks.ffn(l).shared_expert}
@@ -199,8 +201,14 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
         carrier = torch.zeros_like(mask)
         carrier[:, CARRIER] = True
         carrier = carrier.flatten() & valid
-        now.update(batch=batch, width=mask.shape[1], valid=valid, carrier=carrier, ordinary=valid & ~carrier)
-        return {}  # no named hook points: the MoE hooks below are attached for the whole run
+        state = dict(batch=batch, width=mask.shape[1], valid=valid, carrier=carrier, ordinary=valid & ~carrier)
+
+        def entering(name, h):  # reads only: the MoE hooks below are attached for the whole run
+            now.update(state)
+
+        # the batch is made current as it enters each MoE block, not when its pass starts: a streamed model
+        # runs every batch through block l before block l + 1 (block-major), an ordinary one batch by batch
+        return {hook_name(l, "hook_resid_pre"): entering for l in layers}
 
     def on_router(layer, logits, weights, chosen):
         top_k[layer] = chosen.shape[-1]

@@ -75,11 +75,12 @@ def budget_from(corpus: list[str], max_tokens: int, context: int, tasks: list[st
 
 @contextmanager
 def clear_errors():
-    """Known failures end with one clear line and exit code 1, not a traceback."""
+    """Known failures end with one clear line and exit code 1, not a traceback: bad values (ValueError; IndexError
+    for a layer, expert or head out of range), files (OSError: not found, not writable), models cardhouse cannot
+    load or adapt, packages it cannot install."""
     try:
         yield
-    except (ValueError, IndexError, FileNotFoundError, ModelLoadError, UnsupportedModelError, InstallError,
-            PermissionError, OSError) as e:
+    except (ValueError, IndexError, OSError, ModelLoadError, UnsupportedModelError, InstallError) as e:
         # one line, never wrapped, and the message is not read as markup (it may hold "[1, 2]")
         err.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         raise typer.Exit(1)
@@ -142,7 +143,7 @@ _LOAD_OPTIONS = [  # (parameter, annotation, typer option)
                                                rich_help_panel="Model placement")),
 ]
 _placement: ContextVar[dict] = ContextVar("cardhouse_placement", default={})
-STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep", "report"}  # the commands whose every step runs block by block
+STREAMED_COMMANDS = {"scan", "attack", "intervene", "sweep", "report", "moe"}  # the commands whose every step runs block by block
 
 
 def _command_name(command) -> str:
