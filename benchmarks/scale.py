@@ -13,12 +13,15 @@ variants run from scratch. Side by side in one run; ratios printed.
    peak, streamed time <= 1.5x. The two scans must agree.
 3. Streamed perplexity of 4 variants (original, top-k zeroing, its random control, super weight)
    sharing the blocks before the attacked layer, against the 4 run from scratch (each block read
-   once per variant). Goal: >= 1.3x faster, identical perplexities.
+   once per variant). Goal: >= 1.3x faster, identical perplexities. Measured twice: through
+   ``streamed_variants`` (each block read once for all the variants) and through ``run_variants``,
+   the path of ``cardhouse attack --stream`` (one streamed perplexity per variant, the prefix shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -118,11 +121,16 @@ def child_scan(folder: str, stream: bool) -> dict:
             "top1": [round(layer["top-1"], 2) for layer in result.layers], "indices": mw.indices, "layer": mw.layer}
 
 
-def child_variants(folder: str, share: bool) -> dict:
+def child_variants(folder: str, share: bool, cli: bool = False) -> dict:
+    """The 4 variants' perplexities through ``streamed_variants`` (block-major: each block read once for
+    every variant), or with ``cli`` through ``run_variants`` (the path of ``cardhouse attack --stream``:
+    one whole streamed perplexity per variant, the prefix shared through ``reuse_prefix``)."""
     import torch
 
+    from cardhouse.evaluation.perplexity import perplexity
     from cardhouse.evaluation.streamed import streamed_variants
     from cardhouse.interventions import random_indices, zero_rows, zero_super_weight
+    from cardhouse.interventions.variants import Variant, run_variants
     from cardhouse.models import load_model
     from cardhouse.models.streaming import streamer_of
 
@@ -135,9 +143,17 @@ def child_variants(folder: str, share: bool) -> dict:
                 "super weight": (layer, lambda: zero_super_weight(lm, layer, 0, 0))}
     ids = torch.randint(4, 99, (2 * 63,), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    results = streamed_variants(streamer_of(lm.model), ids, variants, context=64, bos_id=lm.bos_id,
-                                share_prefix=share, progress=False)
-    return {"seconds": time.perf_counter() - start, "ppl": {k: r.ppl for k, r in results.items()}}
+    if cli:
+        rows = run_variants(lm, [Variant(name, name, v[1], v[0]) if v else Variant(name, name, contextlib.nullcontext)
+                                 for name, v in variants.items()],
+                            lambda lm: {"ppl": perplexity(lm.model, ids, context=64, bos_id=lm.bos_id,
+                                                          progress=False).ppl}, reuse=share)
+        ppl = {row["kind"]: row["ppl"] for row in rows}
+    else:
+        results = streamed_variants(streamer_of(lm.model), ids, variants, context=64, bos_id=lm.bos_id,
+                                    share_prefix=share, progress=False)
+        ppl = {k: r.ppl for k, r in results.items()}
+    return {"seconds": time.perf_counter() - start, "ppl": ppl}
 
 
 def run_child(*args: str) -> dict:
@@ -162,7 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, folder, flag = args.child
-        result = (child_scan(folder, flag == "1") if kind == "scan" else child_variants(folder, flag == "1"))
+        result = (child_scan(folder, flag == "1") if kind == "scan"
+                  else child_variants(folder, flag == "1", cli=kind == "cli-variants"))
         result["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -211,13 +228,15 @@ def scan_part(folder: Path) -> None:
 
 
 def variants_part(folder: Path) -> None:
-    shared = run_child("variants", str(folder), "1")
-    scratch = run_child("variants", str(folder), "0")
-    for name, value in shared["ppl"].items():
-        assert abs(value / scratch["ppl"][name] - 1) <= 1e-5, (name, value, scratch["ppl"][name])
-    print(f"4 streamed variants, shared prefix: {shared['seconds']:.1f} s; from scratch: {scratch['seconds']:.1f} s")
-    print(f"  speed-up: {scratch['seconds'] / shared['seconds']:.2f}x (goal >= 1.3); perplexities identical: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in shared["ppl"].items()) + f"; {load_average()}")
+    for kind, label in (("variants", "streamed_variants"), ("cli-variants", "run_variants, the CLI's path")):
+        shared = run_child(kind, str(folder), "1")
+        scratch = run_child(kind, str(folder), "0")
+        for name, value in shared["ppl"].items():
+            assert abs(value / scratch["ppl"][name] - 1) <= 1e-5, (name, value, scratch["ppl"][name])
+        print(f"4 streamed variants ({label}), shared prefix: {shared['seconds']:.1f} s; "
+              f"from scratch: {scratch['seconds']:.1f} s")
+        print(f"  speed-up: {scratch['seconds'] / shared['seconds']:.2f}x (goal >= 1.3); perplexities identical: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in shared["ppl"].items()) + f"; {load_average()}")
 
 
 if __name__ == "__main__":

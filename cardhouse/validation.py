@@ -170,7 +170,7 @@ def _allowed(rule: Rule, low, high) -> str:
     return text + "".join(f" or {a}" for a in rule.also)
 
 
-def _check_one(name: str, rule: Rule, value, spec, values):
+def _check_one(rule: Rule, value, spec, values):
     low, high = _bound(rule.low, spec, values), _bound(rule.high, spec, values)
     allowed = _allowed(rule, low, high)
     why = rule.why(spec, values) if rule.why and (spec is not None or not rule.needs_model) else ""
@@ -219,7 +219,7 @@ def check_options(spec: ModelSpec | None = None, **values) -> dict:
     checked = dict(values)
     for name, rule in RULES.items():
         if values.get(name) is not None:
-            checked[name] = _check_one(name, rule, values[name], spec, checked)
+            checked[name] = _check_one(rule, values[name], spec, checked)
     return checked
 
 

@@ -25,7 +25,7 @@ from cardhouse.finetuning.train import FinetuneConfig, finetune
 from cardhouse.interventions import weights_digest
 from cardhouse.models import load_model
 
-VARIANTS = ["original", "topk-zero k=2", "random-zero k=2", "adapter: original", "adapter: topk-zero k=2"]
+VARIANTS = ["original", "topk-zero k=2", "random-zero k=2", "adapter ft: original", "adapter ft: topk-zero k=2"]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,12 @@ def test_longctx_measures_the_macdrop_adapter_alone_and_attacked(tuned, tmp_path
     assert result.exit_code == 0, result.output
     rows = rows_of(tmp_path / "longctx.json")
     assert list(rows) == VARIANTS
-    assert json.loads((tmp_path / "longctx.json").read_text())["settings"]["adapter"] == str(adapter)
+    assert json.loads((tmp_path / "longctx.json").read_text())["settings"]["adapters"] == [str(adapter)]
     lm = load_model(str(folder), bos=True)
     items = longctx.build_items(lm, ["passkey"], [320], [0.0, 1.0], 1, corpus="austen", seed=0, max_new_tokens=3)
     direct = longctx.measurer(lm, items, max_new_tokens=3)(with_adapter(lm, adapter))
-    assert rows["adapter: original"]["answers"] == direct["answers"]
-    assert rows["adapter: original"]["adapter"] == str(adapter)
+    assert rows["adapter ft: original"]["answers"] == direct["answers"]
+    assert rows["adapter ft: original"]["adapter"] == str(adapter)
 
 
 def test_generate_measures_the_macdrop_adapter_alone_and_attacked(tuned, tmp_path):
@@ -83,8 +83,36 @@ def test_generate_measures_the_macdrop_adapter_alone_and_attacked(tuned, tmp_pat
     assert list(rows) == VARIANTS
     lm = load_model(str(folder), bos=True)
     direct = generation.measurer(generation.held_out_records(2), 4)(with_adapter(lm, adapter))
-    got = rows["adapter: original"]
+    got = rows["adapter ft: original"]
     assert got["answers"] == direct["answers"]
     assert got["ref_loglik_per_token"] == pytest.approx(direct["ref_loglik_per_token"], abs=1e-6)
     # the fine-tuned weights change what the model assigns to the references
     assert abs(got["ref_loglik_per_token"] - rows["original"]["ref_loglik_per_token"]) > 1e-3
+
+
+def test_several_adapters_get_one_pair_of_rows_each(tuned, tmp_path):
+    """``--adapter`` repeats (LoRA with and without MacDrop in one run); each adapter is named by its run folder."""
+    import shutil
+
+    folder, adapter = tuned
+    shutil.copytree(adapter, tmp_path / "ft-copy" / "adapter")
+    args = ["longctx", "-m", str(folder), "--lengths", "320", "--depths", "1", "--n", "1", "--k", "2",
+            "--kind", "passkey", "--max-new-tokens", "3", "--adapter", str(adapter),
+            "--adapter", str(tmp_path / "ft-copy" / "adapter"), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = rows_of(tmp_path / "out" / "longctx.json")
+    assert list(rows) == VARIANTS + ["adapter ft-copy: original", "adapter ft-copy: topk-zero k=2"]
+    for variant in ("original", "topk-zero k=2"):  # the same adapter twice: the same answers
+        assert rows[f"adapter ft-copy: {variant}"]["answers"] == rows[f"adapter ft: {variant}"]["answers"]
+
+
+def test_two_adapters_with_the_same_name_are_refused_before_the_model_loads(tuned, tmp_path):
+    import shutil
+
+    folder, adapter = tuned
+    shutil.copytree(adapter, tmp_path / "other" / "ft" / "adapter")
+    result = CliRunner().invoke(app, ["generate", "-m", str(folder), "--adapter", str(adapter),
+                                      "--adapter", str(tmp_path / "other" / "ft" / "adapter"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "error:" in result.output and "same name" in result.output, result.output
+    assert not (tmp_path / "o").exists()

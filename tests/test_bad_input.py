@@ -142,6 +142,8 @@ CASES = [
     ("longctx -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
     ("generate -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),
     ("generate -m M --source dolly", ["unknown generation source", "alpaca, gsm8k"]),
+    ("generate -m M --source triviaqa", ["unknown generation source", "naturalqs, squad, coqa, drop, jeopardy"]),
+    ("generate -m M --source naturalqs --n 1001", ["naturalqs has 1000 records", "asked for 1001"]),
     # sweep (fix 1's --ks 2,2 is in test_sweep_resume.py: it is deduplicated, not refused)
     ("sweep -m M --ks 49 --context 64", ["--ks", f"0..{D_MLP}", "out of range: 49"]),
     ("sweep -m M --ks -1 --context 64", ["--ks", f"0..{D_MLP}"]),

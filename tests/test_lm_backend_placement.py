@@ -37,7 +37,7 @@ def test_a_model_offloaded_to_cpu_and_disk_gives_the_ordinary_loads_loglikelihoo
         reference = expected.loglikelihood(requests, disable_tqdm=True)
         got = ours.loglikelihood(requests, disable_tqdm=True)
         assert_same(requests, reference, got, tolerance=DISPATCH_TOLERANCE)
-        assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), got, per_tokens=25)
+        assert_same(requests, hflm.loglikelihood(requests, disable_tqdm=True), got)
 
 
 def test_zero_shot_of_a_dispatched_model_equals_the_ordinary_load(tmp_path):

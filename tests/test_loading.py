@@ -37,3 +37,15 @@ def test_cached_sdist_is_only_reused_for_its_own_requirement(tmp_path):  # regre
         (tmp_path / name).write_text("")
     assert pip_download_sdist("llamafactory==0.9.5", tmp_path).name == "llamafactory-0.9.5.tar.gz"
     assert pip_download_sdist("other", tmp_path).name == "other-1.0.tar.gz"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_folder_under_home_given_with_a_tilde(tmp_path, monkeypatch, stream):
+    """Regression: the config was read from the expanded path but the weights from '~/...' taken for a hub id.
+    load_model now loads whatever the spec found."""
+    from conftest import build, save_folder
+
+    save_folder(build("llama"), tmp_path / "tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lm = load_model("~/tiny", stream=stream)
+    assert lm.family == "llama" and lm.name == "~/tiny"

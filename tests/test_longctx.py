@@ -56,6 +56,30 @@ def test_cli_refuses_a_length_above_the_maximum_before_any_evaluation(tmp_path, 
     assert not (tmp_path / "o" / "longctx.json").exists()
 
 
+@pytest.mark.parametrize("variants", [3, 7])
+def test_the_colour_bar_of_the_heat_maps_covers_no_panel(tmp_path, monkeypatch, variants):
+    """Regression: with tight_layout the colour bar was drawn over a heat map (seen with 7 variants: original,
+    attack, control and two adapters' pairs)."""
+    from cardhouse.reports import plots
+
+    cells = [{"kind": kind, "length": n, "depth": d, "n": 1, "accuracy": (n + d) % 2}
+             for kind in ("passkey", "needle") for n in (256, 512) for d in (0.0, 0.5, 1.0)]
+    rows = [{"variant": f"variant {i}", "cells": cells} for i in range(variants)]
+    boxes = {}
+    save = plots.save_figure
+
+    def measured(fig, path, **kwargs):
+        written = save(fig, path, **kwargs)  # the positions as drawn into the file, after any layout
+        boxes["panels"] = [ax.get_position() for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        boxes["bar"] = next(ax.get_position() for ax in fig.axes if ax.get_label() == "<colorbar>")
+        return written
+
+    monkeypatch.setattr(plots, "save_figure", measured)
+    assert plots.plot_longctx(rows, tmp_path / "longctx.png", "t").stat().st_size > 0
+    assert len(boxes["panels"]) == 2 * variants
+    assert not [box for box in boxes["panels"] if box.overlaps(boxes["bar"])]
+
+
 @pytest.mark.real
 def test_smollm2_retrieves_a_planted_pass_key_at_a_short_length():
     from cardhouse.models import load_model

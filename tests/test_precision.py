@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BOS_ID, TEXT_FAMILIES, all_params_digest, build, sample_inputs
+from conftest import BOS_ID, TEXT_FAMILIES, all_params_digest, build, sample_inputs, save_folder
 from cardhouse.capture import hook_name, record
+from cardhouse.models import load_model
 from cardhouse.models.adapters import get
 from cardhouse.precision import (FORMATS, RescaleError, cast_copy, choose_power, first_nonfinite, headroom,
                                  logits_change, margin_bits, plan_rescale, rescaled)
@@ -73,6 +74,19 @@ def test_headroom_matches_the_recorded_tensors(tiny, family):
             expected[name] = max(expected[name], float(store[name].abs().max()))
     for p in room.points:
         assert p.max_abs == pytest.approx(expected[hook_name(p.layer, p.point)], rel=1e-5), (p.layer, p.point)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_headroom_of_a_streamed_model_equals_the_ordinary_one(family, tmp_path):
+    """Regression: the hooks once read the batch from a dict that ``hooks_for`` overwrote, but a streamed
+    model runs every batch through a block before the next, so all batches saw the last one's."""
+    lm = build(family)
+    save_folder(lm, tmp_path)
+    ordinary, streamed = load_model(str(tmp_path), bos=True), load_model(str(tmp_path), bos=True, stream=True)
+    toks = [ordinary.encode(t) for t in TEXTS + ["A third prompt, longer than the second one."]]
+    a = headroom(ordinary, toks, batch_size=1, progress=False).to_dict()
+    b = headroom(streamed, toks, batch_size=1, progress=False).to_dict()
+    assert a == b and {p["prompt"] for p in a["points"]} != {0}
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)

@@ -57,3 +57,37 @@ def test_top3_zeroing_hurts_the_finetuned_model(run):
     assert attacked > original + 0.3, (original, attacked)
     # LoRA's B A adds little to the massive rows: zeroing them in the merged weights is the same attack
     assert abs(merged - attacked) < 0.05, (attacked, merged)
+
+
+def test_the_macdrop_adapter_goes_through_generate_and_longctx(run, tmp_path):
+    """The real adapter of this run through ``cardhouse generate`` and ``cardhouse longctx --adapter`` (issue 16):
+    both outputs validate, the adapter has its pair of rows, and the fine-tuned model assigns the held-out Alpaca
+    references a higher log-likelihood than the original (it was trained on Alpaca; measured below)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cardhouse.cli import app
+    from cardhouse.results import validate
+
+    adapter = run["out"] / "adapter"
+    label = f"adapter {run['out'].name}"
+    result = CliRunner().invoke(app, ["generate", "--n", "2", "--max-new-tokens", "4", "--k", "5",
+                                      "--adapter", str(adapter), "-o", str(tmp_path / "gen")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "gen" / "generation.json").read_text())
+    validate(data, "generation")
+    rows = {row["variant"]: row for row in data["results"]}
+    assert list(rows) == ["original", "topk-zero k=5", "random-zero k=5", f"{label}: original",
+                          f"{label}: topk-zero k=5"]
+    print({variant: round(row["ref_loglik_per_token"], 4) for variant, row in rows.items()})
+    assert rows[f"{label}: original"]["ref_loglik_per_token"] > rows["original"]["ref_loglik_per_token"] + 0.02
+    assert rows["topk-zero k=5"]["ref_loglik_per_token"] < rows["original"]["ref_loglik_per_token"] - 0.3
+
+    result = CliRunner().invoke(app, ["longctx", "--kind", "passkey", "--lengths", "128", "--depths", "1", "--n", "1",
+                                      "--k", "5", "--adapter", str(adapter), "-o", str(tmp_path / "long")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "long" / "longctx.json").read_text())
+    validate(data, "longctx")
+    assert [row["variant"] for row in data["results"]][3:] == [f"{label}: original", f"{label}: topk-zero k=5"]
+    assert data["settings"]["adapters"] == [str(adapter)]

@@ -59,6 +59,13 @@ def test_massive_value_is_thousands_of_times_the_median(result):
     assert value["std"] < 1e-3 * abs(value["mean"])  # position 0: identical by construction
 
 
+def test_no_classic_outlier_features(result):
+    # Dettmers et al.'s outlier features (|a| >= 6 on >= 6% of tokens in >= 25% of layers, at the FFN input):
+    # none, so massive activations are a different thing (the README's claim)
+    assert result.outlier_features["dims"] == []
+    assert result.outlier_features["threshold"] == 6.0
+
+
 def test_input_independence_on_tokens_that_differ(lm_no_bos):
     # Without BOS, position 0 holds each prompt's own first word ("The", "Summer", "DNA", ...).
     # measured: dim 507 at layer 19 has mean 23,037 and std 1,584 over the 32 different words.

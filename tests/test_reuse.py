@@ -78,3 +78,36 @@ def test_the_memory_cap_stores_nothing_beyond_it(tiny):
     with torch.inference_mode(), reuse_prefix(lm, LAYER, max_bytes=0) as cache:
         first, second = forward(lm, a), forward(lm, a)
     assert torch.equal(first, second) and cache.hits == 0 and cache.nbytes == 0
+
+
+def test_a_pass_naming_its_cache_is_keyed_by_the_name_not_the_cached_tensors(tiny, monkeypatch):
+    """The lm-eval backend's suffix passes run against a cached prefix and name it (``cache_label``): the
+    skipped layers' cached keys and values are not hashed, and the reused pass still equals a full one."""
+    from transformers import DynamicCache
+
+    from cardhouse.capture import reuse
+    from cardhouse.evaluation.lm_backend import _cache_kwarg
+
+    lm = tiny("llama")
+    prefix, suffix = _inputs(0, length=8), _inputs(1, length=4)
+    kv = _cache_kwarg(lm.model)  # transformers 5 renamed past_key_values to cache
+
+    def suffix_logits():
+        cache = DynamicCache(config=lm.model.config)
+        lm.model(**{**prefix, "use_cache": True}, **{kv: cache})
+        mask = torch.ones(2, 12, dtype=torch.long)
+        with reuse.cache_label(("prefix", tuple(map(tuple, prefix["input_ids"].tolist())))):
+            return lm.model(input_ids=suffix["input_ids"], attention_mask=mask, use_cache=True, **{kv: cache}).logits
+
+    with torch.inference_mode():
+        full = suffix_logits()
+        with zero_rows(lm, LAYER, [1, 2]):
+            edited = suffix_logits()
+        with reuse_prefix(lm, LAYER) as cache:
+            assert torch.equal(suffix_logits(), full)  # records the prefix pass and the suffix pass
+            hashed, cached_states = [], reuse._cached_states  # the prefix pass's empty cache has none
+            monkeypatch.setattr(reuse, "_cached_states", lambda *a: hashed.extend(cached_states(*a)) or hashed)
+            with zero_rows(lm, LAYER, [1, 2]):
+                reused = suffix_logits()
+    assert (cache.hits, cache.misses) == (2, 2) and not hashed
+    assert torch.equal(reused, edited) and not torch.equal(edited, full)

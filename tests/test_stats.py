@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -212,3 +214,36 @@ def test_values_beyond_the_histogram_range_are_counted():  # regression: histc d
     stats.update(0, acts, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
     assert stats.count(0) == 3
     assert stats.quantile(0, 1.0) > 1e7
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_statistics_equal_those_of_the_same_values_in_float32(dtype):
+    """float16/bfloat16 take a shortcut (a count per 16-bit magnitude mapped through a bin table): its
+    histogram, ranks, returned top-k (ties included: 16-bit values tie often) and kept entries must be
+    exactly those of the float32 path on the same values."""
+    batches = [(acts.clamp(-6e4, 6e4).to(dtype), mask, ids, index)
+               for acts, mask, ids, index in log_uniform_batches(seed=2)]
+    narrow, wide = StreamingStats(1, 24, top_k=30), StreamingStats(1, 24, top_k=30)
+    for acts, mask, ids, index in batches:
+        got = narrow.update(0, acts, mask, ids, index)
+        want = wide.update(0, acts.float(), mask, ids, index)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(narrow.hist, wide.hist) and torch.equal(narrow.rank_sum, wide.rank_sum)
+    assert narrow.entries == wide.entries and narrow.count(0) == real_magnitudes(batches).numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", [6.0, 6.01, 0.0])
+def test_outlier_counter_equals_abs_compare_in_every_dtype(dtype, threshold):
+    """The counter gathers the real tokens' rows before comparing: the same counts as the comparison
+    masked afterwards, also for values just below/at/above the threshold, inf, -inf and NaN (not over)."""
+    g = torch.Generator().manual_seed(4)
+    acts = (torch.randn(3, 10, 8, generator=g) * 4).to(dtype)
+    special = torch.tensor([6.0, -6.0, 6.01, -6.01, 5.99, math.inf, -math.inf, math.nan], dtype=dtype)
+    acts[0, :, :] = special
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2, 6:] = 0
+    counter = OutlierCounter(1, 8, threshold=threshold)
+    counter.update(0, acts, mask)
+    want = ((acts.abs() >= threshold) & mask.bool()[..., None]).sum((0, 1))  # torch compares in the acts' dtype
+    assert torch.equal(counter.over[0], want) and int(counter.tokens[0]) == 26

@@ -254,3 +254,30 @@ def test_smollm2_streamed_sweep_rows_equal_the_ordinary_sweep():
         rows.append(sweep(lm, mw, measure, [1, 2, 5], progress=False))
     same_rows(rows[1], rows[0])
     assert len(rows[1]) == 1 + 3 * 4
+
+
+def test_the_attacked_block_is_read_once_for_all_variants(tmp_path, monkeypatch):
+    """Inside the shared prefix the block the variants edit is kept after its first read: each variant's
+    edit is made to it and undone bit-identically (the rows equal the ordinary model's:
+    ``test_streamed_variants_equal_the_model_in_memory``); it is freed with the context."""
+    save("llama", tmp_path)
+    lm = load_model(str(tmp_path), bos=True, stream=True)
+    mw = find_massive_weights(lm, k=3, layer=1)
+    variants = [original()] + [attack(lm, mw, kind, k=3) for kind in ATTACKS]
+    reads: dict[int, int] = {}
+    inner = Streamer._read
+
+    def counting(self, layer):
+        reads[layer] = reads.get(layer, 0) + 1
+        return inner(self, layer)
+
+    monkeypatch.setattr(Streamer, "_read", counting)
+    rows = run_variants(lm, variants, measurer(lm, Budget(**BUDGET), progress=False))
+    assert reads == {0: 1, 1: 1}
+    assert len({round(r["ppl_wikipedia"], 6) for r in rows}) >= 3  # the edits of the kept block took effect
+    assert all(p.is_meta for p in lm.blocks.layers.parameters())
+    streamer = lm.model._cardhouse_streamer
+    assert streamer.prefix is None
+    reads.clear()
+    run_variants(lm, variants, measurer(lm, Budget(**BUDGET), progress=False), reuse=False)
+    assert reads == {0: len(variants), 1: len(variants)}

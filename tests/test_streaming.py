@@ -130,6 +130,27 @@ def test_memory_of_llama3_8b_and_70b_configs():
     assert small.parameters == 8_030_261_248 and big.parameters == 70_553_706_496  # Llama-3-8B / 70B
     assert round(small.model_bytes / 2**30, 1) == 15.0 and round(big.model_bytes / 2**30, 1) == 131.4
     assert big.stream_bytes < 6 * 2**30  # a 70B streamed fits a 32 GB laptop
+    gib = [[round(r.to_dict()[f"{k}_gib"], 2) for k in ("model", "block", "rest", "stream")] for r in (small, big)]
+    assert gib == [[14.96, 0.41, 1.96, 2.39], [131.42, 1.59, 3.91, 5.57]]  # the README's table
+
+
+def test_memory_command_reads_any_model_the_other_commands_read(tmp_path):
+    """Regression: ``cardhouse memory`` read config.json itself, so a bundled name or a GGUF file was
+    'cannot read the config'; it reads the same spec as every other command now."""
+    from gguf_models import write_gguf
+
+    from conftest import build_encoder_model
+
+    lm = save("llama", tmp_path / "folder")
+    body = build_encoder_model()  # counted as it loads: the body, no head
+    body.save_pretrained(tmp_path / "encoder")
+    encoder, gguf = tmp_path / "encoder", write_gguf(lm, tmp_path / "m.gguf")
+    n, n_encoder = (sum(p.numel() for p in m.parameters()) for m in (lm.model, body))
+    for model, count in ((tmp_path / "folder", n), (tmp_path / "folder" / "config.json", n), (gguf, n),
+                         (encoder, n_encoder)):
+        result = CliRunner().invoke(app, ["memory", str(model), "--dtype", "float32"])
+        assert result.exit_code == 0, result.output
+        assert f"{count:,} parameters in float32" in " ".join(result.output.split())  # rich wraps long paths
 
 
 @pytest.mark.real
@@ -201,3 +222,43 @@ def test_shared_variants_read_every_block_once(tmp_path, monkeypatch):
     assert loads == {0: 3, 1: 3, 2: 3}
     assert all(close(shared[name].ppl, scratch[name].ppl) for name in variants)
     assert len({round(r.ppl, 6) for r in shared.values()}) == 3
+
+
+def test_each_block_is_read_into_the_previous_blocks_tensors(tmp_path, monkeypatch):
+    """Reading into memory already mapped is several times faster than faulting in fresh pages: from the
+    second block on, every block's tensors are the previous block's (same storage), and the results are
+    still the ordinary load's (``test_streamed_equals_ordinary``). A block read under inference_mode can
+    then be read into and edited outside it (the massive-weight search describes its rows under no_grad;
+    an edit restores it)."""
+    from cardhouse.capture import run_batches
+    from cardhouse.models.streaming import Streamer
+
+    lm = build("llama", n_layers=4)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    streamed = load_model(str(tmp_path), bos=True, stream=True)
+    streamer = streamer_of(streamed.model)
+    storage: dict[int, set[int]] = {}
+
+    def note(layer, i):
+        storage[layer] = {p.untyped_storage().data_ptr() for p in streamed.blocks.layers[layer].parameters()}
+
+    streamer.run([{"input_ids": IDS[None, :16]}], hooks_for=note, progress=False)
+    assert len(storage) == 4 and all(storage[layer] == storage[0] for layer in storage)
+    with torch.no_grad(), streamer.block(2):
+        weight = streamed.blocks.layers[2].mlp.up_proj.weight  # zero_rows edits its rows
+        assert weight.untyped_storage().data_ptr() in storage[0] and not weight.is_inference()
+        before = weight.clone()
+        with zero_rows(streamed, 2, [1, 2]):
+            assert not torch.equal(weight, before)
+        assert torch.equal(weight, before)
+    assert torch.equal(before, lm.blocks.layers[2].mlp.up_proj.weight)
+    assert all(p.is_meta for p in streamed.blocks.layers.parameters())
+
+    # a streamed run_batches stops after the last hooked block: the hooks are all it gives back
+    reads: list[int] = []
+    inner = Streamer._read
+    monkeypatch.setattr(Streamer, "_read", lambda self, layer: reads.append(layer) or inner(self, layer))
+    run_batches(streamed, [[1, 40, 41, 42]], lambda batch: {"blocks.1.hook_resid_post": lambda name, acts: None},
+                progress=False)
+    assert reads == [0, 1]

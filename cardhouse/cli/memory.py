@@ -8,8 +8,8 @@ from .common import app, clear_errors, console
 
 
 @app.command("memory")
-def memory_cmd(model: str = typer.Argument(..., help="a local HF folder, a config.json file or a hub id in the "
-                                                     "local Hugging Face cache"),
+def memory_cmd(model: str = typer.Argument(..., help="a bundled name, a local HF folder, a GGUF file, a config.json "
+                                                     "file or a hub id in the local Hugging Face cache"),
                dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16"),
                tokens: int = typer.Option(2048, help="hidden states kept at once (prompts x tokens, or windows x "
                                           "context)")):
@@ -21,6 +21,7 @@ def memory_cmd(model: str = typer.Argument(..., help="a local HF folder, a confi
 
     from ..models.memory import requirements
     from ..models.placement import DTYPES
+    from ..models.spec import probe
     from ..validation import check_options
 
     with clear_errors():
@@ -28,9 +29,9 @@ def memory_cmd(model: str = typer.Argument(..., help="a local HF folder, a confi
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
         path = Path(model)
-        try:
-            config = (AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path))
-        except Exception as e:
+        try:  # the same config every other command reads (probe: bundled names and GGUF headers too)
+            config = AutoConfig.from_pretrained(path.parent) if path.name == "config.json" else probe(model).config
+        except Exception as e:  # noqa: BLE001  whatever cannot be read is one line naming the model
             raise ValueError(f"cannot read the config of {model!r}: {str(e).splitlines()[0][:200]}") from None
         r = requirements(config, dtype, tokens)
         gib = 2**30

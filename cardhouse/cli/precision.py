@@ -9,7 +9,7 @@ import typer
 
 from .common import (CORPUS_HELP, K_HELP, BackendOpt, BosOpt, LayerOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt,
                      TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load,
-                     max_tokens_opt)
+                     max_tokens_opt, parse_int_list)
 
 LimitOpt = typer.Option(16, "--limit", help="use only the first N prompts")
 CorporaOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
@@ -160,8 +160,6 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
             raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
         if power is not None and not rescale:
             raise ValueError("--power belongs to --rescale")
-        from .common import parse_int_list
-
         chosen = parse_int_list(indices, "--indices")
         check_export_folder(folder, force)
         checked = validate(model, prompts=prompts if rescale else None, prompt_limit=limit if rescale else None,
@@ -230,9 +228,9 @@ def quantize_cmd(model: str = ModelOpt,
     massive weights, the super weight, the BOS token's keys/values and the massive activation channels, each against
     a random protection of equal size."""
     from ..capture import tokenize_prompts
-    from ..precision.quantize import find_targets
-    from ..validation import validate
+    from ..precision.quantize import check_scheme, find_targets
     from ..precision.study import check_budget, quantization_study, study_schemes
+    from ..validation import validate
     from ..reports.precision_plots import plot_quantization
     from ..results import write_result
 
@@ -255,8 +253,6 @@ def quantize_cmd(model: str = ModelOpt,
         texts = checked.prompts
         lm = load(checked, bos)
         folder.mkdir(parents=True, exist_ok=True)  # checked writable above
-        from ..precision.quantize import check_scheme
-
         for scheme in schemes:  # a group size that does not divide a width: before any measurement
             check_scheme(lm, scheme)
         with err.status("finding the massive weights, the super weight and the massive channels"):

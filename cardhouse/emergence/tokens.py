@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpora import tokenize_corpus
-from ..models.loading import BUNDLED, gguf_cache_folder
+from ..models.sources import BUNDLED, gguf_cache_folder
 from .config import TrainConfig
 
 

@@ -19,6 +19,7 @@ from ..analysis.prompts import load_prompts
 from ..capture.batches import PromptBatch, batches
 from ..capture.run import max_context
 from ..models.loading import LoadedModel
+from ..models.onnx_dinov2 import IMAGENET_MEAN, IMAGENET_STD, bit_image_processor
 from .images import Photo, load_images
 
 CLS, REGISTER, PATCH, SEP, PUNCTUATION, OTHER = "cls", "register", "patch", "sep", "punctuation", "other"
@@ -33,10 +34,6 @@ def _wrong_kind(lm: LoadedModel, wanted: str) -> ValueError:
 def default_processor(config):
     """An image processor for a model folder that ships none: resize and centre-crop to the model's
     image size, ImageNet mean and std (DINOv2's evaluation transform at 224 is ``onnx_dinov2.dinov2_processor``)."""
-    from ..models.onnx_dinov2 import bit_image_processor
-
-    from ..models.onnx_dinov2 import IMAGENET_MEAN, IMAGENET_STD
-
     side = int(config.image_size)
     return bit_image_processor()(size={"shortest_edge": side * 8 // 7}, resample=3, crop_size={"height": side, "width": side},
                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True)

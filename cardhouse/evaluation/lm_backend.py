@@ -10,20 +10,25 @@ So the log-likelihoods are HFLM's, computed with less work:
   its neighbour's group while that costs fewer token positions than running it apart): the
   2-5 choices of a multiple-choice item share their context, and WinoGrande's share the
   sentence start. Identical inputs (one-token answers) run once.
-- Each group's shared prefix runs once into a ``DynamicCache``, without the LM head (the prefix
-  stops before the first scored position). Then every member's remaining tokens (its last
-  context token and its continuation) run against its group's cached keys and values, and the
-  LM head and log-softmax only see those.
-- Padding is small because the two passes are batched apart: prefixes sorted by length,
-  right-padded (causal: a real token never sees the padding); then the members sorted by
-  suffix length, each row's cache gathered from its group's with the gap up to the longest
-  prefix of the batch masked out, and explicit position ids. A model with a sliding window
-  only gathers rows whose padded width stays inside the window (a gap would shift it); longer
-  inputs run in one piece, as HFLM runs them.
+- Each group runs as one tree in one sequence: its shared prefix, then every member's remaining
+  tokens (its last context token and its continuation), with a block-causal 4-D attention mask (a
+  member sees the prefix and itself) and position ids continuing from the prefix's end, so every
+  member sees exactly its own input. Trees are packed first fit into rows as wide as the longest
+  tree of the pass (almost no padding), and the LM head and log-softmax only see scored positions.
+- Where a tree cannot be used (the adapter table's ``tree_mask=False``, an attention other than
+  sdpa/eager, a tree reaching a sliding window), each group's shared prefix runs once into a
+  ``DynamicCache`` and the members' remaining tokens run against it, the two passes batched apart:
+  prefixes sorted by length, right-padded (causal: a real token never sees the padding); then the
+  members sorted by suffix length, each row's cache gathered from its group's with the gap up to
+  the longest prefix of the batch masked out, and explicit position ids. A model with a sliding
+  window only gathers rows whose padded width stays inside the window (a gap would shift it);
+  longer inputs run in one piece, as HFLM runs them.
 
-Inside ``reuse_prefix`` (an attack sweep), both passes skip the unedited layers on inputs seen
-before: the prefix pass because its tokens repeat, the suffix pass because the cache holds the
-same keys and values (``capture.reuse`` keys cached passes by the cache's contents).
+Inside ``reuse_prefix`` (an attack sweep), every pass skips the unedited layers on inputs seen
+before: a tree pass because its tokens, mask and positions repeat; in the two-pass fallback the prefix
+pass because its tokens repeat, the suffix pass because the cache holds the same keys and values
+(the pass names its cache by each row's prefix tokens, ``capture.reuse.cache_label``,
+so the cached tensors are not hashed).
 
 lm-eval's command line finds the backend once this module is imported::
 
@@ -40,6 +45,10 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from ..models.adapters import UnsupportedModelError, adapter_for
+
+from ..capture.reuse import cache_label
 
 SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
 try:  # transformers >= 5: logits_to_keep takes a boolean (batch x positions) mask, so the LM head runs only there
@@ -159,6 +168,38 @@ def _batches(items: list, size, limit: int, fits=lambda batch: True) -> list[lis
     return batches
 
 
+def pack_trees(groups: list[_Group], rows: int) -> list[list[list[_Group]]]:
+    """Forward passes of at most ``rows`` rows, each row a list of trees (a group's prefix, then each
+    member's suffix: ``group.cost()`` positions), first fit by decreasing length: a pass is as wide as
+    its longest tree and shorter trees fill the rows' ends, so almost nothing is padding. A pass holds
+    at most ``rows`` x its width positions, the bound HFLM's batches of that width have."""
+    passes: list[list[list[_Group]]] = []
+    free: list[tuple[list[_Group], list[int]]] = []  # every row so far, with its free positions
+    for group in sorted(groups, key=_Group.cost, reverse=True):
+        n = group.cost()
+        row = next((r for r in free if r[1][0] >= n), None)
+        if row is None:
+            if not passes or len(passes[-1]) == rows:
+                passes.append([])
+            width = passes[-1][0][0].cost() if passes[-1] else n
+            row = ([], [width])
+            passes[-1].append(row[0])
+            free.append(row)
+        row[0].append(group)
+        row[1][0] -= n
+    return passes
+
+
+def takes_tree_masks(model) -> bool:
+    """Whether every choice of an item can run in one packed pass: the family takes a custom 4-D mask and
+    position ids as given (the adapter table's ``tree_mask``), under an attention that reads such a mask."""
+    try:
+        family = adapter_for(model)
+    except UnsupportedModelError:
+        return False
+    return family.tree_mask and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
 PADDING = 1.2  # a batch's padded positions may exceed its real ones by this factor (plus one per row)
 
 
@@ -209,6 +250,7 @@ class CardhouseLM(HFLM):
         self._window = _sliding_window(self.model.config)
         self._cache_kwarg = _cache_kwarg(self.model)
         self._pad = self.tokenizer.pad_token_id or 0
+        self._packs = takes_tree_masks(self.model)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal":
@@ -224,23 +266,87 @@ class CardhouseLM(HFLM):
             row.span = max(row.span, len(continuation))
             row.requests.append((index, continuation))
         groups = plan_groups(list(rows.values()))
+        def as_tree(group: _Group) -> bool:  # under a sliding window, exact while every row stays inside it
+            return self._packs and (self._window is None or group.prefix + group.suffix < self._window)
+
+        packed, rest = [g for g in groups if as_tree(g)], [g for g in groups if not as_tree(g)]
         if self._window:  # inputs too long for a gathered cache under a sliding window run in one piece
-            groups = [g for group in groups for g in ([group] if group.prefix + group.suffix < self._window
-                                                      else [_Group([row], 0) for row in group.rows])]
+            rest = [g for group in rest for g in ([group] if group.prefix + group.suffix < self._window
+                                                  else [_Group([row], 0) for row in group.rows])]
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests (cardhouse)")
         batch_size = override_bs or self.batch_size
+
+        def done(index: int, answer: tuple[float, bool]) -> None:
+            answers[index] = answer
+            if requests[index][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+            bar.update(1)
+
+        for rows_of_pass in pack_trees(packed, batch_size):
+            for index, answer in self._score_trees(rows_of_pass):
+                done(index, answer)
         # longest prefixes first (as HFLM: a memory error shows at once); the chunk bounds the cached prefixes
-        for chunk in _batches(sorted(groups, key=lambda g: g.prefix, reverse=True), lambda g: 1, 8 * batch_size):
+        for chunk in _batches(sorted(rest, key=lambda g: g.prefix, reverse=True), lambda g: 1, 8 * batch_size):
             for row, scored in self._score_chunk(chunk, batch_size):
                 for index, continuation in row.requests:
-                    answers[index] = answer = self._answer(row, scored, continuation)
-                    if requests[index][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
-                    bar.update(1)
+                    done(index, self._answer(row, scored, continuation))
         bar.close()
         return answers
+
+    def _score_trees(self, rows_of_pass: list[list[_Group]]):
+        """One forward pass over packed trees: (request index, (log-likelihood, is greedy)) for their requests.
+
+        A tree is a group's shared prefix followed by each member's own suffix; a suffix attends to the
+        prefix and to itself (causally), with positions continuing from the prefix's end, so each member
+        sees exactly its own input, as in a pass of its own. Trees sit side by side in a row (each sees
+        only itself) and a row's unused end attends only to itself (no empty softmax)."""
+        width = max(sum(g.cost() for g in row) for row in rows_of_pass)
+        ids = torch.full((len(rows_of_pass), width), self._pad, dtype=torch.long)
+        positions = torch.zeros((len(rows_of_pass), width), dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows_of_pass), 1, 1)
+        keep = torch.zeros((len(rows_of_pass), width), dtype=torch.bool)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        columns: list[tuple[_Row, int, list[int]]] = []  # (row, its pass row, its column at each scored position)
+        for r, trees in enumerate(rows_of_pass):
+            at = 0
+            for group in trees:
+                p = group.prefix
+                ids[r, at:at + p] = torch.tensor(group.rows[0].tokens[:p], dtype=torch.long)
+                positions[r, at:at + p] = torch.arange(p)
+                allowed[r, at:at + p, at:at + p] = causal[:p, :p]
+                start = at + p
+                for row in group.rows:
+                    n = len(row.tokens) - p
+                    ids[r, start:start + n] = torch.tensor(row.tokens[p:], dtype=torch.long)
+                    positions[r, start:start + n] = torch.arange(p, p + n)
+                    allowed[r, start:start + n, at:at + p] = True
+                    allowed[r, start:start + n, start:start + n] = causal[:n, :n]
+                    cols = [at + i for i in range(row.first_scored, p)] + \
+                           [start + i - p for i in range(max(row.first_scored, p), len(row.tokens))]
+                    keep[r, cols] = True
+                    columns.append((row, r, cols))
+                    start += n
+                at = start
+        inputs = {"input_ids": ids.to(self.device), "position_ids": positions.to(self.device),
+                  "attention_mask": self._attention_mask(allowed[:, None]).to(self.device), "use_cache": False}
+        log_probs = self._log_softmax(self._call(keep, **inputs))
+        greedy = log_probs.argmax(dim=-1)
+        flat = keep.flatten().cumsum(0) - 1  # pass position -> its index among the kept ones
+        for row, r, cols in columns:
+            at = flat[torch.tensor(cols) + r * width].to(log_probs.device)
+            for index, continuation in row.requests:
+                target = torch.tensor(continuation, dtype=torch.long, device=log_probs.device)
+                where = at[len(at) - len(continuation):]
+                yield index, (float(log_probs[where, target].sum()), bool((greedy[where] == target).all()))
+
+    def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A 4-D mask as the attention implementation reads it: sdpa a boolean one, eager an additive one."""
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     @staticmethod
     def _answer(row: _Row, scored: "_Scored", continuation: list[int]) -> tuple[float, bool]:
@@ -348,7 +454,9 @@ class CardhouseLM(HFLM):
                       "position_ids": positions.to(self.device), "use_cache": bool(width)}
             if width:
                 inputs[self._cache_kwarg] = self._gathered_cache([cached.get(id(g)) for g, _ in batch], width)
-            log_probs = self._log_softmax(self._call(keep, **inputs))
+            # what the cache holds: each row's prefix tokens at width (reuse_prefix keys the pass by it in a sweep)
+            with cache_label((width, tuple(group.rows[0].tokens[:group.prefix] for group, _ in batch))):
+                log_probs = self._log_softmax(self._call(keep, **inputs))
             at = 0
             for r, (group, row) in enumerate(batch):
                 n = int(keep[r].sum())

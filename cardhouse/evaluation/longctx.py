@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..data.corpora import tokenize_corpus
 from ..models.loading import LoadedModel
 
 KINDS = ("passkey", "needle")
@@ -54,7 +55,6 @@ def _needle(kind: str, rng: random.Random) -> tuple[str, str, str]:
 def build_items(lm: LoadedModel, kinds: list[str], lengths: list[int], depths: list[float], n: int,
                 corpus: str = "austen", seed: int = 0, max_new_tokens: int = 8) -> list[Item]:
     """``n`` prompts per (kind, length, depth), each exactly ``length`` tokens."""
-    from ..data.corpora import tokenize_corpus
 
     check(lm, kinds, lengths, depths, n, max_new_tokens)
     filler = tokenize_corpus(lm.tokenizer, corpus, max_tokens=max(lengths) * 8).tolist()

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models.placement import input_device
+from ..models.streaming import streamer_of
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -37,6 +40,13 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(cls, nll_sum: float, windows: torch.Tensor, context: int) -> PerplexityResult:
+        """The result of ``nll_sum`` over ``windows``: every token of a window but the first is predicted."""
+        n = windows.shape[0] * (context - 1)
+        return cls(ppl=_perplexity_from_nll(nll_sum, n), nll_sum=nll_sum, n_predicted_tokens=n,
+                   n_windows=windows.shape[0], context=context)
 
 
 def corpus_tokens_per_window(context: int, bos_id: int | None) -> int:
@@ -60,12 +70,6 @@ def build_windows(token_ids: torch.Tensor, *, context: int, bos_id: int | None,
     if bos_id is not None:
         windows = torch.cat([torch.full((n_windows, 1), bos_id, dtype=torch.long), windows], dim=1)
     return windows
-
-
-def _model_device(model) -> torch.device:
-    from ..models.placement import input_device
-
-    return input_device(model)
 
 
 def _batch_nll_sum(model, windows_batch: torch.LongTensor) -> float:
@@ -97,15 +101,13 @@ def perplexity(model, token_ids: torch.Tensor, *, context: int = 512, bos_id: in
     Non-overlapping windows of ``context`` tokens (layout in the module docstring), ``batch_size``
     windows per forward pass, losses summed in float64.
     """
-    from ..models.streaming import streamer_of
-
     if streamer_of(model) is not None:  # loaded with stream=True: block by block
-        from .streamed import streamed_perplexity
+        from .streamed import streamed_perplexity  # built on this module's windows: it imports this one
 
         return streamed_perplexity(streamer_of(model), token_ids, context=context, bos_id=bos_id,
                                    max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
-    device = _model_device(model)
+    device = input_device(model)
     nll_sum = 0.0
     with torch.inference_mode(), tqdm(total=len(windows), unit="window", desc="perplexity",
                                       disable=not progress) as bar:
@@ -113,7 +115,5 @@ def perplexity(model, token_ids: torch.Tensor, *, context: int = 512, bos_id: in
             batch = windows[start : start + batch_size].to(device)
             nll_sum += _batch_nll_sum(model, batch)
             bar.update(len(batch))
-    n_predicted = windows.shape[0] * (context - 1)
-    return PerplexityResult(ppl=_perplexity_from_nll(nll_sum, n_predicted), nll_sum=nll_sum,
-                            n_predicted_tokens=n_predicted, n_windows=windows.shape[0], context=context)
+    return PerplexityResult.of(nll_sum, windows, context)
 

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .perplexity import PerplexityResult, _perplexity_from_nll, build_windows
+from .perplexity import PerplexityResult, build_windows
 
 # a variant: (the layer whose block it edits, a function returning the edit's context manager), or
 # None for the unedited model
@@ -39,18 +39,12 @@ def _nll(streamer, inputs: list[dict], states: list[torch.Tensor]) -> float:
     return total
 
 
-def _result(nll_sum: float, windows: torch.Tensor, context: int) -> PerplexityResult:
-    n = windows.shape[0] * (context - 1)
-    return PerplexityResult(ppl=_perplexity_from_nll(nll_sum, n), nll_sum=nll_sum, n_predicted_tokens=n,
-                            n_windows=windows.shape[0], context=context)
-
-
 def streamed_perplexity(streamer, token_ids: torch.Tensor, *, context: int = 512, bos_id: int | None,
                         max_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> PerplexityResult:
     """``evaluation.perplexity`` for a streamed model: the same windows, each block read once."""
     windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
     inputs = _inputs(streamer, windows, batch_size)
-    return _result(_nll(streamer, inputs, streamer.run(inputs, progress=progress)), windows, context)
+    return PerplexityResult.of(_nll(streamer, inputs, streamer.run(inputs, progress=progress)), windows, context)
 
 
 def _edit(variant: Variant) -> Callable[[int], object]:
@@ -73,8 +67,9 @@ def streamed_variants(streamer, token_ids: torch.Tensor, variants: Mapping[str, 
     windows = build_windows(token_ids, context=context, bos_id=bos_id, max_tokens=max_tokens)
     inputs = _inputs(streamer, windows, batch_size)
     if not share_prefix:
-        return {name: _result(_nll(streamer, inputs, streamer.run(inputs, edit=_edit(variant), progress=progress)),
-                              windows, context) for name, variant in variants.items()}
+        return {name: PerplexityResult.of(_nll(streamer, inputs, streamer.run(inputs, edit=_edit(variant),
+                                                                             progress=progress)), windows, context)
+                for name, variant in variants.items()}
     start = min((v[0] for v in variants.values() if v is not None), default=0)
     prefix = streamer.run(inputs, stop=start, progress=progress) if start else streamer.states_for(inputs)
     states = {name: prefix.copy() for name in variants}
@@ -86,4 +81,4 @@ def streamed_variants(streamer, token_ids: torch.Tensor, variants: Mapping[str, 
                     with _edit(variant)(layer):
                         for i, batch in enumerate(inputs):
                             states[name][i] = streamer.run_block(layer, batch, states[name][i])
-    return {name: _result(_nll(streamer, inputs, states[name]), windows, context) for name in variants}
+    return {name: PerplexityResult.of(_nll(streamer, inputs, states[name]), windows, context) for name in variants}

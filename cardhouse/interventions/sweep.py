@@ -68,7 +68,7 @@ def sweep(lm: LoadedModel, massive_weights: MassiveWeights, measure: Callable[[L
                 sink.append(row)
             bar.update()
 
-        run_variants(lm, todo, measure, on_result=on_result)
+        run_variants(lm, todo, measure, on_result=on_result, same_weights_once=True)
     return kept + new
 
 

@@ -56,6 +56,9 @@ class Adapter:
     n_heads: str = "num_attention_heads"  # config attribute: number of query heads
     n_kv_heads: str | None = "num_key_value_heads"  # config attribute: key/value heads (GQA); None: one per query head
     softmax_fp32: bool = True  # eager attention's softmax runs in float32 (False: in the model dtype); capture/attention.py
+    # forward takes a custom 4-D attention mask and position ids as given: the lm-eval backend runs an item's
+    # choices as one tree-shaped sequence (evaluation/lm_backend.py); False: a prefix pass, then the choices
+    tree_mask: bool = True
     # the residual stream, for the function-preserving rescale (cardhouse/precision/rescale.py); None: not described
     embeddings: tuple[str, ...] | None = None  # model -> tensors whose values enter the residual stream
     writers: tuple[str, ...] | None = None  # block -> what is added to it: a tensor, or a module (weight and bias)
@@ -66,6 +69,9 @@ class Adapter:
     mlp_out: str | None = None  # block -> module whose output is the FFN output, where that is not ``mlp``
     post_norm: bool = False  # the residual stream is normalized after each sum (BERT): hooks see normed states
     registers: str | None = None  # config attribute: register tokens after CLS (DINOv2 with registers)
+    # an encoder's output feature (encoders/measures.py): the first token's last hidden state ("cls"), the
+    # mean over the tokens ("mean": sentence encoders) or the model's own pooler_output ("pooler": CLIP)
+    features: str = "cls"
     # Mixture of Experts (cardhouse/analysis/moe.py): the router returns (logits, top-k weights, top-k experts)
     experts: str | None = None  # mlp -> the module holding the 3-D expert tensors
     routing: str | None = None  # how router logits become expert weights (cardhouse/models/routing.py::ROUTINGS)
@@ -135,7 +141,7 @@ ADAPTERS: dict[str, Adapter] = {
     "nanogpt": Adapter("nanogpt", layers="transformer.h", attn="attn", mlp="mlp", resid_mid_norm="ln_2",
                        final_norm="transformer.ln_f", up="c_fc", down="c_proj", mlp_layout="linear", act="act",
                        embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
-                       writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2")),
+                       writers=("attn.c_proj", "mlp.c_proj"), readers=("ln_1", "ln_2"), tree_mask=False),
     "dinov2": Adapter("dinov2", **_DINOV2, **_DINOV2_STREAM),
     "dinov2_with_registers": Adapter("dinov2_with_registers", **_DINOV2, registers="num_register_tokens"),
     "vit": Adapter("vit", layers="layers", attn="attention", mlp="mlp", resid_mid_norm="layernorm_after",
@@ -144,13 +150,13 @@ ADAPTERS: dict[str, Adapter] = {
     "clip_vision_model": Adapter("clip_vision_model", layers="encoder.layers", attn="self_attn", mlp="mlp",
                                  resid_mid_norm="layer_norm2", final_norm="post_layernorm", up="fc1", down="fc2",
                                  mlp_layout="linear", act="activation_fn", inputs="image", n_kv_heads=None,
-                                 **dict(_QKVO, o_proj="out_proj")),
+                                 features="pooler", **dict(_QKVO, o_proj="out_proj")),
     # post-norm: LayerNorm(x + attention) and LayerNorm(x + FFN) inside each block; the FFN spans two modules
     "bert": Adapter("bert", layers="encoder.layer", attn="attention", mlp="intermediate",
                     resid_mid_norm="attention.output.LayerNorm", final_norm=None, up="dense", down="/output.dense",
                     mlp_layout="linear", act="intermediate_act_fn", inputs="text", n_kv_heads=None, softmax_fp32=False,
                     q_proj="self.query", k_proj="self.key", v_proj="self.value", o_proj="output.dense",
-                    mlp_out="output.dense", post_norm=True),
+                    mlp_out="output.dense", post_norm=True, features="mean"),
 }
 
 # Config-dependent layouts of a family (same model_type, different FFN modules).

@@ -49,12 +49,17 @@ class ConvertedReader:
     def names(self) -> list[str]:
         return list(self.sources)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Parameter ``name``; ``out``: a tensor of its shape to fill and return (``CheckpointReader.tensor``)."""
+        if name not in self._extra and self.sources[name][0] is None:  # a plain (possibly renamed) tensor
+            return self.reader.tensor(self.sources[name][1][0][0], out=out)
+        value = self._converted(name)
+        return value if out is None else out.copy_(value)
+
+    def _converted(self, name: str) -> torch.Tensor:
         if name in self._extra:
             return self._extra.pop(name)
         pattern, keys = self.sources[name]
-        if pattern is None:  # a plain (possibly renamed) tensor
-            return self.reader.tensor(keys[0][0])
         converter = deepcopy(self._converters[pattern])
         for key, source_pattern in keys:
             converter.add_tensor(name, key, source_pattern, lambda key=key: self.reader.tensor(key))

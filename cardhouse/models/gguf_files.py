@@ -277,8 +277,12 @@ class GGUFTensors:
             out[start:start + step] = dequantize(rows[start:start + step], qtype)
         return out.reshape(entry.shape)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One parameter, dequantized to float32 (the caller casts it)."""
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One parameter, dequantized to float32 (the caller casts it); into ``out`` when given."""
+        value = self._dequantized(name)
+        return value if out is None else out.copy_(value)
+
+    def _dequantized(self, name: str) -> torch.Tensor:
         parsed: dict = {"tensors": {}}  # where transformers' MoE processor puts a fused expert tensor
         out = None
         for gguf_name in self.sources[name]:

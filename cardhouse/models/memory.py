@@ -18,6 +18,7 @@ import torch
 
 from .adapters import Blocks
 from .placement import DTYPES
+from .spec import meta_model
 
 GiB = 2**30
 
@@ -40,12 +41,8 @@ class Requirements:
 
 def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 * 512) -> Requirements:
     """Memory of ``config`` (a transformers config) in ``dtype`` with ``tokens`` hidden states kept."""
-    import accelerate
-    from transformers import AutoModelForCausalLM
-
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    with accelerate.init_empty_weights(include_buffers=True):  # nothing is allocated
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = meta_model(config)  # nothing is allocated; the sizes are numel x the dtype's size
     size = torch.tensor([], dtype=dtype).element_size()
     layers = Blocks.of(model).layers
     total = sum(p.numel() for p in model.parameters())

@@ -46,11 +46,6 @@ def _offload_hook(module: nn.Module):
     return None
 
 
-def is_offloaded(module: nn.Module, name: str) -> bool:
-    tensor = getattr(module, name, None)
-    return isinstance(tensor, torch.Tensor) and tensor.is_meta and _offload_hook(module) is not None
-
-
 def home(module: nn.Module, name: str) -> torch.Tensor:
     """The tensor that really holds ``module.<name>``: the parameter itself, or where accelerate keeps it."""
     tensor = getattr(module, name)

@@ -18,7 +18,12 @@ from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
-from .adapters import Blocks, adapter_for
+import torch
+
+from .adapters import ADAPTERS, Blocks, adapter_for
+from .gguf_files import UnsupportedGGUFType, check_gguf_types, gguf_config
+from .offload import shapes_only
+from .sources import BUNDLED, ModelLoadError, check_gguf, gguf_cache_folder
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,17 +39,8 @@ class ModelSpec:
 
     @cached_property
     def blocks(self) -> Blocks:
-        """The adapted model with shapes but no storage (``meta`` device): built in a fraction of a second."""
-        import torch
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        from .adapters import ADAPTERS
-
-        adapter = ADAPTERS.get(self.family)
-        auto = AutoModel if adapter is not None and adapter.inputs != "causal" else AutoModelForCausalLM  # encoders
-        with torch.device("meta"):
-            model = auto.from_config(self.config)
-        return Blocks.of(model)
+        """The adapted model with shapes but no storage (``meta_model``)."""
+        return Blocks.of(meta_model(self.config))
 
     @property
     def layers(self) -> int:
@@ -56,8 +52,6 @@ class ModelSpec:
 
     def d_mlp(self, layer: int | None = None) -> int:
         """FFN neurons of a layer (per expert for MoE); layer 0 when none is given."""
-        from .offload import shapes_only
-
         with shapes_only():  # the meta model's tensors have shapes and nothing else
             return self.blocks.intermediate_size(layer if layer is not None and 0 <= layer < self.layers else 0)
 
@@ -82,26 +76,24 @@ class ModelSpec:
                              f"{limit} positions)")
         return length
 
-    @property
-    def identity(self) -> dict:
-        """Which model this is, without its weights: enough to tell two models apart in a result file."""
-        ident = {"source": self.source, "kind": self.kind, "family": self.family}
-        if self.path is not None:
-            ident["path"] = str(self.path.resolve())
-            stat = self.path.stat()
-            ident["size"] = stat.st_size if self.path.is_file() else None
-        return ident
+
+def meta_model(config) -> torch.nn.Module:
+    """The model of ``config`` with shapes but no storage (``meta`` device), built in a fraction of a second: a
+    decoder with its LM head, an encoder (adapter ``inputs`` other than "causal") as its body, as they load."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    adapter = ADAPTERS.get(config.model_type)
+    auto = AutoModel if adapter is not None and adapter.inputs != "causal" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
-def _gguf_config(path: Path):
+def checked_gguf_config(path: Path):
     """The config of a GGUF file (single or split): from its dequantized cache when there is one, else
     from its header, after checking that every part is there and every tensor type can be dequantized."""
     from transformers import AutoConfig
 
-    from .gguf_files import UnsupportedGGUFType, check_gguf_types, gguf_config
-    from .loading import ModelLoadError, _check_gguf, gguf_cache_folder
-
-    parts = _check_gguf(path)
+    parts = check_gguf(path)
     cached = gguf_cache_folder(path)
     if (cached / "COMPLETE").exists() and (cached / "config.json").is_file():
         try:
@@ -132,8 +124,6 @@ def _looks_like_path(source: str) -> bool:
 def _folder_config(folder: Path):
     from transformers import AutoConfig
 
-    from .loading import ModelLoadError
-
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"the model folder {folder} has no config.json: a Hugging Face model folder holds "
@@ -151,20 +141,18 @@ def _folder_config(folder: Path):
 def probe(source: str) -> ModelSpec:
     """The spec of a bundled name, a GGUF file, a local Hugging Face folder or a hub id (from the local
     cache when offline), from its config alone; refuses an unusable model with one clear message."""
-    from .loading import BUNDLED, ModelLoadError
-
     if source in BUNDLED and BUNDLED[source].locate_folder is not None:  # encoders ship transformers folders
         path = BUNDLED[source].locate_folder()
         spec = ModelSpec(source, "bundled", _folder_config(path), path)
     elif source in BUNDLED:
         path = BUNDLED[source].locate_gguf()
-        spec = ModelSpec(source, "bundled", _gguf_config(path), path)
+        spec = ModelSpec(source, "bundled", checked_gguf_config(path), path)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
             spec = ModelSpec(source, "folder", _folder_config(path), path)
         elif path.is_file():
-            spec = ModelSpec(source, "gguf", _gguf_config(path), path)
+            spec = ModelSpec(source, "gguf", checked_gguf_config(path), path)
         elif _looks_like_path(source):
             raise ModelLoadError(f"model path not found: {source} (give a bundled name: {', '.join(BUNDLED)}; "
                                  "a local Hugging Face folder; a GGUF file; or a hub id)")
@@ -176,8 +164,6 @@ def probe(source: str) -> ModelSpec:
 
 def _hub_config(source: str):
     from transformers import AutoConfig
-
-    from .loading import BUNDLED, ModelLoadError
 
     try:
         return AutoConfig.from_pretrained(source)

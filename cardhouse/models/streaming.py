@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from .adapters import Blocks, get
+from .conversion import converted
+from .gguf_files import GGUFTensors, gguf_config
 from .skipping import skip_blocks
 from .spill import HiddenStates
 
@@ -73,9 +75,11 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor, read from its byte range of the shard (no memory map: mapped pages that were
-        read would count as resident memory, up to the whole checkpoint)."""
+        read would count as resident memory, up to the whole checkpoint). ``out``: a tensor of its shape
+        to fill and return (the previous block's: its pages are already mapped, and faulting in fresh
+        ones costs more than reading), read into directly when it has the stored dtype on the CPU."""
         file = self.weight_map[name]
         if file not in self._headers:
             self._headers[file] = _header_with_offset(self.folder / file)
@@ -85,13 +89,20 @@ class CheckpointReader:
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{name} in {file} has dtype {info['dtype']}, which cardhouse cannot read")
+        direct = (out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+                  and list(out.shape) == list(info["shape"]))
         if end == begin:
-            return torch.empty(info["shape"], dtype=dtype)
-        data = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled first (a bytearray is): read once
+            value = torch.empty(info["shape"], dtype=dtype)
+            return value if out is None else out.copy_(value)
+        # not zero-filled first (a bytearray is): read once
+        data = out.view(-1).view(torch.uint8) if direct else torch.empty(end - begin, dtype=torch.uint8)
         with open(self.folder / file, "rb") as f:
             f.seek(start + begin)
             f.readinto(memoryview(data.numpy()))
-        return data.view(dtype).reshape(info["shape"])
+        if direct:
+            return out
+        value = data.view(dtype).reshape(info["shape"])
+        return value if out is None else out.copy_(value)
 
     def close(self) -> None:
         self._headers.clear()
@@ -130,6 +141,7 @@ class SharedPrefix:
     states: dict[bytes, HiddenStates] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+    block: dict[str, torch.Tensor] | None = None  # block ``layer``'s tensors, kept for the next variant
 
 
 def _inputs_key(batches: Sequence[dict]) -> bytes:
@@ -155,6 +167,7 @@ class Streamer:
     loaded: int | None = None  # the block in memory
     edits: dict[int, list[Callable[[], object]]] = field(default_factory=dict)  # layer -> edits made on load
     prefix: SharedPrefix | None = None
+    spare: dict[str, torch.Tensor] = field(default_factory=dict)  # the last freed block's tensors, by name in it
 
     @property
     def blocks(self) -> Blocks:
@@ -208,6 +221,8 @@ class Streamer:
         if not any(p.is_meta for _, p in params):
             yield module
             return
+        self.spare.clear()  # the embedding or head (larger than a block with a large vocabulary) in its place
+        _trim()
         try:
             self._read_end(part)
             yield module
@@ -225,10 +240,20 @@ class Streamer:
         self.reader.close()
 
     def _read(self, layer: int) -> None:
-        """Block ``layer``'s parameters from the checkpoint, in the streamer's dtype and device."""
+        """Block ``layer``'s parameters from the checkpoint, in the streamer's dtype and device, into the
+        previous block's tensors where they fit (the blocks of a model mostly share their shapes: reading
+        into memory already mapped is several times faster than into fresh pages, and nothing is zeroed).
+        The tensors are ordinary ones, not inference tensors, so a block read under ``inference_mode`` can
+        be reused (and edited) outside it."""
         module, prefix = self.blocks.layers[layer], self.block_prefix(layer)
-        for name, _ in list(module.named_parameters()):
-            _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
+        spare, self.spare = self.spare, {}
+        with torch.inference_mode(False):
+            for name, param in list(module.named_parameters()):
+                out = spare.pop(name, None)
+                if out is not None and (out.shape, out.dtype, out.device) == (param.shape, self.dtype, self.device):
+                    _set(module, name, self.reader.tensor(prefix + name, out=out))
+                else:
+                    _set(module, name, self.reader.tensor(prefix + name).to(self.device, self.dtype))
         self.reader.close()
 
     def materialize(self) -> nn.Module:
@@ -245,19 +270,35 @@ class Streamer:
 
     @contextmanager
     def block(self, layer: int) -> Iterator[nn.Module]:
-        """Block ``layer`` read from the checkpoint for the duration, then freed (back to meta)."""
+        """Block ``layer`` read from the checkpoint for the duration, then freed (back to meta; its tensors
+        kept as ``spare`` for the next block to be read into). Inside ``share_prefix(layer)`` the block
+        starting the shared prefix is read once and kept for every variant: each variant's edit restores
+        it bit-identically on exit (``overwrite_slices``)."""
         module = self.blocks.layers[layer]
+        shared = self.prefix if self.prefix is not None and self.prefix.layer == layer else None
+        kept = shared is not None and shared.block is not None
+        ok = False
         try:
-            self._read(layer)
+            if kept:
+                for name, value in shared.block.items():
+                    _set(module, name, value)
+            else:
+                self._read(layer)
             self.loaded = layer
             with ExitStack() as edits:
                 for apply in self.edits.get(layer, ()):
                     edits.enter_context(apply())
                 yield module
+            ok = True
         finally:
             self.loaded = None
+            tensors = {name: param.detach() for name, param in module.named_parameters() if not param.is_meta}
             for name, param in list(module.named_parameters()):
                 _set(module, name, torch.empty_like(param, device="meta"))
+            if shared is not None:  # kept unless the edits' exit failed: their restore is what keeps it intact
+                shared.block = tensors if ok else None
+            else:
+                self.spare = tensors
             _trim()
 
     @contextmanager
@@ -286,6 +327,7 @@ class Streamer:
         try:
             yield self.prefix
         finally:
+            self.prefix.block = None  # the kept block is freed with the context (a caller may keep the counts)
             self.prefix = outer
 
     # ---- forward passes ---------------------------------------------------------------------------
@@ -455,9 +497,6 @@ def stream_skeleton(source: str | Path, dtype: torch.dtype, device: str | torch.
     single or split) with its non-block modules loaded. ``config``: the checkpoint's, when known."""
     import accelerate
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .conversion import converted
-    from .gguf_files import GGUFTensors, gguf_config
 
     source = Path(source)
     gguf = source.suffix == ".gguf" or source.is_file()

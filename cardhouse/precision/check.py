@@ -9,6 +9,9 @@ from typing import Sequence
 
 import torch
 
+from ..data.corpora import tokenize_corpus
+from ..evaluation.measure import Budget
+from ..evaluation.perplexity import perplexity
 from ..models.loading import LoadedModel
 from .headroom import DTYPES, cast_copy, first_nonfinite, headroom
 from .rescale import choose_power, logits_change, plan_rescale, rescaled, scaled_points
@@ -33,7 +36,6 @@ class PrecisionSettings:
         if not 0 <= self.margin <= 16:
             raise ValueError(f"--margin is in doublings (powers of two) and must lie in 0..16, got {self.margin}")
         if self.max_tokens:
-            from ..evaluation.measure import Budget
 
             Budget(corpora=list(self.corpora), max_tokens=self.max_tokens, context=self.context)
 
@@ -43,9 +45,6 @@ class PrecisionSettings:
 
 def _perplexities(lm: LoadedModel, settings: PrecisionSettings) -> list[dict]:
     """Per corpus: perplexity in float32 and of a cast copy in ``settings.dtype``, on the same tokens."""
-    from ..data.corpora import tokenize_corpus
-    from ..evaluation.perplexity import perplexity
-
     low_model = cast_copy(lm.model, DTYPES[settings.dtype])
     rows = []
     for corpus in settings.corpora:

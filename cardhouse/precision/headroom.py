@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..capture import POINTS, hook_name, run_batches, tokenize_prompts
+from ..capture import POINTS, hook_name, run_batches
 from ..capture.batches import batches
 from ..models.loading import LoadedModel
 
@@ -93,23 +93,22 @@ def headroom(lm: LoadedModel, token_lists: Sequence[Sequence[int]], *, points: S
     n_layers = len(lm.blocks)
     order = [(layer, point) for layer in range(n_layers) for point in points]
     best = {key: (-1.0, 0, 0, 0) for key in order}  # (max |a|, prompt, position, token)
-    current = {}
-
-    def observe(name, acts):
-        layer, point = name.split(".", 2)[1:]
-        # per-token max |a| from aminmax: no |a| copy of the whole tensor
-        low, high = torch.aminmax(acts, dim=-1)
-        per_token = torch.maximum(high.float(), low.float().neg()).masked_fill_(current["mask"], 0.0)
-        flat = int(per_token.argmax())
-        value = float(per_token.flatten()[flat])
-        if not value <= best[(int(layer), point)][0]:  # also takes inf and NaN
-            row, pos = divmod(flat, per_token.shape[1])
-            batch = current["batch"]
-            best[(int(layer), point)] = (value, int(batch.prompt_index[row]), pos, int(batch.input_ids[row, pos]))
 
     def hooks_for(batch):
-        current["batch"] = batch
-        current["mask"] = ~batch.attention_mask.bool()
+        # the hooks close over their own batch: a streamed model runs every batch through a block before the next
+        padding = ~batch.attention_mask.bool()
+
+        def observe(name, acts):
+            layer, point = name.split(".", 2)[1:]
+            # per-token max |a| from aminmax: no |a| copy of the whole tensor
+            low, high = torch.aminmax(acts, dim=-1)
+            per_token = torch.maximum(high.float(), low.float().neg()).masked_fill_(padding, 0.0)
+            flat = int(per_token.argmax())
+            value = float(per_token.flatten()[flat])
+            if not value <= best[(int(layer), point)][0]:  # also takes inf and NaN
+                row, pos = divmod(flat, per_token.shape[1])
+                best[(int(layer), point)] = (value, int(batch.prompt_index[row]), pos, int(batch.input_ids[row, pos]))
+
         return {hook_name(layer, point): observe for layer, point in order}
 
     run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="headroom")
@@ -214,7 +213,3 @@ def first_nonfinite(lm: LoadedModel, token_lists: Sequence[Sequence[int]], *, dt
         first_layer=_layer_of(first[0], layers_path) if first else None, first_kind=first[2] if first else None,
         first_batch=first_batch, input_max_abs=first[3] if first else None, modules_nonfinite=len(found),
         logits_nonfinite=logits_bad, unsupported=unsupported, notes=notes)
-
-
-def calibration_tokens(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
-    return tokenize_prompts(lm, prompts)

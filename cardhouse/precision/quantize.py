@@ -26,10 +26,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..analysis import find_massive_weights
+from ..capture.batches import batches
 from ..models.loading import LoadedModel
 from .rescale import edit_in_place
 
-GRANULARITIES = ("channel", "group")
 ACT_GRANULARITIES = ("tensor", "token")
 PROTECTIONS = ("none", "massive-rows", "random-rows", "super-weight", "random-weight", "bos-kv", "random-kv",
                "massive-dims", "random-dims")
@@ -201,8 +202,6 @@ class Targets:
 
 def channel_maxima(lm: LoadedModel, token_lists, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Per linear module of the blocks, the running max |a| of each input channel over ``token_lists``."""
-    from ..capture.batches import batches
-
     maxima: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -228,8 +227,6 @@ def channel_maxima(lm: LoadedModel, token_lists, batch_size: int = 8) -> dict[st
 def find_targets(lm: LoadedModel, token_lists, *, k: int = 2, seed: int = 0) -> Targets:
     """The massive-weight rows and super weight (``find_massive_weights``) and the massive input channels
     (max |a| >= ``MASSIVE_CHANNEL_RATIO`` x the median channel's) of every linear layer."""
-    from ..analysis import find_massive_weights
-
     mw = find_massive_weights(lm, k=k)
     maxima = channel_maxima(lm, token_lists)
     channels = {}

@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..capture.batches import batches
 from ..models.adapters import get
 from ..models.loading import LoadedModel
 from .headroom import FORMATS, Headroom
@@ -198,8 +199,6 @@ def choose_power(room: Headroom, points: tuple[str, ...] = STREAM_POINTS, *, fmt
 
 
 def _logits(model: nn.Module, token_lists, batch_size: int) -> list[torch.Tensor]:
-    from ..capture.batches import batches
-
     out = []
     with torch.inference_mode():
         for batch in batches(token_lists, batch_size):

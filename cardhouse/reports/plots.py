@@ -88,8 +88,9 @@ def plot_longctx(rows: list[dict], path: str | Path, title: str = "") -> Path:
     kinds = list(dict.fromkeys(c["kind"] for c in rows[0]["cells"]))
     lengths = sorted({c["length"] for c in rows[0]["cells"]})
     depths = sorted({c["depth"] for c in rows[0]["cells"]})
+    # constrained layout leaves the colour bar its own room (tight_layout ignores it and drew it over a panel)
     fig, axes = plt.subplots(len(kinds), len(rows), figsize=(2.6 * len(rows) + 1, 2.4 * len(kinds) + 0.6), dpi=120,
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for col, row in enumerate(rows):
         for r, kind in enumerate(kinds):
             grid = [[next(c["accuracy"] for c in row["cells"] if (c["kind"], c["length"], c["depth"]) == (kind, n, d))
@@ -105,4 +106,4 @@ def plot_longctx(rows: list[dict], path: str | Path, title: str = "") -> Path:
                 ax.set_xlabel("context length")
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
     fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    return save_figure(fig, path, layout=False)

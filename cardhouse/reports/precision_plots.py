@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluation.metrics import metric_of
 from .plots import plt, save_figure
 
 _LIMITS = {"float16": ("float16 max 65,504", "tab:red"), "fp8_e4m3": ("FP8 E4M3 max 448", "tab:orange")}
@@ -47,8 +48,6 @@ def plot_quantization(table: dict[str, dict[str, float]], baseline: float, path:
     import math
 
     import numpy as np
-
-    from ..evaluation.metrics import metric_of
 
     spec = metric_of(key)
 
