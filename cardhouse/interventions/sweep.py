@@ -36,7 +36,7 @@ def default_ks(size: int) -> list[int]:
 
 def sweep_variants(lm: LoadedModel, mw: MassiveWeights, ks: list[int], seed: int = 0) -> list[Variant]:
     """The original model, then every k-taking attack (and its control) at each k."""
-    size = lm.blocks.intermediate_size(mw.layer)
+    size = lm.blocks.intermediate_size(mw.layer, mw.expert)  # the carrier expert's width (a shared one is wider)
     ks = list(dict.fromkeys(ks))  # --ks 2,2 measures k = 2 once
     bad = [k for k in ks if not 0 <= k <= size]
     if bad:

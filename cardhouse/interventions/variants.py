@@ -186,7 +186,7 @@ def attack(lm: LoadedModel, mw: MassiveWeights, kind: str, *, k: int | None = No
     """A registered weight attack on layer ``mw.layer`` (``indices`` overrides the top-k)."""
     spec = get_attack(kind)
     layer, expert = mw.layer, mw.expert
-    size = lm.blocks.intermediate_size(layer)
+    size = lm.blocks.intermediate_size(layer, expert)  # the carrier expert's width (a shared one is wider)
     k = len(indices) if indices is not None else (k if k is not None else mw.k)
     if not 0 <= k <= size:
         raise ValueError(f"k={k} is out of range 0..{size} (layer {layer}'s intermediate size)")

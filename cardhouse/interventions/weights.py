@@ -72,7 +72,7 @@ def touched_tensors(lm: LoadedModel, layer: int, expert: int | None = None) -> l
 @contextmanager
 def zero_rows(lm: LoadedModel, layer: int, indices: Sequence[int], *, expert: int | None = None) -> Iterator[None]:
     """Top-k zeroing: zero the W_up and W_gate rows (fc_in rows and bias) at ``indices`` of ``layer``."""
-    indices = check_indices(indices, lm.blocks.intermediate_size(layer), "intermediate index")
+    indices = check_indices(indices, lm.blocks.intermediate_size(layer, expert), "intermediate index")
     with overwrite_slices(_neuron_edits(lm, layer, indices, expert)):
         yield
 
@@ -80,7 +80,7 @@ def zero_rows(lm: LoadedModel, layer: int, indices: Sequence[int], *, expert: in
 @contextmanager
 def retain_rows(lm: LoadedModel, layer: int, indices: Sequence[int], *, expert: int | None = None) -> Iterator[None]:
     """Top-k retaining: keep only the rows at ``indices`` and zero every other W_up/W_gate row of ``layer``."""
-    size = lm.blocks.intermediate_size(layer)
+    size = lm.blocks.intermediate_size(layer, expert)
     keep = set(check_indices(indices, size, "intermediate index"))
     others = [i for i in range(size) if i not in keep]
     with overwrite_slices(_neuron_edits(lm, layer, others, expert)):
