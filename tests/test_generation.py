@@ -94,7 +94,8 @@ def test_the_final_number_is_read_as_gsm8k_scores_it(answer, expected):
     assert generation.exact_match(answer, "1,250") == float(expected == "1250")
 
 
-def test_generate_on_gsm8k_writes_exact_match_and_says_no_judge(tmp_path):
+def _generate_on_a_tiny_model(tmp_path, source: str, n: int, positions: int) -> dict:
+    """`cardhouse generate --source SOURCE` on a tiny character-level llama: the result file, validated."""
     import json
 
     from typer.testing import CliRunner
@@ -104,15 +105,21 @@ def test_generate_on_gsm8k_writes_exact_match_and_says_no_judge(tmp_path):
     from cardhouse.cli import app
     from cardhouse.results import validate
 
-    lm = long_lm("llama", positions=4096)  # the 8-shot prompt is ~3,800 characters for the character tokenizer
+    lm = long_lm("llama", positions=positions)
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
-    result = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "model"), "--source", "gsm8k", "--n", "1",
+    result = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "model"), "--source", source, "--n", str(n),
                                       "--max-new-tokens", "3", "--k", "2", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "generation.json").read_text())
     validate(data, "generation")
-    assert data["settings"]["source"] == "gsm8k" and "no model judge" in data["note"]
+    assert data["settings"]["source"] == source and "no model judge" in data["note"]
+    return data
+
+
+def test_generate_on_gsm8k_writes_exact_match_and_says_no_judge(tmp_path):
+    # the 8-shot prompt is ~3,800 characters for the character tokenizer
+    data = _generate_on_a_tiny_model(tmp_path, "gsm8k", n=1, positions=4096)
     for row in data["results"]:
         assert row["exact_match"] in (0.0, 1.0) and row["answers"][0]["instruction"].startswith("Janet")
         assert row["ref_loglik_per_token"] < 0
@@ -194,24 +201,7 @@ def test_an_answer_is_cut_at_the_sources_stop_sequences(tiny):
 
 
 def test_generate_on_a_qa_set_writes_exact_match_and_f1(tmp_path):
-    import json
-
-    from typer.testing import CliRunner
-
-    from test_lm_backend import long_lm
-
-    from cardhouse.cli import app
-    from cardhouse.results import validate
-
-    lm = long_lm("llama", positions=1024)  # naturalqs' 5-shot prompt is ~440 characters
-    lm.model.save_pretrained(tmp_path / "model")
-    lm.tokenizer.save_pretrained(tmp_path / "model")
-    result = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "model"), "--source", "naturalqs", "--n", "2",
-                                      "--max-new-tokens", "3", "--k", "2", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "out" / "generation.json").read_text())
-    validate(data, "generation")
-    assert data["settings"]["source"] == "naturalqs" and "no model judge" in data["note"]
+    data = _generate_on_a_tiny_model(tmp_path, "naturalqs", n=2, positions=1024)  # the 5-shot prompt: ~440 characters
     for row in data["results"]:
         answers = row["answers"]
         assert [a["instruction"] for a in answers][0] == "who is playing halftime show super bowl 2018"
