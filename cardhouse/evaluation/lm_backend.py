@@ -46,9 +46,8 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..models.adapters import UnsupportedModelError, adapter_for
-
 from ..capture.reuse import cache_label
+from ..models.adapters import UnsupportedModelError, adapter_for
 
 SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
 try:  # transformers >= 5: logits_to_keep takes a boolean (batch x positions) mask, so the LM head runs only there
@@ -266,13 +265,15 @@ class CardhouseLM(HFLM):
             row.span = max(row.span, len(continuation))
             row.requests.append((index, continuation))
         groups = plan_groups(list(rows.values()))
-        def as_tree(group: _Group) -> bool:  # under a sliding window, exact while every row stays inside it
-            return self._packs and (self._window is None or group.prefix + group.suffix < self._window)
 
-        packed, rest = [g for g in groups if as_tree(g)], [g for g in groups if not as_tree(g)]
-        if self._window:  # inputs too long for a gathered cache under a sliding window run in one piece
-            rest = [g for group in rest for g in ([group] if group.prefix + group.suffix < self._window
-                                                  else [_Group([row], 0) for row in group.rows])]
+        def in_window(group: _Group) -> bool:  # under a sliding window, a tree or a gathered cache is exact
+            return self._window is None or group.prefix + group.suffix < self._window  # while rows stay inside it
+
+        packed = [g for g in groups if self._packs and in_window(g)]
+        rest = [g for g in groups if not (self._packs and in_window(g))]
+        # inputs too long for a gathered cache under a sliding window run in one piece
+        rest = [g for group in rest
+                for g in ([group] if in_window(group) else [_Group([row], 0) for row in group.rows])]
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests (cardhouse)")

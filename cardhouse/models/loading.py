@@ -22,7 +22,7 @@ from .integrity import broken
 from .memory import check_budget
 from .placement import Placement, input_device, model_dtype
 from .sources import BUNDLED, DEFAULT_MODEL, ModelLoadError, check_gguf, gguf_cache_folder, save_cache
-from .spec import ModelSpec, checked_gguf_config, probe
+from .spec import ModelSpec, probe
 from .streaming import stream_skeleton
 
 @dataclass
@@ -192,7 +192,7 @@ def _load_streamed(spec: ModelSpec, placement: Placement, bos: bool | None) -> L
     gguf = spec.path if spec.path is not None and spec.path.is_file() else None
     config = tokenizer_folder = None
     if gguf is not None:  # its tensors are dequantized one block at a time, never the whole file
-        folder, config = gguf, checked_gguf_config(gguf)
+        folder, config = gguf, spec.config  # checked by the probe (parts, tensor types), not read again
         cached = gguf_cache_folder(gguf)
         tokenizer_folder = cached if (cached / "COMPLETE").exists() else None  # saves parsing the vocabulary
     elif spec.kind != "hub":
