@@ -154,3 +154,16 @@ def test_limit_counts_prompts_and_task_limit_zero_shot_examples():
     assert {"scan", "attention"} <= set(options["--limit"]) and "prompts" in options["--limit"]["scan"]
     assert {"attack", "intervene", "sweep", "report", "finetune", "finetune-compare"} <= set(options["--task-limit"])
     assert "--records" in {o for o, cmds in options.items() if "finetune" in cmds}
+
+
+def test_the_attack_helps_name_every_registered_weight_attack():
+    # regression: largest-down-entry was registered (and accepted) but missing from both helps
+    import typer.main
+
+    from cardhouse.interventions import ATTACKS
+
+    commands = typer.main.get_command(app).commands
+    helps = {"attack": next(p for p in commands["attack"].params if p.name == "kind").help,
+             "export": next(p for p in commands["export"].params if p.name == "attack_kind").help}
+    for command, text in helps.items():
+        assert [name for name in ATTACKS if name not in text] == [], command

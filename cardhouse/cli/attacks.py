@@ -58,7 +58,8 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, settings:
 @app.command("attack")
 @load_options
 def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
-                                                    "their controls random-zero, random-retain, random-weight), or "
+                                                    "largest-down-entry, their controls random-zero, random-retain, "
+                                                    "random-weight), or "
                                                     "'all' for every attack and the activation interventions; "
                                                     "Mixture of Experts: expert-topk-zero, expert-topk-retain, "
                                                     "expert-ablate, super-experts (each with its controls), or "

@@ -121,8 +121,8 @@ FOLD_REFUSED = {"set-zero": "sets the massive activations to zero on the carrier
 @app.command("export")
 def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging Face format)"), model: str = ModelOpt,
                attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: topk-zero, "
-                                                         "topk-retain, super-weight, random-zero, random-retain, "
-                                                         "random-weight"),
+                                                         "topk-retain, super-weight, largest-down-entry, random-zero, "
+                                                         "random-retain, random-weight"),
                k: int = typer.Option(5, "--k", help=K_HELP),
                layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated rows for --attack"),
