@@ -103,6 +103,8 @@ def test_the_page_opens_with_its_findings(report):
     assert [row[0] for row in table["rows"]] == [m["name"] for m in results["models"]]
     assert [t.split(":")[0] for t in opening["text"]] == [m["name"] for m in results["models"]]
     assert all("Zeroing those top-2 rows" in t for t in opening["text"])
+    # in words, not row keys (regression: the sentence said "(ppl_wikipedia)" and "the bos token")
+    assert not any("ppl_" in t or "the bos token" in t for t in opening["text"])
     for i, model in enumerate(results["models"]):
         attacks = next(s for s in model["sections"] if s["key"] == "attacks")["tables"][0]["rows"]
         by_name = {row[0]: row for row in attacks}

@@ -8,6 +8,7 @@ mean. A model whose steps failed gets the parts that did run.
 
 from __future__ import annotations
 
+from ..evaluation.metrics import metric_of
 from .html import Section, Table, layer_ranges
 
 BREAKS, HARMLESS = 2.0, 1.05  # perplexity ratios called "breaks the model" / "barely changes it"
@@ -40,7 +41,8 @@ def _model_findings(model: dict, attack_k: int) -> tuple[list[str], list]:
             row[1:6] = [[d["dim"] for d in scan["massive_dims"]], layer_ranges(scan["massive_layers"]), peak["top-1"],
                         peak["median"], f"{carrier} ({roles[carrier]} of {scan['prompts']} prompts)"]
             sentences.append(f"{name}: massive activations in dim {', '.join(str(d['dim']) for d in scan['massive_dims'])}"
-                             f" of layers {layer_ranges(scan['massive_layers'])}, carried by the {carrier} token.")
+                             f" of layers {layer_ranges(scan['massive_layers'])}, carried by the "
+                             f"{'BOS' if carrier == 'bos' else carrier} token.")
         else:
             sentences.append(f"{name}: no activation meets the criterion in any layer.")
     if weights is not None:
@@ -55,7 +57,9 @@ def _model_findings(model: dict, attack_k: int) -> tuple[list[str], list]:
     if original and top and control and metric:
         ratio = top[metric] / original[metric]
         row[8:12] = [original[metric], top[metric], control[metric], ratio]
-        sentences.append(f"Zeroing those top-{attack_k} rows {_effect(ratio)} ({metric}); zeroing {attack_k} random "
+        spec = metric_of(metric)  # "perplexity on wikipedia", not the row key ppl_wikipedia
+        sentences.append(f"Zeroing those top-{attack_k} rows {_effect(ratio)} ({spec.title} on {spec.source(metric)}); "
+                         f"zeroing {attack_k} random "
                          f"rows, the control, {_effect(control[metric] / original[metric])}.")
     return sentences, row
 
