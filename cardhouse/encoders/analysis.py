@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..analysis.massive_activations import Criterion, ScanResult, scan_inputs
-from ..analysis.massive_weights import MassiveWeights, _describe_rows
+from ..analysis.massive_weights import MassiveWeights, describe_rows
 from ..capture import hook_name, parse_hook_name, run_inputs
 from ..interventions.activations import set_activations
 from ..interventions.weights import random_indices, zero_rows
@@ -143,7 +143,7 @@ def carrier_weights(lm: LoadedModel, inputs, carrier: Carrier, *, k: int = 5, ba
     top = intermediate.abs().topk(k, dim=-1).indices
     indices = top[0].tolist()
     with torch.no_grad():
-        rows = _describe_rows(lm, layer, None, indices, dim)
+        rows = describe_rows(lm, layer, None, indices, dim)
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     # Yu et al.'s super weight at the carrier token: the row of the FFN output's spike, the column of its input's
     sw_row = int(at[hook_name(layer, "mlp.hook_out")][0].abs().argmax())
