@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, forward, sample_inputs, text_config
 from cardhouse.analysis import find_massive_weights
-from cardhouse.capture import hook_name, record
+from cardhouse.capture import MOE_POINTS, hook_name, hooks, parse_hook_name, record
 from cardhouse.analysis.moe import analyze_moe, super_expert_rule
 from cardhouse.interventions.experts import (EXPERT_ATTACKS, MOE_ATTACKS, ON_OTHER_EXPERT, ExpertTarget, expert_attack,
                                              prune_experts, random_experts, route_around)
@@ -123,6 +123,30 @@ def test_super_expert_is_found_exactly(planted, analysis):
     carrier = next(e for e in looser.super_experts["flagged"] if e["layer"] == CARRIER_LAYER)
     assert carrier["position"] == 0 and carrier["token_id"] == BOS_ID and carrier["dim"] == DIM
     assert bool(looser.super_experts["shared"]) == (planted.family in SHARED_FAMILIES)
+
+
+def test_moe_hook_points_hand_over_the_routers_decision_and_the_experts_inputs(planted):
+    """The named MoE points (capture.moe) that the analysis reads, attached per batch like any hook point."""
+    blocks, inputs = planted.blocks, sample_inputs(planted)
+    tokens = inputs["input_ids"].numel()
+    points = [p for p in MOE_POINTS if p != "mlp.hook_shared_out" or planted.family in SHARED_FAMILIES]
+    seen = {}
+    with hooks(planted.model, {hook_name(CARRIER_LAYER, p): lambda name, v: seen.setdefault(name, v) for p in points}):
+        forward(planted, inputs)
+    assert all(parse_hook_name(hook_name(CARRIER_LAYER, p)) == (CARRIER_LAYER, p) for p in MOE_POINTS)
+    logits, weights, chosen = seen[hook_name(CARRIER_LAYER, "mlp.hook_router")]
+    x, routed_to, _ = seen[hook_name(CARRIER_LAYER, "mlp.hook_experts_in")]
+    assert logits.shape == (tokens, N_EXPERTS) and chosen.shape == weights.shape == (tokens, 2)
+    assert x.shape == (tokens, planted.model.config.hidden_size) and torch.equal(routed_to, chosen)
+    assert CARRIER_EXPERT in chosen[0].tolist()  # the BOS token (the first of the flattened batch x position)
+    if planted.family in SHARED_FAMILIES:
+        assert seen[hook_name(CARRIER_LAYER, "mlp.hook_shared_out")].shape[-1] == planted.model.config.hidden_size
+    modules = [blocks.mlp_part(CARRIER_LAYER, part) for part in ("router", "experts")]
+    assert not any(m._forward_hooks for m in modules)  # detached after the block
+    if planted.family in MIXED:  # layer 0 is dense: no router to hook
+        with pytest.raises(ValueError, match="no Mixture-of-Experts layer"), \
+                hooks(planted.model, {hook_name(0, "mlp.hook_router"): lambda name, v: None}):
+            pass
 
 
 def test_super_expert_rule_needs_both_thresholds():
