@@ -191,7 +191,7 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
     and retaining with their random controls (sweep.png; per task: sweep_tasks.png and sweep_tasks.md); resumes
     if interrupted."""
     from ..evaluation.measure import measurer
-    from ..evaluation.metrics import curve_metrics
+    from ..evaluation.metrics import ACC, curve_metrics
     from ..analysis import Criterion
     from ..interventions.sweep import resumable_sweep, sweep_settings, sweep_table, task_table
     from ..journal import Journal
@@ -221,7 +221,7 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
         png = plot_sweep(curves, folder / "sweep.png", title)
         plots = {"sweep": str(png)}
         if budget.tasks:  # Fig. 4 per task, and the table beside it
-            plots["tasks"] = str(plot_sweep({f"acc_{t}": sweep_table(rows, f"acc_{t}") for t in budget.tasks},
+            plots["tasks"] = str(plot_sweep({ACC.key(t): sweep_table(rows, ACC.key(t)) for t in budget.tasks},
                                             folder / "sweep_tasks.png", title))
             (folder / "sweep_tasks.md").write_text(task_table(rows, budget.tasks))
         write_result(folder / "sweep.json", rows, model=lm.describe(),
