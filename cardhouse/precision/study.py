@@ -61,8 +61,9 @@ def foldable_scheme(spec: str, protect: str = "none") -> Scheme:
                          "the input), so it has no form as weights and cannot be exported; export a weight scheme "
                          "(8, 4, 4g64)")
     if protect not in FOLDABLE_PROTECTIONS:
-        raise ValueError(f"--protect {protect}: an export keeps weights in full precision ({', '.join(FOLDABLE_PROTECTIONS)}); "
-                         "the activation protections need quantized activations, which cannot be exported")
+        raise ValueError(f"--protect {protect}: an export keeps weights in full precision "
+                         f"({', '.join(FOLDABLE_PROTECTIONS)}); the activation protections need quantized "
+                         "activations, which cannot be exported")
     bits, group = parse_weight_spec(spec)
     return Scheme(weight_bits=bits, group=group, protect=protect)
 
