@@ -110,7 +110,7 @@ def main() -> None:
 
 
 def perplexity_versus_lm_eval(args) -> None:
-    from cardhouse.data.corpora import tokenize_corpus
+    from cardhouse.data.token_cache import tokenize_corpus
     from cardhouse.models import load_model
 
     lm = load_model("smollm2-135m")

@@ -11,8 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from cardhouse.data.corpora import CORPORA, Corpus, available_corpora, load_text, tokenize_corpus
-from cardhouse.data import corpora as corpora_module
+from cardhouse.data.corpora import CORPORA, Corpus, available_corpora, load_text
+from cardhouse.data.text import unwrap_greedy
+from cardhouse.data.token_cache import tokenize_corpus
+from cardhouse.data.wikipedia import article_prose
 
 TINY_TEXT = "The quick brown fox jumps over the lazy dog.\n\nSummer is warm and the nights are short."
 
@@ -52,20 +54,20 @@ def test_unknown_corpus_names_the_known_ones(call):
 # Wikipedia depends on mwparserfromhell's markup stripping, hence the 1% tolerance there.
 # kjv (Debian bible-kjv 4.38), wiki-demo (llamafactory 0.9.5) and botchan (sentencepiece 0.2.3): measured
 # on 2026-11-23 the same way.
-REAL_TEXT = {
-    "wikipedia": dict(chars=2_581_881, words=407_753, blocks=5_201, tolerance=0.01,
-                      start="Anarchism is a political philosophy that advocates self-governed societies"),
-    "c4": dict(chars=737_759, words=122_925, blocks=300, tolerance=0.0,
-               start="Don’t think you need all the bells and whistles? No problem."),
-    "austen": dict(chars=4_022_320, words=717_537, blocks=10_298, tolerance=0.0,
-                   start="SENSE AND SENSIBILITY\n\nby Jane Austen\n\n(1811)\n\nCHAPTER 1\n\nThe family of Dashwood"),
-    "kjv": dict(chars=4_139_036, words=789_634, blocks=1_189, tolerance=0.0,
-                start="In the beginning God created the heaven and the earth. And the earth was without form"),
-    "wiki-demo": dict(chars=1_026_482, words=157_730, blocks=30, tolerance=0.0,
-                      start="Anarchism is a political philosophy and movement that is sceptical of authority"),
-    "botchan": dict(chars=255_546, words=47_665, blocks=785, tolerance=0.0,
-                    start="BOTCHAN (MASTER DARLING)\n\nBy The Late Mr. Kin-nosuke Natsume\n\nTRANSLATED By"),
-}
+COLUMNS = ("chars", "words", "blocks", "tolerance", "start")
+REAL_TEXT = {name: dict(zip(COLUMNS, row)) for name, row in {
+    "wikipedia": (2_581_881, 407_753, 5_201, 0.01,
+                  "Anarchism is a political philosophy that advocates self-governed societies"),
+    "c4": (737_759, 122_925, 300, 0.0, "Don’t think you need all the bells and whistles? No problem."),
+    "austen": (4_022_320, 717_537, 10_298, 0.0,
+               "SENSE AND SENSIBILITY\n\nby Jane Austen\n\n(1811)\n\nCHAPTER 1\n\nThe family of Dashwood"),
+    "kjv": (4_139_036, 789_634, 1_189, 0.0,
+            "In the beginning God created the heaven and the earth. And the earth was without form"),
+    "wiki-demo": (1_026_482, 157_730, 30, 0.0,
+                  "Anarchism is a political philosophy and movement that is sceptical of authority"),
+    "botchan": (255_546, 47_665, 785, 0.0,
+                "BOTCHAN (MASTER DARLING)\n\nBy The Late Mr. Kin-nosuke Natsume\n\nTRANSLATED By"),
+}.items()}
 
 
 @pytest.mark.parametrize("name", list(REAL_TEXT))
@@ -105,7 +107,7 @@ def test_botchan_is_the_book_unwrapped_into_paragraphs():
 
 def test_greedy_unwrap_ends_a_paragraph_where_the_next_word_would_have_fit():
     lines = ["aaa bbb ccc", "ddd.", "eee fff ggg", "hhh"]  # wrapped at 11 columns
-    assert corpora_module._unwrap_greedy(lines, 11) == ["aaa bbb ccc ddd.", "eee fff ggg hhh"]
+    assert unwrap_greedy(lines, 11) == ["aaa bbb ccc ddd.", "eee fff ggg hhh"]
 
 
 def test_token_cache_round_trip(tiny_corpus, tokenizer, tmp_path):
@@ -174,7 +176,7 @@ def test_wiki_prose_filter_drops_markup_and_back_matter():
         "== References ==\n"
         "Smith, John (1999). A book about letters and the alphabets that use them in print.\n"
     )
-    assert corpora_module._article_prose(markup) == [
+    assert article_prose(markup) == [
         "Alpha is a letter used in many languages around the world today."]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from cardhouse.analysis import ActivationOverflow, find_massive_weights, scan
-from cardhouse.data.corpora import tokenize_corpus
+from cardhouse.data.token_cache import tokenize_corpus
 from cardhouse.evaluation.perplexity import perplexity
 from cardhouse.models import load_model
 

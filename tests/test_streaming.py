@@ -161,7 +161,7 @@ def test_smollm2_streamed_equals_ordinary():
     assert [l["top_entries"][:3] for l in a.layers] == [l["top_entries"][:3] for l in b.layers]
     ma, mb = find_massive_weights(ordinary), find_massive_weights(streamed)
     assert (ma.layer, ma.dim, ma.indices, ma.super_weight) == (mb.layer, mb.dim, mb.indices, mb.super_weight)
-    from cardhouse.data.corpora import tokenize_corpus
+    from cardhouse.data.token_cache import tokenize_corpus
 
     ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
     p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]
@@ -175,7 +175,7 @@ def test_gemma3_streamed_equals_ordinary():
     assert a.dims == b.dims and a.massive_layers == b.massive_layers and a.roles == b.roles
     ma, mb = find_massive_weights(ordinary), find_massive_weights(streamed)
     assert (ma.layer, ma.dim, ma.indices) == (mb.layer, mb.dim, mb.indices)
-    from cardhouse.data.corpora import tokenize_corpus
+    from cardhouse.data.token_cache import tokenize_corpus
 
     ids = tokenize_corpus(ordinary.tokenizer, "wikipedia", max_tokens=1022)
     p = [perplexity(lm.model, ids, context=512, bos_id=lm.bos_id, progress=False).ppl for lm in (ordinary, streamed)]

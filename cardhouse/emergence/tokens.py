@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.corpora import tokenize_corpus
+from ..data.token_cache import tokenize_corpus
 from ..models.sources import BUNDLED, gguf_cache_folder
 from .config import TrainConfig
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..data.corpora import tokenize_corpus
+from ..data.token_cache import tokenize_corpus
 from ..models.loading import LoadedModel
 
 KINDS = ("passkey", "needle")

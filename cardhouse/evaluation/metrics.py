@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..data.corpora import tokenize_corpus
+from ..data.token_cache import tokenize_corpus
 from ..models.loading import LoadedModel
 from .perplexity import perplexity
 from .zeroshot import ZeroShot

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from ..data.corpora import LLAMAFACTORY_REQUIREMENT, read_sdist_member
+from ..data.sdists import LLAMAFACTORY_REQUIREMENT, read_sdist_member
 from ..models.loading import LoadedModel
 
 ALPACA_MEMBER_SUFFIX = "/data/alpaca_en_demo.json"

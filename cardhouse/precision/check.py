@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.corpora import tokenize_corpus
+from ..data.token_cache import tokenize_corpus
 from ..evaluation.measure import Budget
 from ..evaluation.perplexity import perplexity
 from ..models.loading import LoadedModel

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..capture import tokenize_prompts
-from ..data.corpora import get_corpus, tokenize_corpus
+from ..data.corpora import get_corpus
+from ..data.token_cache import tokenize_corpus
 from ..evaluation.perplexity import build_windows
 from ..models import load_model
 from ..models.loading import LoadedModel
