@@ -114,8 +114,8 @@ def test_a_dense_llama_gguf_stays_a_llama(tmp_path):
     """No ``llama.expert_count``: transformers' own reading of the header, unchanged."""
     from conftest import build
 
-    from cardhouse.models.gguf_files import transformers_builds
+    from cardhouse.models.gguf_files import read_gguf_header
 
     path = write_gguf(build("llama"), tmp_path / "llama.gguf", "F32")
-    assert probe(str(path)).family == "llama" and transformers_builds(path)
+    assert probe(str(path)).family == "llama" and read_gguf_header(path).transformers_builds
     assert np.isfinite(ppl(load_model(str(path), bos=True)))

@@ -127,6 +127,22 @@ def test_split_gguf_equals_the_single_file(family, tmp_path):
     assert same_scan(one, streamed) and close(ppl(streamed), ppl(one))
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_the_first_load_reads_the_header_once(split, tmp_path, monkeypatch):
+    """The first load of a GGUF (the probe, then the dequantization into the cache) makes a config of its header
+    once: the probe's reading travels to the loader (it was read again to decide who builds the model, and a
+    split file's skeleton a third time); later loads read the cache's config. ``_completed`` runs once a read."""
+    from cardhouse.models import gguf_files
+
+    reads, completed = [], gguf_files._completed
+    monkeypatch.setattr(gguf_files, "_completed", lambda *args: reads.append(args) or completed(*args))
+    path = write_gguf(tiny("llama"), tmp_path / "m.gguf", "Q8_0", split_max_tensors=6 if split else 0)
+    first = load_model(str(path), bos=True)
+    assert len(reads) == 1
+    again = load_model(str(path), bos=True)
+    assert len(reads) == 1 and close(ppl(again), ppl(first))
+
+
 def test_a_missing_part_is_named_before_any_weights_load(tmp_path):
     first = write_gguf(tiny("llama"), tmp_path / "m.gguf", split_max_tensors=6)
     second = sorted(tmp_path.glob("m-*-of-*.gguf"))[1]

@@ -1,7 +1,8 @@
 """GGUF checkpoints read one tensor at a time: single files and split ones (``name-00001-of-0000N.gguf``).
 
 ``gguf_parts`` finds every part of a split file (a missing one is named before anything loads);
-``gguf_config`` is transformers' config of the file (its first part holds the metadata);
+``read_gguf_header`` gives transformers' config of the file (its first part holds the metadata) and whether
+transformers' own loader builds it;
 ``check_gguf_types`` refuses a tensor stored in a type the ``gguf`` package cannot dequantize, from
 the tensor tables alone. ``GGUFTensors`` hands out one tensor at a time under the model's own
 (Hugging Face) names: the bytes of that tensor are read from its part and dequantized with
@@ -169,10 +170,22 @@ def _completed(config, metadata: dict):
     return config
 
 
-def _read_config(parts: list[Path]):
-    """(the config of the checkpoint, whether transformers' own GGUF loader builds that model from the file)."""
+class GGUFHeader(NamedTuple):
+    """What the loaders need from a GGUF checkpoint's header, read once (``read_gguf_header``)."""
+
+    config: object  # transformers' config, completed where its reading falls short
+    transformers_builds: bool  # whether from_pretrained(gguf_file=...) builds the model from the file as it is
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """The config of a GGUF checkpoint (the first part's metadata), as transformers reads it and completed
+    where it falls short (``_completed``: Mixtral, expert widths), and whether transformers' own loader builds
+    it: a single file whose config transformers reads whole (otherwise cardhouse builds it from the config and
+    ``GGUFTensors``). A split file's tied embeddings are decided from every part's tensors (transformers looks
+    at the first part only, and ``output.weight`` may sit in another)."""
     from transformers import AutoConfig
 
+    parts = gguf_parts(path)
     config = AutoConfig.from_pretrained(parts[0].parent, gguf_file=parts[0].name)
     completed = _completed(config, gguf_metadata(parts[0]))
     if len(parts) > 1 and config.model_type not in ("falcon", "bloom"):  # transformers' own exceptions
@@ -180,24 +193,12 @@ def _read_config(parts: list[Path]):
         config.tie_word_embeddings = "output.weight" not in names
         if completed is not None:
             completed.tie_word_embeddings = config.tie_word_embeddings
-    return completed or config, len(parts) == 1 and completed is None
+    return GGUFHeader(completed or config, len(parts) == 1 and completed is None)
 
 
 def gguf_config(path: str | Path):
-    """The config of a GGUF checkpoint (the first part's metadata), as transformers reads it and completed
-    where it falls short (``_completed``: Mixtral, expert widths). A split file's tied embeddings are decided
-    from every part's tensors (transformers looks at the first part only, and ``output.weight`` may sit in
-    another)."""
-    return _read_config(gguf_parts(path))[0]
-
-
-def transformers_builds(path: str | Path) -> bool:
-    """Whether ``from_pretrained(gguf_file=...)`` builds this checkpoint as it is: a single file whose config
-    transformers reads whole. Otherwise cardhouse builds it from ``gguf_config`` and ``GGUFTensors``."""
-    try:
-        return _read_config(gguf_parts(path))[1]
-    except Exception:  # noqa: BLE001  a header neither can read: transformers' loader says what is wrong with it
-        return True
+    """The config of a GGUF checkpoint (``read_gguf_header``)."""
+    return read_gguf_header(path).config
 
 
 def gguf_tokenizer(path: str | Path):
@@ -308,5 +309,5 @@ class GGUFTensors:
         return h.hexdigest()
 
 
-__all__ = ["GGUFTensors", "check_gguf_types", "gguf_config", "gguf_metadata", "gguf_parts", "gguf_tokenizer",
-           "tensor_table", "transformers_builds"]
+__all__ = ["GGUFHeader", "GGUFTensors", "check_gguf_types", "gguf_config", "gguf_metadata", "gguf_parts",
+           "gguf_tokenizer", "read_gguf_header", "tensor_table"]

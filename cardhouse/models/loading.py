@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, Blocks, adapter_for
-from .gguf_files import gguf_tokenizer, transformers_builds
+from .gguf_files import GGUFHeader, gguf_tokenizer, read_gguf_header
 from .integrity import broken
 from .memory import check_budget
 from .placement import Placement, input_device, model_dtype
@@ -106,8 +106,9 @@ def _load_encoder(path: str | Path, dtype: torch.dtype | None, inputs: str, plac
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache: bool = True,
-              placement: Placement | None = None):
-    """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked)."""
+              placement: Placement | None = None, header: GGUFHeader | None = None):
+    """Load a GGUF file, dequantized, through a safetensors cache (float32, then placed as asked).
+    ``header``: the file's header as already read (``ModelSpec.header``), not read again."""
     path = Path(path)
     parts = check_gguf(path)
     folder = gguf_cache_folder(path)
@@ -121,9 +122,14 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
         warnings.warn(f"the cached copy in {folder} is not used: {why}; rebuilding it from {path.name}")
         shutil.rmtree(folder, ignore_errors=True)
     print(f"cardhouse: dequantizing {path.name} (once; later loads use the cache)", file=sys.stderr)
+    if header is None:
+        try:
+            header = read_gguf_header(path)
+        except Exception:  # noqa: BLE001  a header neither can read: transformers' loader says what is wrong with it
+            header = GGUFHeader(None, transformers_builds=True)
     try:
-        model, tokenizer = (_load_auto(path.parent, dtype, gguf_file=path.name) if transformers_builds(path)
-                            else _load_split_gguf(parts))
+        model, tokenizer = (_load_auto(path.parent, dtype, gguf_file=path.name) if header.transformers_builds
+                            else _load_split_gguf(parts, header.config))
     except Exception as err:
         raise ModelLoadError(f"could not read the GGUF file {path} (corrupt or truncated?): {err}") from err
     if use_cache:
@@ -133,11 +139,11 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, use_cache
     return model, tokenizer
 
 
-def _load_split_gguf(parts: list[Path]):
+def _load_split_gguf(parts: list[Path], config):
     """A GGUF that transformers does not build itself (a split file; a Mixtral, which llama.cpp writes as
     a llama with experts): its skeleton, every tensor dequantized into it, and the tokenizer of its first
-    part (which holds the metadata)."""
-    model = stream_skeleton(parts[0], torch.float32).materialize()
+    part (which holds the metadata). ``config``: its config (``read_gguf_header``)."""
+    model = stream_skeleton(parts[0], torch.float32, config=config).materialize()
     return model.eval(), gguf_tokenizer(parts[0])
 
 
@@ -169,7 +175,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = 
                 f"{name_or_path!r} is not a bundled model ({', '.join(BUNDLED)}), a local folder, a GGUF file "
                 f"or a reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     elif spec.path.is_file():  # a GGUF file, bundled or not: dequantized through the cache
-        model, tokenizer = load_gguf(spec.path, dtype=dtype, use_cache=use_cache, placement=placement)
+        model, tokenizer = load_gguf(spec.path, dtype=dtype, use_cache=use_cache, placement=placement,
+                                     header=spec.header)
     else:  # a transformers folder (the bundled encoders ship one)
         try:
             model, tokenizer = _load_auto(spec.path, dtype, placement)

@@ -39,19 +39,25 @@ class Requirements:
                                    for k, v in asdict(self).items() if k.endswith("_bytes")}}
 
 
+def _parameter_counts(blocks: Blocks) -> tuple[int, int, int]:
+    """Parameters of the whole model, of its largest decoder block and outside the blocks (embeddings, final
+    norm, head; a tied head counted once)."""
+    layers = blocks.layers
+    total = sum(p.numel() for p in blocks.model.parameters())
+    largest = max(sum(p.numel() for p in block.parameters()) for block in layers)
+    return total, largest, total - sum(p.numel() for p in layers.parameters())
+
+
 def requirements(config, dtype: str | torch.dtype = "bfloat16", tokens: int = 4 * 512) -> Requirements:
     """Memory of ``config`` (a transformers config) in ``dtype`` with ``tokens`` hidden states kept."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = meta_model(config)  # nothing is allocated; the sizes are numel x the dtype's size
     size = torch.tensor([], dtype=dtype).element_size()
-    layers = Blocks.of(model).layers
-    total = sum(p.numel() for p in model.parameters())
-    in_blocks = sum(p.numel() for p in layers.parameters())
-    block = max(sum(p.numel() for p in b.parameters()) for b in layers)
+    # a skeleton on the meta device: nothing is allocated; the sizes are numel x the dtype's size
+    total, block, rest = _parameter_counts(Blocks.of(meta_model(config)))
     hidden = tokens * config.hidden_size * size
     name = str(dtype).replace("torch.", "")
-    return Requirements(name, total, total * size, block * size, (total - in_blocks) * size, hidden,
-                        block * size + (total - in_blocks) * size + 2 * hidden, 2 * hidden)
+    return Requirements(name, total, total * size, block * size, rest * size, hidden,
+                        (block + rest) * size + 2 * hidden, 2 * hidden)
 
 
 def _size(n: int) -> str:
@@ -71,9 +77,7 @@ def check_budget(spec, placement) -> None:
     own = getattr(spec.config, "dtype", None) or getattr(spec.config, "torch_dtype", None)
     dtype = placement.torch_dtype(own)
     size = torch.tensor([], dtype=dtype).element_size()
-    layers = spec.blocks.layers
-    block = max(sum(p.numel() for p in b.parameters()) for b in layers) * size
-    rest = (sum(p.numel() for p in spec.blocks.model.parameters()) - sum(p.numel() for p in layers.parameters())) * size
+    _, block, rest = (n * size for n in _parameter_counts(spec.blocks))
     need = block + rest if placement.stream else block
     budgets = {device: v for device, v in placement.max_memory.items() if device != "disk"}
     largest = max(budgets.values(), default=0)

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from .adapters import ADAPTERS, Blocks, adapter_for
-from .gguf_files import UnsupportedGGUFType, check_gguf_types, gguf_config
+from .gguf_files import GGUFHeader, UnsupportedGGUFType, check_gguf_types, read_gguf_header
 from .offload import shapes_only
 from .sources import BUNDLED, ModelLoadError, check_gguf, gguf_cache_folder
 
@@ -32,6 +32,8 @@ class ModelSpec:
     kind: str  # bundled, gguf, folder, hub, memory
     config: object = field(repr=False)  # the transformers PretrainedConfig
     path: Path | None = None  # the GGUF file or folder that holds it
+    header: GGUFHeader | None = field(default=None, repr=False)  # a GGUF's header as read here (not from its
+    # cache): loading it reads it no more
 
     @property
     def family(self) -> str:
@@ -88,26 +90,28 @@ def meta_model(config) -> torch.nn.Module:
         return auto.from_config(config)
 
 
-def checked_gguf_config(path: Path):
-    """The config of a GGUF file (single or split): from its dequantized cache when there is one, else
-    from its header, after checking that every part is there and every tensor type can be dequantized."""
+def checked_gguf(path: Path) -> tuple[object, GGUFHeader | None]:
+    """The config of a GGUF file (single or split) and its header: the config from its dequantized cache
+    when there is one (no header then), else from its header, after checking that every part is there and
+    every tensor type can be dequantized."""
     from transformers import AutoConfig
 
     parts = check_gguf(path)
     cached = gguf_cache_folder(path)
     if (cached / "COMPLETE").exists() and (cached / "config.json").is_file():
         try:
-            return AutoConfig.from_pretrained(cached)
+            return AutoConfig.from_pretrained(cached), None
         except Exception:  # noqa: BLE001  the cache is checked and rebuilt when the weights load
             pass
     try:
         check_gguf_types(parts)
-        return gguf_config(path)
+        header = read_gguf_header(path)
     except UnsupportedGGUFType as err:
         raise ModelLoadError(str(err)) from None
     except Exception as err:  # noqa: BLE001  a truncated header fails inside the parser (struct.error, ...)
         raise ModelLoadError(f"could not read the header of the GGUF file {path} (corrupt, truncated, or an "
                              f"architecture transformers cannot load?): {_first_line(err)}") from err
+    return header.config, header
 
 
 def _first_line(err: BaseException) -> str:
@@ -146,13 +150,15 @@ def probe(source: str) -> ModelSpec:
         spec = ModelSpec(source, "bundled", _folder_config(path), path)
     elif source in BUNDLED:
         path = BUNDLED[source].locate_gguf()
-        spec = ModelSpec(source, "bundled", checked_gguf_config(path), path)
+        config, header = checked_gguf(path)
+        spec = ModelSpec(source, "bundled", config, path, header)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
             spec = ModelSpec(source, "folder", _folder_config(path), path)
         elif path.is_file():
-            spec = ModelSpec(source, "gguf", checked_gguf_config(path), path)
+            config, header = checked_gguf(path)
+            spec = ModelSpec(source, "gguf", config, path, header)
         elif _looks_like_path(source):
             raise ModelLoadError(f"model path not found: {source} (give a bundled name: {', '.join(BUNDLED)}; "
                                  "a local Hugging Face folder; a GGUF file; or a hub id)")
