@@ -86,14 +86,16 @@ def export_model(lm: LoadedModel, folder: Path, *, edit: dict | list, force: boo
 
 
 def export_variants(lm: LoadedModel, variants: Iterable, folder: Path, *, force: bool = False,
-                    gguf: bool = False, extra: list[dict] | None = None) -> dict:
-    """Apply ``variants`` (anything with ``name``, ``description`` and ``apply()``), nested, and export."""
+                    gguf: bool = False, extra: list[dict] | None = None, records: dict[str, dict] | None = None
+                    ) -> dict:
+    """Apply ``variants`` (anything with ``name``, ``description`` and ``apply()``), nested in order, and export.
+    ``extra``: edits made before (an adapter merge); ``records``: more fields for a variant's entry, by name."""
     variants = list(variants)
     with ExitStack() as stack:
         for variant in variants:
             stack.enter_context(variant.apply())
-        edits = list(extra or []) + [{"kind": "variant", "name": v.name, "description": v.description}
-                                     for v in variants]
+        edits = list(extra or []) + [{"kind": "variant", "name": v.name, "description": v.description,
+                                      **(records or {}).get(v.name, {})} for v in variants]
         return export_model(lm, folder, edit=edits, force=force, gguf=gguf)
 
 

@@ -29,6 +29,12 @@ def models(tmp_path_factory):
 
     AutoConfig.for_model("opt", hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
                          word_embed_proj_dim=32).save_pretrained(root / "opt")  # a family not in the adapter table
+    AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+                         vocab_size=300, max_position_embeddings=128).save_pretrained(root / "bert")  # post-norm
+    # o_proj reads 4 heads x 10 = 40 entries: a group of 16 divides the hidden size and the FFN width, not that
+    AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=10, vocab_size=300,
+                         max_position_embeddings=128).save_pretrained(root / "llama-hd10")
     (root / "no-config").mkdir()
     (root / "no-config" / "tokenizer.json").write_text("{}")
     (root / "latin1.txt").write_bytes("Café au lait\n".encode("latin-1"))
@@ -220,7 +226,10 @@ CASES = [
     # precision, quantize, export
     ("precision -m M --run-dtype int3", ["unknown dtype", "float16"]),
     ("precision -m M --margin -1", ["--margin", "0.0..16.0"]),
-    ("precision -m M --power -2", ["--power", "0..64"]),
+    ("precision -m M --rescale --power -2", ["--power", "0..64"]),
+    ("precision -m M --power 2", ["--power belongs to --rescale"]),
+    ("precision -m {models}/bert --rescale", ["post-norm", "change the function", "refused"]),
+    ("precision -m M --rescale --export {models}", ["not empty", "--force"]),
     ("precision -m M --limit 0", ["--limit", ">= 1"]),
     ("precision -m M --export out2", ["give --rescale too"]),
     ("precision -m M --context 256 --max-tokens 300", ["--context", P]),
@@ -228,6 +237,8 @@ CASES = [
     ("quantize -m M --weights 1 --context 64", ["bit width", "2..8"]),
     ("quantize -m M --weights 4g12 --context 64", ["group size 12 does not divide", "32"]),
     ("quantize -m M --weights four --context 64", ["BITSgGROUP"]),
+    ("quantize -m {models}/llama-hd10 --weights 8,4g16 --context 64",
+     ["group size 16 does not divide the input width 40", "o_proj"]),
     ("quantize -m M --acts 8:channel --context 64", ["unknown activation granularity"]),
     ("quantize -m M --k 0 --context 64", ["--k", R]),
     ("quantize -m M --context 256", ["--context", P]),
@@ -240,6 +251,17 @@ CASES = [
     ("export out2 -m M --rescale --power -1", ["--power", "0..64"]),
     ("export {models} -m M", ["not empty", "--force"]),
     ("export out2 -m M --adapter {models}/llama", ["not a PEFT adapter folder"]),
+    ("export out2 -m {models}/bert --rescale", ["post-norm", "change the function"]),
+    ("export out2 -m M --quantize 8:token", ["quantizing activations", "cannot be exported"]),
+    ("export out2 -m M --quantize a8", ["quantizing activations", "cannot be exported"]),
+    ("export out2 -m M --quantize 9", ["bit width", "2..8"]),
+    ("export out2 -m M --quantize 4g0", ["group size 0", ">= 1"]),
+    ("export out2 -m {models}/llama-hd10 --quantize 4g16", ["group size 16 does not divide the input width 40"]),
+    ("export out2 -m M --quantize 4 --protect bos-kv", ["--protect bos-kv", "cannot be exported"]),
+    ("export out2 -m M --quantize 4 --protect massive-rows --k 49", ["--k", R]),
+    ("export out2 -m M --protect super-weight", ["--protect belongs to --quantize"]),
+    ("export out2 -m M --attack expert-ablate", ["reroutes the router", "no exact form as weights"]),
+    ("export out2 -m M --attack expert-topk-zero", ["model is dense"]),
     # super-weight
     ("super-weight -m M --ratio 1", ["--ratio", "> 1.0"]),
     ("super-weight -m M --top 0 --context 64", ["--top", R]),

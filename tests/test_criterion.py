@@ -19,6 +19,11 @@ DECIDING = {"scan": [], "attention": [], "trace": [], "attack": ["topk-zero"], "
             "report": [], "finetune": [], "finetune-compare": [], "moe": []}  # command -> its arguments
 
 
+def test_a_criterion_says_what_it_means():
+    assert Criterion().describe() == "|a| > 100 and > 1000x the layer median"
+    assert Criterion.relative(50).describe() == "|a| > 50x the layer median"
+
+
 def test_options_give_the_default_relative_and_custom_criteria():
     assert Criterion.from_options() == Criterion() == Criterion(100.0, 1000.0, 10.0)
     assert Criterion.from_options(relative=True) == Criterion.relative() == Criterion(0.0, 100.0)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,29 +146,155 @@ def llama_folder(tmp_path_factory):
     return folder
 
 
-def test_cli_merges_a_lora_adapter_and_exports_it(tmp_path, llama_folder):
-    """A fine-tuned adapter (what `cardhouse finetune` writes, with MacDrop or not) merged into the weights."""
-    from peft import LoraConfig, get_peft_model
+@pytest.fixture(scope="module")
+def macdrop_adapter(tmp_path_factory):
+    """(model folder, adapter folder): a LoRA adapter fine-tuned 3 steps with MacDrop on a tiny llama that reads
+    512 positions (the instruction template is long in characters), as `cardhouse finetune` writes it."""
+    from saved_models import save_tiny
 
-    lm = build("llama")
-    peft = get_peft_model(lm.model, LoraConfig(r=2, target_modules=["up_proj", "down_proj"], lora_alpha=4))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a trained adapter is not zero
-    peft.save_pretrained(tmp_path / "adapter")
+    from cardhouse.finetuning.macdrop import MacDropConfig
+    from cardhouse.finetuning.train import FinetuneConfig, finetune
+    from cardhouse.models import load_model
+
+    root = tmp_path_factory.mktemp("macdrop")
+    folder = save_tiny(root / "model", "llama", positions=512)
+    records = root / "records.jsonl"
+    records.write_text("\n".join(json.dumps({"instruction": f"Name colour {i}.", "input": "",
+                                             "output": ["red", "green", "blue", "gold"][i % 4]}) for i in range(24)))
+    config = FinetuneConfig(data=str(records), batch_size=4, grad_accum=1, max_steps=3, max_length=200, lr=1e-2,
+                            save_steps=3, logging_steps=1, rank=4, lora_alpha=8)
+    result = finetune(load_model(str(folder), bos=True), config, MacDropConfig(layer=0, rows=[1, 2, 3], p0=0.9),
+                      out=root / "ft", progress=False, evaluate_before=False)
+    assert result.steps == 3
+    return folder, root / "ft" / "adapter"
+
+
+def test_cli_merges_a_macdrop_adapter_and_exports_it(tmp_path, macdrop_adapter):
+    """A MacDrop-fine-tuned adapter merged into the weights: the reloaded folder is the merged model, bit for bit."""
+    from peft import PeftModel
+
+    from cardhouse.models import load_model
+
+    llama_folder, macdrop_adapter = macdrop_adapter
+    lm = load_model(str(llama_folder), bos=True)
+    base = state_digests(lm.model)
+    merged = PeftModel.from_pretrained(lm.model, str(macdrop_adapter)).merge_and_unload()
     inputs = sample_inputs(lm)
     with torch.inference_mode():
-        expected = peft(**inputs).logits
+        expected = merged(**inputs).logits
     result = runner.invoke(app, ["export", str(tmp_path / "out"), "-m", str(llama_folder), "--adapter",
-                                 str(tmp_path / "adapter")])
+                                 str(macdrop_adapter)])
     assert result.exit_code == 0, result.output
     torch.save({k: v for k, v in inputs.items() if k != "use_cache"}, tmp_path / "inputs.pt")
-    reload_elsewhere([(str(tmp_path / "out"), str(tmp_path / "inputs.pt"), False)])
-    got = torch.load(tmp_path / "out" / "out.pt")
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # merging W + BA rounds once
-    edit = json.loads((tmp_path / "out" / EDIT_FILE).read_text())["results"]["edit"]
-    assert edit[0]["kind"] == "adapter" and edit[0]["merged"]
+    digests = reload_elsewhere([(str(tmp_path / "out"), str(tmp_path / "inputs.pt"), False)])[str(tmp_path / "out")]
+    assert digests == state_digests(merged) and digests != base  # the trained adapter is in the weights
+    assert torch.equal(torch.load(tmp_path / "out" / "out.pt"), expected)
+    data = json.loads((tmp_path / "out" / EDIT_FILE).read_text())
+    validate(data, "export")
+    assert data["results"]["edit"][0] == {"kind": "adapter", "path": str(macdrop_adapter), "merged": True}
+
+
+def test_every_registered_attack_is_exported_or_refused_with_why(tmp_path_factory):
+    """Each attack of the dense registry (ATTACKS) and of the MoE one (EXPERT_ATTACKS) through `cardhouse export`:
+    written (and reloaded elsewhere bit for bit, the weights changed) or refused with the reason and nothing written."""
+    from saved_models import save_tiny
+
+    from cardhouse.cli.precision import FOLD_REFUSED
+    from cardhouse.interventions.experts import EXPERT_ATTACKS
+    from cardhouse.interventions.variants import ATTACKS
+    from cardhouse.models import load_model
+
+    root = tmp_path_factory.mktemp("attacks")
+    models = {"llama": save_tiny(root / "llama", "llama"), "mixtral": save_tiny(root / "mixtral", "mixtral")}
+    cases = [(name, "llama", ["--k", "2", "--layer", "0"]) for name in ATTACKS]
+    cases += [(name, "mixtral", ["--k", "2", "--layer", "0"]) for name in EXPERT_ATTACKS]
+    jobs, written, refused = [], {}, {}
+    for name, family, args in cases:
+        out = root / f"out-{name}"
+        result = runner.invoke(app, ["export", str(out), "-m", str(models[family]), "--attack", name, *args])
+        if result.exit_code == 0:
+            record = json.loads((out / EDIT_FILE).read_text())["results"]
+            assert [e["name"].split(" k=")[0] for e in record["edit"]] == [name]
+            written[str(out)] = (record["state_digests"], family)
+            jobs.append((str(out), str(root / "inputs.pt"), False))
+        else:
+            errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+            assert result.exit_code == 1 and len(errors) == 1 and not out.exists(), result.output
+            refused[name] = errors[0]
+    lm = build("llama")
+    torch.save({k: v for k, v in sample_inputs(lm).items() if k != "use_cache"}, root / "inputs.pt")
+    reloaded = reload_elsewhere(jobs)
+    unedited = {family: state_digests(load_model(str(folder)).model) for family, folder in models.items()}
+    for folder, (digests, family) in written.items():
+        assert reloaded[folder] == digests, folder
+        assert digests != unedited[family], folder  # the attack changed the weights
+    assert set(ATTACKS) <= {Path(f).name.removeprefix("out-") for f in written}  # every dense attack is foldable
+    for name in FOLD_REFUSED.keys() & EXPERT_ATTACKS.keys():  # routing edits: refused, saying why
+        assert "reroutes the router" in refused[name] and "no exact form as weights" in refused[name]
+    # the tiny random Mixtral has no super experts to prune: refused as `cardhouse attack` refuses it
+    assert set(refused) <= set(FOLD_REFUSED) | {"super-experts", "random-experts"}, refused
+    assert all("no super experts" in refused[n] for n in {"super-experts", "random-experts"} & set(refused))
+
+
+QUANTIZED = {"llama": "4g16", "gpt2": "8", "gemma3_text": "4", "mixtral": "4g8", "qwen2_moe": "8g8"}
+
+
+def test_quantized_weights_exported_and_reloaded_bit_identically(tmp_path):
+    """Fake-quantized weights are weights: the study's quantizer folded into an export; the fresh process sees the
+    very model the study measures (GPT-2's Conv1D and the MoE expert tensors too)."""
+    from cardhouse.precision.quantize import quantized_weights
+    from cardhouse.precision.study import foldable_scheme, quantize_variant
+
+    jobs, expected = [], {}
+    for family, spec in QUANTIZED.items():
+        lm, folder = build(family), tmp_path / family
+        scheme = foldable_scheme(spec)
+        inputs = sample_inputs(lm)
+        with quantized_weights(lm, scheme):
+            expected[str(folder)] = state_digests(lm.model), output(lm, inputs)
+        before = all_digest(lm)
+        record = export_variants(lm, [quantize_variant(lm, scheme)], folder)
+        assert all_digest(lm) == before and record["state_digests"] == expected[str(folder)][0]
+        assert expected[str(folder)][0] != state_digests(lm.model)  # the weights really changed
+        torch.save({k: v for k, v in inputs.items() if k != "use_cache"}, folder / "inputs.pt")
+        jobs.append((str(folder), str(folder / "inputs.pt"), False))
+    reloaded = reload_elsewhere(jobs)
+    for folder, (digests, out) in expected.items():
+        assert reloaded[folder] == digests, folder
+        assert torch.equal(torch.load(f"{folder}/out.pt"), out), folder
+
+
+def all_digest(lm):
+    return weights_digest([p for _, p in sorted(lm.model.named_parameters())])
+
+
+def test_cli_exports_quantized_weights_with_the_super_weight_kept(tmp_path, llama_folder):
+    """`cardhouse export --quantize 4g16 --protect super-weight`: the reloaded model equals the study's
+    ``quantized`` model with the same targets bit for bit, and the super weight is its full-precision value."""
+    from cardhouse.models import load_model
+    from cardhouse.precision.quantize import Scheme, find_targets, quantized
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(out), "-m", str(llama_folder), "--quantize", "4g16",
+                                 "--protect", "super-weight"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / EDIT_FILE).read_text())
+    validate(data, "export")
+    (edit,) = data["results"]["edit"]
+    assert edit["name"] == "quantize W4 g16 +super-weight" and edit["quantization"]["scheme"]["group"] == 16
+    lm = load_model(str(llama_folder), bos=True)
+    targets = find_targets(lm, k=5, seed=0)
+    assert edit["quantization"]["targets"]["super_weight"] == list(targets.super_weight)
+    row, col = targets.super_weight
+    down = lm.blocks.down_weight(targets.layer)
+    original = down[row, col].item()
+    inputs = sample_inputs(lm)
+    with quantized(lm, Scheme(weight_bits=4, group=16, protect="super-weight"), targets):
+        expected = state_digests(lm.model), output(lm, inputs)
+        assert down[row, col].item() == original  # kept in full precision
+    torch.save({k: v for k, v in inputs.items() if k != "use_cache"}, tmp_path / "inputs.pt")
+    assert reload_elsewhere([(str(out), str(tmp_path / "inputs.pt"), False)])[str(out)] == expected[0]
+    assert torch.equal(torch.load(out / "out.pt"), expected[1])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BOS_ID, TEXT_FAMILIES, all_params_digest, build, sample_inputs, save_folder
+from conftest import ALL_FAMILIES, BOS_ID, TEXT_FAMILIES, all_params_digest, build, sample_inputs, save_folder
 from cardhouse.capture import hook_name, record
 from cardhouse.models import load_model
 from cardhouse.models.adapters import get
@@ -203,6 +203,29 @@ def test_rescale_refuses_a_family_the_table_does_not_describe():
             mock.patch("cardhouse.models.adapters.Blocks.of", return_value=type(lm.blocks)(lm.model, adapter)):
         with pytest.raises(RescaleError, match="does not say what writes into"):
             plan_rescale(lm, 1)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_the_table_alone_says_where_the_rescale_is_refused(family):
+    """``check_rescalable`` (the command line's check from the config, before any weight loads) refuses exactly
+    the families whose loaded model the rescale refuses; post-norm BERT says why."""
+    from cardhouse.precision.rescale import check_rescalable
+
+    lm = build(family)
+    try:
+        check_rescalable(lm.blocks.adapter)
+        from_table = None
+    except RescaleError as e:
+        from_table = str(e)
+    try:
+        plan_rescale(lm, 1)
+        loaded = None
+    except RescaleError as e:
+        loaded = str(e)
+    assert from_table == loaded
+    assert (loaded is None) == (family in RESCALABLE)
+    if family == "bert":
+        assert "post-norm" in loaded and "change the function" in loaded
 
 
 @pytest.mark.parametrize("power", [-1, 1.5])

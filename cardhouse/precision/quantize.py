@@ -29,6 +29,7 @@ from torch import nn
 from ..analysis import find_massive_weights
 from ..capture.batches import batches
 from ..models.loading import LoadedModel
+from ..models.spec import ModelSpec
 from .rescale import edit_in_place
 
 ACT_GRANULARITIES = ("tensor", "token")
@@ -108,7 +109,7 @@ class Linear:
     in_axis: int
 
 
-def linear_layers(lm: LoadedModel) -> list[Linear]:
+def linear_layers(lm: LoadedModel | ModelSpec) -> list[Linear]:
     """Every linear map inside the blocks: ``nn.Linear`` (in: last axis), GPT-2 ``Conv1D`` (in: first axis),
     and 3-D expert tensors ``[expert, out, in]``."""
     found = []
@@ -176,8 +177,9 @@ class Scheme:
         return {**asdict(self), "name": self.name}
 
 
-def check_scheme(lm: LoadedModel, scheme: Scheme) -> None:
-    """Bad input that only the model can show: a group size that does not divide every input width."""
+def check_scheme(lm: LoadedModel | ModelSpec, scheme: Scheme) -> None:
+    """A group size that does not divide the input width of every quantized linear map; on a loaded model or on
+    a ``ModelSpec`` (its meta model has the shapes), so the command line refuses it before any weight loads."""
     if scheme.group:
         for lin in linear_layers(lm):
             width = lin.weight.shape[lin.in_axis]
@@ -224,11 +226,12 @@ def channel_maxima(lm: LoadedModel, token_lists, batch_size: int = 8) -> dict[st
     return maxima
 
 
-def find_targets(lm: LoadedModel, token_lists, *, k: int = 2, seed: int = 0) -> Targets:
+def find_targets(lm: LoadedModel, token_lists=None, *, k: int = 2, seed: int = 0) -> Targets:
     """The massive-weight rows and super weight (``find_massive_weights``) and the massive input channels
-    (max |a| >= ``MASSIVE_CHANNEL_RATIO`` x the median channel's) of every linear layer."""
+    (max |a| >= ``MASSIVE_CHANNEL_RATIO`` x the median channel's) of every linear layer over ``token_lists``
+    (None: no channels; the weight protections need none)."""
     mw = find_massive_weights(lm, k=k)
-    maxima = channel_maxima(lm, token_lists)
+    maxima = channel_maxima(lm, token_lists) if token_lists is not None else {}
     channels = {}
     for name, m in maxima.items():
         hits = (m >= MASSIVE_CHANNEL_RATIO * m.median()).nonzero().flatten().tolist()

@@ -91,6 +91,19 @@ def _check_scale_invariant(norm: nn.Module, name: str, power: int, d: int, dtype
             "change the function, so the rescale is refused")
 
 
+def check_rescalable(adapter) -> None:
+    """What the adapter table alone shows (so the command line refuses before any weight loads): the family's
+    residual stream must be read through norms only, and the table must name everything that writes into it."""
+    if adapter.post_norm:
+        raise RescaleError(f"{adapter.family} normalizes after the residual addition (post-norm): attention and FFN "
+                           "read the stream directly, not through a norm whose output ignores its input's scale, so "
+                           "dividing the stream would change the function; the rescale is refused")
+    if adapter.embeddings is None or adapter.writers is None or adapter.readers is None:
+        raise RescaleError(f"the adapter table does not say what writes into the {adapter.family} residual stream "
+                           "(Adapter.embeddings, writers, readers in cardhouse/models/adapters.py): refusing a "
+                           "rescale that could change the function")
+
+
 def plan_rescale(lm: LoadedModel, power: int) -> RescalePlan:
     """What ``rescaled(lm, power)`` would change, after checking it preserves the function (raises
     ``RescaleError`` with the reason otherwise)."""
@@ -102,10 +115,7 @@ def _plan(lm: LoadedModel, power: int):
         raise ValueError(f"power must be a non-negative integer (the stream is divided by 2^power), got {power!r}")
     model, blocks = lm.model, lm.blocks
     adapter = blocks.adapter
-    if adapter.embeddings is None or adapter.writers is None or adapter.readers is None:
-        raise RescaleError(f"the adapter table does not say what writes into the {adapter.family} residual stream "
-                           "(Adapter.embeddings, writers, readers in cardhouse/models/adapters.py): refusing a "
-                           "rescale that could change the function")
+    check_rescalable(adapter)
     tensors = [t for path in adapter.embeddings for t in _resolve(model, path, "the embedding")]
     norms = []
     width = (model.config.hidden_size, next(model.parameters()).dtype)

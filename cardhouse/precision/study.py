@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from ..evaluation.measure import Budget, measurer
 from ..interventions.variants import Variant, original, run_variants
 from ..models.loading import LoadedModel
-from .quantize import Scheme, Targets, check_scheme, quantized
+from .quantize import WEIGHT_PROTECTIONS, Scheme, Targets, check_scheme, quantized, quantized_weights
 
 WEIGHT_STUDY = ("none", "massive-rows", "random-rows", "super-weight", "random-weight")
 ACT_STUDY = ("none", "bos-kv", "random-kv", "massive-dims", "random-dims")
@@ -47,6 +47,41 @@ def study_schemes(weights: Sequence[str] = ("8", "4", "4g64"), acts: Sequence[st
         bits, gran = parse_act_spec(spec)
         schemes += [Scheme(act_bits=bits, act_granularity=gran, protect=p) for p in (ACT_STUDY if protect else ["none"])]
     return schemes
+
+
+FOLDABLE_PROTECTIONS = ("none",) + WEIGHT_PROTECTIONS
+
+
+def foldable_scheme(spec: str, protect: str = "none") -> Scheme:
+    """A weight scheme (``quantize --weights``' spec: 8, 4, 4g64) with an optional weight protection, for an
+    export: fake-quantized weights are weights. Activation schemes are refused: they act at run time."""
+    text = spec.strip().lower()
+    if ":" in text or text.startswith("a"):
+        raise ValueError(f"--quantize {spec}: quantizing activations acts on every forward pass (its scale comes from "
+                         "the input), so it has no form as weights and cannot be exported; export a weight scheme "
+                         "(8, 4, 4g64)")
+    if protect not in FOLDABLE_PROTECTIONS:
+        raise ValueError(f"--protect {protect}: an export keeps weights in full precision "
+                         f"({', '.join(FOLDABLE_PROTECTIONS)}); the activation protections need quantized "
+                         "activations, which cannot be exported")
+    bits, group = parse_weight_spec(spec)
+    return Scheme(weight_bits=bits, group=group, protect=protect)
+
+
+def quantize_variant(lm: LoadedModel, scheme: Scheme, targets: Targets | None = None) -> Variant:
+    """The block weights replaced by their fake-quantized values (``quantized_weights``: the study's quantizer and
+    protections), as a ``Variant`` an export folds in; ``targets`` is needed by a protection."""
+    if scheme.act_bits:
+        raise ValueError(f"{scheme.name} quantizes activations: not a weight edit")
+    if scheme.protect != "none" and targets is None:
+        raise ValueError(f"protection {scheme.protect!r} needs the targets (find_targets)")
+    kept = {"massive-rows": f"; rows {targets.rows} of layer {targets.layer}'s W_up/W_gate kept in full precision",
+            "super-weight": f"; the super weight W_down{list(targets.super_weight)} of layer {targets.layer} kept",
+            "random-rows": f"; {len(targets.rows)} random rows of layer {targets.layer} kept (a control)",
+            "random-weight": f"; one random W_down entry of layer {targets.layer} kept (a control)",
+            }.get(scheme.protect, "") if targets is not None else ""
+    return Variant(f"quantize {scheme.name}", f"every linear weight of the blocks fake-quantized (symmetric "
+                   f"round-to-nearest, {scheme.name}){kept}", lambda: quantized_weights(lm, scheme, targets))
 
 
 @dataclass
