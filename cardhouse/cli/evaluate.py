@@ -158,6 +158,7 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help=f"{
     scored against their references with ROUGE-L and chrF (GSM8K: also the final number; QA sets: exact match and
     F1 against the best gold answer), plus the reference's log-likelihood; no model judge is used."""
     from ..analysis import Criterion
+    from ..evaluation.metrics import metric_keys, metric_of
     from ..finetuning import generation
     from ..results import write_result
 
@@ -178,12 +179,12 @@ def generate_cmd(model: str = ModelOpt, n: int = typer.Option(8, "--n", help=f"{
         from rich.table import Table
 
         t = Table(title=f"{lm.name}: greedy answers to {n} {generation.DESCRIPTIONS[source]}")
-        extra = [(key, title) for key, title in (("exact_match", "exact match"), ("f1", "F1")) if key in rows[0]]
-        for column in ("variant", "ROUGE-L F1", "chrF", "ref. log-lik / token", *(title for _, title in extra)):
-            t.add_column(column, justify="left" if column == "variant" else "right")
+        metrics = metric_keys(rows[0])  # ROUGE-L, chrF, the reference's log-likelihood; exact match, F1 where given
+        t.add_column("variant", justify="left")
+        for key in metrics:
+            t.add_column(metric_of(key).title, justify="right")
         for row in rows:
-            t.add_row(row["variant"], f"{row['rouge_l']:.3f}", f"{row['chrf']:.1f}", f"{row['ref_loglik_per_token']:.3f}",
-                      *(f"{row[key]:.2f}" for key, _ in extra))
+            t.add_row(row["variant"], *(metric_of(key).format(row[key]) for key in metrics))
         console.print(t)
         console.print(f"note: {generation.NO_JUDGE}")
         console.print(f"wrote {folder / 'generation.json'}")
