@@ -107,7 +107,7 @@ def attack_cmd(kind: str = typer.Argument(..., help=KIND_HELP),
         lm = load(checked, bos)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
         if not mw.massive:
-            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            err.print(f"[yellow]warning:[/yellow] {mw.not_massive}")
         kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
@@ -142,7 +142,7 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
         variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
                                             percentile=percentile, fraction=fraction, criterion=criterion)
         if not mw.massive:
-            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            err.print(f"[yellow]warning:[/yellow] {mw.not_massive}")
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
                  f"rows {target.top}; super experts {target.super_experts}",
                  settings={"attack": kind, "k": k, "layer": layer, "expert": expert, "indices": chosen, "seed": seed,
