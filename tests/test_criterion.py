@@ -16,7 +16,8 @@ from cardhouse.cli import app
 from cardhouse.finetuning import NoMassiveWeightsError, detect_massive_rows
 
 DECIDING = {"scan": [], "attention": [], "trace": [], "attack": ["topk-zero"], "intervene": ["set-zero"], "sweep": [],
-            "report": [], "finetune": [], "finetune-compare": [], "moe": []}  # command -> its arguments
+            "report": [], "finetune": [], "finetune-compare": [], "moe": [], "longctx": [], "generate": [],
+            "encoder": ["--images", "builtin"]}  # command -> its arguments
 
 
 def test_a_criterion_says_what_it_means():

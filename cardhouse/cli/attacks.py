@@ -12,10 +12,10 @@ from ..analysis.moe import FRACTION, PERCENTILE
 from ..interventions.experts import MOE_ATTACKS
 from ..interventions.variants import ATTACKS, INTERVENTIONS, control_of
 from ..validation import validate
-from .common import (FRACTION_HELP, KS_HELP, PERCENTILE_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt,
-                     PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, check_streamed_run,
-                     clear_errors, console, context_opt, err, load, load_options, max_tokens_opt, parse_int_list,
-                     json_opt, window_tokens, writable_folder)
+from .common import (FRACTION_HELP, KS_HELP, PERCENTILE_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt,
+                     MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app,
+                     budget_from, check_streamed_run, clear_errors, console, context_opt, err, json_opt, load,
+                     load_options, max_tokens_opt, parse_int_list, window_tokens, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
 ContextOpt = context_opt(512)
@@ -107,7 +107,7 @@ def attack_cmd(kind: str = typer.Argument(..., help=KIND_HELP),
         lm = load(checked, bos)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
         if not mw.massive:
-            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            err.print(f"[yellow]warning:[/yellow] {mw.not_massive}")
         kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
@@ -128,7 +128,8 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
     from .moe import check_moe_options
 
     with clear_errors():
-        check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
+        check_moe_options(0.5, PERCENTILE if percentile is None else percentile,
+                          FRACTION if fraction is None else fraction)
         which = expert if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
         checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
                            max_tokens=max_tokens, task_limit=task_limit, percentile=percentile, fraction=fraction,
@@ -141,7 +142,7 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
         variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
                                             percentile=percentile, fraction=fraction, criterion=criterion)
         if not mw.massive:
-            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            err.print(f"[yellow]warning:[/yellow] {mw.not_massive}")
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
                  f"rows {target.top}; super experts {target.super_experts}",
                  settings={"attack": kind, "k": k, "layer": layer, "expert": expert, "indices": chosen, "seed": seed,

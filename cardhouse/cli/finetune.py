@@ -10,8 +10,8 @@ import typer
 from ..analysis import Criterion
 from ..validation import validate
 from .common import (LR_HELP, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
-                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load, load_options,
-                     max_tokens_opt, out_opt, batch_size_opt, writable_folder)
+                     TaskLimitOpt, TasksOpt, app, batch_size_opt, budget_from, clear_errors, console, context_opt, err,
+                     load, load_options, max_tokens_opt, out_opt, writable_folder)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
