@@ -56,7 +56,7 @@ def _click_command() -> str | None:
     return shlex.join(words)
 
 
-def envelope(results: Any, *, model: dict | str | None = None, settings: dict | None = None,
+def envelope(results: Any, *, model: dict | list[dict] | None = None, settings: dict | None = None,
              command: str | None = None, **extra: Any) -> dict:
     """The result envelope; ``extra`` keys (e.g. ``complete``, ``plots``) sit beside ``results``."""
     return {"tool": "cardhouse", "version": __version__, "command": command or command_line(),

@@ -142,6 +142,8 @@ CASES = [
     # longctx and generate (issue 16)
     ("longctx -m M --n 0", ["--n", ">= 1", "got 0"]),
     ("longctx -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
+    ("longctx -m M --min-ratio -2", ["--min-ratio", "> 0", "got -2"]),
+    ("generate -m M --relative --min-abs 5", ["ratio-only", "--min-ratio"]),
     ("longctx -m M --k 49", ["--k", R, "48 FFN neurons"]),
     ("generate -m M --n 0", ["--n", ">= 1"]),
     ("generate -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),

@@ -16,7 +16,13 @@ from cardhouse.cli import app
 from cardhouse.finetuning import NoMassiveWeightsError, detect_massive_rows
 
 DECIDING = {"scan": [], "attention": [], "trace": [], "attack": ["topk-zero"], "intervene": ["set-zero"], "sweep": [],
-            "report": [], "finetune": [], "finetune-compare": [], "moe": []}  # command -> its arguments
+            "report": [], "finetune": [], "finetune-compare": [], "moe": [], "longctx": [], "generate": [],
+            "encoder": ["--images", "builtin"]}  # command -> its arguments
+
+
+def test_a_criterion_says_what_it_means():
+    assert Criterion().describe() == "|a| > 100 and > 1000x the layer median"
+    assert Criterion.relative(50).describe() == "|a| > 50x the layer median"
 
 
 def test_options_give_the_default_relative_and_custom_criteria():

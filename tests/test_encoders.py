@@ -20,6 +20,7 @@ from cardhouse.analysis.massive_activations import scan_inputs
 from cardhouse.analysis.tokens import PromptInputs
 from cardhouse.capture import hook_name, record
 from cardhouse.cli import app
+from cardhouse.evaluation.metrics import metric_keys
 from cardhouse.encoders import ImageInputs, SentenceInputs, augmented, builtin_photos, encoder_inputs, load_images
 from cardhouse.encoders.analysis import (analyze_encoder, attention_on_carrier, carrier_weights, find_carrier,
                                          intervention_variants, norm_maps, run_interventions, token_profile)
@@ -222,6 +223,10 @@ def test_interventions_restore_the_weights_and_break_only_what_they_should(plant
     assert by["set-zero"]["cos_mean"] < 0.9  # the CLS output without its planted value
     assert by["set-mean"]["cos_min"] > 0.999  # the value is nearly the same in every image
     assert by["topk-zero k=1"]["cos_mean"] < 0.9 and by["random-zero k=1"]["cos_min"] > 0.99
+    # typed rows from the attack registry, and their measures picked by spec
+    assert (by["random-zero k=1"]["kind"], by["random-zero k=1"]["control_of"], by["topk-zero k=1"]["k"]) == \
+        ("random-zero", "topk-zero", 1)
+    assert metric_keys(rows[0]) == ["cos_mean", "cos_min"]
 
 
 def test_attention_on_the_carrier_is_a_distribution_share(planted):

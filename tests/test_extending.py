@@ -14,7 +14,7 @@ from cardhouse.analysis import find_massive_weights
 from cardhouse.cli import app
 from cardhouse.data.corpora import CORPORA, Corpus
 from cardhouse.evaluation.measure import Budget, measurer
-from cardhouse.evaluation.metrics import METRICS, MetricSpec, curve_metrics, metric_keys, metric_of
+from cardhouse.evaluation.metrics import METRICS, PPL, MetricSpec, curve_metrics, metric_keys, metric_of
 from cardhouse.interventions import ATTACKS, AttackSpec, Edit, attack, overwrite_slices, run_variants, sweep_attacks
 from cardhouse.interventions.sweep import sweep_table, sweep_variants
 from cardhouse.reports.plots import plot_sweep
@@ -79,10 +79,11 @@ def test_the_cli_accepts_a_registered_attack(registered):
 
 def mean_nll(lm, budget, progress):
     """lm -> {nll_<corpus>: mean negative log-likelihood per predicted token}, on the budget's corpora."""
-    ppl = METRICS["ppl"].measure(lm, budget, progress)
+    ppl = PPL.measure(lm, budget, progress)
     if ppl is None:
         return None
-    return lambda lm: {f"nll_{key[4:]}": math.log(value) for key, value in ppl(lm).items() if key.startswith("ppl_")}
+    return lambda lm: {NLL.key(PPL.source(key)): math.log(value) for key, value in ppl(lm).items()
+                       if metric_of(key) is PPL}
 
 
 NLL = MetricSpec("nll", "mean NLL", higher_is_better=False, unit="nats/token", per="corpus", fmt=".4f", measure=mean_nll)

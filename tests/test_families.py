@@ -473,6 +473,7 @@ def test_find_massive_weights_is_well_formed(text_lm):
         assert mw.expert is None
     assert mw.to_dict()["n_weights"] == mw.n_weights
     assert not mw.massive and any(n.startswith("no massive activation") for n in mw.notes)  # random weights
+    assert mw.not_massive in mw.notes and "layer" in mw.not_massive  # the note a command warns with
 
 
 def test_find_massive_weights_k_out_of_range_names_the_size(tiny):

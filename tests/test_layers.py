@@ -4,6 +4,7 @@ goes to its own package or to a lower layer, never up and never sideways between
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import cardhouse
@@ -69,14 +70,6 @@ FUNCTION_LOCAL = {
     ("cardhouse.reports.context", "cardhouse.reports.settings"),  # annotation: settings -> steps -> context
     ("cardhouse.evaluation.perplexity", "cardhouse.evaluation.streamed"),  # streamed imports perplexity
     ("cardhouse.evaluation.zeroshot", "cardhouse.evaluation.lm_backend"),  # lm_backend imports lm-eval
-    # not yet moved (no cycle; these modules were being rewritten at the time)
-    ("cardhouse.evaluation.lm_backend", "cardhouse.models.streaming"),
-    ("cardhouse.evaluation.lm_backend", "cardhouse.models"),
-    ("cardhouse.evaluation.lm_backend", "cardhouse.evaluation.zeroshot"),
-    ("cardhouse.evaluation.lm_backend", "cardhouse.models.placement"),
-    ("cardhouse.finetuning.generation", "cardhouse._install"),
-    ("cardhouse.finetuning.generation", "cardhouse.evaluation.zeroshot"),
-    ("cardhouse.finetuning.generation", "cardhouse.finetuning.data"),
 }
 
 
@@ -92,6 +85,50 @@ def test_no_import_goes_up_a_layer_or_sideways():
         if src != dst and RANK[dst] >= RANK[src]:
             bad.append(f"{path}:{line}: {importer} ({src}) imports {imported} ({dst})")
     assert not bad, "\n".join(bad)
+
+
+def private_imports() -> list[str]:
+    """Every import of a ``_private`` name (``from cardhouse.x import _name``, or ``module._name`` on an imported
+    cardhouse module) that crosses from one cardhouse package to another."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = ("cardhouse",) + path.relative_to(ROOT).with_suffix("").parts
+        package, module = parts[:-1], ".".join(parts if parts[-1] != "__init__" else parts[:-1])
+        tree, names = ast.parse(path.read_text()), {}  # local name -> the cardhouse module or name it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("cardhouse")):
+                base = ".".join(list(package[: len(package) - (node.level - 1)]) + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                for alias in node.names:
+                    names[alias.asname or alias.name] = f"{base}.{alias.name}"
+                    if _private(alias.name) and _unit(base) != _unit(module):
+                        found.append(f"{path}:{node.lineno}: {module} imports {alias.name} from {base}")
+            elif isinstance(node, ast.Import):
+                names.update({a.asname or a.name: a.name for a in node.names if a.name.startswith("cardhouse")})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name) \
+                    and node.value.id in names and _unit(names[node.value.id]) != _unit(module):
+                found.append(f"{path}:{node.lineno}: {module} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_package_uses_another_packages_private_names():
+    assert not private_imports(), "\n".join(private_imports())
+
+
+def test_the_private_name_walk_sees_a_private_import(tmp_path, monkeypatch):
+    # a package that reaches into another's private name must be found, or the test above checks nothing
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "x.py").write_text("from ..analysis.massive_weights import _rows\n"
+                                                  "from ..evaluation import metrics\nmetrics._ok\n"
+                                                  "from .. import analysis\nanalysis._bad\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    found = private_imports()
+    assert len(found) == 2 and "_rows" in found[0] and "analysis._bad" in found[1], found
 
 
 def test_function_local_imports_only_where_needed():

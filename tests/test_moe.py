@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import BOS_ID, MOE_FAMILIES, all_params_digest, bos_mlp_input, forward, sample_inputs, text_config
 from cardhouse.analysis import find_massive_weights
-from cardhouse.capture import hook_name, record
+from cardhouse.capture import MOE_POINTS, hook_name, hooks, parse_hook_name, record
 from cardhouse.analysis.moe import analyze_moe, super_expert_rule
-from cardhouse.interventions.experts import (EXPERT_ATTACKS, MOE_ATTACKS, ON_OTHER_EXPERT, ExpertTarget, expert_attack,
+from cardhouse.interventions.experts import (EXPERT_ATTACKS, MOE_ATTACKS, OTHER, ExpertTarget, expert_attack,
                                              prune_experts, random_experts, route_around)
 from cardhouse.interventions.weights import weights_digest, zero_rows
 from cardhouse.models.adapters import ADAPTERS, SHARED, UnsupportedModelError
@@ -31,6 +31,7 @@ CARRIER_LAYER, CARRIER_EXPERT, NEURON, DIM = 1, 2, 5, 7
 SUPER_LAYER, SUPER_EXPERT = 3, 6
 MIXED = {"qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}  # may mix dense and MoE layers: layer 0 is dense
 SHARED_FAMILIES = {"qwen2_moe", "deepseek_v2", "deepseek_v3"}
+ON_OTHER_EXPERT = {"expert-other-zero", "expert-other-retain", "random-expert-ablate"}  # the controls on another expert
 
 
 def build_moe(family: str, tokenizer, seed: int = 0):
@@ -125,6 +126,30 @@ def test_super_expert_is_found_exactly(planted, analysis):
     assert bool(looser.super_experts["shared"]) == (planted.family in SHARED_FAMILIES)
 
 
+def test_moe_hook_points_hand_over_the_routers_decision_and_the_experts_inputs(planted):
+    """The named MoE points (capture.moe) that the analysis reads, attached per batch like any hook point."""
+    blocks, inputs = planted.blocks, sample_inputs(planted)
+    tokens = inputs["input_ids"].numel()
+    points = [p for p in MOE_POINTS if p != "mlp.hook_shared_out" or planted.family in SHARED_FAMILIES]
+    seen = {}
+    with hooks(planted.model, {hook_name(CARRIER_LAYER, p): lambda name, v: seen.setdefault(name, v) for p in points}):
+        forward(planted, inputs)
+    assert all(parse_hook_name(hook_name(CARRIER_LAYER, p)) == (CARRIER_LAYER, p) for p in MOE_POINTS)
+    logits, weights, chosen = seen[hook_name(CARRIER_LAYER, "mlp.hook_router")]
+    x, routed_to, _ = seen[hook_name(CARRIER_LAYER, "mlp.hook_experts_in")]
+    assert logits.shape == (tokens, N_EXPERTS) and chosen.shape == weights.shape == (tokens, 2)
+    assert x.shape == (tokens, planted.model.config.hidden_size) and torch.equal(routed_to, chosen)
+    assert CARRIER_EXPERT in chosen[0].tolist()  # the BOS token (the first of the flattened batch x position)
+    if planted.family in SHARED_FAMILIES:
+        assert seen[hook_name(CARRIER_LAYER, "mlp.hook_shared_out")].shape[-1] == planted.model.config.hidden_size
+    modules = [blocks.mlp_part(CARRIER_LAYER, part) for part in ("router", "experts")]
+    assert not any(m._forward_hooks for m in modules)  # detached after the block
+    if planted.family in MIXED:  # layer 0 is dense: no router to hook
+        with pytest.raises(ValueError, match="no Mixture-of-Experts layer"), \
+                hooks(planted.model, {hook_name(0, "mlp.hook_router"): lambda name, v: None}):
+            pass
+
+
 def test_super_expert_rule_needs_both_thresholds():
     maxima = {(0, 0): 100.0, (0, 1): 9.0, (1, 0): 1.0, (1, 1): 0.5} | {(2, e): 0.1 for e in range(100)}
     flagged, cut = super_expert_rule(maxima, percentile=97, fraction=0.1)
@@ -171,6 +196,40 @@ def test_attacks_hit_only_the_planted_experts(planted, analysis):
     assert changes["expert-random-retain"] > 100 * changes["expert-topk-retain"], changes
     assert changes["expert-random-retain"] > 100 * changes["expert-other-retain"], changes
     assert torch.equal(forward(planted, sample_inputs(planted)), before)
+
+
+def test_adding_an_moe_attack_is_one_entry(tokenizer):
+    """The MoE registry's tables (controls in table order, which entries aim at another expert) are derived from
+    the entries: one ``register_expert_attack`` each adds an attack and its control to ``attack moe``."""
+    from cardhouse.interventions import Edit, ExpertAttackSpec, moe_variants, register_expert_attack
+
+    assert {k for k, spec in EXPERT_ATTACKS.items() if spec.aims_at == OTHER} == ON_OTHER_EXPERT
+    assert MOE_ATTACKS == {"expert-topk-zero": ("expert-random-zero", "expert-other-zero"),
+                           "expert-topk-retain": ("expert-random-retain", "expert-other-retain"),
+                           "expert-ablate": ("random-expert-ablate",), "super-experts": ("random-experts",)}
+
+    def top1(t):
+        return Edit(f"zero row {t.top[0]} of expert {t.expert}", lambda: zero_rows(t.lm, t.layer, t.top[:1],
+                                                                                  expert=t.expert), t.top[:1])
+
+    lm = build_moe("mixtral", tokenizer)
+    plant(lm)
+    try:
+        register_expert_attack(ExpertAttackSpec("expert-top1-zero", "zero the top row", top1, takes_k=False,
+                                                controls=("expert-other-top1-zero",)))
+        register_expert_attack(ExpertAttackSpec("expert-other-top1-zero", "control", top1, takes_k=False,
+                                                aims_at=OTHER))
+        variants, target, _ = moe_variants(lm, "moe", k=1)
+        by_kind = {v.kind: v for v in variants}
+        assert [v.kind for v in variants][-2:] == ["expert-top1-zero", "expert-other-top1-zero"]
+        attack, control = by_kind["expert-top1-zero"], by_kind["expert-other-top1-zero"]
+        assert (attack.expert, attack.indices, attack.control_of) == (CARRIER_EXPERT, (NEURON,), None)
+        assert (control.expert, control.control_of) == (target.other, "expert-top1-zero")
+    finally:
+        for name in ("expert-top1-zero", "expert-other-top1-zero"):
+            EXPERT_ATTACKS.pop(name, None)
+        register_expert_attack(EXPERT_ATTACKS["random-experts"])  # the derived tables again without them
+    assert list(MOE_ATTACKS) == ["expert-topk-zero", "expert-topk-retain", "expert-ablate", "super-experts"]
 
 
 def test_route_around_routes_as_if_the_expert_never_scored(planted):

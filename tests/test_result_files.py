@@ -159,6 +159,19 @@ def test_every_schema_is_a_valid_schema_and_every_kind_is_checked():
     assert sorted({kind for kinds_ in KIND.values() for kind in kinds_}) == kinds()
 
 
+NO_RESULT_FILE = {"models", "download", "memory"}  # they print (a list, what they installed, a memory estimate)
+
+
+def test_every_command_that_writes_a_result_file_is_checked():
+    # a new command gets a row in ``written`` and ``KIND`` (its files validated against their schemas) or, if it
+    # writes no result file, a place in NO_RESULT_FILE: never neither
+    import typer.main
+
+    commands = set(typer.main.get_command(app).commands)
+    assert commands - NO_RESULT_FILE == {name.removesuffix("-moe") for name in KIND}, \
+        sorted((commands - NO_RESULT_FILE) ^ {name.removesuffix("-moe") for name in KIND})
+
+
 @pytest.mark.parametrize("command", list(KIND))
 def test_each_command_writes_files_its_schemas_accept(written, command):
     for path, kind in zip(written[command], KIND[command], strict=True):

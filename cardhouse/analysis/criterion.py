@@ -51,5 +51,10 @@ class Criterion:
         median over the prompt's tokens of their largest |h|."""
         return max(self.threshold(median), self.token_ratio * median_token_max)
 
+    def describe(self) -> str:
+        """What massive means here, for texts and tables: ``|a| > 100 and > 1000x the layer median``."""
+        ratio = f"{self.min_ratio:g}x the layer median"
+        return f"|a| > {self.min_abs:g} and > {ratio}" if self.min_abs > 0 else f"|a| > {ratio}"
+
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,6 +26,7 @@ from .tokens import roles
 
 CARRIER_SHARE = 0.5  # position 0 stays the carrier while its |a| is at least this share of the largest
 _TRACE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in", "mlp.hook_out")
+NOT_MASSIVE = "no massive activation on the first token"  # how the note that says so begins
 
 
 @dataclass
@@ -55,6 +56,11 @@ class MassiveWeights:
     def n_weights(self) -> int:
         """2 * k * d numbers for a gated FFN (the W_up and W_gate rows), k * d otherwise."""
         return (2 if self.gated else 1) * self.k * self.rows[0]["d_model"] if self.rows else 0
+
+    @property
+    def not_massive(self) -> str | None:
+        """Why the rows found are not massive weights (the carrier holds no massive activation), or None."""
+        return None if self.massive else next((n for n in self.notes if n.startswith(NOT_MASSIVE)), NOT_MASSIVE)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "n_weights": self.n_weights}
@@ -165,7 +171,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     peak = float(middle_state[dim].abs())
     massive = is_massive(peak)
     if not massive:
-        notes.append(f"no massive activation on the first token (layer {middle}: |a| = {peak:.3g} in dim {dim}, "
+        notes.append(f"{NOT_MASSIVE} (layer {middle}: |a| = {peak:.3g} in dim {dim}, "
                      f"{peak / max(median, 1e-30):.3g} x the median): the rows found are the largest, not massive "
                      "weights; give the layer and indices yourself if you know them")
     sign = 1.0 if middle_state[dim] >= 0 else -1.0
@@ -203,7 +209,7 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
     # Yu et al.: the row of the down projection's output spike, the column of its input spike (carrier token)
     sw_row, sw_column = int(at(layer, "mlp.hook_out")[0].abs().argmax()), indices[0]
     with torch.no_grad(), (streamer.block(layer) if streamer is not None else nullcontext()):
-        rows = _describe_rows(lm, layer, expert, indices, dim)
+        rows = describe_rows(lm, layer, expert, indices, dim)
         sw_value = float(blocks.down_weight(layer, expert)[sw_row, sw_column].detach())
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     return MassiveWeights(
@@ -215,7 +221,10 @@ def find_massive_weights(lm: LoadedModel, prompts: list[str] | str = "builtin", 
         trace=trace, intermediate_size=size, massive=massive, notes=notes, carrier=carrier, experts=experts)
 
 
-def _describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:
+def describe_rows(lm: LoadedModel, layer: int, expert: int | None, indices: list[int], dim: int) -> list[dict]:
+    """The massive-weight rows ``indices`` of ``layer``'s FFN (``expert``'s on an MoE layer): the norm of each
+    row of the input matrices, of the matching W_down column, and W_down's entry in the massive dimension ``dim``
+    (shared with the encoder analysis, whose carrier is found differently)."""
     blocks = lm.blocks
     down = blocks.down_weight(layer, expert)  # [d_model, d_intermediate]
     slices = blocks.neuron_slices(layer, expert)

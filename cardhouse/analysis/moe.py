@@ -6,22 +6,20 @@ probability near 1 in the layer whose FFN writes the massive activation, and the
 are rows of that expert. Su et al. (2025, "Unveiling Super Experts in Mixture-of-Experts LLMs")
 find a few experts whose down-projection outputs are extreme; pruning them breaks the model.
 
-The router's logits and the experts' inputs (tokens, chosen experts, weights) are read with hooks
-on the model's own modules. Only the per-expert down-projection outputs are recomputed, for the
+The router's logits and the experts' inputs (tokens, chosen experts, weights) are read at the MoE hook
+points (``capture.moe``), attached per batch like any named hook. Only the per-expert down-projection outputs are recomputed, for the
 tokens routed to each expert: 3-D expert tensors have no module boundary per expert. Every
 statistic is a running sum or maximum, so the calibration set can be as long as one likes.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..capture import hook_name, run_batches, tokenize_prompts
+from ..capture import hook_name, parse_hook_name, run_batches, tokenize_prompts
 from ..models.adapters import SHARED
 from ..models.loading import LoadedModel
 from ..models.offload import shapes_only
@@ -33,45 +31,6 @@ from .prompts import load_prompts
 CARRIER = 0  # the carrier token's position: BOS, or the first token without one
 PERCENTILE, FRACTION = 99.5, 0.1  # Su et al.'s super-expert rule (both options)
 COLLAPSE = 0.9  # the carrier's routing has collapsed where its top-1 probability reaches this
-
-
-@contextmanager
-def moe_hooks(lm: LoadedModel, *, router: Callable | None = None, experts: Callable | None = None,
-              shared: Callable | None = None) -> Iterator[None]:
-    """Forward hooks on every MoE layer, always removed after the block:
-
-    ``router(layer, logits, weights, chosen)`` with the router's outputs ``[tokens, experts]``,
-    ``[tokens, top_k]``, ``[tokens, top_k]``; ``experts(layer, x, chosen, weights)`` with the experts
-    module's inputs; ``shared(layer, out)`` with the shared expert's down-projection output.
-    Tokens are the flattened ``batch x position``.
-    """
-    blocks = lm.blocks
-    routing_of(blocks.adapter)  # a clear error for a dense model or an undescribed router
-    handles = []
-
-    def attach(module, fn, layer, unpack):
-        def read(mod, args, kwargs, out):  # returns None: these hooks only read
-            fn(layer, *unpack(args, kwargs, out))
-
-        handles.append(module.register_forward_hook(read, with_kwargs=True))
-
-    def expert_inputs(args, kwargs, out):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[n] for n in names[len(args):]]
-        return values[:3]
-
-    try:
-        for layer in blocks.moe_layers:
-            if router:
-                attach(blocks.mlp_part(layer, "router"), router, layer, lambda a, k, out: out[:3])
-            if experts:
-                attach(blocks.mlp_part(layer, "experts"), experts, layer, expert_inputs)
-            if shared and blocks.ffn(layer).shared_expert:
-                attach(blocks.mlp_part(layer, "down", SHARED), shared, layer, lambda a, k, out: (out,))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -193,49 +152,50 @@ def analyze_moe(lm: LoadedModel, prompts: list[str] | str = "builtin", *, k: int
     shared_max = {l: _Max() for l in layers if blocks.ffn(l).shared_expert}
     top_k = {}
 
-    now: dict = {}  # the batch being run, for the module hooks
-
     def hooks_for(batch):
+        # every hook reads its batch from this closure: a streamed model runs every batch through block l before
+        # block l + 1 (block-major), an ordinary one batch by batch, and the hooks are attached per batch
         mask = batch.attention_mask.bool()
-        valid = mask.flatten()
+        width, valid = mask.shape[1], mask.flatten()
         carrier = torch.zeros_like(mask)
         carrier[:, CARRIER] = True
         carrier = carrier.flatten() & valid
-        state = dict(batch=batch, width=mask.shape[1], valid=valid, carrier=carrier, ordinary=valid & ~carrier)
+        groups_of = {"carrier": carrier, "ordinary": valid & ~carrier}
 
-        def entering(name, h):  # reads only: the MoE hooks below are attached for the whole run
-            now.update(state)
+        def on_router(name, outputs):
+            logits, _, chosen = outputs
+            layer = parse_hook_name(name)[0]
+            top_k[layer] = chosen.shape[-1]
+            probs = routing.probabilities(logits)
+            for group, rows in groups_of.items():
+                rows = rows.to(probs.device)
+                groups[layer][group].add(probs[rows], chosen[rows.to(chosen.device)])
 
-        # the batch is made current as it enters each MoE block, not when its pass starts: a streamed model
-        # runs every batch through block l before block l + 1 (block-major), an ordinary one batch by batch
-        return {hook_name(l, "hook_resid_pre"): entering for l in layers}
+        def on_experts(name, inputs):
+            x, chosen, _ = inputs
+            layer = parse_hook_name(name)[0]
+            # Blocks.intermediate's computation, with the 3-D tensors fetched once per call: a model dispatched by
+            # accelerate keeps them on the CPU or on disk between forward passes (``get`` finds them there)
+            fused, down = blocks.mlp_part(layer, "up"), blocks.mlp_part(layer, "down")
+            act, here = blocks.mlp_part(layer, "act"), valid.to(chosen.device)
+            for expert in chosen[here].unique().tolist():
+                if not 0 <= expert < n_experts[layer]:
+                    continue  # some implementations pad with an index past the last expert
+                rows = (here & (chosen == expert).any(-1)).nonzero().flatten()
+                gate, up = nn.functional.linear(x[rows.to(x.device)], fused[expert].to(x.device)).chunk(2, dim=-1)
+                out = nn.functional.linear(act(gate) * up, down[expert].to(x.device))
+                maxima[(layer, expert)].add(out, rows.cpu(), batch, width)
 
-    def on_router(layer, logits, weights, chosen):
-        top_k[layer] = chosen.shape[-1]
-        probs = routing.probabilities(logits)
-        for name in ("carrier", "ordinary"):
-            rows = now[name].to(probs.device)
-            groups[layer][name].add(probs[rows], chosen[rows.to(chosen.device)])
+        def on_shared(name, out):
+            rows = valid.nonzero().flatten()
+            shared_max[parse_hook_name(name)[0]].add(out.reshape(-1, out.shape[-1])[rows.to(out.device)], rows,
+                                                     batch, width)
 
-    def on_experts(layer, x, chosen, weights):
-        # Blocks.intermediate's computation, with the 3-D tensors fetched once per call: a model dispatched by
-        # accelerate keeps them on the CPU or on disk between forward passes (``get`` finds them there)
-        fused, down = blocks.mlp_part(layer, "up"), blocks.mlp_part(layer, "down")
-        act, valid = blocks.mlp_part(layer, "act"), now["valid"].to(chosen.device)
-        for expert in chosen[valid].unique().tolist():
-            if not 0 <= expert < n_experts[layer]:
-                continue  # some implementations pad with an index past the last expert
-            rows = (valid & (chosen == expert).any(-1)).nonzero().flatten()
-            gate, up = nn.functional.linear(x[rows.to(x.device)], fused[expert].to(x.device)).chunk(2, dim=-1)
-            out = nn.functional.linear(act(gate) * up, down[expert].to(x.device))
-            maxima[(layer, expert)].add(out, rows.cpu(), now["batch"], now["width"])
+        return {**{hook_name(l, "mlp.hook_router"): on_router for l in layers},
+                **{hook_name(l, "mlp.hook_experts_in"): on_experts for l in layers},
+                **{hook_name(l, "mlp.hook_shared_out"): on_shared for l in shared_max}}
 
-    def on_shared(layer, out):
-        rows = now["valid"].nonzero().flatten()
-        shared_max[layer].add(out.reshape(-1, out.shape[-1])[rows.to(out.device)], rows, now["batch"], now["width"])
-
-    with moe_hooks(lm, router=on_router, experts=on_experts, shared=on_shared):
-        run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="MoE")
+    run_batches(lm, token_lists, hooks_for, batch_size=batch_size, progress=progress, desc="MoE")
     router = []
     for l in layers:
         router.append({"layer": l, "n_experts": n_experts[l], "top_k": top_k.get(l, 0),

@@ -21,7 +21,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from ..capture import PromptBatch, hook_name, hooks, run_batches, tokenize_prompts
+from ..capture import PromptBatch, hook_name, hooks, parse_hook_name, run_batches, tokenize_prompts
 from ..models.adapters import UnsupportedModelError
 from ..models.loading import LoadedModel
 from .prompts import load_prompts
@@ -153,12 +153,12 @@ def down_maxima(lm: LoadedModel, prompts: list[str] | None = None, *, images: to
         inputs: dict[int, torch.Tensor] = {}
 
         def on_input(name, acts):  # fires before the same layer's output hook
-            layer = int(name.split(".")[1])
+            layer = parse_hook_name(name)[0]
             inputs[layer] = acts
             _update(maxima[layer].input, acts, mask, batch)
 
         def on_output(name, acts):
-            layer = int(name.split(".")[1])
+            layer = parse_hook_name(name)[0]
             if layer == 0:
                 tokens[0] += int(mask.sum()) if mask is not None else acts.shape[0] * acts.shape[1]
             new = _update(maxima[layer].output, acts, mask, batch)

@@ -11,7 +11,8 @@
 
 and inside attention (``capture.attention``): ``blocks.{l}.attn.hook_q``, ``attn.hook_k``, ``attn.hook_v``
 (per head, after q/k norms and rotary), ``attn.hook_scores`` (pre-softmax logits) and ``attn.hook_pattern``
-(probabilities).
+(probabilities); on Mixture-of-Experts layers (``capture.moe``, read only): ``blocks.{l}.mlp.hook_router``,
+``mlp.hook_experts_in`` and ``mlp.hook_shared_out``.
 
 A hook function gets ``(name, tensor)`` and may return a tensor to replace it.
 """
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import Blocks
-from . import attention
+from . import attention, moe
 from .attention import HookFn
 
 # point -> (part of the block, whether the hooked tensor is that module's input or output)
@@ -53,9 +54,9 @@ def all_hook_names(model: nn.Module, point: str) -> list[str]:
 
 def parse_hook_name(name: str) -> tuple[int, str]:
     match = _NAME.fullmatch(name)
-    if not match or match.group(2) not in (*POINTS, *attention.POINTS):
+    if not match or match.group(2) not in (*POINTS, *attention.POINTS, *moe.POINTS):
         raise ValueError(f"unknown hook name {name!r}; names look like blocks.3.hook_resid_post, "
-                         f"with points {', '.join((*POINTS, *attention.POINTS))}")
+                         f"with points {', '.join((*POINTS, *attention.POINTS, *moe.POINTS))}")
     return int(match.group(1)), match.group(2)
 
 
@@ -90,6 +91,9 @@ def hooks(model: nn.Module, fns: dict[str, HookFn] | Iterable[tuple[str, HookFn]
             layer, point = parse_hook_name(name)
             if point in attention.POINTS:
                 inside.append((blocks.check_layer(layer), point, name, fn))
+                continue
+            if point in moe.POINTS:
+                handles.append(moe.attach(blocks, blocks.check_layer(layer), point, name, fn))
                 continue
             part, side = POINTS[point]
             module = _module(blocks, layer, part)

@@ -8,11 +8,14 @@ from typing import Optional
 
 import typer
 
+from ..analysis.moe import FRACTION, PERCENTILE
+from ..interventions.experts import MOE_ATTACKS
+from ..interventions.variants import ATTACKS, INTERVENTIONS, control_of
 from ..validation import validate
-from .common import (KS_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt,
-                     PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, budget_from, check_streamed_run,
-                     clear_errors, console, context_opt, err, load, load_options, max_tokens_opt, parse_int_list,
-                     window_tokens, writable_folder)
+from .common import (FRACTION_HELP, KS_HELP, PERCENTILE_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt,
+                     MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app,
+                     budget_from, check_streamed_run, clear_errors, console, context_opt, err, json_opt, load,
+                     load_options, max_tokens_opt, parse_int_list, window_tokens, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
 ContextOpt = context_opt(512)
@@ -55,35 +58,37 @@ def _measure(lm, variants, budget, json_path: Path | None, title: str, settings:
         console.print(f"wrote {json_path}")
 
 
+# from the registries: a new attack (or control) is listed here too
+KIND_HELP = (f"a registered attack ({', '.join(a for a in ATTACKS if control_of(a) is None)}; the controls "
+             f"{', '.join(a for a in ATTACKS if control_of(a))}), or 'all' for every attack and the activation "
+             f"interventions ({', '.join(INTERVENTIONS)}); Mixture of Experts: {', '.join(MOE_ATTACKS)} (each with its "
+             f"controls), or 'moe' for all {len(MOE_ATTACKS)}")
+
+
 @app.command("attack")
 @load_options
-def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-zero, topk-retain, super-weight, "
-                                                    "their controls random-zero, random-retain, random-weight), or "
-                                                    "'all' for every attack and the activation interventions; "
-                                                    "Mixture of Experts: expert-topk-zero, expert-topk-retain, "
-                                                    "expert-ablate, super-experts (each with its controls), or "
-                                                    "'moe' for all four"),
+def attack_cmd(kind: str = typer.Argument(..., help=KIND_HELP),
                model: str = ModelOpt, k: int = KOpt, layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
                expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
                                                     "default: the carrier's)"),
-               percentile: Optional[float] = typer.Option(None, help="MoE super experts: percentile rule (99.5)"),
-               fraction: Optional[float] = typer.Option(None, help="MoE super experts: fraction of the layer max "
-                                                        "(0.1)"),
+               percentile: Optional[float] = typer.Option(None, help=f"{PERCENTILE_HELP} (MoE attacks; default "
+                                                          f"{PERCENTILE:g})"),
+               fraction: Optional[float] = typer.Option(None, help=f"{FRACTION_HELP} (MoE attacks; default "
+                                                        f"{FRACTION:g})"),
                seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = TokensOpt,
                context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
                min_abs: Optional[float] = MinAbsOpt,
                min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
-               json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
+               json_path: Optional[Path] = json_opt("none: nothing written")):
     """Evaluate a House of Cards weight attack against the unedited model and its random control."""
-    from ..interventions.experts import MOE_ATTACKS
 
     if kind == "moe" or kind in MOE_ATTACKS:
         return _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, seed, corpus, max_tokens,
                            context, task, task_limit, (min_abs, min_ratio, relative), bos, json_path)
     from ..analysis import Criterion, find_massive_weights
     from ..analysis import scan as run_scan
-    from ..interventions import ATTACKS, attack, get_attack, intervention, original
+    from ..interventions import attack, get_attack, intervention, original
 
     with clear_errors():
         if kind != "all":
@@ -102,7 +107,7 @@ def attack_cmd(kind: str = typer.Argument(..., help="a registered attack (topk-z
         lm = load(checked, bos)
         mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
         if not mw.massive:
-            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            err.print(f"[yellow]warning:[/yellow] {mw.not_massive}")
         kinds = list(ATTACKS) if kind == "all" else [kind] + [c for c in [ATTACKS[kind].control] if c]
         variants = [original()] + [attack(lm, mw, kd, k=k, indices=chosen, seed=seed) for kd in kinds]
         if kind == "all":
@@ -123,7 +128,8 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
     from .moe import check_moe_options
 
     with clear_errors():
-        check_moe_options(0.5, 99.5 if percentile is None else percentile, 0.1 if fraction is None else fraction)
+        check_moe_options(0.5, PERCENTILE if percentile is None else percentile,
+                          FRACTION if fraction is None else fraction)
         which = expert if expert in (None, "shared") else parse_int_list(expert, "--expert")[0]
         checked = validate(model, files={"--json": json_path}, k=k, layer=layer, indices=indices, context=context,
                            max_tokens=max_tokens, task_limit=task_limit, percentile=percentile, fraction=fraction,
@@ -136,7 +142,7 @@ def _moe_attack(kind, model, k, layer, indices, expert, percentile, fraction, se
         variants, target, mw = moe_variants(lm, kind, k=k, layer=layer, expert=which, indices=chosen, seed=seed,
                                             percentile=percentile, fraction=fraction, criterion=criterion)
         if not mw.massive:
-            err.print(f"[yellow]warning:[/yellow] {next(n for n in mw.notes if n.startswith('no massive'))}")
+            err.print(f"[yellow]warning:[/yellow] {mw.not_massive}")
         _measure(lm, variants, budget, json_path, f"{lm.name}: layer {target.layer}, expert {target.expert}, "
                  f"rows {target.top}; super experts {target.super_experts}",
                  settings={"attack": kind, "k": k, "layer": layer, "expert": expert, "indices": chosen, "seed": seed,
@@ -155,7 +161,7 @@ def intervene_cmd(kind: str = typer.Argument(..., help="set-zero or set-mean"), 
                   task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
                   min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
                   relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
-                  json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here")):
+                  json_path: Optional[Path] = json_opt("none: nothing written")):
     """Set the massive activations to zero or to their mean (Sun et al. Sec. 4.1) and measure the model."""
     from ..analysis import Criterion
     from ..analysis import scan as run_scan
@@ -191,7 +197,7 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
     and retaining with their random controls (sweep.png; per task: sweep_tasks.png and sweep_tasks.md); resumes
     if interrupted."""
     from ..evaluation.measure import measurer
-    from ..evaluation.metrics import curve_metrics
+    from ..evaluation.metrics import ACC, curve_metrics
     from ..analysis import Criterion
     from ..interventions.sweep import resumable_sweep, sweep_settings, sweep_table, task_table
     from ..journal import Journal
@@ -221,7 +227,7 @@ def sweep_cmd(model: str = ModelOpt, ks: Optional[str] = typer.Option(None, "--k
         png = plot_sweep(curves, folder / "sweep.png", title)
         plots = {"sweep": str(png)}
         if budget.tasks:  # Fig. 4 per task, and the table beside it
-            plots["tasks"] = str(plot_sweep({f"acc_{t}": sweep_table(rows, f"acc_{t}") for t in budget.tasks},
+            plots["tasks"] = str(plot_sweep({ACC.key(t): sweep_table(rows, ACC.key(t)) for t in budget.tasks},
                                             folder / "sweep_tasks.png", title))
             (folder / "sweep_tasks.md").write_text(task_table(rows, budget.tasks))
         write_result(folder / "sweep.json", rows, model=lm.describe(),

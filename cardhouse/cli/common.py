@@ -29,7 +29,32 @@ ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP)
 PromptsOpt = typer.Option("builtin", "--prompts", "-p",
                           help="'builtin' (real sentences), a text file (one prompt per line) or corpus:NAME")
 BosOpt = typer.Option(None, "--bos/--no-bos", help="put the BOS token first (default: if the tokenizer has one)")
-OutOpt = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNG outputs")
+# every option name means one thing on every command (tests/test_cli.py::test_one_meaning_per_option_name): the help
+# before any parenthesis is the meaning, the parenthesis what it counts or holds on that command
+OUT_HELP, JSON_HELP = "folder for the JSON and PNG outputs", "JSON results path"
+OutOpt = typer.Option(Path("cardhouse-out"), "--out", "-o", help=OUT_HELP)
+
+
+def out_opt(default: Path, note: str) -> typer.Option:
+    return typer.Option(default, "--out", "-o", help=f"{OUT_HELP} ({note})")
+
+
+def json_opt(default: str) -> typer.Option:
+    """``--json``: where the results go (``default``: e.g. ``OUT/scan.json``, or where none is written)."""
+    return typer.Option(None, "--json", help=f"{JSON_HELP} (default {default})")
+
+
+def limit_opt(default: int | None, note: str = "") -> typer.Option:
+    """``--limit``: how many of the prompts (or images, sentences) to use; zero-shot examples are --task-limit and
+    fine-tuning records --records."""
+    return typer.Option(default, "--limit", help=f"use only the first N prompts{note}")
+
+
+def batch_size_opt(default: int | None, note: str = "prompts") -> typer.Option:
+    return typer.Option(default, "--batch-size", help=f"inputs per forward pass ({note})")
+
+
+SEED_HELP, LR_HELP = "random seed", "peak learning rate"
 # what "massive" means, the same three options on every command that decides it (Criterion.from_options)
 MinAbsOpt = typer.Option(None, "--min-abs", help=f"massive if |a| > this (default {DEFAULT_MIN_ABS:g}) ...")
 MinRatioOpt = typer.Option(None, "--min-ratio", help=f"... and > this times the layer median (default "
@@ -40,7 +65,16 @@ RelativeOpt = typer.Option(False, "--relative", help="ratio-only criterion (|a| 
 K_HELP = "k: the top-k massive rows of layer l (the BOS token's largest intermediate indices)"
 KOpt = typer.Option(5, "--k", help=K_HELP)
 LayerOpt = typer.Option(None, "--layer", help="layer l of the massive weights (default: detected)")
-SeedOpt = typer.Option(0, "--seed", help="seed of the random controls (and of training)")
+SeedOpt = typer.Option(0, "--seed", help=f"{SEED_HELP} (of the random controls, and of training)")
+ATTACK_K_HELP = "rows attacked in the attack table"
+TOP_HELP = "how many to list"
+N_HELP = "examples to answer"
+# Mixture of Experts: Su et al.'s super-expert rule (both options)
+PERCENTILE_HELP = "super experts: max |output| above this percentile of all experts' maxima"
+FRACTION_HELP = "super experts: and above this fraction of the largest in their layer"
+# encoder inputs
+IMAGES_HELP = "'builtin' (8 real photographs), an image folder or file"
+SENTENCES_HELP = "'builtin', a text file (one per line) or corpus:NAME"
 # the evaluation budget; each command keeps its own default size (CorpusOpt is the same everywhere)
 CORPUS_HELP, CONTEXT_HELP = "perplexity corpora, repeatable (wikipedia, c4, austen, ...)", "perplexity window length"
 MAX_TOKENS_HELP, KS_HELP = "corpus tokens per corpus, the same for every variant", "comma-separated sweep k values"

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..validation import validate
-from .common import app, clear_errors, console, err, writable_folder
+from .common import LR_HELP, SEED_HELP, app, batch_size_opt, clear_errors, console, err, out_opt, writable_folder
 
 
 def _fmt(value: float) -> str:
@@ -43,18 +43,17 @@ def emergence(config: str = typer.Option("cpu", help="cpu (a few minutes on 2 co
               n_head: Optional[int] = typer.Option(None, help="attention heads (must divide --n-embd)"),
               n_embd: Optional[int] = typer.Option(None, help="width"),
               block_size: Optional[int] = typer.Option(None, help="context length in tokens"),
-              batch_size: Optional[int] = typer.Option(None, help="windows per step"),
-              lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+              batch_size: Optional[int] = batch_size_opt(None, "training windows, one optimizer step each"),
+              lr: Optional[float] = typer.Option(None, help=LR_HELP),
               warmup: Optional[int] = typer.Option(None, help="warmup steps (then cosine decay)"),
               corpora: Optional[str] = typer.Option(None, help="comma-separated training text: wikipedia, c4, austen, "
                                                     "kjv, wiki-demo, botchan (default: the config's)"),
-              seed: Optional[int] = typer.Option(None, help="seed of the weights and of the batches"),
+              seed: Optional[int] = typer.Option(None, help=f"{SEED_HELP} (of the weights and of the batches)"),
               device: Optional[str] = typer.Option(None, help="cpu or cuda (falls back to the CPU without CUDA)"),
               stop_at: Optional[int] = typer.Option(None, help="stop after this step; run again to resume"),
               fresh: bool = typer.Option(False, "--fresh", help="ignore and overwrite existing checkpoints"),
               threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)"),
-              out: Path = typer.Option(Path("cardhouse-out/emergence"), "--out", "-o",
-                                       help="folder for checkpoints, emergence.json and PNG curves")):
+              out: Path = out_opt(Path("cardhouse-out/emergence"), "and the checkpoints")):
     """Train a small GPT-2-style decoder from scratch in two variants (standard attention, and an explicit
     attention bias k', v' per head, Sun et al. Sec. 5; optionally a third, a sink slot: k' with v' = 0) and
     follow the massive-activation statistics of the project's scan and the attention on the first token and

@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED
-from .common import (K_HELP, MODEL_HELP, MinAbsOpt, MinRatioOpt, RelativeOpt, SeedOpt, app, clear_errors, console,
-                     err, load, load_options, writable_folder)
+from .common import (ATTACK_K_HELP, IMAGES_HELP, K_HELP, MODEL_HELP, SENTENCES_HELP, MinAbsOpt, MinRatioOpt, OutOpt,
+                     RelativeOpt, SeedOpt, app, batch_size_opt, clear_errors, console, err, json_opt, limit_opt, load,
+                     load_options, writable_folder)
 
 ENCODERS = [name for name, b in BUNDLED.items() if b.inputs != "causal"]
 
@@ -38,22 +39,20 @@ def _check_kind(model: str, images: str | None, sentences: str | None, spec=None
 @app.command()
 @load_options
 def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HELP),
-            images: Optional[str] = typer.Option(None, "--images", "-i",
-                                                 help="'builtin' (8 real photographs), an image folder or file"),
-            sentences: Optional[str] = typer.Option(None, "--sentences", "-s",
-                                                    help="'builtin', a text file (one per line) or corpus:NAME"),
-            limit: Optional[int] = typer.Option(None, help="use only the first N prompts (images or sentences)"),
+            images: Optional[str] = typer.Option(None, "--images", "-i", help=IMAGES_HELP),
+            sentences: Optional[str] = typer.Option(None, "--sentences", "-s", help=SENTENCES_HELP),
+            limit: Optional[int] = limit_opt(None, " (images or sentences)"),
             k: int = typer.Option(5, "--k", help=f"{K_HELP.split(' (')[0]} (the carrier token's largest FFN neurons)"),
-            attack_k: int = typer.Option(2, help="rows zeroed by the top-k attack and its random control"),
+            attack_k: int = typer.Option(2, help=f"{ATTACK_K_HELP} (zeroed, beside as many random rows)"),
             min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
             relative: bool = RelativeOpt,
             pairs: int = typer.Option(200, "--mrpc-pairs", help="MRPC sentence pairs of the text encoders' measure"),
             copies: int = typer.Option(4, help="augmented copies per photograph for the retrieval measure"),
             registers: bool = typer.Option(True, help="also add a test-time register (image models)"),
             seed: int = SeedOpt,
-            batch_size: int = typer.Option(8, help="inputs per forward pass"),
-            out: Path = typer.Option(Path("cardhouse-out"), "--out", "-o", help="folder for the JSON and PNGs"),
-            json_path: Optional[Path] = typer.Option(None, "--json", help="JSON path (default OUT/encoder.json)")):
+            batch_size: int = batch_size_opt(8, "images or sentences"),
+            out: Path = OutOpt,
+            json_path: Optional[Path] = json_opt("OUT/encoder.json")):
     """Massive activations in an encoder (image models: --images; sentence encoders: --sentences; bundled:
     dinov2-s, minilm-l6): scan, carrier token, massive weights, interventions, attention, the per-patch
     norm map and test-time registers."""

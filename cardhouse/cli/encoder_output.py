@@ -11,6 +11,9 @@ def _num(x) -> str:
 
 
 def print_encoder(result: dict, console: Console) -> None:
+    from ..encoders.analysis import SUN_ET_AL
+    from ..encoders.measures import metric_keys  # the module registers the encoder metrics
+
     c = result["carrier"]
     t = Table(title=f"{result['model']['name']}: |activation| per layer ({result['inputs']['count']} "
                     f"{'images' if result['inputs']['kind'] == 'image' else 'sentences'})")
@@ -21,8 +24,8 @@ def print_encoder(result: dict, console: Console) -> None:
         t.add_row(str(row["layer"]), _num(row["top-1"]), _num(row["median"]), _num(row["ratio_top1_median"]),
                   str(top["dim"]), top["token"], style="bold" if row["layer"] == c["layer"] else None)
     console.print(t)
-    verdict = "massive by Sun et al.'s criterion (|a| > 100 and > 1000x the median)" if c["massive"] else \
-        "large but NOT massive by Sun et al.'s criterion (|a| > 100 and > 1000x the median)"
+    verdict = f"massive by Sun et al.'s criterion ({SUN_ET_AL.describe()})" if c["massive"] else \
+        f"large but NOT massive by Sun et al.'s criterion ({SUN_ET_AL.describe()})"
     console.print(f"Carrier: dim {c['dim']} on the {c['role']} token ({c['token']!r}), layer {c['layer']}: "
                   f"{_num(c['value'])} = {_num(c['ratio'])}x the median; {verdict}.")
     mw = result["massive_weights"]
@@ -30,7 +33,7 @@ def print_encoder(result: dict, console: Console) -> None:
                   f"(same in every input: {mw['stable_across_prompts']}).")
     rows = result["interventions"]["rows"]
     t = Table(title="Interventions at layer l (measured against the original outputs)")
-    metrics = [m for m in rows[0] if m not in ("variant", "description", "replaced")]
+    metrics = metric_keys(rows[0])
     for col in ("variant", *metrics):
         t.add_column(col, justify="right")
     for row in rows:

@@ -9,20 +9,20 @@ import typer
 
 from ..analysis import Criterion
 from ..validation import validate
-from .common import (BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
-                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load, load_options,
-                     max_tokens_opt, writable_folder)
+from .common import (LR_HELP, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, RelativeOpt, SeedOpt,
+                     TaskLimitOpt, TasksOpt, app, batch_size_opt, budget_from, clear_errors, console, context_opt, err,
+                     load, load_options, max_tokens_opt, out_opt, writable_folder)
 
 DataOpt = typer.Option("alpaca", "--data", "-d", help="'alpaca' (999 bundled Alpaca records) or a .json/.jsonl file "
                        "of instruction/input/output records")
 TemplateOpt = typer.Option("alpaca", "--template", help="prompt template: alpaca or chat (the tokenizer's)")
 # Paper defaults (House of Cards Table 6); the CPU-sized overrides are --max-length, --records, --max-steps.
-BatchOpt = typer.Option(8, "--batch-size")
+BatchOpt = batch_size_opt(8, "training records; an optimizer step every --grad-accum passes")
 AccumOpt = typer.Option(4, "--grad-accum", help="gradient accumulation steps")
-LrOpt = typer.Option(1e-4, "--lr")
-EpochsOpt = typer.Option(3.0, "--epochs")
+LrOpt = typer.Option(1e-4, "--lr", help=LR_HELP)
+EpochsOpt = typer.Option(3.0, "--epochs", help="passes over the training records")
 RankOpt = typer.Option(16, "--rank", help="LoRA rank r (alpha = --lora-alpha)")
-LoraAlphaOpt = typer.Option(16, "--lora-alpha")
+LoraAlphaOpt = typer.Option(16, "--lora-alpha", help="LoRA scaling alpha (the update is scaled by alpha / r)")
 MaxLenOpt = typer.Option(512, "--max-length", help="tokens per example (CPU: 128)")
 RecordsOpt = typer.Option(None, "--records", help="use this many records (CPU: a few hundred)")
 StepsOpt = typer.Option(-1, "--max-steps", help="optimisation steps (> 0 overrides --epochs; CPU: a few dozen)")
@@ -87,7 +87,7 @@ def finetune_cmd(model: str = ModelOpt, data: str = DataOpt, method: str = typer
                  task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
                  min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
                  relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
-                 out: Path = typer.Option(Path("cardhouse-out/finetune"), "--out", "-o")):
+                 out: Path = out_opt(Path("cardhouse-out/finetune"), "and the adapter and checkpoints")):
     """Fine-tune with a LoRA/DoRA adapter (MacDrop on by default), then measure it original vs top-3 zeroed."""
     from ..evaluation.metrics import metric_keys, metric_of
     from ..finetuning import FinetuneConfig, MacDropConfig, finetune, robustness
@@ -141,7 +141,7 @@ def compare_cmd(model: str = ModelOpt, data: str = DataOpt,
                 context: int = ContextOpt, task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt,
                 min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
                 relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt,
-                out: Path = typer.Option(Path("cardhouse-out/finetune-compare"), "--out", "-o")):
+                out: Path = out_opt(Path("cardhouse-out/finetune-compare"), "and each run's folder")):
     """House of Cards Table 4: LoRA and DoRA, without and with MacDrop (each schedule), original vs top-3 zeroed.
 
     Each run is saved in its own folder under --out; rerunning skips the finished runs.

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from ..results import write_result
 from ..validation import validate
-from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
-                     clear_errors, console, err, load, load_options, writable_folder)
+from .common import (TOP_HELP, BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt,
+                     RelativeOpt, app, batch_size_opt, clear_errors, console, err, limit_opt, load, load_options,
+                     writable_folder)
 
 
 def _fmt(x) -> str:
@@ -26,7 +27,7 @@ def _notes(notes: list[str]) -> None:
 @app.command()
 @load_options
 def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
-              limit: Optional[int] = typer.Option(16, help="use only the first N prompts"),
+              limit: Optional[int] = limit_opt(16),
               map_layer: Optional[int] = typer.Option(None, help="heat-map layer (default: l + 1, the first layer whose "
                                                              "attention reads massive activations)"),
               map_head: Optional[int] = typer.Option(None, help="heat-map head (default: the one most on set C)"),
@@ -37,7 +38,7 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
                                                                     "(must return probabilities: eager)"),
               min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
               relative: bool = RelativeOpt,
-              batch_size: int = typer.Option(8, help="prompts per forward pass"),
+              batch_size: int = batch_size_opt(8),
               bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Attention concentration on the massive tokens, attention sinks per token role, the set-C value updates."""
     from ..analysis import Criterion
@@ -102,7 +103,7 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
 def trace(model: str = ModelOpt, prompts: str = PromptsOpt,
           k: int = KOpt,
           layer: Optional[int] = LayerOpt,
-          top: int = typer.Option(3, help="top dimensions reported per state"),
+          top: int = typer.Option(3, help=f"{TOP_HELP} (the largest dimensions per state)"),
           n_prompts: int = typer.Option(8, help="prompts used (position 0 is the same in all of them)"),
           min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
           bos: Optional[bool] = BosOpt, out: Path = OutOpt):

@@ -9,13 +9,14 @@ import typer
 
 from ..analysis.moe import COLLAPSE, FRACTION, PERCENTILE
 from ..validation import validate
-from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
-                     clear_errors, console, load, load_options, writable_folder)
+from .common import (FRACTION_HELP, PERCENTILE_HELP, BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt,
+                     PromptsOpt, RelativeOpt, app, batch_size_opt, clear_errors, console, json_opt, limit_opt, load,
+                     load_options, writable_folder)
 
 CollapseOpt = typer.Option(COLLAPSE, help="the carrier's routing has collapsed where its top-1 probability "
                                           "reaches this")
-PercentileOpt = typer.Option(PERCENTILE, help="super experts: max |output| above this percentile of all experts' ...")
-FractionOpt = typer.Option(FRACTION, help="... and above this fraction of the largest in their layer")
+PercentileOpt = typer.Option(PERCENTILE, help=PERCENTILE_HELP)
+FractionOpt = typer.Option(FRACTION, help=FRACTION_HELP)
 
 
 def check_moe_options(collapse: float, percentile: float, fraction: float) -> None:
@@ -52,13 +53,13 @@ def run_moe(lm, texts, folder: Path, json_path: Path, *, k: int, layer: int | No
 @app.command("moe")
 @load_options
 def moe_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
-            limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+            limit: Optional[int] = limit_opt(None),
             k: int = KOpt, layer: Optional[int] = LayerOpt, min_abs: Optional[float] = MinAbsOpt,
             min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
             collapse: float = CollapseOpt, percentile: float = PercentileOpt, fraction: float = FractionOpt,
-            batch_size: int = typer.Option(8, help="prompts per forward pass"), bos: Optional[bool] = BosOpt,
+            batch_size: int = batch_size_opt(8), bos: Optional[bool] = BosOpt,
             out: Path = OutOpt,
-            json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/moe.json)")):
+            json_path: Optional[Path] = json_opt("OUT/moe.json")):
     """Mixture of Experts: where the router sends the carrier token (House of Cards Fig. 5), the expert that
     holds the massive weights and its rows (Table 7), and the super experts (Su et al. 2025)."""
     from ..analysis import Criterion

@@ -9,9 +9,10 @@ import typer
 
 from ..models.loading import DEFAULT_MODEL
 from ..results import command_line
-from .common import (CONTEXT_HELP, CORPUS_HELP, K_HELP, KS_HELP, MAX_TOKENS_HELP, MODEL_HELP, BosOpt, LayerOpt, MinAbsOpt, MinRatioOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt,
-                     app, check_streamed_run, clear_errors, console, err, load_options, placement_options,
-                     window_tokens)
+from .common import (ATTACK_K_HELP, CONTEXT_HELP, CORPUS_HELP, IMAGES_HELP, K_HELP, KS_HELP, MAX_TOKENS_HELP, MODEL_HELP,
+                     SENTENCES_HELP, BosOpt, LayerOpt, MinAbsOpt, MinRatioOpt, PromptsOpt, RelativeOpt, SeedOpt,
+                     TaskLimitOpt, TasksOpt, app, check_streamed_run, clear_errors, console, err, load_options, out_opt,
+                     placement_options, window_tokens)
 
 
 @app.command("report")
@@ -23,14 +24,14 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                           "papers' sets (wikipedia and c4, 2048 tokens each, k from 0 to the whole "
                                           "layer), an estimated 15-20 minutes for SmolLM2-135M on 2 cores "
                                           "(55 variants x 4,096 tokens)"),
-               out: Path = typer.Option(Path("cardhouse-report"), "--out", "-o", help="output folder"),
+               out: Path = out_opt(Path("cardhouse-report"), "report.html beside them"),
                overwrite: bool = typer.Option(False, help="write into an existing folder, replacing only the "
                                               "report's own files"),
                seed: int = SeedOpt,
                prompts: str = PromptsOpt,
                k: Optional[int] = typer.Option(None, "--k", help=f"{K_HELP} (default 5)"),
-               attack_k: Optional[int] = typer.Option(None, help="rows zeroed or retained in the attack table "
-                                                      "(default 2)"),
+               attack_k: Optional[int] = typer.Option(None, help=f"{ATTACK_K_HELP} (zeroed or retained, and as "
+                                                      "many random rows; default 2)"),
                ks: Optional[str] = typer.Option(None, "--ks", help=f"{KS_HELP} (default: the mode's)"),
                layer: Optional[int] = LayerOpt,
                corpus: list[str] = typer.Option([], "--corpus", "-c", help=f"{CORPUS_HELP} (default: the mode's)"),
@@ -44,10 +45,10 @@ def report_cmd(model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m",
                                                "attention; see docs/report.md"),
                macdrop: Optional[Path] = typer.Option(None, "--macdrop-compare", help="add the MacDrop section from a "
                                                       "finished `cardhouse finetune-compare` output folder"),
-               images: str = typer.Option("builtin", "--images", help="image models (e.g. dinov2-s): 'builtin' "
-                                          "photographs, a folder or a file"),
-               sentences: str = typer.Option("builtin", "--sentences", help="sentence encoders (e.g. minilm-l6): "
-                                             "'builtin', a text file or corpus:NAME"),
+               images: str = typer.Option("builtin", "--images", help=f"{IMAGES_HELP} (image models, e.g. "
+                                          "dinov2-s)"),
+               sentences: str = typer.Option("builtin", "--sentences", help=f"{SENTENCES_HELP} (sentence "
+                                             "encoders, e.g. minilm-l6)"),
                bos: Optional[bool] = BosOpt):
     """Write a report folder: report.html (self-contained), results.json (every number in it) and the PNG plots.
 

@@ -10,17 +10,18 @@ import typer
 from ..models.loading import BUNDLED, DEFAULT_MODEL
 from ..validation import validate
 from .common import (BosOpt, KOpt, LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, app,
-                     clear_errors, console, err, load, load_options, writable_folder)
+                     batch_size_opt, clear_errors, console, err, json_opt, limit_opt, load, load_options,
+                     writable_folder)
 
 
 @app.command()
 @load_options
-def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+def scan(model: str = ModelOpt, prompts: str = PromptsOpt, limit: Optional[int] = limit_opt(None),
          k: int = KOpt, layer: Optional[int] = LayerOpt,
          min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt,
-         batch_size: int = typer.Option(8, help="prompts per forward pass"),
+         batch_size: int = batch_size_opt(8),
          bos: Optional[bool] = BosOpt, out: Path = OutOpt,
-         json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results path (default OUT/scan.json)")):
+         json_path: Optional[Path] = json_opt("OUT/scan.json")):
     """Find the massive activations (dims, layers, tokens) and the massive weights that create them."""
     from ..analysis import Criterion, find_massive_weights
     from ..analysis import scan as run_scan

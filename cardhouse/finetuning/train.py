@@ -24,7 +24,7 @@ import torch
 from ..results import read_result, write_result
 from ..analysis.criterion import Criterion
 from ..evaluation.measure import Budget, measurer
-from ..evaluation.metrics import metric_keys
+from ..evaluation.metrics import VAL_LOSS, metric_keys
 from ..interventions import Variant, original, run_variants, zero_rows
 from ..models.loading import LoadedModel, from_pretrained_objects
 from .data import DEFAULT_DATA, collator, load_records, split_records, tokenize_records
@@ -178,7 +178,7 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
     ppl = measurer(lm, budget, progress=progress) if budget is not None else (lambda lm: {})
 
     def measure_with(evaluator):
-        return lambda lm: {"val_loss": evaluator.evaluate()["eval_loss"], **ppl(lm)}
+        return lambda lm: {VAL_LOSS.key(): evaluator.evaluate()["eval_loss"], **ppl(lm)}
 
     def zeroed(target: LoadedModel, on: str | None = None) -> Variant:
         return Variant("topk-zero", f"zero W_up/W_gate rows {rows} of layer {layer}",

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, ContextManager, Sequence
 
 from ..analysis.super_weight import SuperWeight
-from ..evaluation.metrics import metric_keys, metric_of
+from ..evaluation.metrics import PPL, metric_keys, metric_of
 from ..models.loading import LoadedModel
 from .activations import pin_ffn_output
 from .variants import Variant, original, run_variants
@@ -101,7 +101,7 @@ def check_pairs(pairs: int, max_pairs: int = MAX_PAIRS) -> int:
 
 def damage(row: dict, base: dict) -> float:
     """Geometric mean over the corpora of perplexity / original perplexity (1 = no damage)."""
-    keys = [k for k in metric_keys(base) if metric_of(k).name == "ppl"]
+    keys = [k for k in metric_keys(base) if metric_of(k) is PPL]
     logs = []
     for k in keys:
         if not math.isfinite(row[k]):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -133,23 +133,22 @@ class ExpertTarget:
                    random_experts(lm, supers, seed) if supers else [])
 
 
-def _rows(rows, expert, retain: bool, what: str = ""):
+def _rows(rows, retain: bool, what: str = ""):
     def edit(t: ExpertTarget) -> Edit:
-        chosen, which = rows(t), expert(t)
-        if which != t.expert:  # the other expert may be narrower (a shared expert's rows)
-            check_indices(chosen, t.lm.blocks.intermediate_size(t.layer, which), f"expert {which} intermediate index")
+        chosen = rows(t)
+        # the rows are ranked in the carrier's expert; another expert may be narrower (a shared expert's rows)
+        check_indices(chosen, t.lm.blocks.intermediate_size(t.layer, t.expert), f"expert {t.expert} intermediate index")
         apply = retain_rows if retain else zero_rows
         verb = "keep only" if retain else "zero"
-        return Edit(f"{what}{verb} W_up/W_gate rows {chosen} of expert {which}, layer {t.layer}",
-                    lambda: apply(t.lm, t.layer, chosen, expert=which), chosen)
+        return Edit(f"{what}{verb} W_up/W_gate rows {chosen} of expert {t.expert}, layer {t.layer}",
+                    lambda: apply(t.lm, t.layer, chosen, expert=t.expert), chosen)
     return edit
 
 
-def _ablate(expert, what: str = ""):
+def _ablate(what: str = ""):
     def edit(t: ExpertTarget) -> Edit:
-        which = expert(t)
-        return Edit(f"{what}route around expert {which} of layer {t.layer} (the others share its probability)",
-                    lambda: route_around(t.lm, t.layer, [which]), [])
+        return Edit(f"{what}route around expert {t.expert} of layer {t.layer} (the others share its probability)",
+                    lambda: route_around(t.lm, t.layer, [t.expert]), [])
     return edit
 
 
@@ -171,49 +170,58 @@ def _random(t):
     return t.random
 
 
-def _carrier(t):
-    return t.expert
+CARRIER, OTHER, SUPER_EXPERTS = "carrier", "other", "super-experts"  # what an MoE attack aims at
 
 
-def _other(t):
-    return t.other
+@dataclass(frozen=True)
+class ExpertAttackSpec(AttackSpec):
+    """An MoE attack (or control): ``aims_at`` the carrier's expert, another expert of the layer (a control: the
+    same edit on an expert that carries nothing), or the super experts (the flagged ones or as many random ones,
+    in their own layers: no one expert, and nothing to attack where none is flagged); ``controls``: an attack's
+    controls in the order of a results table."""
+
+    aims_at: str = CARRIER
+    controls: tuple[str, ...] = ()
 
 
 # The MoE attacks, registered like the dense ones (``variants.AttackSpec``) in a registry of their own:
 # they need an MoE model and targets the dense attacks do not have (another expert, the super experts), so
 # ``attack all``, the sweep and the report, which read ``ATTACKS`` for any model, leave them out.
-EXPERT_ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
-    AttackSpec("expert-topk-zero", "zero the top-k massive rows inside the carrier's expert",
-               _rows(_top, _carrier, False), control="expert-random-zero"),
-    AttackSpec("expert-random-zero", "control: zero k random rows of the same expert",
-               _rows(_random, _carrier, False, "control: "), style="o:"),
-    AttackSpec("expert-other-zero", "control: zero the same rows of another expert of the layer",
-               _rows(_top, _other, False, "control: "), style="o--"),
-    AttackSpec("expert-topk-retain", "keep only the top-k rows of the carrier's expert",
-               _rows(_top, _carrier, True), control="expert-random-retain", style="s-"),
-    AttackSpec("expert-random-retain", "control: keep only k random rows of the same expert",
-               _rows(_random, _carrier, True, "control: "), style="s:"),
-    AttackSpec("expert-other-retain", "control: keep only the same rows in another expert",
-               _rows(_top, _other, True, "control: "), style="s--"),
-    AttackSpec("expert-ablate", "route around the carrier's expert (renormalise the router over the others)",
-               _ablate(_carrier), control="random-expert-ablate", takes_k=False),
-    AttackSpec("random-expert-ablate", "control: route around another expert of the layer",
-               _ablate(_other, "control: "), takes_k=False),
-    AttackSpec("super-experts", "prune the super experts (Su et al.)", _prune(lambda t: t.super_experts),
-               control="random-experts", takes_k=False),
-    AttackSpec("random-experts", "control: prune as many random experts, in the same layers",
-               _prune(lambda t: t.random_experts, "control: "), takes_k=False),
-)}
+EXPERT_ATTACKS: dict[str, ExpertAttackSpec] = {}
+MOE_ATTACKS: dict[str, tuple[str, ...]] = {}  # attack -> its controls, in the order of a results table (derived)
 
-ON_OTHER_EXPERT = frozenset({"expert-other-zero", "expert-other-retain", "random-expert-ablate"})  # (_other)
 
-# attack -> its controls, in the order of a results table
-MOE_ATTACKS: dict[str, tuple[str, ...]] = {
-    "expert-topk-zero": ("expert-random-zero", "expert-other-zero"),
-    "expert-topk-retain": ("expert-random-retain", "expert-other-retain"),
-    "expert-ablate": ("random-expert-ablate",),
-    "super-experts": ("random-experts",),
-}
+def register_expert_attack(spec: ExpertAttackSpec) -> ExpertAttackSpec:
+    EXPERT_ATTACKS[spec.name] = spec
+    controls = {c for s in EXPERT_ATTACKS.values() for c in s.controls}
+    MOE_ATTACKS.clear()
+    MOE_ATTACKS.update({name: s.controls for name, s in EXPERT_ATTACKS.items() if name not in controls})
+    return spec
+
+
+for _spec in (
+    ExpertAttackSpec("expert-topk-zero", "zero the top-k massive rows inside the carrier's expert",
+                     _rows(_top, False), controls=("expert-random-zero", "expert-other-zero")),
+    ExpertAttackSpec("expert-random-zero", "control: zero k random rows of the same expert",
+                     _rows(_random, False, "control: "), style="o:"),
+    ExpertAttackSpec("expert-other-zero", "control: zero the same rows of another expert of the layer",
+                     _rows(_top, False, "control: "), style="o--", aims_at=OTHER),
+    ExpertAttackSpec("expert-topk-retain", "keep only the top-k rows of the carrier's expert",
+                     _rows(_top, True), style="s-", controls=("expert-random-retain", "expert-other-retain")),
+    ExpertAttackSpec("expert-random-retain", "control: keep only k random rows of the same expert",
+                     _rows(_random, True, "control: "), style="s:"),
+    ExpertAttackSpec("expert-other-retain", "control: keep only the same rows in another expert",
+                     _rows(_top, True, "control: "), style="s--", aims_at=OTHER),
+    ExpertAttackSpec("expert-ablate", "route around the carrier's expert (renormalise the router over the others)",
+                     _ablate(), takes_k=False, controls=("random-expert-ablate",)),
+    ExpertAttackSpec("random-expert-ablate", "control: route around another expert of the layer",
+                     _ablate("control: "), takes_k=False, aims_at=OTHER),
+    ExpertAttackSpec("super-experts", "prune the super experts (Su et al.)", _prune(lambda t: t.super_experts),
+                     takes_k=False, aims_at=SUPER_EXPERTS, controls=("random-experts",)),
+    ExpertAttackSpec("random-experts", "control: prune as many random experts, in the same layers",
+                     _prune(lambda t: t.random_experts, "control: "), takes_k=False, aims_at=SUPER_EXPERTS),
+):
+    register_expert_attack(_spec)
 
 
 def expert_attack(target: ExpertTarget, kind: str, *, seed: int | None = None) -> Variant:
@@ -221,14 +229,14 @@ def expert_attack(target: ExpertTarget, kind: str, *, seed: int | None = None) -
     if kind not in EXPERT_ATTACKS:
         raise ValueError(f"unknown MoE attack {kind!r}; known: {', '.join(EXPERT_ATTACKS)}")
     spec = EXPERT_ATTACKS[kind]
-    edit = spec.edit(target)
+    aimed = replace(target, expert=target.other) if spec.aims_at == OTHER else target
+    edit = spec.edit(aimed)
+    whole = spec.aims_at == SUPER_EXPERTS  # experts in several layers: the first one changed, no one expert
     layers = [target.layer] + [l for l, _ in target.super_experts + target.random_experts]
-    first = min(layers) if kind in ("super-experts", "random-experts") else target.layer
     control = next((a for a, controls in MOE_ATTACKS.items() if kind in controls), None)
-    expert = None if kind in ("super-experts", "random-experts") else \
-        target.other if kind in ON_OTHER_EXPERT else target.expert
-    return Variant(kind, edit.description, edit.apply, first, len(target.top) if spec.takes_k else None,
-                   expert, tuple(edit.indices), control, seed)
+    return Variant(kind, edit.description, edit.apply, min(layers) if whole else target.layer,
+                   len(target.top) if spec.takes_k else None, None if whole else aimed.expert, tuple(edit.indices),
+                   control, seed)
 
 
 def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = None, expert: int | str | None = None,
@@ -249,12 +257,12 @@ def moe_variants(lm: LoadedModel, kind: str, *, k: int = 5, layer: int | None = 
     mw = find_massive_weights(lm, prompts, k=max(k, len(indices or [])), layer=layer,
                               **({"criterion": criterion} if criterion is not None else {}))
     flagged = []
-    if "super-experts" in kinds:
+    if any(EXPERT_ATTACKS[a].aims_at == SUPER_EXPERTS for a in kinds):
         flagged = analyze_moe(lm, prompts, percentile=PERCENTILE if percentile is None else percentile,
                               fraction=FRACTION if fraction is None else fraction, progress=False,
                               massive_weights=False).flagged
-        if kind == "moe" and not flagged:
-            kinds.remove("super-experts")  # nothing to prune; asked for alone, it is an error (``_prune``)
+        if kind == "moe" and not flagged:  # nothing to prune; asked for alone, it is an error (``_prune``)
+            kinds = [a for a in kinds if EXPERT_ATTACKS[a].aims_at != SUPER_EXPERTS]
     target = ExpertTarget.build(lm, mw, k=k, expert=expert, indices=indices, super_experts=flagged, seed=seed)
     variants = [original()] + [expert_attack(target, kd, seed=seed) for a in kinds for kd in (a, *MOE_ATTACKS[a])]
     return variants, target, mw

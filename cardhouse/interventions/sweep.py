@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..analysis.criterion import Criterion
 from ..analysis.massive_weights import MassiveWeights, find_massive_weights
+from ..evaluation.metrics import ACC, ACC_MEAN
 from ..journal import HEADER, Journal
 from ..models.loading import LoadedModel
 from ..models.streaming import streamer_of
@@ -139,6 +140,6 @@ def task_table(rows: list[dict], tasks: list[str]) -> str:
     head = ["variant", *tasks, "mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row.get(f"acc_{t}") for t in tasks] + [row.get("acc_mean")]
-        lines.append("| " + " | ".join([row["variant"]] + ["–" if c is None else f"{c:.3f}" for c in cells]) + " |")
+        cells = [ACC.format(row.get(ACC.key(t))) for t in tasks] + [ACC_MEAN.format(row.get(ACC_MEAN.key()))]
+        lines.append("| " + " | ".join([row["variant"]] + cells) + " |")
     return "\n".join(lines) + "\n"

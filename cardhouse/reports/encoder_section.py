@@ -8,7 +8,8 @@ carrier and, for image models, the test-time register.
 from __future__ import annotations
 
 from ..analysis import load_prompts
-from ..encoders.analysis import analyze_encoder
+from ..encoders.analysis import SUN_ET_AL, analyze_encoder  # (its measures module registers the encoder metrics)
+from ..evaluation.metrics import metric_keys
 from ..encoders.images import load_images
 from ..encoders.inputs import ImageInputs, SentenceInputs
 from .encoder_plots import plot_encoder
@@ -31,7 +32,7 @@ def encoder_step(ctx) -> Section:
             "inputs": f"{len(inputs)} {kind}", "layer (largest top-1 / median)": c["layer"], "dim": c["dim"],
             "token role": c["role"], "token (first input)": c["token"], "value (mean over inputs)": c["value"],
             "times the layer median": c["ratio"],
-            "massive (|a| > 100 and > 1000x the median)": c["massive"],
+            f"massive ({SUN_ET_AL.describe()})": c["massive"],
             "the same token in every input": len(set(c["positions"])) == 1}),
         Table("|activation| per layer", ["layer", "top-1", "median", "top-1 / median", "top dim", "top token"],
               [[r["layer"], r["top-1"], r["median"], r["ratio_top1_median"], r["top_entries"][0]["dim"],
@@ -47,7 +48,7 @@ def encoder_step(ctx) -> Section:
             "super weight value": mw["super_weight"]["value"]}),
     ]
     rows = result["interventions"]["rows"]
-    metrics = [m for m in rows[0] if m not in ("variant", "description", "replaced")]
+    metrics = metric_keys(rows[0])
     tables.append(Table("Interventions at layer l, measured against the original model's outputs",
                         ["variant", "what is changed", *metrics], [[r["variant"], r["description"],
                                                                     *(r[m] for m in metrics)] for r in rows]))
@@ -79,7 +80,7 @@ def encoder_step(ctx) -> Section:
                                                    "std over the inputs); right: the attention they receive."),
                 Figure(f"{ctx.prefix}scan.png", "The three largest and the median |activation| in each layer.")]
     verdict = "massive by Sun et al.'s criterion" if c["massive"] else \
-        "large, but not massive by Sun et al.'s criterion (|a| > 100 and > 1000x the layer median)"
+        f"large, but not massive by Sun et al.'s criterion ({SUN_ET_AL.describe()})"
     text = [f"The largest activation relative to its layer's median sits in dim {c['dim']} of the {c['role']} token, "
             f"{c['ratio']:.0f}x the median in layer {c['layer']}: {verdict}."]
     return Section(text=text, tables=tables, figures=figures, data={"encoder": result})

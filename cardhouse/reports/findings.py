@@ -8,9 +8,12 @@ mean. A model whose steps failed gets the parts that did run.
 
 from __future__ import annotations
 
+from ..evaluation.metrics import PPL, metric_keys, metric_of
+from ..interventions.variants import get_attack, original
 from .html import Section, Table, layer_ranges
 
 BREAKS, HARMLESS = 2.0, 1.05  # perplexity ratios called "breaks the model" / "barely changes it"
+ATTACK = "topk-zero"  # the attack the opening reports, beside its registered random control
 
 
 def _data(model: dict, key: str) -> dict:
@@ -49,14 +52,14 @@ def _model_findings(model: dict, attack_k: int) -> tuple[list[str], list]:
             sentences.append(f"The FFN of layer {weights['layer']} writes them, through rows "
                              f"{', '.join(map(str, weights['indices'][:attack_k]))} of W_up and W_gate.")
     by_kind = {(r["kind"], r["k"]): r for r in rows}
-    original, top, control = by_kind.get(("original", None)), by_kind.get(("topk-zero", attack_k)), \
-        by_kind.get(("random-zero", attack_k))
-    metric = next((key for key in (original or {}) if key.startswith("ppl_")), None)
-    if original and top and control and metric:
-        ratio = top[metric] / original[metric]
-        row[8:12] = [original[metric], top[metric], control[metric], ratio]
+    base, top, control = by_kind.get((original().kind, None)), by_kind.get((ATTACK, attack_k)), \
+        by_kind.get((get_attack(ATTACK).control, attack_k))
+    metric = next((key for key in metric_keys(base or {}) if metric_of(key) is PPL), None)  # the first corpus's
+    if base and top and control and metric:
+        ratio = top[metric] / base[metric]
+        row[8:12] = [base[metric], top[metric], control[metric], ratio]
         sentences.append(f"Zeroing those top-{attack_k} rows {_effect(ratio)} ({metric}); zeroing {attack_k} random "
-                         f"rows, the control, {_effect(control[metric] / original[metric])}.")
+                         f"rows, the control, {_effect(control[metric] / base[metric])}.")
     return sentences, row
 
 

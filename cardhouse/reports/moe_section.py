@@ -6,7 +6,7 @@ from ..analysis.moe import analyze_moe
 from ..evaluation.measure import measurer
 from ..evaluation.metrics import metric_keys
 from ..interventions import run_variants
-from ..interventions.experts import MOE_ATTACKS, ExpertTarget, expert_attack
+from ..interventions.experts import EXPERT_ATTACKS, MOE_ATTACKS, SUPER_EXPERTS, ExpertTarget, expert_attack
 from ..interventions.variants import original
 from .html import Figure, Section, Table, facts
 from .moe_plots import plot_router, plot_super_experts
@@ -49,7 +49,7 @@ def moe_step(ctx) -> Section:
     else:
         target = ExpertTarget.build(lm, mw, k=s.attack_k, super_experts=a.flagged, seed=s.seed)
         kinds = [k for attack, controls in MOE_ATTACKS.items() for k in (attack, *controls)
-                 if a.flagged or not k.endswith("experts")]
+                 if a.flagged or EXPERT_ATTACKS[k].aims_at != SUPER_EXPERTS]
         rows = run_variants(lm, [original()] + [expert_attack(target, k, seed=s.seed) for k in kinds],
                             measurer(lm, s.budget(), progress=False))
         metrics = metric_keys(rows[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluation.metrics import metric_of
+from ..evaluation.metrics import PPL, metric_of
 from .plots import plt, save_figure
 
 _LIMITS = {"float16": ("float16 max 65,504", "tab:red"), "fp8_e4m3": ("FP8 E4M3 max 448", "tab:orange")}
@@ -42,7 +42,7 @@ _PROTECT_COLORS = {"none": "0.55", "massive-rows": "tab:red", "random-rows": "mi
 
 
 def plot_quantization(table: dict[str, dict[str, float]], baseline: float, path: str | Path, title: str,
-                      key: str = "ppl_wikipedia") -> Path:
+                      key: str = PPL.key("wikipedia")) -> Path:
     """The metric ``key`` (perplexity by default, log scale) per scheme (groups) and protection (bars; pale: the
     random control), against the unquantized model's value."""
     import math
