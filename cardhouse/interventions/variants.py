@@ -24,7 +24,12 @@ from ..models.streaming import streamer_of
 from .activations import massive_means, set_activations
 from .weights import check_indices, random_indices, retain_rows, weights_digest, zero_rows, zero_super_weight
 
-INTERVENTIONS = ("set-zero", "set-mean")
+# Sun et al.'s activation interventions: kind -> (what the massive activations are set to, their values from the
+# per-dim means over the scan's prompts); adding one is one entry
+INTERVENTIONS: dict[str, tuple[str, Callable[[dict[int, float]], dict[int, float]]]] = {
+    "set-zero": ("zero", lambda means: {dim: 0.0 for dim in means}),
+    "set-mean": ("mean", lambda means: means),
+}
 
 
 @dataclass(frozen=True)
@@ -219,11 +224,12 @@ def intervention(lm: LoadedModel, scan: ScanResult, kind: str, *, every_layer: b
     first = scan.first_layer
     layers = scan.massive_layers if every_layer else [first]
     means = massive_means(scan, first)
-    values = {dim: 0.0 for dim in means} if kind == "set-zero" else means
+    what, values_of = INTERVENTIONS[kind]
+    values = values_of(means)
     # carriers: entries above the scan's threshold at that layer, i.e. the massive activations themselves
     threshold = scan.layers[first]["threshold"]
     where = "every massive layer" if every_layer else f"layer {first}"
-    return Variant(kind, f"set dims {sorted(values)} to {kind.split('-')[1]} at {where} where |a| > {threshold:.0f}",
+    return Variant(kind, f"set dims {sorted(values)} to {what} at {where} where |a| > {threshold:.0f}",
                    lambda: set_activations(lm, layers, values, threshold), min(layers),
                    indices=tuple(sorted(values)), edits_block=False)
 
