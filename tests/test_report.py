@@ -118,6 +118,10 @@ def test_the_page_opens_with_its_findings(report):
     assert all("Zeroing those top-2 rows" in t for t in opening["text"])
     # in words, not row keys (regression: the sentence said "(ppl_wikipedia)" and "the bos token")
     assert not any("ppl_" in t or "the bos token" in t for t in opening["text"])
+    # and the attack tables' headers name the metric in words too (they were the row keys)
+    attacks = [next(s for s in m["sections"] if s["key"] == "attacks")["tables"] for m in results["models"]]
+    headers = [c for tables in attacks for table in tables for c in [table["caption"], *table["columns"]]]
+    assert any(c.startswith("perplexity (") for c in headers) and not any("ppl_" in c for c in headers)
     for i, model in enumerate(results["models"]):
         attacks = next(s for s in model["sections"] if s["key"] == "attacks")["tables"][0]["rows"]
         by_name = {row[0]: row for row in attacks}
