@@ -107,6 +107,7 @@ class AttackSpec:
     edit: Callable[[Target], Edit]
     control: str | None = None  # the registered attack that is this one's random control
     takes_k: bool = True  # attacks k rows (swept over k; named "NAME k=K")
+    unedited_at_0: bool = True  # k = 0 edits nothing (zeroing no row); retaining no row zeroes them all
     style: str = "o-"  # matplotlib line style in the sweep plot
 
 
@@ -175,9 +176,9 @@ for _spec in (
     AttackSpec("random-zero", "control: zero k random rows", _row_edit(_random, zero_rows, "control: " + ZERO),
                style="o:"),
     AttackSpec("topk-retain", "keep only the top-k rows, zero every other row of the layer",
-               _row_edit(_top, retain_rows, RETAIN), control="random-retain", style="s-"),
+               _row_edit(_top, retain_rows, RETAIN), control="random-retain", style="s-", unedited_at_0=False),
     AttackSpec("random-retain", "control: keep only k random rows", _row_edit(_random, retain_rows, "control: " + RETAIN),
-               style="s:"),
+               style="s:", unedited_at_0=False),
     AttackSpec("super-weight", "zero the super weight (Yu et al.): W_down[output spike, input spike] of layer l",
                _down_entry(lambda t: t.super_weight[1], ""), control="random-weight", takes_k=False),
     AttackSpec("largest-down-entry", "zero the largest W_down[dim, i] over the top-k indices (not the super weight)",
