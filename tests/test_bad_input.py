@@ -145,6 +145,10 @@ CASES = [
     ("longctx -m M --min-ratio -2", ["--min-ratio", "> 0", "got -2"]),
     ("generate -m M --relative --min-abs 5", ["ratio-only", "--min-ratio"]),
     ("longctx -m M --k 49", ["--k", R, "48 FFN neurons"]),
+    # these three were refused only after the weights loaded
+    ("longctx -m M --lengths 64,128", ["context length(s) [128]", "8 answer tokens", "maximum of 128"]),
+    ("longctx -m M --lengths 64 --depths 0,1.5", ["depths must lie in [0, 1]", "1.5"]),
+    ("longctx -m M --lengths 64 --kind haystack", ["unknown long-context task", "passkey"]),
     ("generate -m M --n 0", ["--n", ">= 1"]),
     ("generate -m M --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),
     ("longctx -m M --adapter {models}/llama", ["holds no PEFT adapter", "OUT/adapter"]),

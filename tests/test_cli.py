@@ -160,3 +160,13 @@ def test_limit_counts_prompts_and_task_limit_zero_shot_examples():
     assert {"scan", "attention"} <= set(options["--limit"]) and "prompts" in options["--limit"]["scan"]
     assert {"attack", "intervene", "sweep", "report", "finetune", "finetune-compare"} <= set(options["--task-limit"])
     assert "--records" in {o for o, cmds in options.items() if "finetune" in cmds}
+
+
+def test_the_attack_help_names_every_registered_weight_attack():
+    # regression: largest-down-entry was registered (and accepted) but missing from the help
+    import typer.main
+
+    from cardhouse.interventions import ATTACKS
+
+    text = next(p for p in typer.main.get_command(app).commands["attack"].params if p.name == "kind").help
+    assert [name for name in ATTACKS if name not in text] == []

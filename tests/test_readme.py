@@ -75,3 +75,43 @@ def test_every_command_is_in_the_commands_table():
     table = README[README.index("## Commands"):README.index("## Models")]
     names = [c.name or c.callback.__name__ for c in app.registered_commands]
     assert [n for n in names if f"`{n}`" not in table and f"`cardhouse {n}" not in table] == []
+
+
+def test_the_python_examples_are_python():
+    # regression: "Trainer(model=peft_model, ..., callbacks=[macdrop])" made the pasted block a SyntaxError
+    for block in PYTHON:
+        compile(block, "README.md", "exec")
+
+
+def _command_lines(text: str) -> list[str]:
+    """Every ``cardhouse ...`` command line shown in ``text``: inline code and lines of shell blocks."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose) if span.startswith("cardhouse ")]
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        if language not in ("bash", "sh", ""):
+            continue
+        for line in block.replace("\\\n", " ").splitlines():
+            lines += [part.strip() for part in re.split(r"&&|\|", line.split("#")[0])
+                      if part.strip().startswith("cardhouse ")]
+    return lines
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))])
+def test_every_command_line_shown_uses_options_the_command_has(doc):
+    # options were renamed (--limit -> --task-limit, --records, --map-layer): an example must not keep an old name
+    import typer.main
+
+    from cardhouse.cli import app
+
+    commands = typer.main.get_command(app).commands
+    stale = []
+    for line in _command_lines((ROOT / doc).read_text(encoding="utf-8")):
+        words = line.split()
+        command = commands.get(words[1])
+        if command is None:
+            stale.append(line)
+            continue
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        stale += [f"{word} in: {line}" for word in words[2:]
+                  if word.startswith("--") and word.split("=")[0] not in known]
+    assert stale == []

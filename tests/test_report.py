@@ -64,6 +64,19 @@ def test_layer_ranges():
 # ---- one report of two tiny models ------------------------------------------------------------------
 
 
+def test_the_sweep_plot_names_k_on_its_axis(tmp_path, monkeypatch):
+    # regression: the log axis of k + 1 was labelled 2 x 10^0, 3 x 10^0, 6 x 10^0 for k = 1, 2, 5
+    from cardhouse.reports import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    curves = {"topk-zero": [(0, 24.0), (1, 26.0), (2, 90.0), (5, 86.0)], "topk-retain": [(1, 28.0), (5, 27.0)]}
+    plots.plot_sweep({"ppl_wikipedia": curves}, tmp_path / "sweep.png")
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "5"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == []
+
+
 def test_report_folder_holds_the_page_the_json_and_every_figure(report):
     folder, results = report
     assert json.loads((folder / "results.json").read_text())["results"] == results
@@ -103,6 +116,8 @@ def test_the_page_opens_with_its_findings(report):
     assert [row[0] for row in table["rows"]] == [m["name"] for m in results["models"]]
     assert [t.split(":")[0] for t in opening["text"]] == [m["name"] for m in results["models"]]
     assert all("Zeroing those top-2 rows" in t for t in opening["text"])
+    # in words, not row keys (regression: the sentence said "(ppl_wikipedia)" and "the bos token")
+    assert not any("ppl_" in t or "the bos token" in t for t in opening["text"])
     for i, model in enumerate(results["models"]):
         attacks = next(s for s in model["sections"] if s["key"] == "attacks")["tables"][0]["rows"]
         by_name = {row[0]: row for row in attacks}

@@ -127,6 +127,24 @@ def test_super_weights_planted_in_two_layers_are_both_found(family, tokenizer):
     assert [row["layer"] for row in scan.layers if row["spike"]] == [0, 2]
 
 
+def test_the_tables_say_when_the_rows_largest_entry_is_the_super_weight(tokenizer):
+    # regression: SmolLM2's layer 28 printed "The row's largest entry (not the super weight): W_down[507, 678]",
+    # the super weight's own coordinate
+    from rich.console import Console
+
+    from cardhouse.reports.super_weight import super_weight_tables
+
+    lm = build("llama", tokenizer, n_layers=DEEP)
+    plant_massive_weight(lm, layer=0, neuron=HUGE, dim=ROW)
+    scan = find_super_weights(lm, PROMPTS)
+    sw = scan.super_weights[0]
+    assert sw.largest_down_entry["column"] == sw.column  # one planted weight: the largest entry is the super weight
+    console = Console(record=True, width=200)
+    super_weight_tables(scan, console)
+    text = console.export_text()
+    assert "largest entry is the super weight itself" in text and "(not the super weight)" not in text
+
+
 @pytest.mark.parametrize("family", VISION_FAMILIES + VARIANTS)
 def test_vision_encoder_super_weight_from_images(family):
     """DINOv2 (plain and SwiGLU FFN): a channel planted to fire hugely on the CLS token of layer 1 and to write

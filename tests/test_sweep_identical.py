@@ -10,6 +10,7 @@ from conftest import TEXT_FAMILIES, build
 from cardhouse.analysis import find_massive_weights
 from cardhouse.interventions import run_variants
 from cardhouse.interventions.sweep import sweep, sweep_variants
+from cardhouse.interventions.variants import sweep_attacks
 
 
 class Counter:
@@ -56,3 +57,17 @@ def test_hooks_are_always_measured():
     counter = Counter()
     run_variants(lm, [original(), hooked, hooked], counter, same_weights_once=True)
     assert counter.calls == 3
+
+
+def test_the_original_is_k_0_only_of_the_curves_whose_k_0_edits_nothing():
+    # regression: the report's quick sweep (ks 1, 2, 5) drew retaining k = 0 rows at the original perplexity,
+    # but keeping no row zeroes the whole layer
+    from cardhouse.interventions.sweep import sweep_table
+
+    rows = [{"kind": "original", "k": None, "m": 10.0}] + [{"kind": kind, "k": 1, "m": 20.0 + i}
+                                                             for i, kind in enumerate(sweep_attacks())]
+    curves = sweep_table(rows, "m")
+    assert curves["topk-zero"][0] == curves["random-zero"][0] == (0, 10.0)
+    assert [k for k, _ in curves["topk-retain"]] == [k for k, _ in curves["random-retain"]] == [1]
+    measured = sweep_table(rows + [{"kind": "topk-retain", "k": 0, "m": 99.0}], "m")
+    assert measured["topk-retain"][0] == (0, 99.0)  # a measured k = 0 is kept

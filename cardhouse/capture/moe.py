@@ -31,7 +31,7 @@ def _experts_inputs(args, kwargs, out):
     return tuple((list(args) + [kwargs[n] for n in names[len(args):]])[:3])
 
 
-# point -> (the FFN part it reads (expert), what of the module's call it hands the hook)
+# point -> (the FFN part it hooks, whose (SHARED: the shared expert's), what of the call the hook gets)
 POINTS: dict[str, tuple[str, str | None, Callable]] = {
     "mlp.hook_router": ("router", None, _router_outputs),
     "mlp.hook_experts_in": ("experts", None, _experts_inputs),

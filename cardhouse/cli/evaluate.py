@@ -111,6 +111,8 @@ def longctx_cmd(model: str = ModelOpt,
         check_adapters(adapter)
         get_corpus(haystack)
         sizes, where = parse_int_list(lengths, "--lengths") or [], _floats(depths, "--depths")
+        longctx.check(list(kind), sizes, where, n, max_new_tokens, checked.spec.max_positions or 2048,
+                      checked.spec.source)  # before the weights load (was: after)
         folder = writable_folder(out)
         lm = load(checked, bos)
         items = longctx.build_items(lm, list(kind), sizes, where, n, corpus=haystack, seed=seed,

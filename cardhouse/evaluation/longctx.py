@@ -56,7 +56,7 @@ def build_items(lm: LoadedModel, kinds: list[str], lengths: list[int], depths: l
                 corpus: str = "austen", seed: int = 0, max_new_tokens: int = 8) -> list[Item]:
     """``n`` prompts per (kind, length, depth), each exactly ``length`` tokens."""
 
-    check(lm, kinds, lengths, depths, n, max_new_tokens)
+    check(kinds, lengths, depths, n, max_new_tokens, max_length(lm), lm.name)
     filler = tokenize_corpus(lm.tokenizer, corpus, max_tokens=max(lengths) * 8).tolist()
     encode = lambda text: lm.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     bos = [lm.bos_id] if lm.bos_id is not None else []
@@ -78,16 +78,16 @@ def build_items(lm: LoadedModel, kinds: list[str], lengths: list[int], depths: l
     return items
 
 
-def check(lm: LoadedModel, kinds: list[str], lengths: list[int], depths: list[float], n: int,
-          max_new_tokens: int = 8) -> None:
-    """Every setting checked before any model time is spent."""
+def check(kinds: list[str], lengths: list[int], depths: list[float], n: int, max_new_tokens: int = 8,
+          maximum: int = 2048, name: str = "the model") -> None:
+    """Every setting checked before any model time is spent (the CLI calls it with the config's maximum,
+    before the weights load)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"unknown long-context task(s) {unknown}; known: {', '.join(KINDS)}")
-    maximum = max_length(lm)
     too_long = [length for length in lengths if length + max_new_tokens > maximum]
     if too_long:
-        raise ValueError(f"context length(s) {too_long} plus {max_new_tokens} answer tokens exceed {lm.name}'s "
+        raise ValueError(f"context length(s) {too_long} plus {max_new_tokens} answer tokens exceed {name}'s "
                          f"maximum of {maximum} tokens")
     if not lengths or min(lengths) < 64:
         raise ValueError(f"context lengths must be at least 64 tokens, got {lengths}")

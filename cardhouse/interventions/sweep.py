@@ -22,7 +22,7 @@ from ..evaluation.metrics import ACC, ACC_MEAN
 from ..journal import HEADER, Journal
 from ..models.loading import LoadedModel
 from ..models.streaming import streamer_of
-from .variants import Variant, attack, original, run_variants, sweep_attacks
+from .variants import ATTACKS, Variant, attack, original, run_variants, sweep_attacks
 from .weights import weights_digest
 
 
@@ -121,7 +121,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def sweep_table(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """attack -> [(k, metric)] for every k-taking attack, with the original model as k = 0 of every curve."""
+    """attack -> [(k, metric)] for every k-taking attack, with the original model as k = 0 of every curve whose
+    k = 0 edits nothing (not retaining: keeping no row zeroes the layer, measured only when asked for)."""
     kinds = sweep_attacks()
     curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
     base = next((r for r in rows if r["kind"] == "original"), None)
@@ -129,7 +130,7 @@ def sweep_table(rows: list[dict], metric: str) -> dict[str, list[tuple[int, floa
         if row["kind"] in curves:
             curves[row["kind"]].append((row["k"], row[metric]))
     for kind in curves:
-        if base is not None and not any(k == 0 for k, _ in curves[kind]):
+        if base is not None and ATTACKS[kind].unedited_at_0 and not any(k == 0 for k, _ in curves[kind]):
             curves[kind].append((0, base[metric]))
         curves[kind].sort()
     return curves

@@ -24,7 +24,12 @@ from ..models.streaming import streamer_of
 from .activations import massive_means, set_activations
 from .weights import check_indices, random_indices, retain_rows, weights_digest, zero_rows, zero_super_weight
 
-INTERVENTIONS = ("set-zero", "set-mean")
+# Sun et al.'s activation interventions: kind -> (what the massive activations are set to, their values from the
+# per-dim means over the scan's prompts); adding one is one entry
+INTERVENTIONS: dict[str, tuple[str, Callable[[dict[int, float]], dict[int, float]]]] = {
+    "set-zero": ("zero", lambda means: {dim: 0.0 for dim in means}),
+    "set-mean": ("mean", lambda means: means),
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class AttackSpec:
     edit: Callable[[Target], Edit]
     control: str | None = None  # the registered attack that is this one's random control
     takes_k: bool = True  # attacks k rows (swept over k; named "NAME k=K")
+    unedited_at_0: bool = True  # k = 0 edits nothing (zeroing no row); retaining no row zeroes them all
     style: str = "o-"  # matplotlib line style in the sweep plot
 
 
@@ -168,9 +174,9 @@ for _spec in (
     AttackSpec("random-zero", "control: zero k random rows", _row_edit(_random, zero_rows, "control: " + ZERO),
                style="o:"),
     AttackSpec("topk-retain", "keep only the top-k rows, zero every other row of the layer",
-               _row_edit(_top, retain_rows, RETAIN), control="random-retain", style="s-"),
+               _row_edit(_top, retain_rows, RETAIN), control="random-retain", style="s-", unedited_at_0=False),
     AttackSpec("random-retain", "control: keep only k random rows", _row_edit(_random, retain_rows, "control: " + RETAIN),
-               style="s:"),
+               style="s:", unedited_at_0=False),
     AttackSpec("super-weight", "zero the super weight (Yu et al.): W_down[output spike, input spike] of layer l",
                _down_entry(lambda t: t.super_weight[1], ""), control="random-weight", takes_k=False),
     AttackSpec("largest-down-entry", "zero the largest W_down[dim, i] over the top-k indices (not the super weight)",
@@ -218,11 +224,12 @@ def intervention(lm: LoadedModel, scan: ScanResult, kind: str, *, every_layer: b
     first = scan.first_layer
     layers = scan.massive_layers if every_layer else [first]
     means = massive_means(scan, first)
-    values = {dim: 0.0 for dim in means} if kind == "set-zero" else means
+    what, values_of = INTERVENTIONS[kind]
+    values = values_of(means)
     # carriers: entries above the scan's threshold at that layer, i.e. the massive activations themselves
     threshold = scan.layers[first]["threshold"]
     where = "every massive layer" if every_layer else f"layer {first}"
-    return Variant(kind, f"set dims {sorted(values)} to {kind.split('-')[1]} at {where} where |a| > {threshold:.0f}",
+    return Variant(kind, f"set dims {sorted(values)} to {what} at {where} where |a| > {threshold:.0f}",
                    lambda: set_activations(lm, layers, values, threshold), min(layers),
                    indices=tuple(sorted(values)), edits_block=False)
 

@@ -43,7 +43,8 @@ def _model_findings(model: dict, attack_k: int) -> tuple[list[str], list]:
             row[1:6] = [[d["dim"] for d in scan["massive_dims"]], layer_ranges(scan["massive_layers"]), peak["top-1"],
                         peak["median"], f"{carrier} ({roles[carrier]} of {scan['prompts']} prompts)"]
             sentences.append(f"{name}: massive activations in dim {', '.join(str(d['dim']) for d in scan['massive_dims'])}"
-                             f" of layers {layer_ranges(scan['massive_layers'])}, carried by the {carrier} token.")
+                             f" of layers {layer_ranges(scan['massive_layers'])}, carried by the "
+                             f"{'BOS' if carrier == 'bos' else carrier} token.")
         else:
             sentences.append(f"{name}: no activation meets the criterion in any layer.")
     if weights is not None:
@@ -58,7 +59,9 @@ def _model_findings(model: dict, attack_k: int) -> tuple[list[str], list]:
     if base and top and control and metric:
         ratio = top[metric] / base[metric]
         row[8:12] = [base[metric], top[metric], control[metric], ratio]
-        sentences.append(f"Zeroing those top-{attack_k} rows {_effect(ratio)} ({metric}); zeroing {attack_k} random "
+        spec = metric_of(metric)  # "perplexity on wikipedia", not the row key ppl_wikipedia
+        sentences.append(f"Zeroing those top-{attack_k} rows {_effect(ratio)} ({spec.title} on {spec.source(metric)}); "
+                         f"zeroing {attack_k} random "
                          f"rows, the control, {_effect(control[metric] / base[metric])}.")
     return sentences, row
 

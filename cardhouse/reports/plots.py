@@ -71,8 +71,11 @@ def plot_sweep(curves_by_metric: dict[str, dict[str, list[tuple[int, float]]]], 
             if points:
                 ax.plot([k + 1 for k, _ in points], [v for _, v in points], get_attack(kind).style, markersize=3,
                         label=kind)
-        ax.set_xscale("log")
-        ax.set_xlabel("k + 1 (rows of W_up and W_gate)")
+        ax.set_xscale("log")  # of k + 1, so that k = 0 has a place; the ticks name k itself (not 2 x 10^0)
+        ks = sorted({k for points in curves.values() for k, _ in points})
+        ax.set_xticks([k + 1 for k in ks], [str(k) for k in ks], fontsize=7, rotation=45)  # 1000, 1536 close
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("k (rows of W_up and W_gate; log scale of k + 1)")
         spec = metric_of(metric)
         ax.set_ylabel(spec.label(metric) if spec else metric)
         if spec and spec.log_scale:

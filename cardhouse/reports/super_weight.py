@@ -43,9 +43,12 @@ def super_weight_tables(scan: SuperWeightScan, console: Console, damage: dict | 
                       _num(entry["contribution"]), f"{entry['share']:.1%}")
         console.print(c)
         big = sw.largest_down_entry
-        console.print(f"The row's largest entry (not the super weight): W_down[{sw.row}, {big['column']}] = "
-                      f"{big['value']:.4g}, input {_num(big['input'])}, contribution {_num(big['contribution'])} "
-                      f"({big['share']:.1%})")
+        if big["column"] == sw.column:  # (it said "not the super weight" and named the same coordinate)
+            console.print(f"The row's largest entry is the super weight itself: W_down[{sw.row}, {sw.column}]")
+        else:
+            console.print(f"The row's largest entry (not the super weight): W_down[{sw.row}, {big['column']}] = "
+                          f"{big['value']:.4g}, input {_num(big['input'])}, contribution {_num(big['contribution'])} "
+                          f"({big['share']:.1%})")
     for note in scan.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     if damage:
