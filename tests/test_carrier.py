@@ -106,3 +106,23 @@ def test_bos_override_and_default_on_a_loaded_model(tokenizer):
     qwen_like.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
     assert from_pretrained_objects(model, qwen_like).bos_id is None  # what the tokenizer says
     assert from_pretrained_objects(model, qwen_like, bos=True).bos_id == qwen_like.bos_token_id  # --bos
+
+
+def test_the_weights_table_claims_by_construction_only_for_bos(tokenizer):
+    # regression: with --no-bos the scan printed "the same in every prompt: False (position 0 sees only itself
+    # under causal attention, so this holds by construction)" and titled the table "BOS intermediate indices"
+    from rich.console import Console
+
+    from cardhouse.reports.tables import weights_table
+
+    from dataclasses import replace
+
+    lm = build("llama", tokenizer)
+    lm.bos = False
+    plant_on_delimiter(lm)
+    found = find_massive_weights(lm, k=3)  # carried by "." (first delimiter), not BOS
+    for mw, bos in ((found, False), (replace(found, carrier={**found.carrier, "roles": {"bos": 8}}), True)):
+        console = Console(record=True, width=300)
+        weights_table(mw, console)
+        text = console.export_text()
+        assert ("by construction" in text) == bos and ("BOS intermediate indices" in text) == bos

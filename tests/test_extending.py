@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +106,49 @@ def test_a_new_metric_is_one_entry_everywhere(monkeypatch, tmp_path, tokenizer, 
 
     _results_table([{"variant": "original", **row}], "t")
     assert "nll_tiny" in capsys.readouterr().out
+
+
+# ---- no consumer goes around the registries ------------------------------------------------------------
+
+ROW_KEY = re.compile(r"(ppl|acc)_")  # a per-source metric key written out, or its prefix
+KEYS_ALLOWED = {
+    "evaluation/metrics.py": "the registry itself",
+    "evaluation/zeroshot.py": "lm-eval's own result names (acc, acc_norm), read before they become row keys",
+    "cli/precision.py": "issue 17's files (i17-audit); reported to the lead",
+}
+
+
+def registry_bypasses(root: Path) -> list[str]:
+    """Row keys spelled out (``"ppl_" + corpus``, ``"acc_mean"``) instead of read from a ``MetricSpec``, and tests
+    on a variant's name (``"weight" in row["variant"]``, ``row["kind"].endswith(...)``, ``name.split(" k=")``)
+    instead of its typed fields."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and ROW_KEY.match(node.value) \
+                    and where not in KEYS_ALLOWED:
+                found.append(f"{where}:{node.lineno}: metric key {node.value!r}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("startswith", "endswith", "split", "removeprefix", "removesuffix"):
+                of = node.func.value
+                if isinstance(of, ast.Subscript) and isinstance(of.slice, ast.Constant) and \
+                        of.slice.value in ("variant", "kind"):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+                if any(isinstance(a, ast.Constant) and isinstance(a.value, str) and " k=" in a.value for a in node.args):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops) and \
+                    any(isinstance(c, ast.Subscript) and isinstance(c.slice, ast.Constant) and c.slice.value == "variant"
+                        for c in node.comparators):
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_consumers_read_the_registries_not_names(tmp_path):
+    import cardhouse
+
+    assert not registry_bypasses(Path(cardhouse.__file__).parent), registry_bypasses(Path(cardhouse.__file__).parent)
+    (tmp_path / "x.py").write_text('keys = [k for k in row if k.startswith("ppl_")]\nrow["acc_mean"]\n'
+                                   'rows = [r for r in rows if "weight" not in r["variant"]]\n'
+                                   'kind, k = name.split(" k=")\nr["kind"].endswith("experts")\n')
+    assert len(registry_bypasses(tmp_path)) == 5  # each convention the issue named is seen

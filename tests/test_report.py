@@ -77,6 +77,23 @@ def test_the_sweep_plot_names_k_on_its_axis(tmp_path, monkeypatch):
     assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == []
 
 
+def test_findings_do_not_say_one_ffn_writes_what_was_massive_before_it():
+    # regression: Gemma-3-270M's page said "The FFN of layer 8 writes them" of dim 163, massive from layer 3
+    from cardhouse.reports.findings import findings
+
+    def model(first: int) -> dict:
+        scan = {"massive_layers": list(range(first, 14)), "layers": [{"top-1": 9e4, "median": 100.0}],
+                "roles": {"bos": {"prompts_with_massive": 4}}, "prompts": 4,
+                "massive_dims": [{"dim": 163, "layers": list(range(first, 14))}]}
+        weights = {"layer": 8, "dim": 163, "indices": [188, 248], "massive": True}
+        return {"name": "m", "sections": [{"key": "scan", "status": "ok", "data": {"scan": scan}},
+                                          {"key": "weights", "status": "ok", "data": {"massive_weights": weights}}]}
+
+    gradual, one = (findings([model(first)], 2).text[0] for first in (3, 8))
+    assert "massive from layer 3 and grows over several layers" in gradual and "writes them" not in gradual
+    assert "The FFN of layer 8 writes them, through rows 188, 248" in one
+
+
 def test_report_folder_holds_the_page_the_json_and_every_figure(report):
     folder, results = report
     assert json.loads((folder / "results.json").read_text())["results"] == results
@@ -118,6 +135,10 @@ def test_the_page_opens_with_its_findings(report):
     assert all("Zeroing those top-2 rows" in t for t in opening["text"])
     # in words, not row keys (regression: the sentence said "(ppl_wikipedia)" and "the bos token")
     assert not any("ppl_" in t or "the bos token" in t for t in opening["text"])
+    # and the attack tables' headers name the metric in words too (they were the row keys)
+    attacks = [next(s for s in m["sections"] if s["key"] == "attacks")["tables"] for m in results["models"]]
+    headers = [c for tables in attacks for table in tables for c in [table["caption"], *table["columns"]]]
+    assert any(c.startswith("perplexity (") for c in headers) and not any("ppl_" in c for c in headers)
     for i, model in enumerate(results["models"]):
         attacks = next(s for s in model["sections"] if s["key"] == "attacks")["tables"][0]["rows"]
         by_name = {row[0]: row for row in attacks}

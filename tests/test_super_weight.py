@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,6 +126,22 @@ def test_super_weights_planted_in_two_layers_are_both_found(family, tokenizer):
     scan = find_super_weights(lm, PROMPTS)
     assert [sw.coordinate for sw in scan.super_weights] == [(0, ROW, HUGE), (2, 3, 11)]
     assert [row["layer"] for row in scan.layers if row["spike"]] == [0, 2]
+
+
+def test_the_largest_down_entry_attack_says_when_it_is_the_super_weight(tokenizer):
+    # regression: Gemma-3's attack table listed super-weight and largest-down-entry as two edits of W_down[163, 188]
+    from cardhouse.analysis import find_massive_weights
+    from cardhouse.interventions import attack
+
+    lm = build("llama", tokenizer, n_layers=DEEP)
+    plant_massive_weight(lm, layer=0, neuron=HUGE, dim=ROW)
+    mw = find_massive_weights(lm, k=3)
+    same = (mw.largest_down_entry["row"], mw.largest_down_entry["column"]) == (mw.super_weight["row"],
+                                                                              mw.super_weight["column"])
+    assert same  # one planted weight: the row's largest entry over the top-k is the super weight
+    assert attack(lm, mw, "largest-down-entry").description.endswith("(here the super weight itself)")
+    other = replace(mw, largest_down_entry={**mw.largest_down_entry, "column": mw.indices[1]})
+    assert "super weight" not in attack(lm, other, "largest-down-entry").description
 
 
 def test_the_tables_say_when_the_rows_largest_entry_is_the_super_weight(tokenizer):

@@ -62,7 +62,8 @@ MinRatioOpt = typer.Option(None, "--min-ratio", help=f"... and > this times the 
 RelativeOpt = typer.Option(False, "--relative", help="ratio-only criterion (|a| > min-ratio x median), for models "
                            "with smaller magnitudes")
 # the massive weights and the random controls
-K_HELP = "k: the top-k massive rows of layer l (the BOS token's largest intermediate indices)"
+K_MEANING = "k: the top-k massive rows of layer l"
+K_HELP = f"{K_MEANING} (the BOS token's largest intermediate indices)"
 KOpt = typer.Option(5, "--k", help=K_HELP)
 LayerOpt = typer.Option(None, "--layer", help="layer l of the massive weights (default: detected)")
 SeedOpt = typer.Option(0, "--seed", help=f"{SEED_HELP} (of the random controls, and of training)")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..models.loading import BUNDLED
-from .common import (ATTACK_K_HELP, IMAGES_HELP, K_HELP, MODEL_HELP, SENTENCES_HELP, MinAbsOpt, MinRatioOpt, OutOpt,
+from .common import (ATTACK_K_HELP, IMAGES_HELP, K_MEANING, MODEL_HELP, SENTENCES_HELP, MinAbsOpt, MinRatioOpt, OutOpt,
                      RelativeOpt, SeedOpt, app, batch_size_opt, clear_errors, console, err, json_opt, limit_opt, load,
                      load_options, writable_folder)
 
@@ -42,7 +42,7 @@ def encoder(model: str = typer.Option("dinov2-s", "--model", "-m", help=MODEL_HE
             images: Optional[str] = typer.Option(None, "--images", "-i", help=IMAGES_HELP),
             sentences: Optional[str] = typer.Option(None, "--sentences", "-s", help=SENTENCES_HELP),
             limit: Optional[int] = limit_opt(None, " (images or sentences)"),
-            k: int = typer.Option(5, "--k", help=f"{K_HELP.split(' (')[0]} (the carrier token's largest FFN neurons)"),
+            k: int = typer.Option(5, "--k", help=f"{K_MEANING} (the carrier token's largest FFN neurons)"),
             attack_k: int = typer.Option(2, help=f"{ATTACK_K_HELP} (zeroed, beside as many random rows)"),
             min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
             relative: bool = RelativeOpt,

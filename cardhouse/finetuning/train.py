@@ -25,14 +25,14 @@ from ..results import read_result, write_result
 from ..analysis.criterion import Criterion
 from ..evaluation.measure import Budget, measurer
 from ..evaluation.metrics import VAL_LOSS, metric_keys
-from ..interventions import Variant, original, run_variants, zero_rows
+from ..interventions import Target, Variant, get_attack, original, run_variants
 from ..models.loading import LoadedModel, from_pretrained_objects
 from .data import DEFAULT_DATA, collator, load_records, split_records, tokenize_records
 from .macdrop import MacDrop, MacDropConfig, detect_massive_rows
 from .report import suffix_of
 
 METHODS = ("lora", "dora")
-ATTACK_K = 3  # House of Cards Table 4: top-3 zeroing
+ATTACK_K, ATTACK = 3, "topk-zero"  # House of Cards Table 4: top-3 zeroing
 
 
 @dataclass
@@ -180,10 +180,10 @@ def robustness(lm: LoadedModel, trainer, layer: int, massive: list[int], *, expe
     def measure_with(evaluator):
         return lambda lm: {VAL_LOSS.key(): evaluator.evaluate()["eval_loss"], **ppl(lm)}
 
-    def zeroed(target: LoadedModel, on: str | None = None) -> Variant:
-        return Variant("topk-zero", f"zero W_up/W_gate rows {rows} of layer {layer}",
-                       lambda: zero_rows(target, layer, rows, expert=expert), layer, k=len(rows), expert=expert,
-                       indices=tuple(rows), on=on)
+    def zeroed(target: LoadedModel, on: str | None = None) -> Variant:  # the registered attack on these rows
+        edit = get_attack(ATTACK).edit(Target(target, layer, expert, len(rows), rows, random=[]))
+        return Variant(ATTACK, edit.description, edit.apply, layer, k=len(rows), expert=expert,
+                       indices=tuple(edit.indices), on=on)
 
     table = run_variants(lm, [original(), zeroed(lm)], measure_with(trainer))
     if not hasattr(trainer.model, "merge_and_unload"):  # no adapter: the rows zeroed were the model's own

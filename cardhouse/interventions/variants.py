@@ -85,8 +85,10 @@ class Target:
     k: int
     top: list[int]  # the attacked rows (top-k, or the user's indices)
     random: list[int]  # k seeded random rows avoiding ``top`` while there are enough others
-    super_weight: tuple[int, int]  # (row, column) of W_down (Yu et al.: output spike x input spike)
-    random_column: int  # a seeded random W_down column other than the super weight's
+    # (row, column) of W_down (Yu et al.: output spike x input spike) and a seeded random W_down column other than
+    # its; None where only the row attacks are built (fine-tuning's, on the rows MacDrop dropped)
+    super_weight: tuple[int, int] | None = None
+    random_column: int | None = None
     largest_down_entry: tuple[int, int] | None = None  # the largest |W_down[dim, i]| over the top-k
 
 
@@ -156,7 +158,8 @@ def _down_entry(column: Callable[[Target], int], what: str) -> Callable[[Target]
 
 def _largest_down_entry(t: Target) -> Edit:
     row, col = t.largest_down_entry
-    return Edit(f"zero the largest down entry W_down[{row}, {col}] of layer {t.layer}",
+    same = " (here the super weight itself)" if (row, col) == tuple(t.super_weight) else ""  # Gemma-3's layer 8
+    return Edit(f"zero the largest down entry W_down[{row}, {col}] of layer {t.layer}{same}",
                 lambda: zero_super_weight(t.lm, t.layer, row, col, expert=t.expert), [col])
 
 

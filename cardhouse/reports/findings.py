@@ -49,9 +49,14 @@ def _model_findings(model: dict, attack_k: int) -> tuple[list[str], list]:
             sentences.append(f"{name}: no activation meets the criterion in any layer.")
     if weights is not None:
         row[6:8] = [weights["layer"], weights["indices"][:attack_k]]
-        if weights["massive"]:
-            sentences.append(f"The FFN of layer {weights['layer']} writes them, through rows "
-                             f"{', '.join(map(str, weights['indices'][:attack_k]))} of W_up and W_gate.")
+        through = f"rows {', '.join(map(str, weights['indices'][:attack_k]))} of W_up and W_gate"
+        first = next((min(d["layers"]) for d in (scan or {}).get("massive_dims", []) if d["dim"] == weights["dim"]),
+                     None)
+        if weights["massive"] and first is not None and first < weights["layer"]:  # Gemma-3: no one FFN writes it
+            sentences.append(f"Dim {weights['dim']} is massive from layer {first} and grows over several layers; "
+                             f"the FFN of layer {weights['layer']} adds the most to it, through {through}.")
+        elif weights["massive"]:
+            sentences.append(f"The FFN of layer {weights['layer']} writes them, through {through}.")
     by_kind = {(r["kind"], r["k"]): r for r in rows}
     base, top, control = by_kind.get((original().kind, None)), by_kind.get((ATTACK, attack_k)), \
         by_kind.get((get_attack(ATTACK).control, attack_k))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..analysis.moe import analyze_moe
 from ..evaluation.measure import measurer
-from ..evaluation.metrics import metric_keys
+from ..evaluation.metrics import metric_keys, metric_of
 from ..interventions import run_variants
 from ..interventions.experts import EXPERT_ATTACKS, MOE_ATTACKS, SUPER_EXPERTS, ExpertTarget, expert_attack
 from ..interventions.variants import original
@@ -54,7 +54,7 @@ def moe_step(ctx) -> Section:
                             measurer(lm, s.budget(), progress=False))
         metrics = metric_keys(rows[0])
         tables.append(Table("Attacks on the carrier's expert and on the super experts, each beside its controls",
-                            ["variant", "what is changed", *metrics],
+                            ["variant", "what is changed", *(metric_of(m).label(m) for m in metrics)],
                             [[r["variant"], r["description"], *(r[m] for m in metrics)] for r in rows]))
     router_png = plot_router(a, ctx.figure("moe_router"))
     super_png = plot_super_experts(a, ctx.figure("moe_super_experts"))

@@ -53,9 +53,11 @@ def scan_tables(scan: ScanResult, console: Console) -> None:
 
 
 def weights_table(mw: MassiveWeights, console: Console) -> None:
+    on_bos = set(mw.carrier.get("roles") or {"bos": 1}) == {"bos"}  # the same token at position 0 in every prompt
     t = Table(title=f"Massive weights: layer {mw.layer} FFN -> dim {mw.dim}"
                     + (f" (expert {mw.expert})" if mw.expert is not None else "")
-                    + f", top-{mw.k} BOS intermediate indices of {mw.intermediate_size}")
+                    + f", top-{mw.k} {'BOS' if on_bos else 'carrier-token'} intermediate indices of "
+                      f"{mw.intermediate_size}")
     keys = [k for k in mw.rows[0] if k.endswith("_norm")] if mw.rows else []
     t.add_column("index", justify="right")
     t.add_column("activation", justify="right")
@@ -69,7 +71,9 @@ def weights_table(mw: MassiveWeights, console: Console) -> None:
     console.print(f"Super weight (Yu et al.: the down projection's output spike x input spike on the first token): "
                   f"W_down[{sw['row']}, {sw['column']}] = {sw['value']:.4f} in layer {sw['layer']}; the largest "
                   f"entry of W_down[{big['row']}, top-k]: W_down[{big['row']}, {big['column']}] = {big['value']:.4f}. "
-                  f"Top-{mw.k} indices the same in every prompt: {mw.stable_across_prompts} "
-                  "(position 0 sees only itself under causal attention, so this holds by construction).")
+                  f"Top-{mw.k} indices the same in every prompt: {mw.stable_across_prompts}"
+                  # by construction only where BOS carries it (--no-bos: each prompt's own first word)
+                  + (" (position 0 sees only itself under causal attention, so this holds by construction)."
+                     if on_bos else "."))
     for note in mw.notes:
         console.print(f"[yellow]note:[/yellow] {note}")

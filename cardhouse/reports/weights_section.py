@@ -7,7 +7,7 @@ import itertools
 
 from ..analysis import find_massive_weights
 from ..evaluation.measure import measurer
-from ..evaluation.metrics import metric_keys
+from ..evaluation.metrics import metric_keys, metric_of
 from ..interventions import ATTACKS, attack, run_variants, sweep_attacks
 from ..interventions.sweep import default_ks, sweep, sweep_table
 from .context import Context
@@ -61,12 +61,13 @@ def attacks_step(ctx: Context) -> Section:
     base = next(r for r in rows if r["kind"] == "original")
     chosen = [r for r in rows if r["kind"] == "original" or r["k"] in (None, s.attack_k)]
     first = metrics[0]
+    label = {m: metric_of(m).label(m) for m in metrics}  # "perplexity (wikipedia)": the page's words, not row keys
     table = Table("Attacks on layer l and their random controls (k = number of rows)",
-                  ["variant", "what is changed", *metrics, f"{first} / original"],
+                  ["variant", "what is changed", *(label[m] for m in metrics), f"{label[first]} / original"],
                   [[r["variant"], r["description"], *(r[m] for m in metrics), r[first] / base[first]] for r in chosen])
     curves = {m: sweep_table(rows, m) for m in metrics}
     kinds = sweep_attacks()
-    sweep_rows = Table(f"The sweep: {first} as k grows", ["k", *kinds],
+    sweep_rows = Table(f"The sweep: {label[first]} as k grows", ["k", *kinds],
                        [[k, *(dict(curves[first][kind]).get(k) for kind in kinds)]
                         for k in sorted({k for points in curves[first].values() for k, _ in points})])
     png = plot_sweep(curves, ctx.figure("sweep"), f"{lm.name}: top-k zeroing and retaining, layer {mw.layer}")
