@@ -158,7 +158,7 @@ def _down_entry(column: Callable[[Target], int], what: str) -> Callable[[Target]
 
 def _largest_down_entry(t: Target) -> Edit:
     row, col = t.largest_down_entry
-    same = " (here the super weight itself)" if (row, col) == tuple(t.super_weight) else ""  # Gemma-3's layer 8
+    same = " (here the super weight itself)" if (row, col) == t.super_weight else ""  # Gemma-3's layer 8
     return Edit(f"zero the largest down entry W_down[{row}, {col}] of layer {t.layer}{same}",
                 lambda: zero_super_weight(t.lm, t.layer, row, col, expert=t.expert), [col])
 
