@@ -236,6 +236,16 @@ def test_every_registered_attack_is_exported_or_refused_with_why(tmp_path_factor
     assert all("no super experts" in refused[n] for n in {"super-experts", "random-experts"} & set(refused))
 
 
+def test_the_export_help_names_every_registered_attack():
+    import typer.main
+
+    from cardhouse.interventions.experts import EXPERT_ATTACKS
+    from cardhouse.interventions.variants import ATTACKS
+
+    text = next(p for p in typer.main.get_command(app).commands["export"].params if p.name == "attack_kind").help
+    assert [name for name in [*ATTACKS, *EXPERT_ATTACKS] if name not in text] == []
+
+
 QUANTIZED = {"llama": "4g16", "gpt2": "8", "gemma3_text": "4", "mixtral": "4g8", "qwen2_moe": "8g8"}
 
 

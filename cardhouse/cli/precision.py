@@ -129,9 +129,14 @@ FOLD_REFUSED = {"set-zero": "sets the massive activations to zero on the carrier
 
 @app.command("export")
 def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging Face format)"), model: str = ModelOpt,
-               attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: any of "
-                                                         "`cardhouse attack`'s (topk-zero, super-weight, ..., their "
-                                                         "controls; MoE: expert-topk-zero, ..., super-experts)"),
+               attack_kind: Optional[str] = typer.Option(None, "--attack", help="a weight attack to fold in: "
+                                                         "topk-zero, topk-retain, super-weight, largest-down-entry, "
+                                                         "their controls random-zero, random-retain, random-weight; "
+                                                         "MoE: expert-topk-zero, expert-topk-retain, super-experts, "
+                                                         "their controls expert-random-zero, expert-other-zero, "
+                                                         "expert-random-retain, expert-other-retain, random-experts "
+                                                         "(expert-ablate and random-expert-ablate reroute at run "
+                                                         "time: refused)"),
                k: int = typer.Option(5, "--k", help=K_HELP),
                layer: Optional[int] = LayerOpt,
                indices: Optional[str] = typer.Option(None, help="comma-separated rows for --attack"),
