@@ -321,6 +321,23 @@ def test_bad_input_is_one_error_line_before_any_weights_load(line, words, models
     assert _files(tmp_path) == before  # nothing written, not even an empty output folder
 
 
+@pytest.mark.parametrize("args, words", [
+    (["scan", "--limit", "abc"], ["Invalid value", "--limit"]),
+    (["attack", "topk-zero", "--k", "2.5"], ["Invalid value", "--k"]),
+    (["scan", "--no-such-option"], ["No such option", "--no-such-option"]),
+])
+def test_what_the_parser_cannot_read_is_a_usage_error(args, words, no_weights, tmp_path, monkeypatch):
+    """A value of the wrong type or an unknown option never reaches cardhouse's checks: click answers with its
+    usage line and exit code 2 (README, "What happens on bad input"), still before any weights load."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+    assert _files(tmp_path) == set()
+
+
 def test_every_command_is_in_the_table():
     """A new command joins the table (and so the validation layer) or this test fails."""
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
