@@ -176,6 +176,37 @@ def test_another_seed_changes_only_the_random_controls(tiny, tmp_path):
     assert ra["random-zero k=2"][1] != rb["random-zero k=2"][1]  # other random rows
 
 
+def test_the_progress_bar_ends_on_done_not_on_a_skipped_steps_title(tiny, tmp_path, monkeypatch):
+    """Regression: a dense model's report ended with the bar reading "...: Mixture of Experts: router collapse"
+    (the MoE step, skipped, was the last one named)."""
+    import cardhouse.reports.report as report_module
+
+    seen = []
+
+    class Recording:
+        def __init__(self, enabled, total):
+            pass
+
+        def __enter__(self):
+            return lambda description, n: seen.append(description)
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(report_module, "_progress", Recording)
+    steps = [s for s in STEPS if s.key in ("model", "moe")]
+    build_report([tiny("llama")], tmp_path / "out", TINY, steps=steps)
+    assert any(d.endswith("does not apply") and "Mixture of Experts" in d for d in seen), seen
+    assert seen[-1].endswith("every step done"), seen
+
+
+def test_a_language_model_report_lists_no_encoder_settings(report):
+    _, results = report
+    listed = {row[0] for row in results["run"]["tables"][0]["rows"]}
+    assert {"context", "corpora", "seed"} <= listed
+    assert not listed & set(Settings.ENCODER_ONLY), listed & set(Settings.ENCODER_ONLY)
+
+
 # ---- the output folder -------------------------------------------------------------------------------
 
 

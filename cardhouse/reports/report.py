@@ -61,7 +61,7 @@ def _versions() -> dict:
             "platform": platform.platform()}
 
 
-def _run_section(settings: Settings, versions: dict) -> Section:
+def _run_section(settings: Settings, versions: dict, encoders: bool = True) -> Section:
     def shown(value):
         if isinstance(value, tuple):  # k values stay numbers; names become one string
             return list(value) if all(isinstance(v, int) for v in value) else ", ".join(value) or "none"
@@ -70,7 +70,8 @@ def _run_section(settings: Settings, versions: dict) -> Section:
         return value
 
     return Section(key="run", title="Run: settings, versions, command",
-                   tables=[facts("Settings", {k: shown(v) for k, v in asdict(settings).items()}),
+                   tables=[facts("Settings", {k: shown(v) for k, v in asdict(settings).items()
+                                              if encoders or k not in Settings.ENCODER_ONLY}),
                            facts("Versions", versions)])
 
 
@@ -110,7 +111,7 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                 advance(f"{name}: {step.title}", 0)
                 try:
                     if step.applies is not None and "model" in ctx.done and not step.applies(ctx):
-                        advance(f"{name}: {step.title}", 1)
+                        advance(f"{name}: {step.title}: does not apply", 1)
                         continue  # e.g. the MoE section of a dense model: no section at all
                     section = step.run(ctx)
                 except Exception as e:  # the page says which step failed and why; the others go on
@@ -120,6 +121,7 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
                 sections.append(section.to_dict())
                 advance(f"{name}: {step.title}", 1)
             reports.append({"name": name, "sections": sections})
+        advance(f"{' and '.join(names)}: every step done", 0)  # not the last step's title (skipped or not)
 
     results = {
         "title": f"cardhouse report: {' and '.join(names)}",
@@ -129,7 +131,7 @@ def build_report(models: list[str | LoadedModel], out: str | Path, settings: Set
         "command": command or f"python -c 'from cardhouse.reports.report import build_report; ...'  "
                               f"# models {names}, settings {asdict(settings)}",
         "findings": findings(reports, settings.attack_k).to_dict(),
-        "run": _run_section(settings, _versions()).to_dict(),
+        "run": _run_section(settings, _versions(), encoders=any(plan is ENCODER_STEPS for plan in plans)).to_dict(),
         "models": reports, "failures": failures,
     }
     described = [next((s["data"]["model"] for s in r["sections"] if s["key"] == "model" and s["status"] == "ok"),

@@ -41,6 +41,9 @@ class Settings:
     pairs: int = 200  # text encoders: MRPC sentence pairs of the rank-agreement measure
     copies: int = 4  # image models: augmented copies per photograph of the retrieval measure
 
+    # the settings only an encoder's page reads: the run table leaves them out of a report of language models
+    ENCODER_ONLY = ("images", "sentences", "pairs", "copies")
+
     @classmethod
     def quick(cls, **overrides) -> "Settings":
         return replace(cls(mode="quick", ks=(1, 2, 5), corpora=("wikipedia",), max_tokens=510, context=256,
