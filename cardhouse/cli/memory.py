@@ -10,7 +10,10 @@ from .common import app, clear_errors, console
 @app.command("memory")
 def memory_cmd(model: str = typer.Argument(..., help="a bundled name, a local HF folder, a GGUF file, a config.json "
                                                      "file or a hub id in the local Hugging Face cache"),
-               dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16"),
+               dtype: str = typer.Option("bfloat16", "--dtype",
+                                         help="float32, bfloat16 or float16: the dtype to plan for (the other "
+                                              "commands load float32 unless given --dtype: plan such a run with "
+                                              "--dtype float32)"),
                tokens: int = typer.Option(2048, help="hidden states kept at once (prompts x tokens, or windows x "
                                           "context)")):
     """Memory needed by an ordinary load, --device-map and --stream, and the disk --stream --spill-dir uses,
