@@ -82,6 +82,19 @@ def test_zero_shot_on_a_tiny_model_with_bos_first(model, tokenizer, task):
     assert first_tokens and set(first_tokens) == {BOS}  # every request lm-eval ran started with BOS
 
 
+@pytest.mark.parametrize("backend", ["cardhouse", "hflm"])
+def test_the_in_memory_model_warning_is_not_shown(model, tokenizer, backend, caplog):
+    """Regression: every zero-shot run printed lm-eval's "`pretrained` model kwarg is not of type `str`" lines;
+    passing a model in memory is what cardhouse does on purpose. Other lm-eval warnings still pass."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        zero_shot(model, tokenizer, ["arc_easy"], limit=1, batch_size=1, backend=backend)
+    assert not [r for r in caplog.records if "not of type `str`" in r.getMessage()]
+    logging.getLogger("lm_eval.models.huggingface").warning("another warning")
+    assert "another warning" in caplog.text
+
+
 @pytest.mark.real
 def test_smollm2_tokenizer_gets_bos_first():
     from cardhouse.models import load_model

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +195,24 @@ class _BuiltOnce:
         return getattr(self.__dict__["_task"], name)
 
 
+class _InMemoryModelWarning(logging.Filter):
+    """HFLM warns that a model passed in memory ignores "many other model arguments" and must not be launched
+    with accelerate: we pass exactly that, on purpose, on every zero-shot run, so the line only alarms users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "model kwarg is not of type `str`" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_in_memory_model_warning():
+    logger, quiet = logging.getLogger("lm_eval.models.huggingface"), _InMemoryModelWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class ZeroShot:
     """Zero-shot accuracy of one in-memory causal LM, set up once and measured on every call.
 
@@ -219,8 +239,9 @@ class ZeroShot:
         with_bos = bos_first_tokenizer(tokenizer)
         lm_tokenizer = with_bos if with_bos is not None else copy.deepcopy(tokenizer)
         batch_size = batch_size or (16 if backend == "cardhouse" else 8)
-        self.lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size,
-                          device=str(input_device(model)), add_bos_token=True if with_bos is not None else None)
+        with _quiet_in_memory_model_warning():
+            self.lm = Backend(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size,
+                              device=str(input_device(model)), add_bos_token=True if with_bos is not None else None)
         self.loaded = task_manager.load(self.tasks)
         for name, task in self.loaded["tasks"].items():  # as simple_evaluate(num_fewshot=0, fewshot_random_seed=seed)
             task.set_config(key="num_fewshot", value=0)
