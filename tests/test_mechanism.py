@@ -272,6 +272,7 @@ def test_commands_write_json_and_plots(folder, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "attention.json").read_text())["results"]
     assert data["attention"]["massive_layer"] == 0 and data["map"]["layer"] == 1
+    assert "set C: the tokens at position(s) 0" in " ".join(r.output.split())  # was "set C = [(0,)] ..."
     assert (tmp_path / "attention.png").stat().st_size > 0 and (tmp_path / "attention_map.png").stat().st_size > 0
     r = runner.invoke(app, ["trace", "-m", str(folder), "--k", "3", "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output

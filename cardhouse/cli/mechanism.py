@@ -68,8 +68,9 @@ def attention(model: str = ModelOpt, prompts: str = PromptsOpt,
         amap = attention_map(lm, texts[prompt_index], map_layer, map_head, implementation=attn_implementation)
         _notes(amap.notes[len(result.notes):] if amap.notes[:len(result.notes)] == result.notes else amap.notes)
 
-        t = Table(title=f"{lm.name}: attention and massive activations (l = {l}, set C = "
-                        f"{sorted({tuple(p) for p in result.massive_positions})[:3]} ...)")
+        positions = sorted({p for prompt in result.massive_positions for p in prompt})  # was a list of tuples
+        t = Table(title=f"{lm.name}: attention and massive activations (l = {l}, set C: the tokens at position(s) "
+                        f"{', '.join(map(str, positions[:5]))}{' ...' if len(positions) > 5 else ''})")
         for c in ("layer", "share on C", "heads: C sink", "heads: delim sink", "cos C part", "cos rest", "C norm share"):
             t.add_column(c, justify="right")
         for r in result.layers:
