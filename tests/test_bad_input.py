@@ -248,6 +248,8 @@ CASES = [
     ("quantize -m M --acts 8:channel --context 64", ["unknown activation granularity"]),
     ("quantize -m M --k 0 --context 64", ["--k", R]),
     ("quantize -m M --context 256", ["--context", P]),
+    ("quantize -m M --min-ratio 0 --context 64", ["--min-ratio", "> 0"]),
+    ("quantize -m M --relative --min-abs 5 --context 64", ["ratio-only", "--min-ratio"]),
     ("quantize -m M --weights 8 --task-limit 0 --context 64", ["--task-limit", ">= 1"]),
     ("quantize -m M --weights 8 --task nope --context 64", ["unknown zero-shot task"]),
     ("quantize -m M --weights 8 --acts 8:token --task arc_easy --context 64", ["--backend hflm", "cached prefix"]),
@@ -266,6 +268,8 @@ CASES = [
     ("export out2 -m M --quantize 4 --protect bos-kv", ["--protect bos-kv", "cannot be exported"]),
     ("export out2 -m M --quantize 4 --protect massive-rows --k 49", ["--k", R]),
     ("export out2 -m M --protect super-weight", ["--protect belongs to --quantize"]),
+    ("export out2 -m M --attack topk-zero --min-abs -1", ["--min-abs", ">= 0"]),
+    ("export out2 -m M --quantize 4 --protect super-weight --relative --min-abs 5", ["ratio-only", "--min-ratio"]),
     ("export out2 -m M --attack expert-ablate", ["reroutes the router", "no exact form as weights"]),
     ("export out2 -m M --attack expert-topk-zero", ["model is dense"]),
     # super-weight

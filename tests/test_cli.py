@@ -141,13 +141,9 @@ OTHER_VALUES = {
     ("--device", "emergence"): "trains its own small GPT: cpu or cuda, not an accelerate placement",
     ("--dtype", "memory"): "estimates a size: no checkpoint is loaded, so there is no 'auto' to read from it",
 }
-# cli/precision.py (the precision, quantize and export commands) belongs to issue 17's helper (i17-audit)
-NOT_OURS = {"precision", "quantize", "export"}
-
-
 def test_one_meaning_per_option_name():
     shared = {option: {cmd: meaning for cmd, meaning in meanings.items()
-                       if cmd not in NOT_OURS and (option, cmd) not in OTHER_VALUES}
+                       if (option, cmd) not in OTHER_VALUES}
               for option, meanings in _options().items() if len(meanings) >= 2}
     assert {"--limit", "--k", "--layer", "--seed", "--out", "--json", "--batch-size", "--n"} <= set(shared)
     differ = {option: meanings for option, meanings in shared.items() if len(set(meanings.values())) > 1}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from conftest import build, plant_bos_embedding, plant_massive_weight
+from conftest import build, plant_bos_embedding, plant_massive_weight, save_folder
 from typer.testing import CliRunner
 
 from cardhouse.analysis import Criterion, find_massive_weights, scan
@@ -17,7 +17,7 @@ from cardhouse.finetuning import NoMassiveWeightsError, detect_massive_rows
 
 DECIDING = {"scan": [], "attention": [], "trace": [], "attack": ["topk-zero"], "intervene": ["set-zero"], "sweep": [],
             "report": [], "finetune": [], "finetune-compare": [], "moe": [], "longctx": [], "generate": [],
-            "encoder": ["--images", "builtin"]}  # command -> its arguments
+            "encoder": ["--images", "builtin"], "quantize": [], "export": ["never-written"]}  # command -> arguments
 
 
 def test_a_criterion_says_what_it_means():
@@ -72,3 +72,48 @@ def test_macdrop_refuses_by_the_criterions_min_abs():
     assert detect_massive_rows(lm, k=3)[1][0] == 5
     with pytest.raises(NoMassiveWeightsError, match="massive means"):
         detect_massive_rows(lm, k=3, criterion=Criterion(min_abs=1e9))
+
+
+def test_quantize_and_export_pass_the_criterion_to_the_weight_search_and_record_it(tmp_path, tokenizer, monkeypatch):
+    """quantize's targets and export's attack and protected rows are found by the options' Criterion, which the
+    result records (quantize.json settings; the edit's entry in cardhouse-edit.json)."""
+    import json
+
+    import cardhouse.analysis
+    import cardhouse.precision.quantize
+    from cardhouse.data.corpora import CORPORA, Corpus
+    from cardhouse.results import validate
+
+    seen = []
+
+    def spy(*args, criterion=Criterion(), **kwargs):
+        seen.append(criterion)
+        return find_massive_weights(*args, criterion=criterion, **kwargs)
+
+    monkeypatch.setattr(cardhouse.analysis, "find_massive_weights", spy)  # export's attack
+    monkeypatch.setattr(cardhouse.precision.quantize, "find_massive_weights", spy)  # find_targets
+    monkeypatch.setenv("CARDHOUSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(CORPORA, "tiny", Corpus("tiny", "test text", "this test", lambda: "A fox runs. " * 40))
+    lm = build("llama", tokenizer)
+    plant_massive_weight(lm, layer=1, neuron=5)
+    folder = save_folder(lm, tmp_path / "tiny-llama")
+    relative = Criterion.from_options(None, 50.0, True)
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", "-m", str(folder), "--weights", "4g16", "--acts", "", "--corpus", "tiny",
+                                 "--max-tokens", "126", "--context", "64", "--relative", "--min-ratio", "50",
+                                 "-o", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    validate(data, "quantize")
+    assert seen == [relative] and data["settings"]["criterion"] == relative.to_dict()
+    result = runner.invoke(app, ["export", str(tmp_path / "e"), "-m", str(folder), "--attack", "topk-zero", "--k", "2",
+                                 "--quantize", "4g16", "--protect", "massive-rows", "--min-abs", "7"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "e" / "cardhouse-edit.json").read_text())
+    validate(data, "export")
+    strict = Criterion.from_options(7.0)
+    assert seen[1:] == [strict, strict]
+    assert [e.get("criterion") for e in data["results"]["edit"]] == [strict.to_dict(), strict.to_dict()]
+    # the default options: the default Criterion, as before
+    result = runner.invoke(app, ["export", str(tmp_path / "d"), "-m", str(folder), "--attack", "topk-zero", "--k", "2"])
+    assert result.exit_code == 0 and seen[3:] == [Criterion()], result.output

@@ -114,7 +114,6 @@ ROW_KEY = re.compile(r"(ppl|acc)_")  # a per-source metric key written out, or i
 KEYS_ALLOWED = {
     "evaluation/metrics.py": "the registry itself",
     "evaluation/zeroshot.py": "lm-eval's own result names (acc, acc_norm), read before they become row keys",
-    "cli/precision.py": "issue 17's files (i17-audit); reported to the lead",
 }
 
 

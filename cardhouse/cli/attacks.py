@@ -12,9 +12,9 @@ from ..analysis.moe import FRACTION, PERCENTILE
 from ..interventions.experts import MOE_ATTACKS
 from ..interventions.variants import ATTACKS, INTERVENTIONS, control_of
 from ..validation import validate
-from .common import (FRACTION_HELP, KS_HELP, PERCENTILE_HELP, BackendOpt, BosOpt, CorpusOpt, KOpt, LayerOpt, MinAbsOpt,
-                     MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app,
-                     budget_from, check_streamed_run, clear_errors, console, context_opt, err, json_opt, load,
+from .common import (FRACTION_HELP, KS_HELP, PERCENTILE_HELP, BackendOpt, BosOpt, CorpusOpt, IndicesOpt, KOpt,
+                     LayerOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PromptsOpt, RelativeOpt, SeedOpt, TaskLimitOpt,
+                     TasksOpt, app, budget_from, check_streamed_run, clear_errors, console, context_opt, err, json_opt, load,
                      load_options, max_tokens_opt, parse_int_list, window_tokens, writable_folder)
 
 TokensOpt = max_tokens_opt(4096)
@@ -69,7 +69,7 @@ KIND_HELP = (f"a registered attack ({', '.join(a for a in ATTACKS if control_of(
 @load_options
 def attack_cmd(kind: str = typer.Argument(..., help=KIND_HELP),
                model: str = ModelOpt, k: int = KOpt, layer: Optional[int] = LayerOpt,
-               indices: Optional[str] = typer.Option(None, help="comma-separated intermediate indices (overrides top-k)"),
+               indices: Optional[str] = IndicesOpt,
                expert: Optional[str] = typer.Option(None, help="MoE: the expert to attack (an index or 'shared'; "
                                                     "default: the carrier's)"),
                percentile: Optional[float] = typer.Option(None, help=f"{PERCENTILE_HELP} (MoE attacks; default "

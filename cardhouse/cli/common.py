@@ -67,6 +67,8 @@ K_HELP = f"{K_MEANING} (the BOS token's largest intermediate indices)"
 KOpt = typer.Option(5, "--k", help=K_HELP)
 LayerOpt = typer.Option(None, "--layer", help="layer l of the massive weights (default: detected)")
 SeedOpt = typer.Option(0, "--seed", help=f"{SEED_HELP} (of the random controls, and of training)")
+IndicesOpt = typer.Option(None, "--indices", help="comma-separated intermediate indices of layer l to attack "
+                          "(overrides the top-k)")
 ATTACK_K_HELP = "rows attacked in the attack table"
 TOP_HELP = "how many to list"
 N_HELP = "examples to answer"
@@ -76,6 +78,16 @@ FRACTION_HELP = "super experts: and above this fraction of the largest in their 
 # encoder inputs
 IMAGES_HELP = "'builtin' (8 real photographs), an image folder or file"
 SENTENCES_HELP = "'builtin', a text file (one per line) or corpus:NAME"
+# PEFT adapters (cardhouse finetune's OUT/adapter, MacDrop or not): what happens to them is the note
+ADAPTER_HELP = "a PEFT adapter folder, e.g. cardhouse finetune's OUT/adapter"
+# deployment precision: the function-preserving float16 rescale and the exported Hugging Face folder
+RESCALE_HELP = "divide the residual stream by a power of two, function-preserving, so that every activation fits"
+PowerOpt = typer.Option(None, "--power", help="the power of two of --rescale (default: chosen from the headroom)")
+MarginOpt = typer.Option(2.0, "--margin", help="doublings kept free below the format's largest value (with --rescale; "
+                         "precision: --run-dtype's, export: float16's)")
+ForceOpt = typer.Option(False, "--force", help="write the exported model into a non-empty folder (the files an export "
+                        "writes are replaced)")
+PROTECT_HELP = "what quantization keeps in full precision"
 # the evaluation budget; each command keeps its own default size (CorpusOpt is the same everywhere)
 CORPUS_HELP, CONTEXT_HELP = "perplexity corpora, repeatable (wikipedia, c4, austen, ...)", "perplexity window length"
 MAX_TOKENS_HELP, KS_HELP = "corpus tokens per corpus, the same for every variant", "comma-separated sweep k values"

@@ -8,12 +8,11 @@ from typing import Optional
 import typer
 
 from ..validation import validate
-from .common import (N_HELP, BosOpt, KOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt, SeedOpt, app,
-                     clear_errors, console, load, writable_folder)
+from .common import (ADAPTER_HELP, N_HELP, BosOpt, KOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, RelativeOpt,
+                     SeedOpt, app, clear_errors, console, load, writable_folder)
 
-AdapterOpt = typer.Option([], "--adapter", help="a PEFT adapter folder (cardhouse finetune's OUT/adapter) to "
-                                                 "evaluate too, alone and under the attack; repeatable (e.g. with and "
-                                                 "without MacDrop)")
+AdapterOpt = typer.Option([], "--adapter", help=f"{ADAPTER_HELP} (evaluated too, alone and under the attack; "
+                                                 "repeatable, e.g. with and without MacDrop)")
 
 
 def _floats(text: str, option: str) -> list[float]:

@@ -7,12 +7,12 @@ from typing import Optional
 
 import typer
 
-from .common import (CORPUS_HELP, K_HELP, BackendOpt, BosOpt, LayerOpt, ModelOpt, OutOpt, PromptsOpt, SeedOpt,
-                     TaskLimitOpt, TasksOpt, app, budget_from, clear_errors, console, context_opt, err, load,
-                     max_tokens_opt, parse_int_list)
+from .common import (ADAPTER_HELP, K_HELP, PROTECT_HELP, RESCALE_HELP, BackendOpt, BosOpt, CorpusOpt, ForceOpt,
+                     IndicesOpt, LayerOpt, MarginOpt, MinAbsOpt, MinRatioOpt, ModelOpt, OutOpt, PowerOpt, PromptsOpt,
+                     RelativeOpt, SeedOpt, TaskLimitOpt, TasksOpt, app, batch_size_opt, budget_from, clear_errors,
+                     console, context_opt, err, limit_opt, load, max_tokens_opt, parse_int_list)
 
-LimitOpt = typer.Option(16, "--limit", help="use only the first N prompts")
-CorporaOpt = typer.Option(["wikipedia"], "--corpus", "-c", help=CORPUS_HELP)
+LimitOpt = limit_opt(16)
 
 
 def _headroom_table(title: str, room: dict, run: dict) -> None:
@@ -46,17 +46,16 @@ def precision_cmd(model: str = ModelOpt, prompts: str = PromptsOpt,
                   limit: Optional[int] = LimitOpt,
                   run_dtype: str = typer.Option("float16", "--run-dtype", help="the format to really run the model in "
                                                 "(float16, bfloat16); the model loads in float32"),
-                  rescale: bool = typer.Option(False, "--rescale", help="divide the residual stream by a power of "
-                                               "two (function-preserving) so that every activation fits, and verify"),
-                  power: Optional[int] = typer.Option(None, help="the power of two (default: chosen from the headroom)"),
-                  margin: float = typer.Option(2.0, help="doublings kept free below the format's largest value"),
-                  corpus: list[str] = CorporaOpt,
+                  rescale: bool = typer.Option(False, "--rescale", help=f"{RESCALE_HELP} (--run-dtype; verified: "
+                                               "the float32 logits, the headroom and the run again)"),
+                  power: Optional[int] = PowerOpt, margin: float = MarginOpt,
+                  corpus: list[str] = CorpusOpt,
                   max_tokens: int = max_tokens_opt(0, " (0: no perplexity; in DTYPE against float32, slow on a CPU)"),
                   context: int = context_opt(256),
                   export: Optional[Path] = typer.Option(None, "--export", help="with --rescale: write the rescaled "
                                                         "model here as a Hugging Face folder"),
-                  force: bool = typer.Option(False, "--force", help="let --export write into a non-empty folder"),
-                  batch_size: int = typer.Option(8), bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+                  force: bool = ForceOpt, batch_size: int = batch_size_opt(8), bos: Optional[bool] = BosOpt,
+                  out: Path = OutOpt):
     """Headroom of every activation against float16 / bfloat16 / FP8, the first module that overflows when the
     model really runs in float16, and (--rescale) a function-preserving fix."""
     from ..capture import tokenize_prompts
@@ -139,31 +138,29 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
                                                          "time: refused)"),
                k: int = typer.Option(5, "--k", help=K_HELP),
                layer: Optional[int] = LayerOpt,
-               indices: Optional[str] = typer.Option(None, help="comma-separated rows for --attack"),
+               indices: Optional[str] = IndicesOpt,
                seed: int = SeedOpt,
-               rescale: bool = typer.Option(False, "--rescale", help="the function-preserving float16 rescale"),
-               power: Optional[int] = typer.Option(None, help="its power of two (default: from the headroom)"),
-               margin: float = typer.Option(2.0, help="doublings kept free below float16's largest value"),
+               rescale: bool = typer.Option(False, "--rescale", help=f"{RESCALE_HELP} (float16)"),
+               power: Optional[int] = PowerOpt, margin: float = MarginOpt,
                quantize: Optional[str] = typer.Option(None, "--quantize", help="fake-quantize the block weights "
                                                       "(round-to-nearest, as `cardhouse quantize --weights`): BITS per "
                                                       "channel or BITSgGROUP, e.g. 8, 4, 4g64; applied after the "
                                                       "other edits"),
-               protect: str = typer.Option("none", "--protect", help="with --quantize: keep in full precision "
-                                           "massive-rows (the top --k rows), super-weight, or their random controls "
-                                           "random-rows, random-weight"),
+               protect: str = typer.Option("none", "--protect", help=f"{PROTECT_HELP} (with --quantize: massive-rows, "
+                                           "the top --k rows; super-weight; or their random controls random-rows, "
+                                           "random-weight)"),
                prompts: str = PromptsOpt, limit: Optional[int] = LimitOpt,
-               adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter folder (e.g. "
-                                                      "`cardhouse finetune`'s OUT/adapter, MacDrop or not) merged "
-                                                      "into the weights first"),
+               adapter: Optional[Path] = typer.Option(None, "--adapter", help=f"{ADAPTER_HELP} (merged into the "
+                                                      "weights first, MacDrop or not)"),
                intervention: Optional[str] = typer.Option(None, "--intervention", help="set-zero or set-mean: refused "
                                                           "(they act on activations of single tokens)"),
                gguf: bool = typer.Option(False, "--gguf", help="also write the tensors as model.gguf"),
-               force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
-               bos: Optional[bool] = BosOpt):
+               force: bool = ForceOpt, min_abs: Optional[float] = MinAbsOpt,
+               min_ratio: Optional[float] = MinRatioOpt, relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt):
     """Write a model with its edits folded into the weights as a standard Hugging Face folder (safetensors, config,
     tokenizer) plus cardhouse-edit.json; `transformers` loads it without cardhouse. Order: the adapter merge, the
     attack, the rescale, the quantization."""
-    from ..analysis import find_massive_weights
+    from ..analysis import Criterion, find_massive_weights
     from ..export import check_export_folder, export_variants
     from ..interventions import attack
     from ..interventions.experts import EXPERT_ATTACKS
@@ -192,9 +189,10 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
             raise ValueError("--protect belongs to --quantize")
         scheme = foldable_scheme(quantize, protect) if quantize is not None else None
         chosen = parse_int_list(indices, "--indices")
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)  # the attack's and the protection's rows
         check_export_folder(folder, force)
         checked = validate(model, prompts=prompts if rescale else None, prompt_limit=limit if rescale else None,
-                           power=power, margin=margin,
+                           power=power, margin=margin, min_abs=min_abs, min_ratio=min_ratio,
                            **({"k": k, "layer": layer, "indices": chosen} if attack_kind else
                               {"k": k} if scheme is not None and "rows" in scheme.protect else {}))
         if rescale:
@@ -211,20 +209,23 @@ def export_cmd(folder: Path = typer.Argument(..., help="output folder (Hugging F
             extra.append({"kind": "adapter", "path": str(adapter), "merged": True})
         variants = []
         if attack_kind in EXPERT_ATTACKS:
-            variants.append(_expert_variant(lm, attack_kind, k=k, layer=layer, indices=chosen, seed=seed))
+            variants.append(_expert_variant(lm, attack_kind, k=k, layer=layer, indices=chosen, seed=seed,
+                                            criterion=criterion))
         elif attack_kind is not None:
-            mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer)
+            mw = find_massive_weights(lm, k=max(k, len(chosen or [])), layer=layer, criterion=criterion)
             variants.append(attack(lm, mw, attack_kind, k=k, indices=chosen, seed=seed))
+        if attack_kind is not None:
+            records[variants[-1].name] = {"criterion": criterion.to_dict()}
         if rescale:
             variants.append(_rescale_variant(lm, texts, power, margin))
         if scheme is not None:
-            variants.append(_quantize_variant(lm, scheme, k, seed, records))
+            variants.append(_quantize_variant(lm, scheme, k, seed, records, criterion))
         record = export_variants(lm, variants, folder, force=force, gguf=gguf, extra=extra, records=records)
         done = ", ".join(e.get("name", e["kind"]) for e in record["edit"]) or "no edit"
         console.print(f"wrote {folder} ({done}): {', '.join(record['files'])}")
 
 
-def _expert_variant(lm, kind, **options):
+def _expert_variant(lm, kind, **options):  # options: moe_variants's (k, layer, indices, seed, criterion)
     from ..interventions.experts import MOE_ATTACKS, moe_variants
 
     family = kind if kind in MOE_ATTACKS else next(a for a, controls in MOE_ATTACKS.items() if kind in controls)
@@ -232,18 +233,19 @@ def _expert_variant(lm, kind, **options):
     return next(v for v in variants if v.kind == kind)
 
 
-def _quantize_variant(lm, scheme, k, seed, records):
+def _quantize_variant(lm, scheme, k, seed, records, criterion):
     from ..precision.quantize import find_targets
     from ..precision.study import quantize_variant
 
     targets = None
     if scheme.protect != "none":
         with err.status("finding the massive weights and the super weight"):
-            targets = find_targets(lm, k=k, seed=seed)
+            targets = find_targets(lm, k=k, seed=seed, criterion=criterion)
     variant = quantize_variant(lm, scheme, targets)
     records[variant.name] = {"quantization": {"scheme": scheme.to_dict(), "method": "symmetric round-to-nearest, "
                                               "absmax scale per output channel or group; weights stored dequantized",
-                                              "targets": targets.to_dict() if targets is not None else None}}
+                                              "targets": targets.to_dict() if targets is not None else None},
+                             **({"criterion": criterion.to_dict()} if targets is not None else {})}
     return variant
 
 
@@ -278,21 +280,24 @@ def quantize_cmd(model: str = ModelOpt,
                                              "comma-separated; '' for none"),
                  acts: str = typer.Option("8:tensor,8:token", help="activation schemes BITS:tensor or BITS:token; "
                                           "'' for none"),
-                 protect: bool = typer.Option(True, "--protect/--no-protect", help="each scheme with every "
-                                              "protection and its random control"),
+                 protect: bool = typer.Option(True, "--protect/--no-protect", help=f"{PROTECT_HELP} (each scheme with "
+                                              "every protection and its random control; --no-protect: none)"),
                  k: int = typer.Option(2, "--k", help=K_HELP),
                  seed: int = SeedOpt,
                  prompts: str = PromptsOpt, limit: Optional[int] = LimitOpt,
-                 corpus: list[str] = CorporaOpt,
+                 corpus: list[str] = CorpusOpt,
                  max_tokens: int = max_tokens_opt(1022),
                  context: int = context_opt(512),
                  task: list[str] = TasksOpt, task_limit: Optional[int] = TaskLimitOpt, backend: str = BackendOpt,
-                 bos: Optional[bool] = BosOpt, out: Path = OutOpt):
+                 min_abs: Optional[float] = MinAbsOpt, min_ratio: Optional[float] = MinRatioOpt,
+                 relative: bool = RelativeOpt, bos: Optional[bool] = BosOpt, out: Path = OutOpt):
     """Simulated round-to-nearest quantization (weights int8/int4 per channel or group, activations and keys/values
     int8 per tensor or token) by perplexity (and, with --task, zero-shot accuracy), with and without protecting the
     massive weights, the super weight, the BOS token's keys/values and the massive activation channels, each against
     a random protection of equal size."""
+    from ..analysis import Criterion
     from ..capture import tokenize_prompts
+    from ..evaluation.metrics import ACC_MEAN, PPL
     from ..precision.quantize import check_scheme, find_targets
     from ..precision.study import check_budget, quantization_study, study_schemes
     from ..validation import validate
@@ -307,7 +312,9 @@ def quantize_cmd(model: str = ModelOpt,
             raise ValueError("no scheme: give --weights and/or --acts")
         folder = out
         checked = validate(model, prompts=prompts, prompt_limit=limit, files={"--out": folder / "quantize.json"},
-                           k=k, context=context, max_tokens=max_tokens, task_limit=task_limit)
+                           k=k, context=context, max_tokens=max_tokens, task_limit=task_limit, min_abs=min_abs,
+                           min_ratio=min_ratio)
+        criterion = Criterion.from_options(min_abs, min_ratio, relative)
         for scheme in schemes:  # the group sizes against every linear map's input width, before any weights load
             check_scheme(checked.spec, scheme)
         budget = budget_from(corpus, max_tokens, context, task, task_limit, backend=backend)
@@ -317,9 +324,9 @@ def quantize_cmd(model: str = ModelOpt,
         lm = load(checked, bos)
         folder.mkdir(parents=True, exist_ok=True)  # checked writable above
         with err.status("finding the massive weights, the super weight and the massive channels"):
-            targets = find_targets(lm, tokenize_prompts(lm, texts), k=k, seed=seed)
+            targets = find_targets(lm, tokenize_prompts(lm, texts), k=k, seed=seed, criterion=criterion)
         settings = {"weights": specs_w, "acts": specs_a, "protect": protect, "k": k, "seed": seed,
-                    "budget": budget.to_dict()}
+                    "criterion": criterion.to_dict(), "budget": budget.to_dict()}
         done: list[dict] = []
 
         def save(complete: bool):
@@ -330,9 +337,9 @@ def quantize_cmd(model: str = ModelOpt,
                                     progress=True)
         save(True)
         pngs = []
-        shown = [(f"ppl_{corpus}", "quantize.png", f"{result.rows[0][f'tokens_{corpus}']} tokens of {corpus}")]
+        shown = [(PPL.key(corpus), "quantize.png", f"{result.rows[0][f'tokens_{corpus}']} tokens of {corpus}")]
         if task:  # the mean accuracy too (each task's is in the JSON)
-            shown.append(("acc_mean", "quantize_tasks.png", f"{', '.join(task)}, {task_limit or 'all'} examples each"))
+            shown.append((ACC_MEAN.key(), "quantize_tasks.png", f"{', '.join(task)}, {task_limit or 'all'} examples each"))
         for key, name, what in shown:
             base = result.rows[0][key]
             table = result.table(key)

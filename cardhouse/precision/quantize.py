@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..analysis import find_massive_weights
+from ..analysis import Criterion, find_massive_weights
 from ..capture.batches import batches
 from ..models.loading import LoadedModel
 from ..models.spec import ModelSpec
@@ -226,11 +226,12 @@ def channel_maxima(lm: LoadedModel, token_lists, batch_size: int = 8) -> dict[st
     return maxima
 
 
-def find_targets(lm: LoadedModel, token_lists=None, *, k: int = 2, seed: int = 0) -> Targets:
-    """The massive-weight rows and super weight (``find_massive_weights``) and the massive input channels
-    (max |a| >= ``MASSIVE_CHANNEL_RATIO`` x the median channel's) of every linear layer over ``token_lists``
-    (None: no channels; the weight protections need none)."""
-    mw = find_massive_weights(lm, k=k)
+def find_targets(lm: LoadedModel, token_lists=None, *, k: int = 2, seed: int = 0,
+                 criterion: Criterion = Criterion()) -> Targets:
+    """The massive-weight rows and super weight (``find_massive_weights`` by ``criterion``) and the massive input
+    channels (max |a| >= ``MASSIVE_CHANNEL_RATIO`` x the median channel's) of every linear layer over
+    ``token_lists`` (None: no channels; the weight protections need none)."""
+    mw = find_massive_weights(lm, k=k, criterion=criterion)
     maxima = channel_maxima(lm, token_lists) if token_lists is not None else {}
     channels = {}
     for name, m in maxima.items():
