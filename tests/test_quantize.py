@@ -319,3 +319,23 @@ def test_quantize_command_scores_zero_shot_beside_perplexity(tmp_path, tokenizer
     data = json.loads((tmp_path / "h" / "quantize.json").read_text())
     validate(data, "quantize")
     assert [0 <= r["acc_arc_easy"] <= 1 for r in data["results"]["rows"]] == [True, True]
+
+
+def test_massive_channels_are_decided_by_a_criterion_and_recorded():
+    """The activation protections' channels: a planted BOS neuron's down_proj input channel is found by the
+    ratio-only ``CHANNEL_CRITERION`` (20x the median channel), no channel by an unreachable ratio; the targets
+    say which criterion decided (quantize.json records them)."""
+    from cardhouse.analysis import load_prompts
+    from cardhouse.analysis.criterion import Criterion
+    from cardhouse.capture import tokenize_prompts
+    from cardhouse.precision.quantize import CHANNEL_CRITERION, find_targets
+
+    lm = build("llama")
+    plant_massive_weight(lm, layer=0, neuron=5)
+    tokens = tokenize_prompts(lm, load_prompts(limit=4))
+    targets = find_targets(lm, tokens, k=1)
+    down = next(name for name in targets.massive_channels if name.startswith("0.") and "down" in name)
+    assert 5 in targets.massive_channels[down]
+    assert targets.channel_criterion == CHANNEL_CRITERION.to_dict() and CHANNEL_CRITERION.min_abs == 0
+    assert find_targets(lm, tokens, k=1, channel_criterion=Criterion.relative(1e12)).massive_channels == {}
+    assert find_targets(lm, k=1).channel_criterion is None  # weight protections only: no channel search

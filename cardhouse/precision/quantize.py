@@ -37,7 +37,9 @@ PROTECTIONS = ("none", "massive-rows", "random-rows", "super-weight", "random-we
                "massive-dims", "random-dims")
 WEIGHT_PROTECTIONS = ("massive-rows", "random-rows", "super-weight", "random-weight")
 ACT_PROTECTIONS = ("bos-kv", "random-kv", "massive-dims", "random-dims")
-MASSIVE_CHANNEL_RATIO = 20.0  # an input channel is massive if its max |a| is >= 20x the median channel's
+# an input channel of a linear layer is massive when its largest |a| over the calibration tokens is above 20x the
+# median channel's: ratio only, as a linear layer's inputs mostly come out of a norm (no absolute floor fits them all)
+CHANNEL_CRITERION = Criterion.relative(20.0)
 
 
 def check_bits(bits: int) -> int:
@@ -197,6 +199,7 @@ class Targets:
     massive_channels: dict[str, list[int]]  # linear module name -> massive input channels
     bos_position: int = 0
     seed: int = 0
+    channel_criterion: dict | None = None  # what made a channel massive (``Criterion.to_dict``); None: none searched
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,19 +230,20 @@ def channel_maxima(lm: LoadedModel, token_lists, batch_size: int = 8) -> dict[st
 
 
 def find_targets(lm: LoadedModel, token_lists=None, *, k: int = 2, seed: int = 0,
-                 criterion: Criterion = Criterion()) -> Targets:
+                 criterion: Criterion = Criterion(), channel_criterion: Criterion = CHANNEL_CRITERION) -> Targets:
     """The massive-weight rows and super weight (``find_massive_weights`` by ``criterion``) and the massive input
-    channels (max |a| >= ``MASSIVE_CHANNEL_RATIO`` x the median channel's) of every linear layer over
-    ``token_lists`` (None: no channels; the weight protections need none)."""
+    channels of every linear layer over ``token_lists`` (a channel's max |a| against the median channel's, by
+    ``channel_criterion``; None: no channels, the weight protections need none)."""
     mw = find_massive_weights(lm, k=k, criterion=criterion)
     maxima = channel_maxima(lm, token_lists) if token_lists is not None else {}
     channels = {}
     for name, m in maxima.items():
-        hits = (m >= MASSIVE_CHANNEL_RATIO * m.median()).nonzero().flatten().tolist()
+        hits = (m > channel_criterion.threshold(m.median().item())).nonzero().flatten().tolist()
         if hits:
             channels[name] = hits
     sw = mw.super_weight
-    return Targets(mw.layer, list(mw.indices[:k]), (sw["row"], sw["column"]), channels, seed=seed)
+    return Targets(mw.layer, list(mw.indices[:k]), (sw["row"], sw["column"]), channels, seed=seed,
+                   channel_criterion=channel_criterion.to_dict() if token_lists is not None else None)
 
 
 def _random_like(pool_size: int, chosen: list[int], seed: int) -> list[int]:
