@@ -357,6 +357,8 @@ def test_attention_section_on_request(tiny, tmp_path):
     assert section["key"] == "attention" and section["status"] == "ok"
     layers = section["tables"][1]["rows"]
     assert [row[0] for row in layers] == [0, 1]  # one row per layer of the tiny model
+    # the split layer is named (it read "up to l", which the weights section uses for another layer)
+    assert section["tables"][0]["caption"].startswith("Layers up to the last (the first whose output carries")
     assert all(0 <= row[1] <= 1 for row in layers)  # attention shares
     assert (tmp_path / "out" / section["figures"][0]["file"]).is_file()
     assert problems(parse_page((tmp_path / "out" / "report.html").read_text()), results) == []

@@ -13,7 +13,9 @@ def attention_step(ctx: Context) -> Section:
     set-C part of each attention output as an implicit bias (``analysis.attention``)."""
     result = analyze_attention(ctx.lm, ctx.prompts, criterion=ctx.settings.criterion, progress=False)
     mean = lambda values: sum(values) / len(values)  # noqa: E731  over heads
-    summary = Table("Layers up to l against the layers after it (means over layers)",
+    first = result.massive_layer  # where set C first appears: not the massive-weight layer of the weights section
+    summary = Table(f"Layers up to {first if first is not None else 'the last'} (the first whose output carries a "
+                    "massive activation) against the layers after it (means over layers)",
                     ["layers", "which", "attention share on set C", "sink heads: set C", "sink heads: BOS",
                      "sink heads: first delimiter", "cos of set-C parts", "cos of the rest", "norm share of set C"],
                     [[layer_ranges(part["layers"]), name, part["concentration"], part["sink_heads"][MASSIVE],
